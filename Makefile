@@ -1,0 +1,42 @@
+# The README's two commands are `make demo` and `make test`; both set everything up from scratch.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := out/demo
+export MOBILENET_FIXTURES ?= $(CURDIR)/.cache/fixtures
+
+.PHONY: install fixtures demo test test-fast lint fuzz bench clean
+
+install: $(STAMP)
+
+# torch first, pinned, so pip takes the CPU build; then the project (editable) with its test extras.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+fixtures: install
+	$(BIN)/python -m fixtures build --all
+
+demo: install
+	$(BIN)/python -m fixtures build --name mobilenet_v2_1.0_224
+	$(BIN)/convert-mobilenet --depth 1.0 --size 224 --force \
+		--checkpoint $(MOBILENET_FIXTURES)/mobilenet_v2_1.0_224.tgz --output $(DEMO)/mobilenet_v2_1.0_224
+	@echo
+	@echo "Converted model: $(DEMO)/mobilenet_v2_1.0_224"
+
+test: install
+	$(BIN)/python -m pytest -n 2 -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fuzz: install
+	$(BIN)/python -m fixtures.fuzz_reader --cases 10000 --seed 1
+
+clean:
+	rm -rf out reports .cache .pytest_cache

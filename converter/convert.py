@@ -1,0 +1,151 @@
+"""`convert_checkpoint`: source -> tensors -> chosen weights -> state dict -> output folder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .bundle import TensorBundle
+from .errors import NonFiniteWeightsError, UsageError
+from .export import check_output, staged_output, write_model_folder
+from .mapping import CLASSIFICATION, apply_rules, rules_for
+from .sources import CheckpointSource, open_source
+from .variants import Variant, detect_variant, expected_shapes
+from .weights import plan_weights
+
+ARCHITECTURES = {
+    CLASSIFICATION: "MobileNetV2ForImageClassification",
+    "deeplab": "MobileNetV2ForSemanticSegmentation",
+}
+
+
+@dataclass(frozen=True)
+class ConversionSummary:
+    """What `convert_checkpoint` did, also written to `conversion.json`."""
+
+    output: Path
+    variant: Variant
+    weights: str
+    mapped: int
+    ignored: int
+    seconds: float
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    depth: float | None = None,
+    size: int | None = None,
+    weights: str | None = None,
+    output_stride: int | None = None,
+    drop_background: bool = False,
+    allow_non_finite: bool = False,
+    force: bool = False,
+) -> ConversionSummary:
+    """Convert a TF MobileNetV2 checkpoint (prefix, folder or zoo archive) into a model folder.
+
+    Args:
+        src: checkpoint prefix, a folder holding one checkpoint, or the zoo `.tgz`.
+        output: folder to write; defaults to the variant's name in the current folder.
+        depth, size: checked against the checkpoint (size sets `image_size`; default from the zoo name).
+        weights: "ema", "raw" or "ema-all"; default "ema" when the checkpoint has shadows, else "raw".
+        output_stride: DeepLab only, 8 or 16 (default 8, as the zoo's frozen graphs).
+        drop_background: write a 1000-class head without the background class.
+        allow_non_finite: accept NaN/Inf weights instead of refusing them.
+        force: replace a non-empty output folder (atomically).
+
+    Raises:
+        converter.errors.ConverterError: for every problem with the inputs, with a message saying what to do.
+    """
+    started = time.perf_counter()
+    if output is not None:
+        check_output(Path(output), force)
+    with open_source(src) as source, TensorBundle(source.prefix) as bundle:
+        names = bundle.names()
+        shapes = {name: bundle.info(name).shape for name in names}
+        variant = detect_variant(
+            shapes, depth=depth, size=size, output_stride=output_stride, source_name=_source_name(source)
+        )
+        if drop_background and variant.kind != CLASSIFICATION:
+            raise UsageError("--drop-background applies to ImageNet classifiers, not DeepLab models")
+        plan = plan_weights(names, weights)
+        variables = {variable: bundle.read(tensor) for variable, tensor in plan.sources.items()}
+        if not allow_non_finite:
+            _check_finite(variables)
+        config = variant.config(drop_background)
+        state = apply_rules(variables, variant.kind, expected_shapes(variant, drop_background), drop_background)
+        state.update(_placeholders(variant, config))
+        output = Path(output) if output is not None else Path(variant.name)
+        ignored = sum(len(names) for names in plan.ignored.values())
+        summary = ConversionSummary(output, variant, plan.convention, len(rules_for(variant.kind)), ignored, 0.0)
+        conversion = _provenance(source, summary, plan.ignored, drop_background)
+        with staged_output(output, force) as staging:
+            write_model_folder(staging, state, config, ARCHITECTURES[variant.kind], conversion)
+    return ConversionSummary(**{**asdict(summary), "seconds": time.perf_counter() - started})
+
+
+def _source_name(source: CheckpointSource) -> str:
+    return (source.archive or source.prefix).name
+
+
+def _check_finite(variables: dict[str, np.ndarray]) -> None:
+    bad = sorted(name for name, array in variables.items() if not np.isfinite(array).all())
+    if bad:
+        raise NonFiniteWeightsError(
+            f"{len(bad)} weight tensors hold NaN or Inf: {', '.join(bad[:4])}; "
+            "the checkpoint is damaged (pass --allow-non-finite to convert it anyway)"
+        )
+
+
+def _placeholders(variant: Variant, config) -> dict[str, np.ndarray]:
+    """transformers' segmentation model has a final 1x1 conv the original lacks: write it inert."""
+    if variant.kind == CLASSIFICATION:
+        return {}
+    from mobilenet_torch.modeling import final_conv_placeholders
+
+    return {name: tensor.numpy() for name, tensor in final_conv_placeholders(config).items()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _provenance(
+    source: CheckpointSource, summary: ConversionSummary, ignored: dict[str, list[str]], drop_background: bool
+) -> dict[str, Any]:
+    files = [source.archive] if source.archive else list(source.files)
+    variant = summary.variant
+    record: dict[str, Any] = {
+        "toolkit": f"mobilenet-convert {__version__}",
+        "source": {
+            "name": _source_name(source),
+            "files": [{"name": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size} for p in files],
+        },
+        "variant": {**asdict(variant), "name": variant.name},
+        "weights": summary.weights,
+        "drop_background": drop_background,
+        "tensors": {
+            "mapped": summary.mapped,
+            "ignored": {reason: len(names) for reason, names in ignored.items()},
+        },
+    }
+    if variant.kind != CLASSIFICATION:
+        record["placeholders"] = {
+            "tensors": "mobilenet_v2.conv_1x1.*",
+            "why": "transformers' MobileNetV2ForSemanticSegmentation builds a final 1x1 conv that the original "
+            "DeepLab graph does not have and whose output it never uses; it is written with zero weights and "
+            "identity BatchNorm statistics so the folder loads there. mobilenet_torch does not load it.",
+        }
+    return record

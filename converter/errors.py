@@ -1,0 +1,71 @@
+"""The one exception family of the toolkit.
+
+Every failure the user can cause (bad paths, corrupted or hostile files, mismatched flags, an output
+folder in the way) is raised as a subclass of :class:`ConverterError`. Each message says what was wrong
+and what to do about it; the CLI prints it as a single line and exits with :attr:`exit_code`.
+"""
+
+from __future__ import annotations
+
+# Raised by `from_pretrained`; defined there so that mobilenet_torch stays independent of the converter.
+from mobilenet_torch.loading import ModelFolderError
+
+
+class ConverterError(Exception):
+    """Base class: a problem with the user's input or environment, never a bug in the toolkit."""
+
+    exit_code = 1
+
+
+class UsageError(ConverterError):
+    """Flags that contradict each other or cannot be satisfied (exit code 2, like click's usage errors)."""
+
+    exit_code = 2
+
+
+class SourceError(ConverterError):
+    """The checkpoint source (prefix, folder or archive) cannot be found or is ambiguous."""
+
+
+class UnsafeArchiveError(SourceError):
+    """An archive member would escape the extraction folder, is a link or device, or is too large."""
+
+
+class CheckpointFormatError(ConverterError):
+    """The tensor bundle (.index / .data-*) is malformed, truncated or inconsistent."""
+
+
+class ChecksumError(CheckpointFormatError):
+    """A block or tensor checksum does not match its bytes: the file is corrupted."""
+
+
+class UnsupportedDTypeError(CheckpointFormatError):
+    """A tensor uses a dtype this toolkit does not read."""
+
+
+class NonFiniteWeightsError(ConverterError):
+    """Model weights contain NaN or Inf."""
+
+
+class VariantError(ConverterError):
+    """The checkpoint is not a recognised MobileNetV2 variant, or contradicts --depth / --size."""
+
+
+class WeightsConventionError(ConverterError):
+    """The requested --weights convention cannot be applied to this checkpoint."""
+
+
+class MappingError(ConverterError):
+    """Checkpoint variables and model parameters do not correspond one to one."""
+
+
+class OutputError(ConverterError):
+    """The output folder cannot be written, or exists and --force was not given."""
+
+
+class VerificationError(ConverterError):
+    """The reference graph cannot be run (missing, or refused as unsafe)."""
+
+
+# Everything the CLI reports as one line instead of a traceback.
+USER_ERRORS = (ConverterError, ModelFolderError)

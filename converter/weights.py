@@ -1,0 +1,77 @@
+"""Which checkpoint tensor feeds each model variable: raw values or exponential-moving-average shadows.
+
+Conventions (see the project README):
+- ``raw``: every model variable as stored.
+- ``ema``: trainable variables from their shadows, BatchNorm moving statistics raw (the authors'
+  notebook and the Hugging Face port).
+- ``ema-all``: every model variable from its shadow (slim's eval script).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .errors import WeightsConventionError
+
+CONVENTIONS = ("ema", "raw", "ema-all")
+EMA_SUFFIX = "/ExponentialMovingAverage"
+# Optimizer state and bookkeeping that never belongs to the model.
+OPTIMIZER_SLOT_SUFFIXES = ("/RMSProp", "/RMSProp_1", "/Momentum")
+BOOKKEEPING_NAMES = ("global_step",)
+NON_TRAINABLE_SUFFIXES = ("/moving_mean", "/moving_variance")
+
+
+@dataclass(frozen=True)
+class WeightsPlan:
+    """model variable -> checkpoint tensor to read it from, and what was set aside by rule."""
+
+    sources: dict[str, str]
+    convention: str
+    ignored: dict[str, list[str]]
+
+
+def is_ignored_by_rule(name: str) -> bool:
+    return name in BOOKKEEPING_NAMES or name.endswith(OPTIMIZER_SLOT_SUFFIXES)
+
+
+def plan_weights(names: Iterable[str], convention: str | None = None) -> WeightsPlan:
+    """Route each model variable to its raw tensor or its shadow; `None` picks ema when shadows exist."""
+    names = list(names)
+    slots = sorted(n for n in names if n.endswith(OPTIMIZER_SLOT_SUFFIXES))
+    bookkeeping = sorted(n for n in names if n in BOOKKEEPING_NAMES)
+    shadows = {n[: -len(EMA_SUFFIX)] for n in names if n.endswith(EMA_SUFFIX)}
+    variables = sorted(n for n in names if not is_ignored_by_rule(n) and not n.endswith(EMA_SUFFIX))
+
+    if convention is None:
+        convention = "ema" if shadows else "raw"
+    if convention not in CONVENTIONS:
+        raise WeightsConventionError(f"unknown weights convention {convention!r}; use one of {CONVENTIONS}")
+    if convention != "raw" and not shadows:
+        raise WeightsConventionError(
+            f"--weights {convention} needs ExponentialMovingAverage shadows, but this checkpoint has none; "
+            "use --weights raw"
+        )
+
+    def wants_shadow(variable: str) -> bool:
+        return convention == "ema-all" or (convention == "ema" and not variable.endswith(NON_TRAINABLE_SUFFIXES))
+
+    lacking = [v for v in variables if wants_shadow(v) and v not in shadows]
+    if lacking:
+        raise WeightsConventionError(
+            f"--weights {convention}: {len(lacking)} variables have no shadow, e.g. {', '.join(lacking[:3])}; "
+            "use --weights raw"
+        )
+    sources = {v: v + EMA_SUFFIX if wants_shadow(v) else v for v in variables}
+    # Shadows of variables that do not exist are left for the mapping step to report as unmapped.
+    orphan_shadows = sorted(s + EMA_SUFFIX for s in shadows - set(variables))
+    sources.update({name: name for name in orphan_shadows})
+    unused_shadows = sorted(s + EMA_SUFFIX for s in shadows & set(variables) if sources[s] != s + EMA_SUFFIX)
+    unused_raw = sorted(v for v, source in sources.items() if source != v)
+    ignored = {
+        "optimizer_slots": slots,
+        "bookkeeping": bookkeeping,
+        "unused_ema_shadows": unused_shadows,
+        "raw_values_replaced_by_shadows": unused_raw,
+    }
+    return WeightsPlan(sources=sources, convention=convention, ignored=ignored)
