@@ -1,0 +1,32 @@
+"""Helpers shared by the tests (the pytest fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def logit_tolerance(reference: np.ndarray) -> float:
+    """The project's parity bar: max abs difference <= 1e-4 x max(1, max |logit|)."""
+    return 1e-4 * max(1.0, float(np.abs(reference).max()))
+
+
+def random_images(shape: tuple[int, int], batch: int = 1, seed: int = 0) -> np.ndarray:
+    """Seeded NHWC images in [-1, 1], as the graphs take them."""
+    return np.random.default_rng(seed).uniform(-1, 1, (batch, *shape, 3)).astype(np.float32)
+
+
+def to_torch(images: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def to_nhwc(tensor) -> np.ndarray:
+    array = tensor.detach().numpy()
+    return array.transpose(0, 2, 3, 1) if array.ndim == 4 else array
+
