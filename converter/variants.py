@@ -40,11 +40,9 @@ class Variant:
             return f"mobilenet_v2_{self.depth}_{self.size}"
         return f"deeplabv3_mobilenet_v2_{self.depth}_{self.size}_os{self.output_stride}"
 
-    def config(self, drop_background: bool = False) -> MobileNetV2Config:
+    def config(self, drop_background: bool = False, avg_pool: str = "global") -> MobileNetV2Config:
         """The transformers-compatible config of this variant."""
-        labels = class_names(self.kind, self.num_labels + (1 if drop_background else 0))
-        if drop_background:
-            labels = labels[1:]
+        labels = class_names(self.kind, self.num_labels)[1 if drop_background else 0 :]
         # DeepLab's depth-0.5 model rounds channels to multiples of 1, not 8.
         divisible_by = 1 if self.kind == DEEPLAB and self.depth < 1 else 8
         return MobileNetV2Config(
@@ -55,6 +53,7 @@ class Variant:
             output_stride=self.output_stride,
             id2label=dict(enumerate(labels)),
             classifier_dropout_prob=0.8 if self.kind == CLASSIFICATION else 0.1,
+            avg_pool=avg_pool,
         )
 
 
