@@ -29,4 +29,3 @@ def to_torch(images: np.ndarray):
 def to_nhwc(tensor) -> np.ndarray:
     array = tensor.detach().numpy()
     return array.transpose(0, 2, 3, 1) if array.ndim == 4 else array
-

@@ -24,7 +24,11 @@ ODD, NON_SQUARE = (97, 97), (160, 123)
 def test_logits_equal_tf_graph(name, tmp_path):
     fixture = ensure_fixture(name)
     size = fixture.variant.size
-    inputs = [random_images((size, size), batch=2, seed=1), random_images(ODD, seed=2), random_images(NON_SQUARE, seed=3)]
+    inputs = [
+        random_images((size, size), batch=2, seed=1),
+        random_images(ODD, seed=2),
+        random_images(NON_SQUARE, seed=3),
+    ]
     logits_by_convention = {}
     with GraphRunner(fixture.variant) as graph:
         for convention in CONVENTIONS:
