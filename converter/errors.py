@@ -8,7 +8,7 @@ and what to do about it; the CLI prints it as a single line and exits with :attr
 from __future__ import annotations
 
 # Raised by `from_pretrained`; defined there so that mobilenet_torch stays independent of the converter.
-from mobilenet_torch.loading import ModelFolderError
+from mobilenet_torch.errors import ModelFolderError
 
 
 class ConverterError(Exception):
@@ -64,7 +64,23 @@ class OutputError(ConverterError):
 
 
 class VerificationError(ConverterError):
-    """The reference graph cannot be run (missing, or refused as unsafe)."""
+    """Parity cannot be checked: TensorFlow is missing, the reference graph is refused as unsafe or absent,
+    or the model folder and checkpoint cannot be compared (exit code 2, unusable input; a parity failure
+    is a result, exit code 1, not an error)."""
+
+    exit_code = 2
+
+
+class DownloadError(ConverterError):
+    """A zoo tarball cannot be fetched (offline, not found, server errors, retries exhausted)."""
+
+
+class PublishError(ConverterError):
+    """The converted folder cannot be uploaded to the Hugging Face Hub."""
+
+
+class ImageError(ConverterError):
+    """An input image for prediction cannot be read."""
 
 
 # Everything the CLI reports as one line instead of a traceback.

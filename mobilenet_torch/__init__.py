@@ -1,21 +1,24 @@
-"""MobileNetV2 in PyTorch with TensorFlow-exact semantics; state dicts and config.json as transformers'."""
+"""MobileNetV2 in PyTorch with TensorFlow-exact semantics; state dicts and config.json as transformers'.
 
-from .configuration import MobileNetV2Config
-from .loading import ModelFolderError
-from .modeling import (
-    ENDPOINTS,
-    MobileNetV2Backbone,
-    MobileNetV2ForImageClassification,
-    MobileNetV2ForSemanticSegmentation,
-    MobileNetV2Model,
-)
+Names are resolved lazily (PEP 562) so that importing a torch-free part, such as
+`mobilenet_torch.errors` or the config, does not pay for importing torch.
+"""
 
-__all__ = [
-    "ENDPOINTS",
-    "MobileNetV2Backbone",
-    "MobileNetV2Config",
-    "MobileNetV2ForImageClassification",
-    "MobileNetV2ForSemanticSegmentation",
-    "MobileNetV2Model",
-    "ModelFolderError",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "MobileNetV2Config": "configuration",
+    "ModelFolderError": "errors",
+    "ENDPOINTS": "modeling",
+    "MobileNetV2Backbone": "modeling",
+    "MobileNetV2ForImageClassification": "modeling",
+    "MobileNetV2ForSemanticSegmentation": "modeling",
+    "MobileNetV2Model": "modeling",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'mobilenet_torch' has no attribute {name!r}")

@@ -7,12 +7,9 @@ from pathlib import Path
 import torch
 
 from .configuration import CONFIG_NAME, MobileNetV2Config
+from .errors import ModelFolderError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-class ModelFolderError(Exception):
-    """The folder is not a loadable model folder (missing files, or pickled weights we refuse)."""
 
 
 def load_folder(cls, folder: Path):

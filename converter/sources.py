@@ -1,0 +1,318 @@
+"""Locate the checkpoint the user points at: a prefix, an ``.index`` or ``.data-*`` file, a folder, or a
+zoo tarball (``.tgz`` / ``.tar.gz`` / ``.tar``).
+
+Archives are unpacked into a private temporary folder that exists only while the :func:`open_source`
+context is open. Every member is checked before anything is written: links, devices, absolute paths,
+``..`` components, too many members or too many bytes are refused, and the standard library's ``data``
+extraction filter guards the extraction itself.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from converter.errors import SourceError, UnsafeArchiveError
+
+__all__ = ["CheckpointSource", "open_source", "DEFAULT_MAX_EXTRACT_BYTES", "DEFAULT_MAX_MEMBERS"]
+
+DEFAULT_MAX_EXTRACT_BYTES = 2 << 30  # the largest zoo tarball unpacks to well under 100 MB
+DEFAULT_MAX_MEMBERS = 10_000  # zoo tarballs hold about 7 files
+
+_ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
+_DATA_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
+_SEARCH_LEVELS = 2  # zoo DeepLab tarballs put the checkpoint one folder down
+_GZIP_MAGIC = b"\x1f\x8b"
+_CHUNK = 1 << 20
+# Room for tar headers and padding on top of the member bytes when capping a decompressed stream.
+_TAR_OVERHEAD_PER_MEMBER = 4096
+_SKIPPED_NAMES = ("__MACOSX",)  # macOS resource forks in tarballs; hidden names are skipped too
+_PASS_INSTEAD = (
+    "pass a checkpoint prefix (e.g. .../mobilenet_v2_1.0_224.ckpt), its .index file, a folder holding "
+    "exactly one checkpoint, or a zoo .tgz"
+)
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """A located checkpoint and the files that come with it.
+
+    When the origin is an archive, every path except ``origin`` and ``archive`` lies in a temporary
+    folder that is deleted when the :func:`open_source` context exits.
+    """
+
+    origin: Path  # what the user passed
+    prefix: Path  # checkpoint prefix (path without .index)
+    files: tuple[Path, ...]  # .index + .data-* shards (for provenance hashing)
+    meta_graph: Path | None  # <prefix>.meta if present
+    frozen_graph: Path | None  # a *frozen*.pb next to the checkpoint if present
+    archive: Path | None  # the .tgz/.tar.gz/.tar if the origin was an archive
+
+
+@contextmanager
+def open_source(
+    path: str | os.PathLike[str],
+    *,
+    max_extract_bytes: int = DEFAULT_MAX_EXTRACT_BYTES,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+) -> Iterator[CheckpointSource]:
+    """Find the single checkpoint at ``path``, unpacking it first if it is an archive.
+
+    Raises :class:`~converter.errors.SourceError` when nothing or more than one checkpoint is found, and
+    :class:`~converter.errors.UnsafeArchiveError` for archives that are refused.
+    """
+    origin = Path(path)
+    if origin.is_file() and origin.name.lower().endswith(_ARCHIVE_SUFFIXES):
+        with _extracted(origin, max_extract_bytes, max_members) as folder:
+            prefix = _single_checkpoint_in(folder, f"archive {origin}", example_prefixes=False)
+            yield _describe(origin, prefix, archive=origin)
+    else:
+        yield _describe(origin, _locate_prefix(origin), archive=None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding the checkpoint
+# ---------------------------------------------------------------------------------------------------
+
+
+def _locate_prefix(origin: Path) -> Path:
+    """The checkpoint prefix for a prefix, an .index or .data-* path, or a folder."""
+    if origin.is_dir():
+        return _single_checkpoint_in(origin, f"folder {origin}", example_prefixes=True)
+    if origin.is_file():
+        if origin.name.endswith(".index"):
+            return origin.with_name(origin.name[: -len(".index")])
+        shard = _DATA_SHARD.search(origin.name)
+        if shard:
+            return origin.with_name(origin.name[: shard.start()])
+    if _index_of(origin).is_file():
+        return origin
+    if origin.exists():
+        raise SourceError(f"{origin} is neither a checkpoint, a folder nor a .tgz/.tar archive; {_PASS_INSTEAD}")
+    raise SourceError(f"{origin} does not exist (nor does {_index_of(origin).name}); {_PASS_INSTEAD}")
+
+
+def _index_of(prefix: Path) -> Path:
+    return prefix.with_name(f"{prefix.name}.index")
+
+
+def _single_checkpoint_in(folder: Path, described: str, *, example_prefixes: bool) -> Path:
+    """The prefix of the one checkpoint found in ``folder`` (searched ``_SEARCH_LEVELS`` deep)."""
+    found = _find_index_files(folder, _SEARCH_LEVELS)
+    if len(found) == 1:
+        return found[0].with_name(found[0].name[: -len(".index")])
+    if not found:
+        raise SourceError(
+            f"no checkpoint (*.index file) in {described} or its subfolders up to {_SEARCH_LEVELS} levels "
+            f"deep; {_PASS_INSTEAD}"
+        )
+    listing = ", ".join(str(index.relative_to(folder)) for index in found)
+    if example_prefixes:
+        advice = f"pass one checkpoint prefix instead, e.g. {str(found[0])[: -len('.index')]}"
+    else:
+        advice = "extract it and pass one checkpoint prefix instead"
+    raise SourceError(f"{described} holds {len(found)} checkpoints ({listing}); {advice}")
+
+
+def _find_index_files(folder: Path, levels: int) -> list[Path]:
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as err:
+        raise SourceError(f"cannot list {folder}: {err.strerror}") from None
+    found: list[Path] = []
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name in _SKIPPED_NAMES:
+            continue
+        if entry.is_dir():
+            if levels > 0:
+                found.extend(_find_index_files(entry, levels - 1))
+        elif entry.name.endswith(".index") and entry.is_file():
+            found.append(entry)
+    return found
+
+
+def _describe(origin: Path, prefix: Path, archive: Path | None) -> CheckpointSource:
+    index = _index_of(prefix)
+    if not index.is_file():
+        raise SourceError(f"{origin}: the checkpoint index {index} is missing; {_PASS_INSTEAD}")
+    return CheckpointSource(
+        origin=origin,
+        prefix=prefix,
+        files=(index, *_data_shards(prefix)),
+        meta_graph=_existing_file(prefix.with_name(f"{prefix.name}.meta")),
+        frozen_graph=_find_frozen_graph(prefix),
+        archive=archive,
+    )
+
+
+def _data_shards(prefix: Path) -> list[Path]:
+    pattern = re.compile(re.escape(prefix.name) + _DATA_SHARD.pattern)
+    try:
+        return sorted(path for path in prefix.parent.iterdir() if pattern.fullmatch(path.name))
+    except OSError as err:
+        raise SourceError(f"cannot list {prefix.parent}: {err.strerror}") from None
+
+
+def _existing_file(path: Path) -> Path | None:
+    return path if path.is_file() else None
+
+
+def _find_frozen_graph(prefix: Path) -> Path | None:
+    """The frozen graph shipped next to the checkpoint: the zoo's names first, else a lone *frozen*.pb."""
+    stem = prefix.name.removesuffix(".ckpt")
+    for name in (f"{stem}_frozen.pb", "frozen_inference_graph.pb"):
+        candidate = _existing_file(prefix.with_name(name))
+        if candidate:
+            return candidate
+    try:
+        others = [
+            path
+            for path in sorted(prefix.parent.iterdir())
+            if path.suffix == ".pb" and "frozen" in path.name and path.is_file()
+        ]
+    except OSError:
+        return None
+    return others[0] if len(others) == 1 else None  # several: ambiguous, so none
+
+
+# ---------------------------------------------------------------------------------------------------
+# Archives
+# ---------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _extracted(archive: Path, max_bytes: int, max_members: int) -> Iterator[Path]:
+    """Unpack ``archive`` into a private temporary folder, removed on exit whatever happens."""
+    if not hasattr(tarfile, "data_filter"):
+        raise SourceError(
+            "this Python has no tarfile extraction filters (needs 3.10.12+ or 3.11.4+); extract "
+            f"{archive} yourself and pass the folder"
+        )
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix="mobilenet-convert-"))
+    except OSError as err:
+        raise SourceError(f"cannot create a temporary folder to unpack {archive}: {err}") from None
+    try:
+        tar_path = archive
+        if _is_gzip(archive):
+            # Decompress once up front: the gzip CRC and length are then verified, the size is capped
+            # while streaming, and tarfile can seek in a plain file instead of re-inflating per member.
+            tar_path = workdir / "archive.tar"
+            _gunzip(archive, tar_path, max_bytes + max_members * _TAR_OVERHEAD_PER_MEMBER + _CHUNK)
+        destination = workdir / "extracted"
+        destination.mkdir()
+        _extract_checked(archive, tar_path, destination, max_bytes, max_members)
+        if tar_path != archive:
+            tar_path.unlink()
+        yield destination
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _is_gzip(path: Path) -> bool:
+    try:
+        with path.open("rb") as file:
+            return file.read(2) == _GZIP_MAGIC
+    except OSError as err:
+        raise SourceError(f"cannot read {path}: {err.strerror}") from None
+
+
+def _gunzip(archive: Path, target: Path, limit: int) -> None:
+    written = 0
+    try:
+        with gzip.open(archive, "rb") as source, target.open("wb") as sink:
+            while chunk := _read_gzip_chunk(source, archive):
+                written += len(chunk)
+                if written > limit:
+                    raise UnsafeArchiveError(
+                        f"{archive} decompresses to more than {limit} bytes; refusing it (raise "
+                        "max_extract_bytes if it is genuine)"
+                    )
+                sink.write(chunk)
+    except OSError as err:  # damaged gzip data is reported by _read_gzip_chunk; this is the disk
+        raise SourceError(f"cannot decompress {archive} into {target.parent}: {err}") from None
+
+
+def _read_gzip_chunk(source: gzip.GzipFile, archive: Path) -> bytes:
+    try:
+        return source.read(_CHUNK)
+    except (OSError, EOFError, zlib.error) as err:
+        raise SourceError(f"{archive} is not a valid gzip file (truncated or corrupted?): {err}") from None
+
+
+def _extract_checked(archive: Path, tar_path: Path, destination: Path, max_bytes: int, max_members: int) -> None:
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            members = _checked_members(tar, archive, max_bytes, max_members)
+            _check_nothing_after_members(tar_path, members, archive)
+            tar.extractall(destination, members=members, filter="data")
+    except tarfile.FilterError as err:  # our checks should have caught it first; belt and braces
+        raise UnsafeArchiveError(f"{archive}: refused by the extraction filter: {err}") from None
+    except (tarfile.TarError, EOFError, ValueError, UnicodeError) as err:
+        raise SourceError(f"{archive} is not a readable tar archive (truncated or corrupted?): {err}") from None
+    except OSError as err:  # the archive is a plain file by now, so this is the disk
+        raise SourceError(f"cannot extract {archive} into {destination}: {err}") from None
+
+
+def _checked_members(tar: tarfile.TarFile, archive: Path, max_bytes: int, max_members: int) -> list[tarfile.TarInfo]:
+    """All members, each vetted; caps are enforced while reading headers, before extracting anything."""
+    members: list[tarfile.TarInfo] = []
+    total_bytes = 0
+    for member in tar:  # iterating reads headers lazily, so a huge member list stops at the cap
+        if len(members) >= max_members:
+            raise UnsafeArchiveError(f"{archive} has more than {max_members} members; refusing it")
+        _check_member(archive, member)
+        total_bytes += member.size
+        if total_bytes > max_bytes:
+            raise UnsafeArchiveError(
+                f"{archive} would extract to more than {max_bytes} bytes; refusing it (raise "
+                "max_extract_bytes if it is genuine)"
+            )
+        members.append(member)
+    return members
+
+
+def _check_nothing_after_members(tar_path: Path, members: list[tarfile.TarInfo], archive: Path) -> None:
+    """Only zero padding may follow the last member.
+
+    tarfile ends an archive quietly at the first damaged header after the first one, so without this
+    check a corrupted archive could look like a shorter, valid one.
+    """
+    end = max((member.offset_data + _padded(member.size) for member in members), default=0)
+    with tar_path.open("rb") as file:
+        file.seek(end)
+        while chunk := file.read(_CHUNK):
+            if chunk.count(0) != len(chunk):
+                raise SourceError(
+                    f"{archive} has unreadable data after byte {end} of its tar stream (a damaged member "
+                    "header?): the archive is corrupted; re-download it"
+                )
+
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
+    name = member.name
+    if member.issym() or member.islnk():
+        kind = "symbolic" if member.issym() else "hard"
+        raise UnsafeArchiveError(f"{archive}: member {name!r} is a {kind} link to {member.linkname!r}; refused")
+    if not (member.isreg() or member.isdir()):
+        raise UnsafeArchiveError(f"{archive}: member {name!r} is a device, FIFO or other special file; refused")
+    portable = name.replace("\\", "/")
+    if portable.startswith("/") or re.match(r"[A-Za-z]:", portable):
+        raise UnsafeArchiveError(f"{archive}: member {name!r} has an absolute path; refused")
+    if ".." in PurePosixPath(portable).parts:
+        raise UnsafeArchiveError(f"{archive}: member {name!r} would escape the extraction folder; refused")
+    if member.size < 0:
+        raise SourceError(f"{archive}: member {name!r} declares a negative size (corrupted archive?)")

@@ -1,0 +1,355 @@
+"""Finding the checkpoint behind a prefix, file, folder or archive, and refusing hostile archives."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converter.errors import SourceError, UnsafeArchiveError
+from converter.sources import CheckpointSource, open_source
+
+ZOO_NAME = "mobilenet_v2_1.0_224"
+ZOO_FILES = [
+    f"{ZOO_NAME}.ckpt.index",
+    f"{ZOO_NAME}.ckpt.data-00000-of-00001",
+    f"{ZOO_NAME}.ckpt.meta",
+    f"{ZOO_NAME}_frozen.pb",
+    f"{ZOO_NAME}.tflite",
+    f"{ZOO_NAME}_eval.pbtxt",
+    f"{ZOO_NAME}_info.txt",
+]
+DEEPLAB_DIR = "deeplabv3_mnv2_pascal_train_aug"
+DEEPLAB_FILES = [
+    f"{DEEPLAB_DIR}/model.ckpt-30000.index",
+    f"{DEEPLAB_DIR}/model.ckpt-30000.data-00000-of-00001",
+    f"{DEEPLAB_DIR}/frozen_inference_graph.pb",
+]
+
+
+@pytest.fixture(autouse=True)
+def private_tempdir(tmp_path, monkeypatch) -> Path:
+    """Route mkdtemp into a folder of our own so the tests can see what is left behind."""
+    folder = tmp_path / "system-tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _make_files(root: Path, names: list[str]) -> Path:
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"contents of {name}".encode())
+    return root
+
+
+def _tar_bytes(members: list[tuple[tarfile.TarInfo, bytes | None]], compress: bool) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz" if compress else "w") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def _regular(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
+    return tarfile.TarInfo(name), data
+
+
+def _directory(name: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    return info, None
+
+
+def _special(name: str, kind: bytes, linkname: str = "") -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info, None
+
+
+def _archive(tmp_path: Path, members, name: str = "model.tgz") -> Path:
+    path = tmp_path / name
+    path.write_bytes(_tar_bytes(members, compress=not name.endswith(".tar")))
+    return path
+
+
+def _zoo_members(names: list[str]) -> list[tuple[tarfile.TarInfo, bytes]]:
+    return [_regular(name, f"contents of {name}".encode()) for name in names]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prefixes, files and folders
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_prefix(tmp_path):
+    _make_files(tmp_path, ZOO_FILES)
+    prefix = tmp_path / f"{ZOO_NAME}.ckpt"
+    with open_source(prefix) as source:
+        assert source == CheckpointSource(
+            origin=prefix,
+            prefix=prefix,
+            files=(tmp_path / ZOO_FILES[0], tmp_path / ZOO_FILES[1]),
+            meta_graph=tmp_path / ZOO_FILES[2],
+            frozen_graph=tmp_path / ZOO_FILES[3],
+            archive=None,
+        )
+
+
+@pytest.mark.parametrize("passed", [f"{ZOO_NAME}.ckpt.index", f"{ZOO_NAME}.ckpt.data-00000-of-00001", "."])
+def test_index_shard_or_folder_normalise_to_the_prefix(tmp_path, passed):
+    _make_files(tmp_path, ZOO_FILES)
+    with open_source(str(tmp_path / passed)) as source:
+        assert source.prefix.resolve() == (tmp_path / f"{ZOO_NAME}.ckpt").resolve()
+        assert source.origin == tmp_path / passed
+
+
+def test_training_step_prefix_without_meta_or_frozen_graph(tmp_path):
+    _make_files(tmp_path, ["model.ckpt-30000.index", "model.ckpt-30000.data-00000-of-00002"])
+    _make_files(tmp_path, ["model.ckpt-30000.data-00001-of-00002", "model.ckpt-3000.index"])
+    with open_source(tmp_path / "model.ckpt-30000") as source:
+        assert [path.name for path in source.files] == [
+            "model.ckpt-30000.index",
+            "model.ckpt-30000.data-00000-of-00002",
+            "model.ckpt-30000.data-00001-of-00002",
+        ]
+        assert source.meta_graph is None and source.frozen_graph is None
+
+
+def test_nested_zoo_layout(tmp_path):
+    _make_files(tmp_path, DEEPLAB_FILES)
+    with open_source(tmp_path) as source:
+        assert source.prefix == tmp_path / DEEPLAB_DIR / "model.ckpt-30000"
+        assert source.frozen_graph == tmp_path / DEEPLAB_DIR / "frozen_inference_graph.pb"
+        assert source.meta_graph is None
+
+
+def test_search_stops_two_levels_down(tmp_path):
+    _make_files(tmp_path, ["a/b/c/model.ckpt.index"])
+    with pytest.raises(SourceError, match="2 levels deep"):
+        with open_source(tmp_path):
+            pass
+    with open_source(tmp_path / "a") as source:
+        assert source.prefix == tmp_path / "a/b/c/model.ckpt"
+
+
+def test_hidden_and_macos_resource_files_are_ignored(tmp_path):
+    _make_files(tmp_path, [*ZOO_FILES, f"._{ZOO_FILES[0]}", f"__MACOSX/{ZOO_FILES[0]}"])
+    with open_source(tmp_path) as source:
+        assert source.prefix == tmp_path / f"{ZOO_NAME}.ckpt"
+
+
+def test_folder_with_two_checkpoints_lists_both(tmp_path):
+    _make_files(tmp_path, ["a/model.ckpt-100.index", "b/model.ckpt-200.index"])
+    with pytest.raises(SourceError, match=r"2 checkpoints \(a/model.ckpt-100.index, b/model.ckpt-200.index\)"):
+        with open_source(tmp_path):
+            pass
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no checkpoint"):
+        with open_source(tmp_path / "empty"):
+            pass
+
+
+@pytest.mark.parametrize("name", ["nothing.ckpt", "notes.txt", f"{ZOO_NAME}_frozen.pb"])
+def test_paths_that_are_not_checkpoints(tmp_path, name):
+    _make_files(tmp_path, ["notes.txt", f"{ZOO_NAME}_frozen.pb"])
+    with pytest.raises(SourceError, match="pass a checkpoint prefix"):
+        with open_source(tmp_path / name):
+            pass
+
+
+def test_data_shard_without_index(tmp_path):
+    _make_files(tmp_path, ["m.ckpt.data-00000-of-00001"])
+    with pytest.raises(SourceError, match=r"m\.ckpt\.index is missing"):
+        with open_source(tmp_path / "m.ckpt.data-00000-of-00001"):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Archives
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [f"{ZOO_NAME}.tgz", f"{ZOO_NAME}.tar.gz", f"{ZOO_NAME}.tar"])
+def test_zoo_tarball_with_top_level_files(tmp_path, private_tempdir, name):
+    archive = _archive(tmp_path, _zoo_members(ZOO_FILES), name)
+    with open_source(archive) as source:
+        assert source.archive == archive and source.origin == archive
+        assert source.prefix.name == f"{ZOO_NAME}.ckpt"
+        assert [path.name for path in source.files] == ZOO_FILES[:2]
+        assert source.frozen_graph.name == ZOO_FILES[3] and source.meta_graph.name == ZOO_FILES[2]
+        assert source.files[1].read_bytes() == f"contents of {ZOO_FILES[1]}".encode()
+        assert source.prefix.is_relative_to(private_tempdir)
+    assert not source.prefix.parent.exists()
+    assert list(private_tempdir.iterdir()) == []
+
+
+def test_deeplab_tarball_layout(tmp_path):
+    archive = _archive(tmp_path, [_directory(DEEPLAB_DIR), *_zoo_members(DEEPLAB_FILES)])
+    with open_source(archive) as source:
+        assert source.prefix.name == "model.ckpt-30000" and source.prefix.parent.name == DEEPLAB_DIR
+        assert source.frozen_graph.name == "frozen_inference_graph.pb"
+
+
+@pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])
+def test_extraction_folder_removed_when_the_body_raises(tmp_path, private_tempdir, interruption):
+    archive = _archive(tmp_path, _zoo_members(ZOO_FILES))
+    with pytest.raises(interruption):
+        with open_source(archive) as source:
+            assert source.prefix.parent.exists()
+            raise interruption()
+    assert list(private_tempdir.iterdir()) == []
+
+
+def test_archive_without_checkpoint(tmp_path, private_tempdir):
+    archive = _archive(tmp_path, [_regular("readme.txt")])
+    with pytest.raises(SourceError, match=f"no checkpoint.*archive {archive}"):
+        with open_source(archive):
+            pass
+    assert list(private_tempdir.iterdir()) == []
+
+
+def _assert_refused(tmp_path: Path, private_tempdir: Path, members, match: str, name: str = "evil.tgz") -> None:
+    archive = _archive(tmp_path, members, name)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(UnsafeArchiveError, match=match):
+        with open_source(archive):
+            pass
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written anywhere, temp folder gone
+    assert list(private_tempdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["evil.tgz", "evil.tar"])
+def test_parent_directory_member_is_refused(tmp_path, private_tempdir, name):
+    members = [*_zoo_members(ZOO_FILES), _regular("../evil", b"pwned")]
+    _assert_refused(tmp_path, private_tempdir, members, "'../evil' would escape", name)
+    assert not (tmp_path.parent / "evil").exists() and not (private_tempdir.parent / "evil").exists()
+
+
+@pytest.mark.parametrize("member", ["a/../../evil", "a/b/../../../evil", "..\\evil"])
+def test_nested_parent_directory_members_are_refused(tmp_path, private_tempdir, member):
+    _assert_refused(tmp_path, private_tempdir, [_regular(member)], "would escape")
+
+
+@pytest.mark.parametrize("member", ["/tmp/evil", "/etc/passwd", "C:/evil", "\\\\server\\share\\evil"])
+def test_absolute_member_is_refused(tmp_path, private_tempdir, member):
+    _assert_refused(tmp_path, private_tempdir, [*_zoo_members(ZOO_FILES), _regular(member)], "absolute path")
+
+
+def test_symlink_member_is_refused(tmp_path, private_tempdir):
+    members = [_special(ZOO_FILES[0], tarfile.SYMTYPE, "/etc/passwd"), *_zoo_members(ZOO_FILES[1:])]
+    _assert_refused(tmp_path, private_tempdir, members, f"'{ZOO_FILES[0]}' is a symbolic link to '/etc/passwd'")
+
+
+def test_hardlink_member_is_refused(tmp_path, private_tempdir):
+    members = [*_zoo_members(ZOO_FILES), _special("copy.index", tarfile.LNKTYPE, ZOO_FILES[0])]
+    _assert_refused(tmp_path, private_tempdir, members, "'copy.index' is a hard link")
+
+
+@pytest.mark.parametrize("kind", [tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE])
+def test_device_and_fifo_members_are_refused(tmp_path, private_tempdir, kind):
+    members = [*_zoo_members(ZOO_FILES), _special("dev", kind)]
+    _assert_refused(tmp_path, private_tempdir, members, "'dev' is a device, FIFO")
+
+
+def test_declared_size_cap_applies_before_extraction(tmp_path, private_tempdir):
+    archive = _archive(tmp_path, [*_zoo_members(ZOO_FILES), _regular("big.bin", bytes(5000))])
+    with pytest.raises(UnsafeArchiveError, match="more than 4096 bytes"):
+        with open_source(archive, max_extract_bytes=4096):
+            pass
+    assert list(private_tempdir.iterdir()) == []
+
+
+def test_decompression_bomb_is_cut_off_while_streaming(tmp_path, private_tempdir):
+    archive = tmp_path / "bomb.tgz"
+    archive.write_bytes(gzip.compress(bytes(50_000_000)))  # 50 MB of zeros in ~50 kB
+    with pytest.raises(UnsafeArchiveError, match="decompresses to more than"):
+        with open_source(archive, max_extract_bytes=1_000_000, max_members=10):
+            pass
+    assert list(private_tempdir.iterdir()) == []
+
+
+def test_member_count_cap(tmp_path, private_tempdir):
+    archive = _archive(tmp_path, [_regular(f"f{i}") for i in range(30)])
+    with pytest.raises(UnsafeArchiveError, match="more than 20 members"):
+        with open_source(archive, max_members=20):
+            pass
+
+
+@pytest.mark.parametrize("keep_fraction", [0.1, 0.5, 0.9])
+def test_truncated_tgz_names_the_file(tmp_path, private_tempdir, keep_fraction):
+    payload = [*_zoo_members(ZOO_FILES), _regular("noise.bin", np.random.default_rng(0).bytes(200_000))]
+    complete = _tar_bytes(payload, compress=True)
+    archive = tmp_path / "truncated.tgz"
+    archive.write_bytes(complete[: int(len(complete) * keep_fraction)])
+    with pytest.raises(SourceError, match=f"{archive}.*truncated or corrupted"):
+        with open_source(archive):
+            pass
+    assert list(private_tempdir.iterdir()) == []
+
+
+def test_truncated_tar_names_the_file(tmp_path):
+    complete = _tar_bytes([*_zoo_members(ZOO_FILES), _regular("noise.bin", bytes(20_000))], compress=False)
+    archive = tmp_path / "truncated.tar"
+    archive.write_bytes(complete[:15_000])
+    with pytest.raises(SourceError, match="truncated.tar"):
+        with open_source(archive):
+            pass
+
+
+@pytest.mark.parametrize("content", [b"", b"\x1f\x8b", b"not an archive at all" * 100, os.urandom(5000)])
+def test_garbage_archives(tmp_path, content):
+    archive = tmp_path / "garbage.tgz"
+    archive.write_bytes(content)
+    with pytest.raises(SourceError, match="garbage.tgz"):
+        with open_source(archive):
+            pass
+
+
+def test_real_checkpoint_through_an_archive(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    from converter.bundle import read_checkpoint
+
+    prefix = tmp_path / "ckpt" / f"{ZOO_NAME}.ckpt"
+    weights = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    tf.raw_ops.SaveV2(
+        prefix=str(prefix),
+        tensor_names=["MobilenetV2/Conv/weights", "global_step"],
+        shape_and_slices=["", ""],
+        tensors=[tf.constant(weights), tf.constant(7, tf.int64)],
+    )
+    archive = tmp_path / f"{ZOO_NAME}.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for file in sorted(prefix.parent.iterdir()):
+            tar.add(file, arcname=file.name)
+    with open_source(archive) as source:
+        tensors = read_checkpoint(source.prefix)
+        np.testing.assert_array_equal(tensors["MobilenetV2/Conv/weights"], weights)
+        assert int(tensors["global_step"]) == 7
+
+
+@pytest.mark.parametrize("name", ["damaged.tar", "damaged.tgz"])
+def test_damaged_member_header_is_not_mistaken_for_the_end(tmp_path, name):
+    """tarfile quietly stops at a later header with a bad checksum; the archive must not look shorter."""
+    tar = bytearray(_tar_bytes(_zoo_members(ZOO_FILES), compress=False))
+    second = tarfile.open(fileobj=io.BytesIO(bytes(tar))).getmembers()[1]
+    tar[second.offset] ^= 0x01  # first byte of its name: the header checksum no longer matches
+    archive = tmp_path / name
+    archive.write_bytes(gzip.compress(bytes(tar)) if name.endswith(".tgz") else bytes(tar))
+    with pytest.raises(SourceError, match="damaged member header"):
+        with open_source(archive):
+            pass
