@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO := out/demo
 export MOBILENET_FIXTURES ?= $(CURDIR)/.cache/fixtures
 
-.PHONY: install fixtures demo test test-fast lint fuzz bench clean
+.PHONY: install fixtures demo test lint fuzz parity bench clean
 
 install: $(STAMP)
 
@@ -23,10 +23,12 @@ fixtures: install
 
 demo: install
 	$(BIN)/python -m fixtures build --name mobilenet_v2_1.0_224
-	$(BIN)/convert-mobilenet --depth 1.0 --size 224 --force \
-		--checkpoint $(MOBILENET_FIXTURES)/mobilenet_v2_1.0_224.tgz --output $(DEMO)/mobilenet_v2_1.0_224
+	$(BIN)/convert-mobilenet --depth 1.0 --size 224 --force --verify \
+		--checkpoint $(MOBILENET_FIXTURES)/mobilenet_v2_1.0_224/mobilenet_v2_1.0_224.tgz \
+		--output $(DEMO)/mobilenet_v2_1.0_224
 	@echo
-	@echo "Converted model: $(DEMO)/mobilenet_v2_1.0_224"
+	@echo "Converted model:  $(DEMO)/mobilenet_v2_1.0_224 (model card: README.md)"
+	@echo "Parity report:    $(DEMO)/mobilenet_v2_1.0_224/parity/parity.md (also .json, .xml, .png)"
 
 test: install
 	$(BIN)/python -m pytest -n 2 -q
@@ -34,6 +36,10 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Convert and verify every fixture zoo model against its original TF graph; reports in reports/.
+parity: install
+	$(BIN)/python -m converter.verify.matrix --out reports --jobs 2
 
 fuzz: install
 	$(BIN)/python -m fixtures.fuzz_reader --cases 10000 --seed 1

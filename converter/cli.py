@@ -12,6 +12,7 @@ import sys
 import click
 
 WEIGHT_CONVENTIONS = ("ema", "raw", "ema-all")
+ZOO_MODELS = ("mobilenet_v2", "deeplabv3")
 
 
 def report_errors(command):
@@ -45,21 +46,62 @@ def report_errors(command):
     "--checkpoint",
     "source",
     type=click.Path(path_type=str),
-    required=True,
-    help="Checkpoint prefix, a folder holding one checkpoint, or the zoo .tgz as downloaded.",
+    default=None,
+    help="Checkpoint prefix, a folder holding one checkpoint, or the zoo .tgz as downloaded. Without it, "
+    "the zoo tarball named by --model/--depth/--size is downloaded (and cached).",
 )
 @click.option(
     "--output",
     type=click.Path(path_type=str),
     default=None,
-    help="Output folder (default: the variant's name, e.g. mobilenet_v2_1.0_224).",
+    help="Output folder (default: the variant's name, e.g. mobilenet_v2_1.0_224); with --all, the parent "
+    "folder (default: the current folder).",
 )
-@click.option("--depth", type=float, default=None, help="Expected depth multiplier (checked).")
+@click.option(
+    "--model",
+    type=click.Choice(ZOO_MODELS),
+    default=None,
+    help="Zoo family to download: mobilenet_v2 (ImageNet, the default) or deeplabv3 (PASCAL VOC).",
+)
+@click.option("--trainval", is_flag=True, help="deeplabv3 only: the checkpoint trained on train + val.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=str),
+    default=None,
+    help="Download cache (default: $MOBILENET_CONVERT_CACHE, else ~/.cache/mobilenet-convert).",
+)
+@click.option(
+    "--mirror",
+    default=None,
+    metavar="BASE",
+    help="Fetch BASE/<tarball> instead of the official URL: http(s)://..., file://... or a folder "
+    "(default: $MOBILENET_CONVERT_MIRROR).",
+)
+@click.option(
+    "--all",
+    "whole_zoo",
+    is_flag=True,
+    help="Convert the whole zoo (narrowed by --model/--depth/--size/--trainval) into --output.",
+)
+@click.option("--jobs", type=click.IntRange(min=1), default=1, help="With --all: conversions run at once.")
+@click.option(
+    "--push-to-hub",
+    default=None,
+    metavar="REPO",
+    help="Upload the output folder to this Hugging Face repository (needs huggingface_hub and a login).",
+)
+@click.option(
+    "--depth",
+    type=float,
+    default=None,
+    help="Depth multiplier: picks the zoo checkpoint to download, or is checked against --checkpoint.",
+)
 @click.option(
     "--size",
     type=click.IntRange(min=32),
     default=None,
-    help="Input size for the config (checked against the zoo name; default 224, DeepLab 513).",
+    help="Input size for the config (picks the zoo checkpoint, or is checked against its zoo name; "
+    "default 224, DeepLab 513).",
 )
 @click.option(
     "--weights",
@@ -74,25 +116,229 @@ def report_errors(command):
     help="DeepLab only: output stride of the converted model (default 8).",
 )
 @click.option("--drop-background", is_flag=True, help="Write a 1000-class head without the background class.")
+@click.option(
+    "--avg-pool",
+    type=click.Choice(["global", "fixed7x7"]),
+    default="global",
+    help="Classifier pooling: global (as transformers), or slim's fixed 7x7 window (a logits map on large inputs).",
+)
 @click.option("--allow-non-finite", is_flag=True, help="Convert even if weights hold NaN or Inf.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder (atomically).")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="After converting, prove parity against the original TF graph (needs the [verify] extra); "
+    "exit 1 if it does not hold.",
+)
+@click.option(
+    "--report-dir",
+    type=click.Path(path_type=str),
+    default=None,
+    help="With --verify: where the parity reports go (default: <output>/parity).",
+)
 @report_errors
-def convert_main(source, output, depth, size, weights, output_stride, drop_background, allow_non_finite, force):
-    """Convert an original TensorFlow MobileNetV2 checkpoint to a PyTorch / transformers folder."""
+def convert_main(
+    source,
+    output,
+    model,
+    trainval,
+    cache_dir,
+    mirror,
+    whole_zoo,
+    jobs,
+    push_to_hub,
+    depth,
+    size,
+    weights,
+    output_stride,
+    drop_background,
+    avg_pool,
+    allow_non_finite,
+    force,
+    verify,
+    report_dir,
+):
+    """Convert an original TensorFlow MobileNetV2 checkpoint to a PyTorch / transformers folder.
+
+    Without --checkpoint, downloads (and caches) the zoo tarball named by --model, --depth and --size;
+    with --all, converts the whole zoo.
+    """
     from .convert import convert_checkpoint
 
-    summary = convert_checkpoint(
-        source,
-        output,
-        depth=depth,
-        size=size,
+    options = dict(
         weights=weights,
         output_stride=int(output_stride) if output_stride else None,
         drop_background=drop_background,
+        avg_pool=avg_pool,
         allow_non_finite=allow_non_finite,
         force=force,
     )
+    zoo_options = dict(model=model, trainval=trainval, cache_dir=cache_dir, mirror=mirror)
+    _check_zoo_flags(source, whole_zoo, jobs, push_to_hub, zoo_options)
+    _check_verify_flags(verify, report_dir, whole_zoo)
+    if push_to_hub:
+        from .hub import check_hub_ready
+
+        check_hub_ready()  # before any download or conversion
+    if whole_zoo:
+        sys.exit(_convert_whole_zoo(output, depth, size, jobs, zoo_options, options, verify))
+    if source is None:
+        from .batch import convert_entry
+        from .zoo import lookup
+
+        model = model or "mobilenet_v2"
+        entry = lookup(model, depth, size if model == "mobilenet_v2" else None, trainval)
+        size = size if entry.is_deeplab else None
+        summary = convert_entry(entry, output, cache_dir=cache_dir, mirror=mirror, size=size, **options)
+        if verify:
+            from .download import fetch
+
+            source = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False)
+    else:
+        summary = convert_checkpoint(source, output, depth=depth, size=size, **options)
     click.echo(
         f"converted {summary.variant.name} ({summary.weights} weights, {summary.mapped} tensors mapped, "
         f"{summary.ignored} ignored by rule) -> {summary.output} in {summary.seconds:.2f} s"
     )
+    if verify and not _report_parity(source, summary.output, report_dir):
+        sys.exit(1)  # before any upload
+    if push_to_hub:
+        from .hub import push_folder
+
+        click.echo(f"uploaded {summary.output} -> {push_folder(summary.output, push_to_hub)}")
+
+
+def _check_zoo_flags(source, whole_zoo, jobs, push_to_hub, zoo_options) -> None:
+    from .errors import UsageError
+
+    if source is not None:
+        given = [f"--{name.replace('_', '-')}" for name, value in zoo_options.items() if value]
+        if whole_zoo:
+            given.insert(0, "--all")
+        if given:
+            raise UsageError(f"{', '.join(given)} choose zoo downloads; leave them out with --checkpoint")
+    if whole_zoo and push_to_hub:
+        raise UsageError("--push-to-hub uploads one folder; convert with --all, then upload folders one by one")
+    if jobs != 1 and not whole_zoo:
+        raise UsageError("--jobs applies to --all")
+    if zoo_options["trainval"] and zoo_options["model"] == "mobilenet_v2":
+        raise UsageError("--trainval selects a DeepLab checkpoint; use it with --model deeplabv3")
+
+
+def _convert_whole_zoo(output, depth, size, jobs, zoo_options, options, verify=False) -> int:
+    """--all: convert every matching zoo entry and print the summary table; returns the exit code."""
+    from pathlib import Path
+
+    from .batch import convert_all, summary_table
+    from .errors import UsageError
+    from .zoo import select
+
+    trainval = zoo_options["trainval"]
+    model = zoo_options["model"] or ("deeplabv3" if trainval else None)
+    entries = select(model, depth, size, True if trainval else None)
+    if not entries:
+        raise UsageError("no zoo checkpoint matches --model/--depth/--size/--trainval")
+    results = convert_all(
+        entries,
+        Path(output or "."),
+        jobs=jobs,
+        verify=_zoo_verifier(verify),
+        cache_dir=zoo_options["cache_dir"],
+        mirror=zoo_options["mirror"],
+        **options,
+    )
+    click.echo(summary_table(results))
+    return 1 if any(result.failed for result in results) else 0
+
+
+def _zoo_verifier(verify: bool = False):
+    """What --all runs on each converted folder after converting it (None: nothing)."""
+    if not verify:
+        return None
+    from .verify.reference import import_tensorflow
+
+    import_tensorflow()  # fail once, before converting anything, when TensorFlow is missing
+
+    def verifier(folder, tarball):
+        from .verify import check_parity
+
+        return check_parity(tarball, folder)
+
+    return verifier
+
+
+def _check_verify_flags(verify: bool, report_dir, whole_zoo: bool) -> None:
+    from .errors import UsageError
+
+    if report_dir is not None and not verify:
+        raise UsageError("--report-dir applies to --verify")
+    if report_dir is not None and whole_zoo:
+        raise UsageError("--report-dir names one folder; with --all each model's reports go to <model>/parity")
+
+
+def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
+    """Verify, write the reports, print the verdict and where the reports are; True when parity holds."""
+    from .verify import check_parity
+    from .verify.report import verdict_line
+
+    check = check_parity(checkpoint, model_dir, report_dir=report_dir, **options)
+    click.echo(verdict_line(check.result).replace("**", "").replace("`", ""))
+    names = ", ".join(path.name for path in check.written)
+    click.echo(f"parity reports ({names}) -> {check.report_dir}")
+    return check.result.passed
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--checkpoint",
+    "source",
+    type=click.Path(path_type=str),
+    required=True,
+    help="The checkpoint the model was converted from: prefix, folder or zoo tarball. Its .meta graph "
+    "(or frozen graph) is the reference.",
+)
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=str),
+    required=True,
+    help="The converted model folder.",
+)
+@click.option(
+    "--inputs",
+    multiple=True,
+    default=("random",),
+    show_default=True,
+    metavar="random|IMAGE",
+    help="Repeatable. random: seeded images in [-1, 1] (a batch of 2 at the model size, one odd-sized, "
+    "one non-square); IMAGE: a picture, preprocessed like MobileNetV2ImageProcessor.",
+)
+@click.option(
+    "--size",
+    type=click.IntRange(min=32),
+    default=None,
+    help="Size of the random batch (default: the model's image_size).",
+)
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Absolute tolerance.")
+@click.option(
+    "--rtol",
+    type=click.FloatRange(min=0),
+    default=1e-4,
+    show_default=True,
+    help="Relative tolerance: an endpoint passes when max abs diff <= atol + rtol x max|reference|.",
+)
+@click.option(
+    "--report-dir",
+    type=click.Path(path_type=str),
+    default=None,
+    help="Where parity.{json,md,xml,png} go (default: <model>/parity).",
+)
+@report_errors
+def verify_main(source, model_dir, inputs, size, atol, rtol, report_dir):
+    """Prove a converted folder matches the original TensorFlow graph, endpoint by endpoint.
+
+    Exit codes: 0 parity holds, 1 it does not (the first diverging endpoint and module are named), 2 the
+    check cannot be made (TensorFlow missing, graph refused as unsafe, no reference).
+    """
+    ok = _report_parity(source, model_dir, report_dir, inputs=inputs, size=size, atol=atol, rtol=rtol)
+    sys.exit(0 if ok else 1)

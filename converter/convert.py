@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,10 @@ def convert_checkpoint(
     weights: str | None = None,
     output_stride: int | None = None,
     drop_background: bool = False,
+    avg_pool: str = "global",
     allow_non_finite: bool = False,
     force: bool = False,
+    download: dict[str, Any] | None = None,
 ) -> ConversionSummary:
     """Convert a TF MobileNetV2 checkpoint (prefix, folder or zoo archive) into a model folder.
 
@@ -59,8 +61,11 @@ def convert_checkpoint(
         weights: "ema", "raw" or "ema-all"; default "ema" when the checkpoint has shadows, else "raw".
         output_stride: DeepLab only, 8 or 16 (default 8, as the zoo's frozen graphs).
         drop_background: write a 1000-class head without the background class.
+        avg_pool: "global" (transformers' pooling) or "fixed7x7" (slim's fixed 7x7 window, giving a logits
+            map for inputs larger than the native size; transformers ignores this option).
         allow_non_finite: accept NaN/Inf weights instead of refusing them.
         force: replace a non-empty output folder (atomically).
+        download: where the tarball came from (zoo URL, ...), recorded as `download` in conversion.json.
 
     Raises:
         converter.errors.ConverterError: for every problem with the inputs, with a message saying what to do.
@@ -74,22 +79,24 @@ def convert_checkpoint(
         variant = detect_variant(
             shapes, depth=depth, size=size, output_stride=output_stride, source_name=_source_name(source)
         )
-        if drop_background and variant.kind != CLASSIFICATION:
-            raise UsageError("--drop-background applies to ImageNet classifiers, not DeepLab models")
+        if variant.kind != CLASSIFICATION and (drop_background or avg_pool != "global"):
+            raise UsageError("--drop-background and --avg-pool apply to ImageNet classifiers, not DeepLab models")
         plan = plan_weights(names, weights)
         variables = {variable: bundle.read(tensor) for variable, tensor in plan.sources.items()}
         if not allow_non_finite:
             _check_finite(variables)
-        config = variant.config(drop_background)
+        config = variant.config(drop_background, avg_pool)
         state = apply_rules(variables, variant.kind, expected_shapes(variant, drop_background), drop_background)
         state.update(_placeholders(variant, config))
         output = Path(output) if output is not None else Path(variant.name)
         ignored = sum(len(names) for names in plan.ignored.values())
         summary = ConversionSummary(output, variant, plan.convention, len(rules_for(variant.kind)), ignored, 0.0)
         conversion = _provenance(source, summary, plan.ignored, drop_background)
+        if download:
+            conversion["download"] = dict(download)
         with staged_output(output, force) as staging:
             write_model_folder(staging, state, config, ARCHITECTURES[variant.kind], conversion)
-    return ConversionSummary(**{**asdict(summary), "seconds": time.perf_counter() - started})
+    return replace(summary, seconds=time.perf_counter() - started)
 
 
 def _source_name(source: CheckpointSource) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 
 from mobilenet_torch.configuration import MobileNetV2Config
 
+from .card import write_model_card
 from .errors import OutputError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -106,7 +107,7 @@ def write_model_folder(
     architecture: str,
     conversion: Mapping[str, Any],
 ) -> None:
-    """The files of a converted model: weights, config, preprocessing and provenance."""
+    """The files of a converted model: weights, config, preprocessing, provenance and README.md."""
     from safetensors.numpy import save_file
 
     config.architectures = [architecture]
@@ -115,6 +116,7 @@ def write_model_folder(
     segmentation = "Segmentation" in architecture
     _write_json(folder / PREPROCESSOR_NAME, preprocessor_config(config.image_size, segmentation))
     _write_json(folder / CONVERSION_NAME, conversion)
+    write_model_card(folder)
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

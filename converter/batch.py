@@ -1,0 +1,187 @@
+"""Converting straight from the zoo: one variant (`convert-mobilenet --depth 1.0 --size 224`) or the
+whole zoo (`--all`), downloading through the cache (`converter.download`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .download import fetch, recorded_sha256
+from .errors import USER_ERRORS
+from .export import check_output
+from .zoo import ZooEntry
+
+PARITY_JSON = Path("parity") / "parity.json"
+
+# verify(folder, tarball) -> None: runs the verifier on a converted folder (writes parity/ there).
+Verifier = Callable[[Path, Path], Any]
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One row of the `--all` summary."""
+
+    name: str
+    output: Path
+    status: str  # "ok", "verified", "parity failed" or "failed"
+    seconds: float
+    max_abs_diff: float | None = None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("failed", "parity failed")
+
+
+def default_output(entry: ZooEntry, output_stride: int | None = None, size: int | None = None) -> Path:
+    return Path(entry.output_name(output_stride or 8, size if entry.is_deeplab else None))
+
+
+def convert_entry(
+    entry: ZooEntry,
+    output: Path | None = None,
+    *,
+    cache_dir: str | None = None,
+    mirror: str | None = None,
+    progress: bool = True,
+    force: bool = False,
+    output_stride: int | None = None,
+    size: int | None = None,
+    **convert_kwargs: Any,
+):
+    """Fetch `entry`'s tarball through the cache and convert it; returns the `ConversionSummary`."""
+    from .convert import convert_checkpoint
+
+    output = Path(output) if output is not None else default_output(entry, output_stride, size)
+    check_output(output, force)  # before a download that could take minutes
+    tarball = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=progress)
+    download = {
+        "zoo_name": entry.name,
+        "url": entry.url,
+        "sha256": recorded_sha256(tarball),
+    }
+    return convert_checkpoint(
+        tarball,
+        output,
+        depth=entry.depth,
+        size=size if entry.is_deeplab else entry.size,
+        output_stride=output_stride if entry.is_deeplab else None,
+        force=force,
+        download=download,
+        **convert_kwargs,
+    )
+
+
+def convert_all(
+    entries: Sequence[ZooEntry],
+    parent: Path,
+    *,
+    jobs: int = 1,
+    verify: Verifier | None = None,
+    cache_dir: str | None = None,
+    mirror: str | None = None,
+    force: bool = False,
+    output_stride: int | None = None,
+    drop_background: bool = False,
+    progress: bool = True,
+    **convert_kwargs: Any,
+) -> list[BatchResult]:
+    """Convert (and verify, when `verify` is given) every entry into `parent/<name>`, continuing past
+    failures. Classifier-only options (`drop_background`, `avg_pool`) skip the DeepLab entries and
+    `output_stride` the classifiers. Results come back in the order of `entries`."""
+    from tqdm import tqdm
+
+    parent.mkdir(parents=True, exist_ok=True)
+
+    def one(entry: ZooEntry) -> BatchResult:
+        started = time.perf_counter()
+        output = parent / default_output(entry, output_stride)
+        options = dict(convert_kwargs)
+        if entry.is_deeplab:  # classifier-only options apply to the classifiers of the batch
+            options.pop("avg_pool", None)
+        try:
+            summary = convert_entry(
+                entry,
+                output,
+                cache_dir=cache_dir,
+                mirror=mirror,
+                progress=False,
+                force=force,
+                output_stride=output_stride,
+                drop_background=drop_background and not entry.is_deeplab,
+                **options,
+            )
+            status = "ok"
+            if verify is not None:
+                verify(summary.output, fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False))
+                status = "verified"
+        except USER_ERRORS as error:
+            return BatchResult(entry.name, output, "failed", time.perf_counter() - started, error=str(error))
+        except Exception as error:  # a bug in one conversion must not stop the others
+            message = f"internal error: {type(error).__name__}: {error}"
+            return BatchResult(entry.name, output, "failed", time.perf_counter() - started, error=message)
+        passed, diff = read_parity(output)
+        if passed is False:
+            status = "parity failed"
+        return BatchResult(entry.name, output, status, time.perf_counter() - started, diff)
+
+    results: dict[str, BatchResult] = {}
+    show = progress and sys.stderr.isatty()
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="convert")
+    try:
+        with tqdm(total=len(entries), desc="zoo", unit="model", file=sys.stderr, disable=not show) as bar:
+            futures = [pool.submit(one, entry) for entry in entries]
+            for future in as_completed(futures):
+                result = future.result()
+                results[result.name] = result
+                bar.set_postfix_str(f"{result.name}: {result.status}")
+                bar.update()
+    except BaseException:  # Ctrl-C: start nothing new; conversions under way finish into their staging
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return [results[entry.name] for entry in entries]
+
+
+def read_parity(folder: Path) -> tuple[bool | None, float | None]:
+    """(passed, max_abs_diff) from `folder/parity/parity.json`, (None, None) when there is none."""
+    try:
+        data = json.loads((folder / PARITY_JSON).read_text())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    diff = data.get("max_abs_diff")
+    passed = data.get("passed")
+    return (
+        bool(passed) if passed is not None else None,
+        float(diff) if isinstance(diff, (int, float)) else None,
+    )
+
+
+def summary_table(results: Sequence[BatchResult]) -> str:
+    """A plain-text table: name, status, max diff, seconds; then one line per failure."""
+    rows = [("name", "status", "max diff", "seconds")]
+    for r in results:
+        diff = f"{r.max_abs_diff:.3g}" if r.max_abs_diff is not None else "-"
+        rows.append((r.name, r.status, diff, f"{r.seconds:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    failed = [r for r in results if r.failed]
+    ok = len(results) - len(failed)
+    lines.append(f"{ok} of {len(results)} converted" + (f", {len(failed)} failed:" if failed else ""))
+    for r in failed:
+        lines.append(f"  {r.name}: {r.error or 'the converted model does not match the original graph'}")
+    return "\n".join(lines)

@@ -1,0 +1,335 @@
+"""`README.md` for a converted model folder: Hub front matter, provenance, published accuracy, parity,
+usage and upload instructions, rendered from `conversion.json`, `config.json` and (when the verifier has
+run) `parity/parity.json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import zoo
+
+CARD_NAME = "README.md"
+PARITY_JSON = Path("parity") / "parity.json"
+PARITY_MD = "parity/parity.md"
+
+WEIGHT_MEANINGS = {
+    "ema": "trainable variables restored from their exponential moving averages, BatchNorm moving "
+    "statistics as stored (what the authors' example notebook and the Hugging Face port do)",
+    "ema-all": "every model variable restored from its exponential moving average (what slim's evaluation script does)",
+    "raw": "the variables exactly as stored, without moving averages",
+}
+_PER_LAYER_KEYS = ("endpoints", "layers", "rows")  # parity.json: "endpoints", worst over the inputs
+
+
+def write_model_card(folder: Path) -> None:
+    """Render `folder/README.md` from the folder's `conversion.json`, `config.json` and parity report."""
+    folder = Path(folder)
+    conversion = _read_json(folder / "conversion.json") or {}
+    config = _read_json(folder / "config.json") or {}
+    parity = _read_json(folder / PARITY_JSON)
+    (folder / CARD_NAME).write_text(render_card(conversion, config, parity))
+
+
+def render_card(conversion: dict[str, Any], config: dict[str, Any], parity: dict[str, Any] | None = None) -> str:
+    variant = conversion.get("variant") or {}
+    kind = variant.get("kind", "classification")
+    segmentation = kind != "classification"
+    depth = variant.get("depth", config.get("depth_multiplier"))
+    size = variant.get("size", config.get("image_size"))
+    name = variant.get("name") or "mobilenet_v2"
+    source = conversion.get("source") or {}
+    trainval = "trainval" in str(source.get("name", ""))
+    parts = [
+        _front_matter(segmentation),
+        _title(segmentation, depth, size, variant, trainval),
+        _provenance(conversion, config, segmentation, trainval),
+        _published(kind, depth, size, segmentation),
+        _parity(parity),
+        _usage(name, segmentation, size or (513 if segmentation else 224)),
+        _upload(name),
+        _license(segmentation),
+    ]
+    return "\n".join(part.rstrip("\n") + "\n" for part in parts if part)
+
+
+def _front_matter(segmentation: bool) -> str:
+    task = "image-segmentation" if segmentation else "image-classification"
+    dataset = "pascal-voc" if segmentation else "imagenet-1k"
+    return (
+        "---\n"
+        "license: apache-2.0\n"
+        "library_name: transformers\n"
+        f"pipeline_tag: {task}\n"
+        "tags:\n"
+        "- vision\n"
+        f"- {task}\n"
+        "- mobilenet_v2\n"
+        "datasets:\n"
+        f"- {dataset}\n"
+        "---\n"
+    )
+
+
+def _title(segmentation: bool, depth, size, variant: dict[str, Any], trainval: bool) -> str:
+    if segmentation:
+        stride = variant.get("output_stride", 8)
+        split = "train + val" if trainval else "train_aug"
+        return (
+            f"# DeepLabV3 MobileNetV2 (depth {depth}, output stride {stride}), PASCAL VOC 2012\n\n"
+            f"Semantic segmentation into the 21 PASCAL VOC classes (0 = background) with DeepLab v3 on a "
+            f"MobileNetV2 backbone of depth multiplier {depth}, trained on PASCAL VOC {split}, converted from "
+            "Google's original TensorFlow checkpoint (tensorflow/models research/deeplab). Inputs are scaled "
+            f"to [-1, 1]; the original graphs run on a {size}x{size} crop.\n"
+        )
+    return (
+        f"# MobileNetV2 {depth} / {size} (ImageNet)\n\n"
+        f"Image classification with MobileNetV2 at depth multiplier {depth} and {size}x{size} input, "
+        "converted from Google's original TensorFlow-slim checkpoint (tensorflow/models "
+        "research/slim/nets/mobilenet). Inputs are RGB scaled to [-1, 1].\n"
+    )
+
+
+def _provenance(conversion: dict[str, Any], config: dict[str, Any], segmentation: bool, trainval: bool) -> str:
+    source = conversion.get("source") or {}
+    files = source.get("files") or []
+    download = conversion.get("download") or {}
+    weights = conversion.get("weights", "?")
+    rows = [f"| source | `{source.get('name', '?')}` |"]
+    if download.get("url"):
+        rows.append(f"| published at | {download['url']} |")
+    for item in files:
+        rows.append(f"| sha256 of `{item.get('name')}` | `{item.get('sha256')}` ({item.get('bytes')} bytes) |")
+    rows.append(f"| weights convention | `{weights}`: {WEIGHT_MEANINGS.get(weights, 'see conversion.json')} |")
+    tensors = conversion.get("tensors") or {}
+    if tensors:
+        ignored = ", ".join(
+            f"{count} {reason.replace('_', ' ')}"
+            for reason, count in sorted((tensors.get("ignored") or {}).items())
+            if count
+        )
+        rows.append(f"| tensors | {tensors.get('mapped')} mapped; ignored by rule: {ignored or 'none'} |")
+    labels = config.get("id2label") or {}
+    if segmentation:
+        rows.append(f"| classes | {len(labels) or 21}: PASCAL VOC, 0 = background |")
+    elif conversion.get("drop_background"):
+        rows.append(f"| classes | {len(labels)}: the ImageNet classes (the background class was dropped) |")
+    else:
+        rows.append(f"| classes | {len(labels) or 1001}: index 0 is `background`, then the 1000 ImageNet classes |")
+    if config.get("avg_pool") == "fixed7x7":
+        rows.append("| pooling | slim's fixed 7x7 window (mobilenet_torch; transformers always pools globally) |")
+    if conversion.get("toolkit"):
+        rows.append(f"| converted with | {conversion['toolkit']} |")
+    notes = [
+        "The weights are the original float32 values, renamed and transposed to PyTorch layouts; nothing "
+        "was retrained or re-quantized. Full provenance is in `conversion.json`."
+    ]
+    if segmentation:
+        notes.append(
+            "transformers' segmentation class builds a final 1x1 convolution that the original DeepLab graph "
+            "does not have; it is stored with inert (zero) weights so the folder loads there."
+        )
+    if trainval:
+        notes.append("This checkpoint was trained on PASCAL VOC val as well: do not evaluate it on VOC val.")
+    return "## Provenance\n\n| | |\n| --- | --- |\n" + "\n".join(rows) + "\n\n" + " ".join(notes) + "\n"
+
+
+def _published(kind: str, depth, size, segmentation: bool) -> str:
+    entry = zoo.published_for(kind, depth, size) if depth is not None and size is not None else None
+    if segmentation:
+        return (
+            "## Published accuracy\n\nThis project carries no published mIOU for this checkpoint; see the "
+            "DeepLab model zoo (tensorflow/models research/deeplab/g3doc/model_zoo.md).\n"
+        )
+    lines = []
+    if entry is not None and entry.top1 is not None:
+        lines.append(f"ImageNet top-1 accuracy of the original checkpoint: **{entry.top1}%** at {size}x{size}.")
+    else:
+        at_224 = zoo.published_for(kind, depth, 224)
+        if at_224 is not None and at_224.top1 is not None:
+            lines.append(
+                f"No top-1 figure for {size}x{size} is recorded here; at 224x224 this depth reaches "
+                f"**{at_224.top1}%** ImageNet top-1."
+            )
+    reference = entry or zoo.published_for(kind, depth, 224)
+    if reference is not None:
+        facts = []
+        if reference.params_millions is not None:
+            facts.append(f"{reference.params_millions} M parameters (BatchNorm scale/offset not counted)")
+        macs = entry.macs_millions if entry is not None else None
+        if macs is not None:
+            facts.append(f"{macs} M multiply-adds at {size}x{size}")
+        if facts:
+            lines.append("Model size: " + ", ".join(facts) + ".")
+    if not lines:
+        return ""
+    lines.append(
+        "Figures as published by the authors (tensorflow/models research/slim/nets/mobilenet/README.md), "
+        "not re-measured by this conversion."
+    )
+    return "## Published accuracy\n\n" + " ".join(lines) + "\n"
+
+
+def _parity(parity: dict[str, Any] | None) -> str:
+    if not parity:
+        return (
+            "## Parity with the original graph\n\nNo parity report in this folder yet: the verifier "
+            f"(`convert-mobilenet --verify`, `verify-mobilenet`) writes `{PARITY_JSON.as_posix()}`.\n"
+        )
+    passed = parity.get("passed")
+    verdict = "PASS" if passed else ("FAIL" if passed is not None else "unknown")
+    lines = [
+        "## Parity with the original graph\n",
+        "This model and the original TensorFlow graph were run on the same inputs and compared endpoint by endpoint.\n",
+        "| verdict | worst abs diff | tolerance | first divergence |",
+        "| --- | --- | --- | --- |",
+        f"| **{verdict}** | {_number(parity.get('max_abs_diff'))} | {_tolerance(parity)} | "
+        f"{_divergence(parity.get('first_divergence'))} |",
+    ]
+    logits = _logits_row(parity)
+    if logits:
+        lines += [
+            "",
+            "| endpoint | max abs diff | tolerance | passed |",
+            "| --- | --- | --- | --- |",
+            f"| {logits[0]} | {_number(logits[1])} | {_number(logits[2])} | {logits[3]} |",
+        ]
+    lines += ["", f"Every endpoint is listed in [{PARITY_MD}]({PARITY_MD})."]
+    return "\n".join(lines) + "\n"
+
+
+def _tolerance(parity: dict[str, Any]) -> str:
+    atol, rtol = parity.get("atol"), parity.get("rtol")
+    if isinstance(atol, (int, float)) and isinstance(rtol, (int, float)):
+        return f"atol {atol:g} + rtol {rtol:g} x max abs reference"
+    return _number(parity.get("tolerance"))
+
+
+def _logits_row(parity: dict[str, Any]) -> tuple[str, Any, Any, str] | None:
+    for key in _PER_LAYER_KEYS:
+        rows = parity.get(key)
+        if isinstance(rows, dict):
+            rows = [{"name": name, **value} for name, value in rows.items() if isinstance(value, dict)]
+        if not isinstance(rows, list):
+            continue
+        for row in rows:
+            if not isinstance(row, dict):
+                continue
+            name = row.get("endpoint") or row.get("name") or row.get("layer")
+            if name == "logits":
+                diff = _first(row, "max_abs_diff", "max_diff", "diff")
+                tolerance = _first(row, "tolerance", "atol")
+                ok = row.get("passed", row.get("ok"))
+                return name, diff, tolerance, "yes" if ok else ("no" if ok is not None else "")
+    return None
+
+
+def _first(row: dict[str, Any], *keys: str):
+    return next((row[key] for key in keys if key in row), None)
+
+
+def _divergence(value) -> str:
+    if not value:
+        return "none"
+    if isinstance(value, dict):
+        where = value.get("endpoint") or value.get("name") or value.get("layer") or "?"
+        detail = f" (max abs diff {_number(value['max_abs_diff'])})" if value.get("max_abs_diff") is not None else ""
+        return f"`{where}`{detail}"
+    return str(value)
+
+
+def _number(value) -> str:
+    if isinstance(value, (int, float)):
+        return f"{value:.3g}"
+    return "?" if value is None else str(value)
+
+
+def _usage(name: str, segmentation: bool, size: int) -> str:
+    folder = name
+    if segmentation:
+        torch_snippet = f"""```python
+import torch
+from mobilenet_torch import MobileNetV2ForSemanticSegmentation
+
+model = MobileNetV2ForSemanticSegmentation.from_pretrained("{folder}")
+pixel_values = torch.rand(1, 3, {size}, {size}) * 2 - 1   # RGB, NCHW, scaled to [-1, 1]
+labels = model.predict_labels(pixel_values)   # [1, {size}, {size}], PASCAL VOC class ids
+```"""
+        hf_snippet = f"""```python
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+processor = AutoImageProcessor.from_pretrained("{folder}")
+model = AutoModelForSemanticSegmentation.from_pretrained("{folder}")
+image = Image.open("image.jpg").convert("RGB")
+outputs = model(**processor(images=image, return_tensors="pt"))
+labels = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+```"""
+        cli = f"predict-mobilenet image.jpg --model {folder}   # writes image_segmentation.png"
+    else:
+        torch_snippet = f"""```python
+import torch
+from mobilenet_torch import MobileNetV2ForImageClassification
+
+model = MobileNetV2ForImageClassification.from_pretrained("{folder}")
+pixel_values = torch.rand(1, 3, {size}, {size}) * 2 - 1   # RGB, NCHW, scaled to [-1, 1]
+probabilities = model(pixel_values).logits.softmax(-1)
+print(model.config.id2label[int(probabilities.argmax())])
+```"""
+        hf_snippet = f"""```python
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+processor = AutoImageProcessor.from_pretrained("{folder}")
+model = AutoModelForImageClassification.from_pretrained("{folder}")
+inputs = processor(images=Image.open("image.jpg").convert("RGB"), return_tensors="pt")
+logits = model(**inputs).logits
+print(model.config.id2label[logits.argmax(-1).item()])
+```"""
+        cli = f"predict-mobilenet image.jpg --model {folder} --top 5"
+    return (
+        "## Usage\n\n"
+        f"Replace `{folder}` by this folder's path (or its Hub repository id).\n\n"
+        "With `mobilenet_torch` (this project's model, TensorFlow-exact padding and pooling):\n\n"
+        f"{torch_snippet}\n\n"
+        "With transformers:\n\n"
+        f"{hf_snippet}\n\n"
+        f"From the command line:\n\n```bash\n{cli}\n```\n"
+    )
+
+
+def _upload(name: str) -> str:
+    return f"""## Uploading to the Hugging Face Hub
+
+```bash
+huggingface-cli upload <user>/{name} <folder>   # "hf upload" with recent huggingface_hub
+# or, while converting: convert-mobilenet ... --push-to-hub <user>/{name}
+```
+
+```python
+from huggingface_hub import upload_folder
+upload_folder(repo_id="<user>/{name}", folder_path="<folder>")
+```
+"""
+
+
+def _license(segmentation: bool) -> str:
+    paper = (
+        "DeepLab v3 (arXiv:1706.05587) with a MobileNetV2 backbone (arXiv:1801.04381)"
+        if segmentation
+        else "MobileNetV2: Inverted Residuals and Linear Bottlenecks (arXiv:1801.04381)"
+    )
+    return (
+        "## License and reference\n\n"
+        "The original weights are published under the Apache License 2.0 (tensorflow/models); this "
+        f"conversion keeps that license. Model: {paper}.\n"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,217 @@
+"""`predict-mobilenet IMAGE... --model DIR`: run a converted folder on images.
+
+Classifiers print the top-k labels with probabilities for each image. DeepLab models write
+`<image stem>_segmentation.png` (the label map blended over the image) and print the label histogram.
+Images are prepared as transformers' `MobileNetV2ImageProcessor` prepares them, from the folder's
+`preprocessor_config.json`: RGB, shortest edge resized, center crop, scaled to [-1, 1]. DeepLab is fully
+convolutional, so segmentation skips the crop and labels the whole (resized) picture.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from .cli import report_errors
+from .errors import ImageError, OutputError
+
+SEGMENTATION_SUFFIX = "_segmentation.png"
+OVERLAY_ALPHA = 0.55
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    segmentation: bool
+    labels: dict[int, str]
+    preprocessing: dict[str, Any]
+
+
+def load_model(folder: str | Path) -> LoadedModel:
+    """Load a converted folder with mobilenet_torch, choosing the class from `config.json`."""
+    from mobilenet_torch import (
+        MobileNetV2ForImageClassification,
+        MobileNetV2ForSemanticSegmentation,
+        ModelFolderError,
+    )
+
+    from .export import PREPROCESSOR_NAME, preprocessor_config
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise ModelFolderError(
+            f"cannot read {folder / 'config.json'} ({reason}): pass a folder written by convert-mobilenet"
+        ) from None
+    segmentation = any("Segmentation" in name for name in config.get("architectures") or [])
+    cls = MobileNetV2ForSemanticSegmentation if segmentation else MobileNetV2ForImageClassification
+    model = cls.from_pretrained(folder)
+    try:
+        preprocessing = json.loads((folder / PREPROCESSOR_NAME).read_text())
+    except (OSError, ValueError):
+        preprocessing = preprocessor_config(model.config.image_size, segmentation)
+    return LoadedModel(model, segmentation, dict(model.config.id2label), preprocessing)
+
+
+def open_image(path: str | Path):
+    """An RGB Pillow image, or an `ImageError` saying why not."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise ImageError("predict-mobilenet needs Pillow: pip install pillow") from None
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise ImageError(f"{path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ImageError(f"cannot read the image {path} ({error})") from None
+
+
+def preprocess(image, preprocessing: dict[str, Any], crop: bool = True):
+    """NCHW float tensor in [-1, 1], as `MobileNetV2ImageProcessor` makes it (resize, crop, rescale,
+    normalize), from a Pillow RGB image."""
+    import torch
+    from PIL import Image
+
+    if preprocessing.get("do_resize", True):
+        shortest = int((preprocessing.get("size") or {}).get("shortest_edge", 256))
+        width, height = image.size
+        short, long = min(width, height), max(width, height)
+        other = int(shortest * long / short)
+        new_size = (shortest, other) if width <= height else (other, shortest)
+        image = image.resize(new_size, Image.Resampling(int(preprocessing.get("resample", 2))))
+    array = np.asarray(image, dtype=np.float32)
+    if crop and preprocessing.get("do_center_crop", True):
+        crop_size = preprocessing.get("crop_size") or {}
+        array = _center_crop(array, int(crop_size.get("height", 224)), int(crop_size.get("width", 224)))
+    if preprocessing.get("do_rescale", True):
+        array = array * float(preprocessing.get("rescale_factor", 1 / 255))
+    if preprocessing.get("do_normalize", True):
+        mean = np.asarray(preprocessing.get("image_mean", [0.5] * 3), dtype=np.float32)
+        std = np.asarray(preprocessing.get("image_std", [0.5] * 3), dtype=np.float32)
+        array = (array - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32))[None]
+
+
+def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Center crop; pads with zeros (black) where the image is smaller, as transformers does."""
+    h, w = array.shape[:2]
+    if h < height or w < width:
+        padded = np.zeros((max(h, height), max(w, width), array.shape[2]), array.dtype)
+        top, left = (padded.shape[0] - h) // 2, (padded.shape[1] - w) // 2
+        padded[top : top + h, left : left + w] = array
+        array, h, w = padded, padded.shape[0], padded.shape[1]
+    top, left = (h - height) // 2, (w - width) // 2
+    return array[top : top + height, left : left + width]
+
+
+def classify(loaded: LoadedModel, image, top: int = 5) -> list[tuple[str, float]]:
+    """The `top` most probable labels with their softmax probabilities."""
+    import torch
+
+    with torch.inference_mode():
+        logits = loaded.model(preprocess(image, loaded.preprocessing)).logits
+    if logits.ndim == 4:  # fixed 7x7 pooling on a larger map: average the map of logits
+        logits = logits.mean(dim=(2, 3))
+    probabilities = logits.float().softmax(-1)[0]
+    values, indices = probabilities.topk(min(top, probabilities.numel()))
+    return [(loaded.labels.get(int(i), f"LABEL_{int(i)}"), float(v)) for v, i in zip(values, indices, strict=True)]
+
+
+def segment(loaded: LoadedModel, image) -> np.ndarray:
+    """The label map [H, W] at the image's own size (nearest-neighbour from the model's resolution)."""
+    import torch
+    from PIL import Image
+
+    with torch.inference_mode():
+        labels = loaded.model.predict_labels(preprocess(image, loaded.preprocessing, crop=False))[0]
+    labels = labels.to(torch.int32).numpy()
+    if labels.shape != (image.height, image.width):
+        resized = Image.fromarray(labels).resize(image.size, Image.Resampling.NEAREST)
+        labels = np.asarray(resized, dtype=np.int32)
+    return labels
+
+
+def palette(count: int) -> np.ndarray:
+    """The PASCAL VOC colour map: class bits spread over the high bits of R, G and B."""
+    colours = np.zeros((count, 3), np.uint8)
+    for index in range(count):
+        value, r, g, b = index, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= (value & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        colours[index] = (r, g, b)
+    return colours
+
+
+def overlay(image, labels: np.ndarray, alpha: float = OVERLAY_ALPHA):
+    """The image with every non-background pixel tinted in its class colour."""
+    from PIL import Image
+
+    base = np.asarray(image, dtype=np.float32)
+    colours = palette(int(labels.max()) + 1).astype(np.float32)[labels]
+    mask = (labels != 0)[..., None]
+    blended = np.where(mask, base * (1 - alpha) + colours * alpha, base)
+    return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+
+
+def histogram(labels: np.ndarray, names: dict[int, str]) -> list[tuple[str, int, float]]:
+    """(label, pixels, fraction) for every label present, most frequent first."""
+    values, counts = np.unique(labels, return_counts=True)
+    total = labels.size
+    rows = [(names.get(int(v), f"LABEL_{int(v)}"), int(c), c / total) for v, c in zip(values, counts, strict=True)]
+    return sorted(rows, key=lambda row: -row[1])
+
+
+def predict(images: Sequence[str], model: str, top: int = 5, output_dir: str | Path = ".") -> None:
+    loaded = load_model(model)
+    output_dir = Path(output_dir)
+    for path in images:
+        image = open_image(path)
+        click.echo(str(path))
+        if not loaded.segmentation:
+            for label, probability in classify(loaded, image, top):
+                click.echo(f"  {probability:8.4f}  {label}")
+            continue
+        labels = segment(loaded, image)
+        target = output_dir / f"{Path(path).stem}{SEGMENTATION_SUFFIX}"
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            overlay(image, labels).save(target)
+        except OSError as error:
+            message = f"cannot write {target} ({error.strerror or error}); choose another --output-dir"
+            raise OutputError(message) from None
+        click.echo(f"  wrote {target}")
+        for label, pixels, fraction in histogram(labels, loaded.labels):
+            click.echo(f"  {fraction:7.2%}  {pixels:>9} px  {label}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--model", "model", required=True, type=click.Path(path_type=str), help="A converted model folder.")
+@click.option("--top", type=click.IntRange(min=1), default=5, help="Classifiers: how many labels to print.")
+@click.option(
+    "--output-dir",
+    type=click.Path(path_type=str),
+    default=".",
+    help="Segmentation: where to write <image stem>_segmentation.png (default: the current folder).",
+)
+@report_errors
+def predict_main(images, model, top, output_dir):
+    """Classify images (top-k labels) or segment them (a label-map PNG) with a converted model folder."""
+    predict(images, model, top, output_dir)
+
+
+if __name__ == "__main__":
+    predict_main()

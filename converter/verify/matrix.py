@@ -1,0 +1,158 @@
+"""CI parity matrix: convert every fixture zoo tarball and prove it matches its original graph.
+
+    python -m converter.verify.matrix --out reports [--jobs N] [--only NAME ...] [--kind KIND]
+
+For the 22 slim classifiers and the DeepLab models of `fixtures` (built on demand into the fixtures cache,
+see `fixtures.cache`), each tarball is converted into a temporary folder and verified; the reports go to
+`<out>/<name>/parity.{json,md,xml,png}`, with `<out>/summary.md` (fit for a CI step summary) and
+`<out>/summary.json` over all of them. Exit status 1 when any model fails or cannot be checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+_THREADS: int | None = None
+
+
+@dataclass
+class MatrixRow:
+    name: str
+    kind: str
+    passed: bool
+    status: str  # "pass", "fail" or "error"
+    max_abs_diff: float | None
+    first_divergence: str | None
+    reference: str | None
+    seconds: float
+    error: str | None = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m converter.verify.matrix", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder (default: reports)")
+    parser.add_argument("--jobs", type=int, default=None, help="models verified at once (default: CPU count, max 4)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="zoo names to run (default: all)")
+    parser.add_argument("--kind", choices=("classification", "deeplab"), help="run one family only")
+    args = parser.parse_args(argv)
+
+    from fixtures import ZOO_CLASSIFICATION, ZOO_DEEPLAB, ensure_fixtures
+
+    variants = [v for v in ZOO_CLASSIFICATION + ZOO_DEEPLAB if args.kind in (None, v.kind)]
+    if args.only:
+        unknown = sorted(set(args.only) - {v.name for v in variants})
+        if unknown:
+            parser.error(f"unknown zoo names: {', '.join(unknown)}")
+        variants = [v for v in variants if v.name in args.only]
+    started = time.perf_counter()
+    fixtures = ensure_fixtures(variants)
+    built = time.perf_counter() - started
+    print(f"{len(fixtures)} fixtures ready in {built:.1f} s", flush=True)
+
+    jobs = max(1, args.jobs or min(4, os.cpu_count() or 1))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tasks = [(f.variant.name, f.variant.kind, str(f.tarball), str(args.out / f.variant.name)) for f in fixtures]
+    context = multiprocessing.get_context("spawn")  # TF and torch threads do not survive a fork well
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init, initargs=(threads,)) as pool:
+        rows = []
+        for row in pool.map(_run_one, tasks):
+            rows.append(row)
+            detail = f"max abs diff {_fmt(row.max_abs_diff)}" if row.status != "error" else row.error
+            print(f"{row.status.upper():5} {row.name:40} {detail} ({row.seconds:.1f} s)", flush=True)
+    total = time.perf_counter() - started
+    write_summary(rows, args.out, total, built, jobs)
+    failed = [row.name for row in rows if not row.passed]
+    print(f"{len(rows) - len(failed)}/{len(rows)} passed; total {total:.1f} s ({built:.1f} s fixtures, {jobs} jobs)")
+    print(f"reports: {args.out}/summary.md")
+    return 1 if failed else 0
+
+
+def _init(threads: int) -> None:
+    global _THREADS
+    _THREADS = threads
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_one(task: tuple[str, str, str, str]) -> MatrixRow:
+    from ..convert import convert_checkpoint
+    from ..errors import USER_ERRORS
+    from .report import check_parity
+
+    name, kind, tarball, report_dir = task
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="mnv2-matrix-") as tmp:
+            folder = Path(tmp) / name
+            convert_checkpoint(tarball, folder)
+            check = check_parity(tarball, folder, report_dir=report_dir, threads=_THREADS, update_card=False)
+    except USER_ERRORS as error:
+        return MatrixRow(name, kind, False, "error", None, None, None, time.perf_counter() - started, str(error))
+    except Exception as error:  # a bug in one model must not hide the others
+        message = f"internal error: {type(error).__name__}: {error}"
+        return MatrixRow(name, kind, False, "error", None, None, None, time.perf_counter() - started, message)
+    result = check.result
+    divergence = result.first_divergence
+    return MatrixRow(
+        name=name,
+        kind=kind,
+        passed=result.passed,
+        status="pass" if result.passed else "fail",
+        max_abs_diff=result.to_json()["max_abs_diff"],
+        first_divergence=f"{divergence['endpoint']} ({divergence['module']})" if divergence else None,
+        reference=result.reference["kind"],
+        seconds=time.perf_counter() - started,
+    )
+
+
+def write_summary(rows: list[MatrixRow], out: Path, total: float, fixtures_seconds: float, jobs: int) -> None:
+    passed = sum(row.passed for row in rows)
+    verdict = "✅ all passed" if passed == len(rows) else f"❌ {len(rows) - passed} failed"
+    lines = [
+        f"### MobileNetV2 parity matrix: {passed}/{len(rows)} models ({verdict})",
+        "",
+        f"Total {total:.1f} s ({fixtures_seconds:.1f} s building fixtures, {jobs} jobs). Each model: random "
+        "inputs (a batch of 2 at its size, one odd size, one non-square) through every slim endpoint.",
+        "",
+        "| model | passed | max abs diff | first divergence | reference | seconds | report |",
+        "| --- | --- | ---: | --- | --- | ---: | --- |",
+    ]
+    for row in rows:
+        mark = "yes" if row.passed else ("**error**" if row.status == "error" else "**no**")
+        divergence = row.first_divergence or (row.error or "")
+        lines.append(
+            f"| `{row.name}` | {mark} | {_fmt(row.max_abs_diff)} | {divergence.replace('|', '/')} | "
+            f"{row.reference or ''} | {row.seconds:.1f} | [parity.md]({row.name}/parity.md) |"
+        )
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    data: dict[str, Any] = {
+        "passed": passed == len(rows),
+        "models": len(rows),
+        "failed": [row.name for row in rows if not row.passed],
+        "seconds": round(total, 1),
+        "fixtures_seconds": round(fixtures_seconds, 1),
+        "jobs": jobs,
+        "rows": [asdict(row) | {"seconds": round(row.seconds, 2)} for row in rows],
+    }
+    (out / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2e}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The parity reports: parity.json (the source of truth), parity.md (a CI step summary), parity.xml
+(JUnit: one testcase per endpoint and input) and parity.png (per-layer error on a log scale).
+
+`check_parity` is what the command-line tools run: verify, write the four reports, refresh the folder's
+model card.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from .compare import DEFAULT_ATOL, DEFAULT_RTOL, RANDOM, ParityResult, verify_model
+
+REPORT_NAMES = ("parity.json", "parity.md", "parity.xml", "parity.png")
+DEFAULT_REPORT_FOLDER = "parity"
+
+
+@dataclass(frozen=True)
+class ParityCheck:
+    result: ParityResult
+    report_dir: Path
+    written: tuple[Path, ...]
+
+
+def check_parity(
+    checkpoint: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    *,
+    report_dir: str | os.PathLike | None = None,
+    inputs=(RANDOM,),
+    size: int | None = None,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    threads: int | None = None,
+    update_card: bool = True,
+) -> ParityCheck:
+    """Verify `model_dir` against `checkpoint`'s original graph and write the reports into `report_dir`
+    (default `model_dir/parity`). The model card is re-rendered when the reports land in the folder."""
+    model_dir = Path(model_dir)
+    report_dir = Path(report_dir) if report_dir is not None else model_dir / DEFAULT_REPORT_FOLDER
+    result = verify_model(checkpoint, model_dir, inputs=inputs, size=size, atol=atol, rtol=rtol, threads=threads)
+    written = write_reports(result, report_dir)
+    if update_card and report_dir.resolve() == (model_dir / DEFAULT_REPORT_FOLDER).resolve():
+        from ..card import write_model_card
+
+        write_model_card(model_dir)
+    return ParityCheck(result, report_dir, tuple(written))
+
+
+def write_reports(result: ParityResult, report_dir: str | os.PathLike) -> list[Path]:
+    """Write parity.json, parity.md, parity.xml and (with matplotlib) parity.png; return their paths."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    data = result.to_json()
+    paths = [report_dir / name for name in REPORT_NAMES[:3]]
+    paths[0].write_text(json.dumps(data, indent=2) + "\n")
+    paths[1].write_text(render_markdown(result))
+    write_junit(result, paths[2])
+    png = write_plot(result, report_dir / REPORT_NAMES[3])
+    return paths + ([png] if png else [])
+
+
+# -------------------------------------------------------------------------------------------- markdown
+def verdict_line(result: ParityResult) -> str:
+    verdict = "PASS" if result.passed else "FAIL"
+    reference = result.reference
+    where = f"{reference['kind']}" + (f" `{reference['file']}`" if reference.get("file") else "")
+    line = (
+        f"**Parity {verdict}** `{result.variant}` vs the original TF graph ({where}, weights "
+        f"{reference['convention']}): max abs diff {_fmt(result.max_abs_diff)} over {len(result.endpoints)} "
+        f"endpoints x {len(result.inputs)} inputs; tolerance atol {result.atol:g} + rtol {result.rtol:g} x "
+        "max|ref|"
+    )
+    divergence = result.first_divergence
+    if divergence:
+        line += (
+            f". First divergence: `{divergence['endpoint']}` (`{divergence['module']}`) on "
+            f"{divergence['input']}, max abs diff {_fmt(divergence['max_abs_diff'])} > "
+            f"{_fmt(divergence['tolerance'])}"
+        )
+    return line + "."
+
+
+def render_markdown(result: ParityResult) -> str:
+    lines = [
+        f"### {'✅' if result.passed else '❌'} MobileNetV2 parity: {result.variant}",
+        "",
+        verdict_line(result),
+        "",
+        "Inputs: " + "; ".join(f"`{case['name']}` ({case['description']})" for case in result.inputs) + ".",
+        "",
+        "| # | endpoint | module | worst abs diff | worst rel diff | tolerance | result |",
+        "| ---: | --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    first = (result.first_divergence or {}).get("endpoint")
+    for number, entry in enumerate(result.summary(), start=1):
+        mark = "pass" if entry["passed"] else ("**FAIL (first)**" if entry["endpoint"] == first else "FAIL")
+        lines.append(
+            f"| {number} | `{entry['endpoint']}` | `{entry['module']}` | {_fmt(entry['max_abs_diff'])} | "
+            f"{_fmt(entry['max_rel_diff'])} | {_fmt(entry['tolerance'])} | {mark} |"
+        )
+    if result.notes:
+        lines += ["", "Notes:", *[f"- {note}" for note in result.notes]]
+    versions = ", ".join(f"{name} {version}" for name, version in result.versions.items())
+    lines += ["", f"<sub>{versions}; {result.seconds:.1f} s</sub>", ""]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.2e}"
+
+
+# ----------------------------------------------------------------------------------------------- JUnit
+def write_junit(result: ParityResult, path: Path) -> None:
+    failures = sum(not row.passed for row in result.rows)
+    suite = ET.Element(
+        "testsuite",
+        name=f"parity.{result.variant}",
+        tests=str(len(result.rows)),
+        failures=str(failures),
+        errors="0",
+        skipped="0",
+        time=f"{result.seconds:.3f}",
+    )
+    properties = ET.SubElement(suite, "properties")
+    for name, value in (
+        ("reference", result.reference["kind"]),
+        ("weights", result.reference["convention"]),
+        ("atol", f"{result.atol:g}"),
+        ("rtol", f"{result.rtol:g}"),
+        *result.versions.items(),
+    ):
+        ET.SubElement(properties, "property", name=name, value=str(value))
+    for row in result.rows:
+        case = ET.SubElement(
+            suite, "testcase", classname=f"parity.{result.variant}.{row.input}", name=row.endpoint, time="0"
+        )
+        detail = (
+            f"{row.endpoint} ({row.module}, {row.tensor}) on {row.input}: max abs diff "
+            f"{_fmt(row.max_abs_diff)}, tolerance {_fmt(row.tolerance)}, max|ref| {_fmt(row.max_abs_reference)}"
+        )
+        if not row.passed:
+            failure = ET.SubElement(case, "failure", message=row.error or "max abs diff over tolerance")
+            failure.set("type", "ParityError")
+            failure.text = detail
+        else:
+            ET.SubElement(case, "system-out").text = detail
+    root = ET.Element("testsuites", name="mobilenet parity", tests=suite.get("tests"), failures=str(failures))
+    root.append(suite)
+    ET.indent(root)
+    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+
+
+# ------------------------------------------------------------------------------------------------ plot
+def write_plot(result: ParityResult, path: Path) -> Path | None:
+    """parity.png: max abs error per endpoint (one line per input) and each endpoint's tolerance, log
+    scale. Returns None without matplotlib."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    names = [endpoint for endpoint, _, _ in result.endpoints]
+    positions = {name: i for i, name in enumerate(names)}
+    floor = 1e-12
+    figure, axes = plt.subplots(figsize=(max(8.0, 0.28 * len(names)), 4.5), dpi=100)
+    for case in result.inputs:
+        rows = [row for row in result.rows if row.input == case["name"]]
+        xs = [positions[row.endpoint] for row in rows]
+        ys = [max(row.max_abs_diff, floor) if math.isfinite(row.max_abs_diff) else 1e3 for row in rows]
+        axes.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=case["name"])
+    tolerances = [min(row.tolerance for row in result.endpoint_rows(name)) for name in names]
+    axes.step(range(len(names)), tolerances, where="mid", color="red", linestyle="--", label="tolerance")
+    divergence = result.first_divergence
+    if divergence:
+        axes.axvline(positions[divergence["endpoint"]], color="red", alpha=0.3, linewidth=6)
+    axes.set_yscale("log")
+    axes.set_xticks(range(len(names)))
+    axes.set_xticklabels(names, rotation=90, fontsize=7)
+    axes.set_ylabel("max |ours - reference|")
+    verdict = "PASS" if result.passed else f"FAIL at {divergence['endpoint']}" if divergence else "FAIL"
+    axes.set_title(f"{result.variant}: parity {verdict} ({result.reference['kind']})", fontsize=10)
+    axes.grid(True, which="major", axis="y", alpha=0.3)
+    axes.legend(fontsize=7, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path

@@ -1,0 +1,152 @@
+"""The model card (README.md) of a converted folder: Hub front matter, provenance, published accuracy,
+parity, and usage snippets that actually run."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from converter.card import render_card, write_model_card
+from converter.convert import convert_checkpoint
+
+NAME = "mobilenet_v2_0.35_96"
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> Path:
+    from fixtures import ensure_fixture
+
+    out = tmp_path_factory.mktemp("card") / NAME
+    convert_checkpoint(ensure_fixture(NAME).tarball, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory) -> Path:
+    from fixtures import ensure_fixture
+
+    out = tmp_path_factory.mktemp("card") / "deeplab"
+    convert_checkpoint(ensure_fixture("deeplabv3_mnv2_pascal_train_aug").tarball, out, output_stride=16)
+    return out
+
+
+def _front_matter(text: str) -> str:
+    assert text.startswith("---\n")
+    return text[4 : text.index("\n---\n", 4) + 1]
+
+
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_every_converted_folder_gets_a_card(classifier: Path):
+    text = (classifier / "README.md").read_text()
+    assert _front_matter(text) == (
+        "license: apache-2.0\nlibrary_name: transformers\npipeline_tag: image-classification\n"
+        "tags:\n- vision\n- image-classification\n- mobilenet_v2\ndatasets:\n- imagenet-1k\n"
+    )
+    conversion = json.loads((classifier / "conversion.json").read_text())
+    source = conversion["source"]["files"][0]
+    assert f"`{source['name']}`" in text and source["sha256"] in text
+    assert "`ema`: trainable variables restored from their exponential moving averages" in text
+    assert "**45.5%** at 96x96" in text and "1.66 M parameters" in text
+    assert "No parity report in this folder yet" in text
+    assert "MobileNetV2ForImageClassification.from_pretrained" in text
+    assert "AutoModelForImageClassification.from_pretrained" in text and "AutoImageProcessor" in text
+    assert "huggingface-cli upload" in text and "upload_folder(" in text
+    assert str(classifier.parent) not in text  # no machine-specific paths in a card meant for the Hub
+
+
+def test_card_snippets_run(classifier: Path, tmp_path, monkeypatch):
+    from PIL import Image
+
+    Image.new("RGB", (130, 100), (200, 30, 60)).save(tmp_path / "image.jpg")
+    shutil.copytree(classifier, tmp_path / NAME)
+    monkeypatch.chdir(tmp_path)  # the snippets name the folder as the variant, relative
+    blocks = _python_blocks((classifier / "README.md").read_text())
+    assert len(blocks) == 3  # mobilenet_torch, transformers, upload (not run: it would contact the Hub)
+    for block in blocks[:2]:
+        exec(compile(block, "README.md", "exec"), {})
+
+
+def test_deeplab_card(segmenter: Path):
+    text = (segmenter / "README.md").read_text()
+    front = _front_matter(text)
+    assert "pipeline_tag: image-segmentation\n" in front and "- pascal-voc\n" in front
+    assert "- image-segmentation\n" in front and "- mobilenet_v2\n" in front
+    assert "output stride 16" in text and "MobileNetV2ForSemanticSegmentation.from_pretrained" in text
+    assert "AutoModelForSemanticSegmentation" in text and "inert (zero) weights" in text
+    assert "`raw`: the variables exactly as stored" in text
+
+
+def test_trainval_and_drop_background_notes(segmenter: Path, classifier: Path):
+    conversion = json.loads((segmenter / "conversion.json").read_text())
+    conversion["source"]["name"] = "deeplabv3_mnv2_pascal_trainval_2018_01_29.tar.gz"
+    text = render_card(conversion, json.loads((segmenter / "config.json").read_text()))
+    assert "train + val" in text and "do not evaluate it on VOC val" in text
+
+    conversion = json.loads((classifier / "conversion.json").read_text())
+    conversion["drop_background"] = True
+    config = json.loads((classifier / "config.json").read_text())
+    config["id2label"] = {str(i): f"c{i}" for i in range(1000)}
+    assert "1000: the ImageNet classes (the background class was dropped)" in render_card(conversion, config)
+
+
+def test_sizes_without_a_published_figure_point_to_224(classifier: Path):
+    conversion = json.loads((classifier / "conversion.json").read_text())
+    conversion["variant"].update(depth=1.0, size=160)
+    text = render_card(conversion, {})
+    assert "No top-1 figure for 160x160 is recorded here; at 224x224 this depth reaches **71.8%**" in text
+    assert "3.47 M parameters" in text and "multiply-adds" not in text
+
+
+def _parity(passed: bool) -> dict:
+    logits = {"endpoint": "logits", "max_abs_diff": 2.5e-6 if passed else 1.7, "tolerance": 1.1e-4}
+    return {
+        "passed": passed,
+        "verdict": "PASS" if passed else "FAIL",
+        "atol": 1e-4,
+        "rtol": 1e-4,
+        "tolerance": "atol 0.0001 + rtol 0.0001 x max abs reference, per endpoint and input",
+        "max_abs_diff": 3.1e-6 if passed else 1.7,
+        "first_divergence": None if passed else {"endpoint": "layer_1", "max_abs_diff": 0.9, "tolerance": 1e-4},
+        "endpoints": [
+            {"endpoint": "layer_1", "max_abs_diff": 1e-7, "tolerance": 1e-4, "passed": passed},
+            {**logits, "passed": passed},
+        ],
+    }
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_parity_section(classifier: Path, tmp_path, passed):
+    folder = tmp_path / "model"
+    shutil.copytree(classifier, folder)
+    (folder / "parity").mkdir()
+    (folder / "parity" / "parity.json").write_text(json.dumps(_parity(passed)))
+    write_model_card(folder)
+    text = (folder / "README.md").read_text()
+    section = text[text.index("## Parity") : text.index("## Usage")]
+    if passed:
+        assert "| **PASS** | 3.1e-06 | atol 0.0001 + rtol 0.0001 x max abs reference | none |" in section
+        assert "| logits | 2.5e-06 | 0.00011 | yes |" in section
+    else:
+        assert "| **FAIL** | 1.7 |" in section and "`layer_1` (max abs diff 0.9)" in section
+        assert "| logits | 1.7 | 0.00011 | no |" in section
+    assert "[parity/parity.md](parity/parity.md)" in section
+
+
+def test_the_verifier_refreshes_the_card(classifier: Path, tmp_path):
+    pytest.importorskip("tensorflow")
+    from converter.verify import check_parity
+    from fixtures import ensure_fixture
+
+    folder = tmp_path / "model"
+    shutil.copytree(classifier, folder)
+    check = check_parity(ensure_fixture(NAME).tarball, folder)
+    assert check.result.passed
+    text = (folder / "README.md").read_text()
+    assert "| **PASS** |" in text and re.search(r"\| logits \| [0-9.e+-]+ \| [0-9.e+-]+ \| yes \|", text)

@@ -1,0 +1,264 @@
+"""The verifier: parity against the original graph, localisation of a planted fault, refusal of unsafe
+graphs, DeepLab through its frozen graph, and `convert-mobilenet --verify`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from converter.mapping import endpoints_for
+from tests.helpers import REPO
+
+pytest.importorskip("tensorflow")
+
+SMALL = "mobilenet_v2_0.35_96"
+DEEPLAB = "deeplabv3_mnv2_dm05_pascal_trainaug"
+REPORTS = ("parity.json", "parity.md", "parity.xml", "parity.png")
+
+
+@pytest.fixture(scope="module")
+def small():
+    from fixtures import ensure_fixture
+
+    return ensure_fixture(SMALL)
+
+
+@pytest.fixture(scope="module")
+def small_model(small, tmp_path_factory) -> Path:
+    from converter import convert_checkpoint
+
+    folder = tmp_path_factory.mktemp("verify") / SMALL
+    convert_checkpoint(small.tarball, folder)
+    return folder
+
+
+def verify(*args: str):
+    from converter.cli import verify_main
+
+    return CliRunner().invoke(verify_main, [str(arg) for arg in args], catch_exceptions=False)
+
+
+def parity(report_dir: Path) -> dict:
+    return json.loads((report_dir / "parity.json").read_text())
+
+
+def test_faithful_conversion_passes(small, small_model, tmp_path):
+    from PIL import Image
+
+    reports, photo = tmp_path / "reports", tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (120, 90, 3), dtype=np.uint8)).save(photo)
+    inputs = ("--inputs", "random", "--inputs", photo)
+    result = verify("--checkpoint", small.tarball, "--model", small_model, "--report-dir", reports, *inputs)
+    assert result.exit_code == 0, result.output
+    assert "Parity PASS" in result.output
+    assert all((reports / name).is_file() for name in REPORTS)
+    data = parity(reports)
+    assert data["passed"] is True and data["first_divergence"] is None
+    assert data["reference"]["kind"] == "meta_graph" and data["weights"] == "ema"
+    assert 0 < data["max_abs_diff"] < 1e-4
+    assert [e["endpoint"] for e in data["endpoints"]] == [e for e, _, _ in endpoints_for("classification")]
+    names = {case["name"] for case in data["inputs"]}
+    assert names == {"random-96x96", "random-97x97", "random-160x192", "image-photo.png"}
+    assert set(data["versions"]) >= {"torch", "tensorflow", "numpy", "mobilenet-convert"}
+
+    suite = ET.parse(reports / "parity.xml").getroot().find("testsuite")
+    assert int(suite.get("tests")) == len(endpoints_for("classification")) * 4
+    assert suite.get("failures") == "0"
+    assert "| `logits` | `classifier` |" in (reports / "parity.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "tensor, endpoint, module",
+    [
+        ("mobilenet_v2.layer.6.expand_1x1.normalization.bias", "layer_9/expansion_output", "mobilenet_v2.layer.6"),
+        ("mobilenet_v2.layer.6.reduce_1x1.normalization.bias", "layer_9", "mobilenet_v2.layer.6"),
+    ],
+)
+def test_planted_fault_is_localised(small, small_model, tmp_path, tensor, endpoint, module):
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "faulty"
+    shutil.copytree(small_model, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights[tensor] = weights[tensor].copy()
+    weights[tensor][3] += 0.5  # one BatchNorm bias of block expanded_conv_7
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+    result = verify("--checkpoint", small.tarball, "--model", folder)
+    assert result.exit_code == 1, result.output
+    assert f"First divergence: {endpoint} ({module}" in result.output
+    data = parity(folder / "parity")
+    assert data["passed"] is False
+    assert data["first_divergence"]["endpoint"] == endpoint
+    assert data["first_divergence"]["module"].startswith(module)
+    before = [e for e in data["endpoints"] if e["endpoint"] in ("layer_1", "layer_8", "layer_8/expansion_output")]
+    assert before and all(e["passed"] for e in before)
+    suite = ET.parse(folder / "parity" / "parity.xml").getroot().find("testsuite")
+    failed = [case.get("name") for case in suite.iter("testcase") if case.find("failure") is not None]
+    assert endpoint in failed and "layer_8" not in failed
+    assert "FAIL (first)" in (folder / "parity" / "parity.md").read_text()
+
+
+def _rewrite_meta(small, tmp_path: Path, edit) -> Path:
+    """A copy of the fixture's checkpoint whose .meta graph `edit(graph_def)` has changed."""
+    import tensorflow as tf
+
+    files = tmp_path / "ckpt"
+    shutil.copytree(small.files, files)
+    meta_path = files / f"{SMALL}.ckpt.meta"
+    meta = tf.compat.v1.MetaGraphDef()
+    meta.ParseFromString(meta_path.read_bytes())
+    edit(meta.graph_def)
+    meta_path.write_bytes(meta.SerializeToString())
+    return files / f"{SMALL}.ckpt"
+
+
+def _add_node(graph_def, op: str, name: str, inputs=(), **attrs) -> None:
+    import tensorflow as tf
+
+    node = graph_def.node.add(op=op, name=name)
+    node.input.extend(inputs)
+    for key, value in attrs.items():
+        node.attr[key].CopyFrom(tf.compat.v1.AttrValue(**value))
+
+
+@pytest.mark.parametrize(
+    "op, node, build",
+    [
+        ("ReadFile", "sneaky/ReadFile", lambda g: _add_node(g, "ReadFile", "sneaky/ReadFile", ["save/Const"])),
+        (
+            "PyFunc",
+            "sneaky/PyFunc",
+            lambda g: _add_node(g, "PyFunc", "sneaky/PyFunc", [], token={"s": b"pyfunc_0"}, Tin={"list": {}}),
+        ),
+        ("RestoreV2", "MobilenetV2/RestoreV2", lambda g: _copy_node(g, "save/RestoreV2", "MobilenetV2/RestoreV2")),
+    ],
+)
+def test_forbidden_op_is_refused(small, small_model, tmp_path, op, node, build):
+    prefix = _rewrite_meta(small, tmp_path, build)
+    result = verify("--checkpoint", prefix, "--model", small_model, "--report-dir", tmp_path / "r")
+    assert result.exit_code == 2, result.output
+    assert op in result.output and node in result.output and "refusing" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def _copy_node(graph_def, source: str, name: str) -> None:
+    original = next(n for n in graph_def.node if n.name == source)
+    copy = graph_def.node.add()
+    copy.CopyFrom(original)
+    copy.name = name
+
+
+def test_forward_pass_must_not_reach_the_saver(small, small_model, tmp_path):
+    """Allowed ops, but a control dependency makes the logits run the Saver's SaveV2 (a file write)."""
+
+    def edit(graph_def):
+        logits = next(n for n in graph_def.node if n.name == "MobilenetV2/Logits/output")
+        logits.input.append("^save/control_dependency")
+
+    prefix = _rewrite_meta(small, tmp_path, edit)
+    result = verify("--checkpoint", prefix, "--model", small_model)
+    assert result.exit_code == 2, result.output
+    assert "SaveV2" in result.output or "Identity" in result.output
+    assert "must not read files" in result.output
+
+
+def test_deeplab_frozen_graph_passes_at_os8(tmp_path):
+    from converter import convert_checkpoint
+    from fixtures import ensure_fixture
+
+    fixture = ensure_fixture(DEEPLAB)
+    folder = tmp_path / "deeplab"
+    convert_checkpoint(fixture.tarball, folder)  # output stride 8, as the zoo's frozen graph
+    result = verify("--checkpoint", fixture.tarball, "--model", folder, "--size", "65")
+    assert result.exit_code == 0, result.output
+    data = parity(folder / "parity")
+    assert data["passed"] is True
+    assert data["reference"]["kind"] == "frozen_graph"
+    assert data["reference"]["convention"] == "as frozen"
+    assert data["reference"]["file"] == "frozen_inference_graph.pb"
+    names = [e["endpoint"] for e in data["endpoints"]]
+    assert names[-4:] == ["image_pooling", "aspp0", "concat_projection", "logits"] and "layer_19" not in names
+    assert any("frozen" in note for note in data["notes"])
+
+
+def test_convert_with_verify(small, tmp_path):
+    from converter.cli import convert_main
+
+    output = tmp_path / "converted"
+    args = ["--checkpoint", str(small.tarball), "--output", str(output), "--verify"]
+    result = CliRunner().invoke(convert_main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "Parity PASS" in result.output and "parity reports" in result.output
+    assert all((output / "parity" / name).is_file() for name in REPORTS)
+    assert parity(output / "parity")["passed"] is True
+    assert (output / "README.md").is_file()
+
+
+def test_report_dir_needs_verify(small, tmp_path):
+    from converter.cli import convert_main
+
+    args = ["--checkpoint", str(small.tarball), "--output", str(tmp_path / "x"), "--report-dir", str(tmp_path)]
+    result = CliRunner().invoke(convert_main, args)
+    assert result.exit_code == 2 and "--report-dir applies to --verify" in result.output
+
+
+def test_missing_tensorflow_says_how_to_install(small, small_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now raises ImportError
+    result = verify("--checkpoint", small.tarball, "--model", small_model, "--report-dir", tmp_path / "r")
+    assert result.exit_code == 2
+    assert "pip install 'mobilenet-convert[verify]'" in result.output
+
+
+def test_image_inputs_are_preprocessed_like_transformers(tmp_path):
+    from PIL import Image
+
+    from converter.verify.compare import make_inputs
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (150, 230, 3), dtype=np.uint8)).save(path)
+    (case,) = make_inputs([str(path)], "classification", 96)
+    assert case.pixels.shape == (1, 3, 96, 96) and case.pixels.min() >= -1 and case.pixels.max() <= 1
+    transformers = pytest.importorskip("transformers")
+    processor = transformers.MobileNetV2ImageProcessor(
+        size={"shortest_edge": 128}, crop_size={"height": 96, "width": 96}
+    )
+    expected = processor(images=Image.open(path), return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(case.pixels, expected, atol=1e-5)
+
+
+def test_importing_the_toolkit_does_not_import_tensorflow():
+    code = (
+        "import sys, converter, converter.cli, converter.verify, converter.verify.compare, "
+        "converter.verify.report, converter.verify.safety, mobilenet_torch; "
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_safety_rules_unit():
+    import tensorflow as tf
+
+    from converter.errors import VerificationError
+    from converter.verify.safety import check_graph_def
+
+    graph_def = tf.compat.v1.GraphDef()
+    _add_node(graph_def, "Placeholder", "input")
+    _add_node(graph_def, "RestoreV2", "save_1/RestoreV2")
+    check_graph_def(graph_def, "ok.pb")  # a Saver's op in a save scope
+    _add_node(graph_def, "MatchingFiles", "glob")
+    with pytest.raises(VerificationError, match="MatchingFiles.*'glob'"):
+        check_graph_def(graph_def, "bad.pb")
+    with_function = tf.compat.v1.GraphDef()
+    with_function.library.function.add().signature.name = "hidden"
+    with pytest.raises(VerificationError, match="function"):
+        check_graph_def(with_function, "fn.pb")

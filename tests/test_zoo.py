@@ -1,0 +1,100 @@
+"""The zoo table (converter/data/zoo.json) and `lookup`: names, URLs, published figures, clear errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from converter import zoo
+from converter.errors import UsageError
+from fixtures import ZOO_CLASSIFICATION, ZOO_DEEPLAB
+from tests.helpers import SHARED
+
+
+def test_the_22_classification_checkpoints_with_official_urls():
+    entries = [e for e in zoo.entries() if e.model == "mobilenet_v2"]
+    assert [e.name for e in entries] == [v.name for v in ZOO_CLASSIFICATION]
+    assert len(entries) == 22
+    for e in entries:
+        assert e.name == f"mobilenet_v2_{e.depth}_{e.size}"
+        assert e.url == f"https://storage.googleapis.com/mobilenet_v2/checkpoints/{e.name}.tgz"
+        assert e.filename == f"{e.name}.tgz"
+        assert e.bytes is None and e.sha256 is None  # unknown here: recorded when downloaded
+
+
+def test_deeplab_tarballs_match_the_fixture_archive_names():
+    entries = [e for e in zoo.entries() if e.model == "deeplabv3"]
+    assert {(e.depth, e.trainval) for e in entries} == {(1.0, False), (0.5, False), (1.0, True), (0.5, True)}
+    for variant in ZOO_DEEPLAB:
+        entry = zoo.find(variant.tarball_name)
+        assert entry is not None and entry.name == variant.name and entry.depth == variant.depth
+    for e in entries:
+        assert re.fullmatch(
+            r"http://download\.tensorflow\.org/models/deeplabv3_mnv2_\w+_\d{4}_\d\d_\d\d\.tar\.gz", e.url
+        )
+    assert (
+        zoo.lookup("deeplabv3", 0.5, trainval=True).filename == "deeplabv3_mnv2_dm05_pascal_trainval_2018_10_01.tar.gz"
+    )
+
+
+def test_published_figures_are_those_of_the_reference_table():
+    expected = {  # depth: (MACs at 224, params, top-1 at 224)
+        1.4: (582, 6.06, 75.0),
+        1.3: (509, 5.34, 74.4),
+        1.0: (300, 3.47, 71.8),
+        0.75: (209, 2.61, 69.8),
+        0.5: (97, 1.95, 65.4),
+        0.35: (59, 1.66, 60.3),
+    }
+    for depth, (macs, params, top1) in expected.items():
+        entry = zoo.lookup("mobilenet_v2", depth, 224)
+        assert (entry.macs_millions, entry.params_millions, entry.top1) == (macs, params, top1)
+    assert zoo.lookup("mobilenet_v2", 0.35, 96).top1 == 45.5
+    assert zoo.lookup("mobilenet_v2", 1.0, 160).top1 is None  # not in the reference table
+    readme = SHARED / "reference" / "README.md"
+    if readme.is_file():
+        assert "45.5 at 96" in readme.read_text()
+
+
+def test_lookup_defaults_and_family_selection():
+    assert zoo.lookup("mobilenet_v2", 1.0).name == "mobilenet_v2_1.0_224"
+    assert zoo.lookup("mobilenet_v2", 0.75, 128).name == "mobilenet_v2_0.75_128"
+    assert zoo.lookup("deeplabv3", 1.0).name == "deeplabv3_mnv2_pascal_train_aug"
+    assert zoo.lookup("deeplabv3", 1.0, 513).name == "deeplabv3_mnv2_pascal_train_aug"
+    assert zoo.lookup("deeplabv3", 1.0).output_name() == "deeplabv3_mobilenet_v2_1.0_513_os8"
+    assert zoo.lookup("deeplabv3", 1.0, trainval=True).output_name(16) == "deeplabv3_mobilenet_v2_1.0_513_os16_trainval"
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "listed"),
+    [
+        (("mobilenet_v2", 0.9, 224), {}, "1.4, 1.3, 1.0, 0.75, 0.5, 0.35"),
+        (("mobilenet_v2", 1.4, 192), {}, "sizes at depth 1.4: 224"),
+        (("mobilenet_v2", 1.0, 100), {}, "224, 192, 160, 128, 96"),
+        (("mobilenet_v2", None), {}, "1.4, 1.3, 1.0, 0.75, 0.5, 0.35"),
+        (("deeplabv3", 0.35), {}, "depths: 1.0, 0.5"),
+        (("deeplabv3", 1.0, 224), {}, "not per size"),
+        (("mobilenet_v2", 1.0, 224), {"trainval": True}, "--model deeplabv3"),
+        (("mobilenet_v3", 1.0), {}, "mobilenet_v2, deeplabv3"),
+    ],
+)
+def test_unknown_combinations_list_the_valid_choices(args, kwargs, listed):
+    with pytest.raises(UsageError) as caught:
+        zoo.lookup(*args, **kwargs)
+    assert listed in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_select_filters_for_whole_zoo_runs():
+    assert len(zoo.select()) == 26
+    assert [e.name for e in zoo.select(depth=0.35)] == [f"mobilenet_v2_0.35_{s}" for s in (224, 192, 160, 128, 96)]
+    assert len(zoo.select(size=224)) == 6  # DeepLab entries have no size
+    assert len(zoo.select("deeplabv3", trainval=True)) == 2
+    assert len(zoo.select("deeplabv3", depth=1.0)) == 2
+
+
+def test_published_for_a_converted_variant():
+    assert zoo.published_for("classification", 1.4, 224).top1 == 75.0
+    assert zoo.published_for("classification", 1.0, 300) is None
+    assert zoo.published_for("deeplab", 0.5, 513).name == "deeplabv3_mnv2_dm05_pascal_trainaug"
