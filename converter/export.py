@@ -33,8 +33,10 @@ def check_output(output: Path, force: bool) -> None:
     if output.is_dir() and any(output.iterdir()) and not force:
         raise OutputError(f"{output} already exists and is not empty; pass --force to replace it")
     parent = output.parent
-    if not parent.is_dir():
-        raise OutputError(f"the folder {parent} does not exist; create it or choose another --output")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create the folder {parent} ({error.strerror}); choose another --output") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write in {parent}; choose another --output")
 

@@ -38,7 +38,7 @@ def small():
 
 
 def test_converts_a_zoo_tarball(small, tmp_path):
-    out = tmp_path / "model"
+    out = tmp_path / "new" / "model"  # missing parents are created
     result = run_cli("--depth", "0.35", "--size", "96", "--checkpoint", small.tarball, "--output", out)
     assert result.returncode == 0, result.stderr
     assert EXPECTED_FILES <= {p.name for p in out.iterdir()}
@@ -57,7 +57,7 @@ def test_converts_a_zoo_tarball(small, tmp_path):
 
     with safe_open(out / "model.safetensors", "np") as handle:
         assert handle.metadata() == {"format": "pt"}
-    assert not list(tmp_path.glob(".model.partial-*"))
+    assert not list(out.parent.glob(".model.partial-*"))
 
 
 @pytest.mark.parametrize("source", ["prefix", "index", "folder"])
@@ -101,7 +101,7 @@ def test_unwritable_output_location(small, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     result = run_cli("--checkpoint", small.tarball, "--output", blocker / "model")
-    assert_one_line_error(result, 1, "does not exist")
+    assert_one_line_error(result, 1, "cannot create the folder")
 
 
 @pytest.mark.parametrize("damage", ["flip_data", "flip_index", "truncate_data", "empty_index", "remove_data"])
