@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -16,7 +15,7 @@ from .bundle import TensorBundle
 from .errors import NonFiniteWeightsError, UsageError
 from .export import check_output, staged_output, write_model_folder
 from .mapping import CLASSIFICATION, apply_rules, rules_for
-from .sources import CheckpointSource, open_source
+from .sources import CheckpointSource, file_sha256, open_source
 from .variants import Variant, detect_variant, expected_shapes
 from .weights import plan_weights
 
@@ -121,14 +120,6 @@ def _placeholders(variant: Variant, config) -> dict[str, np.ndarray]:
     return {name: tensor.numpy() for name, tensor in final_conv_placeholders(config).items()}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _provenance(
     source: CheckpointSource, summary: ConversionSummary, ignored: dict[str, list[str]], drop_background: bool
 ) -> dict[str, Any]:
@@ -138,7 +129,7 @@ def _provenance(
         "toolkit": f"mobilenet-convert {__version__}",
         "source": {
             "name": _source_name(source),
-            "files": [{"name": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size} for p in files],
+            "files": [{"name": p.name, "sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files],
         },
         "variant": {**asdict(variant), "name": variant.name},
         "weights": summary.weights,

@@ -12,7 +12,6 @@ where BASE is an http(s) URL, a `file://` URL or a local folder (air-gapped site
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -27,6 +26,7 @@ from urllib.request import Request, urlopen
 
 from . import __version__
 from .errors import DownloadError
+from .sources import file_sha256
 from .zoo import ZooEntry
 
 CACHE_ENV = "MOBILENET_CONVERT_CACHE"
@@ -124,7 +124,7 @@ def fetch(
     else:
         _download(source, part, entry, retry or RetryPolicy.from_env(), progress)
         where = source
-    digest = _sha256(part)
+    digest = file_sha256(part)
     if entry.sha256 and digest != entry.sha256:
         part.unlink(missing_ok=True)
         raise DownloadError(
@@ -159,7 +159,7 @@ def _reusable(target: Path, entry: ZooEntry) -> bool:
         return False
     digest = recorded_sha256(target)
     if digest is None:  # put there by hand: record what it is
-        digest = _sha256(target)
+        digest = file_sha256(target)
         _write_sidecar(target, digest)
     if entry.sha256 and digest != entry.sha256:
         target.unlink(missing_ok=True)
@@ -293,14 +293,6 @@ def _reason(error) -> str:
     else:
         text = str(error)
     return " ".join(text.split())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_sidecar(path: Path, digest: str) -> None:

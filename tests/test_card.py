@@ -11,27 +11,8 @@ from pathlib import Path
 import pytest
 
 from converter.card import render_card, write_model_card
-from converter.convert import convert_checkpoint
 
 NAME = "mobilenet_v2_0.35_96"
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> Path:
-    from fixtures import ensure_fixture
-
-    out = tmp_path_factory.mktemp("card") / NAME
-    convert_checkpoint(ensure_fixture(NAME).tarball, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def segmenter(tmp_path_factory) -> Path:
-    from fixtures import ensure_fixture
-
-    out = tmp_path_factory.mktemp("card") / "deeplab"
-    convert_checkpoint(ensure_fixture("deeplabv3_mnv2_pascal_train_aug").tarball, out, output_stride=16)
-    return out
 
 
 def _front_matter(text: str) -> str:
@@ -43,13 +24,13 @@ def _python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-def test_every_converted_folder_gets_a_card(classifier: Path):
-    text = (classifier / "README.md").read_text()
+def test_every_converted_folder_gets_a_card(classifier_folder: Path):
+    text = (classifier_folder / "README.md").read_text()
     assert _front_matter(text) == (
         "license: apache-2.0\nlibrary_name: transformers\npipeline_tag: image-classification\n"
         "tags:\n- vision\n- image-classification\n- mobilenet_v2\ndatasets:\n- imagenet-1k\n"
     )
-    conversion = json.loads((classifier / "conversion.json").read_text())
+    conversion = json.loads((classifier_folder / "conversion.json").read_text())
     source = conversion["source"]["files"][0]
     assert f"`{source['name']}`" in text and source["sha256"] in text
     assert "`ema`: trainable variables restored from their exponential moving averages" in text
@@ -58,23 +39,23 @@ def test_every_converted_folder_gets_a_card(classifier: Path):
     assert "MobileNetV2ForImageClassification.from_pretrained" in text
     assert "AutoModelForImageClassification.from_pretrained" in text and "AutoImageProcessor" in text
     assert "huggingface-cli upload" in text and "upload_folder(" in text
-    assert str(classifier.parent) not in text  # no machine-specific paths in a card meant for the Hub
+    assert str(classifier_folder.parent) not in text  # no machine-specific paths in a card meant for the Hub
 
 
-def test_card_snippets_run(classifier: Path, tmp_path, monkeypatch):
+def test_card_snippets_run(classifier_folder: Path, tmp_path, monkeypatch):
     from PIL import Image
 
     Image.new("RGB", (130, 100), (200, 30, 60)).save(tmp_path / "image.jpg")
-    shutil.copytree(classifier, tmp_path / NAME)
+    shutil.copytree(classifier_folder, tmp_path / NAME)
     monkeypatch.chdir(tmp_path)  # the snippets name the folder as the variant, relative
-    blocks = _python_blocks((classifier / "README.md").read_text())
+    blocks = _python_blocks((classifier_folder / "README.md").read_text())
     assert len(blocks) == 3  # mobilenet_torch, transformers, upload (not run: it would contact the Hub)
     for block in blocks[:2]:
         exec(compile(block, "README.md", "exec"), {})
 
 
-def test_deeplab_card(segmenter: Path):
-    text = (segmenter / "README.md").read_text()
+def test_deeplab_card(segmenter_folder: Path):
+    text = (segmenter_folder / "README.md").read_text()
     front = _front_matter(text)
     assert "pipeline_tag: image-segmentation\n" in front and "- pascal-voc\n" in front
     assert "- image-segmentation\n" in front and "- mobilenet_v2\n" in front
@@ -83,21 +64,21 @@ def test_deeplab_card(segmenter: Path):
     assert "`raw`: the variables exactly as stored" in text
 
 
-def test_trainval_and_drop_background_notes(segmenter: Path, classifier: Path):
-    conversion = json.loads((segmenter / "conversion.json").read_text())
+def test_trainval_and_drop_background_notes(segmenter_folder: Path, classifier_folder: Path):
+    conversion = json.loads((segmenter_folder / "conversion.json").read_text())
     conversion["source"]["name"] = "deeplabv3_mnv2_pascal_trainval_2018_01_29.tar.gz"
-    text = render_card(conversion, json.loads((segmenter / "config.json").read_text()))
+    text = render_card(conversion, json.loads((segmenter_folder / "config.json").read_text()))
     assert "train + val" in text and "do not evaluate it on VOC val" in text
 
-    conversion = json.loads((classifier / "conversion.json").read_text())
+    conversion = json.loads((classifier_folder / "conversion.json").read_text())
     conversion["drop_background"] = True
-    config = json.loads((classifier / "config.json").read_text())
+    config = json.loads((classifier_folder / "config.json").read_text())
     config["id2label"] = {str(i): f"c{i}" for i in range(1000)}
     assert "1000: the ImageNet classes (the background class was dropped)" in render_card(conversion, config)
 
 
-def test_sizes_without_a_published_figure_point_to_224(classifier: Path):
-    conversion = json.loads((classifier / "conversion.json").read_text())
+def test_sizes_without_a_published_figure_point_to_224(classifier_folder: Path):
+    conversion = json.loads((classifier_folder / "conversion.json").read_text())
     conversion["variant"].update(depth=1.0, size=160)
     text = render_card(conversion, {})
     assert "No top-1 figure for 160x160 is recorded here; at 224x224 this depth reaches **71.8%**" in text
@@ -122,9 +103,9 @@ def _parity(passed: bool) -> dict:
 
 
 @pytest.mark.parametrize("passed", [True, False])
-def test_parity_section(classifier: Path, tmp_path, passed):
+def test_parity_section(classifier_folder: Path, tmp_path, passed):
     folder = tmp_path / "model"
-    shutil.copytree(classifier, folder)
+    shutil.copytree(classifier_folder, folder)
     (folder / "parity").mkdir()
     (folder / "parity" / "parity.json").write_text(json.dumps(_parity(passed)))
     write_model_card(folder)
@@ -139,13 +120,13 @@ def test_parity_section(classifier: Path, tmp_path, passed):
     assert "[parity/parity.md](parity/parity.md)" in section
 
 
-def test_the_verifier_refreshes_the_card(classifier: Path, tmp_path):
+def test_the_verifier_refreshes_the_card(classifier_folder: Path, tmp_path):
     pytest.importorskip("tensorflow")
     from converter.verify import check_parity
     from fixtures import ensure_fixture
 
     folder = tmp_path / "model"
-    shutil.copytree(classifier, folder)
+    shutil.copytree(classifier_folder, folder)
     check = check_parity(ensure_fixture(NAME).tarball, folder)
     assert check.result.passed
     text = (folder / "README.md").read_text()

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from converter.convert import convert_checkpoint
 from converter.predict import load_model, palette, predict_main, preprocess
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -26,31 +25,13 @@ def images() -> Path:
     return IMAGES
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> Path:
-    from fixtures import ensure_fixture
-
-    out = tmp_path_factory.mktemp("predict") / "classifier"
-    convert_checkpoint(ensure_fixture("mobilenet_v2_0.35_96").tarball, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def segmenter(tmp_path_factory) -> Path:
-    from fixtures import ensure_fixture
-
-    out = tmp_path_factory.mktemp("predict") / "segmenter"
-    convert_checkpoint(ensure_fixture("deeplabv3_mnv2_pascal_train_aug").tarball, out, output_stride=16)
-    return out
-
-
-def test_classifier_prints_top5_per_image(classifier: Path, images: Path):
+def test_classifier_prints_top5_per_image(classifier_folder: Path, images: Path):
     paths = [str(images / name) for name in CLASSIFICATION_IMAGES]
-    result = CliRunner().invoke(predict_main, [*paths, "--model", str(classifier)])
+    result = CliRunner().invoke(predict_main, [*paths, "--model", str(classifier_folder)])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == 6 * len(paths)
-    labels = set(load_model(classifier).labels.values())
+    labels = set(load_model(classifier_folder).labels.values())
     for k, path in enumerate(paths):
         assert lines[6 * k] == path
         rows = [LINE.match(line) for line in lines[6 * k + 1 : 6 * k + 6]]
@@ -61,29 +42,31 @@ def test_classifier_prints_top5_per_image(classifier: Path, images: Path):
         assert all(row[2] in labels for row in rows)
 
 
-def test_top_k_option(classifier: Path, images: Path):
-    result = CliRunner().invoke(predict_main, [str(images / "cat.bmp"), "--model", str(classifier), "--top", "2"])
+def test_top_k_option(classifier_folder: Path, images: Path):
+    result = CliRunner().invoke(
+        predict_main, [str(images / "cat.bmp"), "--model", str(classifier_folder), "--top", "2"]
+    )
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 3
 
 
-def test_preprocessing_matches_transformers_image_processor(classifier: Path, images: Path):
+def test_preprocessing_matches_transformers_image_processor(classifier_folder: Path, images: Path):
     transformers = pytest.importorskip("transformers")
     from PIL import Image
 
-    processor = transformers.AutoImageProcessor.from_pretrained(classifier)
+    processor = transformers.AutoImageProcessor.from_pretrained(classifier_folder)
     image = Image.open(images / "grace_hopper.bmp").convert("RGB")  # not square
-    ours = preprocess(image, load_model(classifier).preprocessing).numpy()
+    ours = preprocess(image, load_model(classifier_folder).preprocessing).numpy()
     theirs = processor(images=image, return_tensors="np")["pixel_values"]
     assert ours.shape == theirs.shape == (1, 3, 96, 96)
     assert np.abs(ours - theirs).max() < 1e-5
 
 
-def test_segmentation_writes_an_overlay_and_a_histogram(segmenter: Path, images: Path, tmp_path):
+def test_segmentation_writes_an_overlay_and_a_histogram(segmenter_folder: Path, images: Path, tmp_path):
     from PIL import Image
 
     image = images / "bird_segmentation.bmp"
     out = tmp_path / "seg"
-    result = CliRunner().invoke(predict_main, [str(image), "--model", str(segmenter), "--output-dir", str(out)])
+    result = CliRunner().invoke(predict_main, [str(image), "--model", str(segmenter_folder), "--output-dir", str(out)])
     assert result.exit_code == 0, result.output
     target = out / "bird_segmentation_segmentation.png"
     lines = result.stdout.splitlines()
@@ -92,7 +75,7 @@ def test_segmentation_writes_an_overlay_and_a_histogram(segmenter: Path, images:
         assert written.size == original.size and written.mode == "RGB"
     rows = [re.match(r"^ +(\d+\.\d\d)% +(\d+) px  (\S+)$", line) for line in lines[2:]]
     assert rows and all(rows), lines
-    voc = set(load_model(segmenter).labels.values())
+    voc = set(load_model(segmenter_folder).labels.values())
     assert {row[3] for row in rows} <= voc
     assert sum(int(row[2]) for row in rows) == original.size[0] * original.size[1]
 
@@ -104,13 +87,13 @@ def test_palette_is_the_pascal_colour_map():
     assert len({tuple(c) for c in colours}) == 21
 
 
-def test_errors_are_one_line(classifier: Path, tmp_path):
+def test_errors_are_one_line(classifier_folder: Path, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(predict_main, [str(tmp_path / "missing.jpg"), "--model", str(classifier)])
+    result = runner.invoke(predict_main, [str(tmp_path / "missing.jpg"), "--model", str(classifier_folder)])
     assert result.exit_code == 1 and result.stderr == f"error: {tmp_path / 'missing.jpg'} does not exist\n"
 
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
-    result = runner.invoke(predict_main, [str(tmp_path / "broken.jpg"), "--model", str(classifier)])
+    result = runner.invoke(predict_main, [str(tmp_path / "broken.jpg"), "--model", str(classifier_folder)])
     assert result.exit_code == 1 and result.stderr.startswith("error: cannot read the image")
 
     result = runner.invoke(predict_main, [str(tmp_path / "broken.jpg"), "--model", str(tmp_path)])

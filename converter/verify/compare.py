@@ -9,7 +9,6 @@ order that does not is the first divergence: the fault lies in the module that c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ import numpy as np
 
 from ..errors import ConverterError, ModelFolderError, VerificationError
 from ..mapping import CLASSIFICATION, DEEPLAB, endpoints_for
+from ..sources import file_sha256
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
@@ -443,18 +443,10 @@ def _provenance_notes(conversion: dict[str, Any], source) -> list[str]:
         return []
     files = [source.archive] if source.archive else list(source.files)
     for path in files:
-        if path.name in recorded and recorded[path.name] == _sha256(path):
+        if path.name in recorded and recorded[path.name] == file_sha256(path):
             continue
         return [f"{path.name} is not the checkpoint conversion.json records ({', '.join(sorted(recorded))})"]
     return []
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _versions(tf) -> dict[str, str]:
