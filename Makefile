@@ -41,6 +41,11 @@ lint: install
 parity: install
 	$(BIN)/python -m converter.verify.matrix --out reports --jobs 2
 
+# Inference, compile, ONNX and conversion timings side by side; tables in reports/bench.{md,json}.
+bench: install
+	$(BIN)/python -m fixtures build --name mobilenet_v2_1.0_224
+	$(BIN)/python benchmarks/bench.py
+
 fuzz: install
 	$(BIN)/python -m fixtures.fuzz_reader --cases 10000 --seed 1
 

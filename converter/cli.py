@@ -136,6 +136,12 @@ def report_errors(command):
     default=None,
     help="With --verify: where the parity reports go (default: <output>/parity).",
 )
+@click.option(
+    "--onnx",
+    "write_onnx",
+    is_flag=True,
+    help="Also write model.onnx into the output folder (config size, dynamic batch; needs onnx, onnxscript).",
+)
 @report_errors
 def convert_main(
     source,
@@ -157,6 +163,7 @@ def convert_main(
     force,
     verify,
     report_dir,
+    write_onnx,
 ):
     """Convert an original TensorFlow MobileNetV2 checkpoint to a PyTorch / transformers folder.
 
@@ -176,6 +183,8 @@ def convert_main(
     zoo_options = dict(model=model, trainval=trainval, cache_dir=cache_dir, mirror=mirror)
     _check_zoo_flags(source, whole_zoo, jobs, push_to_hub, zoo_options)
     _check_verify_flags(verify, report_dir, whole_zoo)
+    if write_onnx:
+        _check_onnx_ready(whole_zoo)
     if push_to_hub:
         from .hub import check_hub_ready
 
@@ -200,6 +209,12 @@ def convert_main(
         f"converted {summary.variant.name} ({summary.weights} weights, {summary.mapped} tensors mapped, "
         f"{summary.ignored} ignored by rule) -> {summary.output} in {summary.seconds:.2f} s"
     )
+    if write_onnx:
+        from pathlib import Path
+
+        from .onnx_export import ONNX_NAME, export_onnx
+
+        click.echo(f"ONNX export -> {export_onnx(summary.output, Path(summary.output, ONNX_NAME))}")
     if verify and not _report_parity(source, summary.output, report_dir):
         sys.exit(1)  # before any upload
     if push_to_hub:
@@ -223,6 +238,19 @@ def _check_zoo_flags(source, whole_zoo, jobs, push_to_hub, zoo_options) -> None:
         raise UsageError("--jobs applies to --all")
     if zoo_options["trainval"] and zoo_options["model"] == "mobilenet_v2":
         raise UsageError("--trainval selects a DeepLab checkpoint; use it with --model deeplabv3")
+
+
+def _check_onnx_ready(whole_zoo: bool) -> None:
+    """--onnx: fail before converting when it cannot be honoured."""
+    import importlib.util
+
+    from .errors import UsageError
+
+    if whole_zoo:
+        raise UsageError("--onnx exports one converted folder; leave it out with --all")
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"--onnx needs {' and '.join(missing)}: pip install onnx onnxscript")
 
 
 def _convert_whole_zoo(output, depth, size, jobs, zoo_options, options, verify=False) -> int:

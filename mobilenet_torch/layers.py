@@ -25,9 +25,13 @@ class ConvLayer(nn.Module):
     """Conv2d (+ BatchNorm) (+ activation) with TensorFlow 'SAME' padding at any input size.
 
     With stride 1 TF's padding is symmetric and independent of the input size, so it lives inside the
-    convolution. With stride 2 it depends on the parity of the input (0/1 at even sizes, 1/1 at odd
-    ones), so it is decided per call from the input shape: symmetric sizes still pad inside the
-    convolution and only the asymmetric case pays for an explicit pad.
+    convolution. With stride 2 it depends on the input size, so it is decided per call from the shape:
+    symmetric (odd sizes) still pads inside the convolution. Asymmetric (even sizes: nothing before,
+    one after) would need a padded copy of the input, a whole extra pass over the largest activations of
+    the network; the depthwise convolutions avoid it by giving the kernel a leading zero row and column,
+    which moves every window one step back, and padding symmetrically by one more. The zero taps add
+    exact zeros, so the result is TF's. Dense convolutions (the stem, on the 3-channel image) pad the
+    input instead, which is cheaper there than the extra taps.
     """
 
     def __init__(
@@ -43,14 +47,15 @@ class ConvLayer(nn.Module):
         activation: str | None = "relu6",
     ) -> None:
         super().__init__()
+        if stride > 1 and dilation > 1:
+            raise ValueError("a convolution cannot be both strided and dilated (TensorFlow refuses it too)")
         self.stride = stride
-        symmetric_padding = same_padding(1, kernel_size, 1, dilation)[0] if stride == 1 else 0
         self.convolution = nn.Conv2d(
             in_channels,
             out_channels,
             kernel_size,
             stride=stride,
-            padding=symmetric_padding,
+            padding=same_padding(1, kernel_size, 1, dilation)[0] if stride == 1 else 0,
             dilation=dilation,
             groups=groups,
             bias=bias,
@@ -61,24 +66,23 @@ class ConvLayer(nn.Module):
         self.activation = ACTIVATIONS[activation](inplace=True) if activation else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._convolve(x) if self.stride > 1 else self.convolution(x)
+        x = self.convolution(x) if self.stride == 1 else self._strided_convolution(x)
         if self.normalization is not None:
             x = self.normalization(x)
         if self.activation is not None:
             x = self.activation(x)
         return x
 
-    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.convolution
-        kernel, dilation = conv.kernel_size[0], conv.dilation[0]
-        top, bottom = same_padding(x.shape[-2], kernel, self.stride, dilation)
-        left, right = same_padding(x.shape[-1], kernel, self.stride, dilation)
-        if top == bottom and left == right:
-            padding = (top, left)
-        else:
-            x = F.pad(x, (left, right, top, bottom))
-            padding = (0, 0)
-        return F.conv2d(x, conv.weight, conv.bias, self.stride, padding, conv.dilation, conv.groups)
+    def _strided_convolution(self, x: torch.Tensor) -> torch.Tensor:
+        conv, stride = self.convolution, self.stride
+        (top, bottom), (left, right) = (same_padding(n, conv.kernel_size[0], stride) for n in x.shape[-2:])
+        weight, padding = conv.weight, (top, left)
+        if (top, left) != (bottom, right):  # one more row (column) after than before
+            if conv.groups == 1:
+                x, padding = F.pad(x, (left, right, top, bottom)), (0, 0)
+            else:
+                weight, padding = F.pad(weight, (1, 0, 1, 0)), (top + 1, left + 1)
+        return F.conv2d(x, weight, conv.bias, stride, padding, 1, conv.groups)
 
     @torch.no_grad()
     def fuse(self) -> None:

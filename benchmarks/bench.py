@@ -1,0 +1,433 @@
+"""Speed of the TF-exact model against transformers' port and a plain MobileNetV2, and the cost of converting.
+
+    python benchmarks/bench.py [--quick] [--only eager,compile,onnx,convert] [--strict]
+
+Every comparison runs in this one process, interleaved: each round times every candidate once, in turn,
+and the table reports the median over rounds. A shared machine's slow drifts then hit all candidates
+alike; ratios of medians are what the targets check. Writes reports/bench.json and reports/bench.md.
+
+"plain" is a MobileNetV2 with the same layers but torchvision-style symmetric padding (padding=1 on
+every 3x3 conv): the speed a TF-exact model can hope for. "fused" models have their BatchNorms folded
+into the convolutions (`model.fuse()` for ours); fused models are only compared with fused models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mobilenet_torch import MobileNetV2Config, MobileNetV2ForImageClassification  # noqa: E402
+from mobilenet_torch.modeling import BLOCKS, LAST_CHANNELS, STEM_CHANNELS, STEM_OUT_CHANNELS  # noqa: E402
+
+THREADS = 2
+SIZE = 224
+BIG_BATCH = 32
+CHANNELS_LAST = torch.channels_last
+HEAVY_MODULES = ("tensorflow", "transformers", "onnx", "onnxruntime", "torch")
+FIXTURE = "mobilenet_v2_1.0_224"
+
+
+@dataclass
+class Timing:
+    section: str
+    case: str
+    batch: int
+    median_ms: float
+    rounds: int
+
+
+@dataclass
+class Target:
+    name: str
+    value: float
+    limit: float
+    unit: str = "x"
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.value <= self.limit
+
+
+# --- the plain reference --------------------------------------------------------------------------
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True):
+    layers = [
+        nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_channels, eps=1e-3),
+    ]
+    return nn.Sequential(*layers, *([nn.ReLU6(inplace=True)] if act else []))
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, in_channels: int, expanded: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.residual = stride == 1 and in_channels == out_channels
+        expand = [conv_bn(in_channels, expanded, 1)] if expanded != in_channels else []
+        self.conv = nn.Sequential(
+            *expand,
+            conv_bn(expanded, expanded, 3, stride, groups=expanded),
+            conv_bn(expanded, out_channels, 1, act=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class PlainMobileNetV2(nn.Module):
+    """MobileNetV2 (depth 1.0) as torchvision writes it: symmetric padding inside every conv."""
+
+    def __init__(self, num_labels: int = 1001) -> None:
+        super().__init__()
+        layers = [conv_bn(3, STEM_CHANNELS, 3, 2), PlainBlock(STEM_CHANNELS, STEM_CHANNELS, STEM_OUT_CHANNELS, 1)]
+        channels = STEM_OUT_CHANNELS
+        for expansion, out_channels, stride in BLOCKS:
+            layers.append(PlainBlock(channels, channels * expansion, out_channels, stride))
+            channels = out_channels
+        layers.append(conv_bn(channels, LAST_CHANNELS, 1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(LAST_CHANNELS, num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+    @torch.no_grad()
+    def fuse(self) -> PlainMobileNetV2:
+        """Fold each BatchNorm into the conv before it (as `fuse()` does for ours)."""
+        for module in self.modules():
+            if isinstance(module, nn.Sequential) and len(module) >= 2 and isinstance(module[1], nn.BatchNorm2d):
+                conv, norm = module[0], module[1]
+                scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(norm.bias - norm.running_mean * scale)
+                module[1] = nn.Identity()
+        return self.eval()
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per candidate, timing each candidate once per round, in turn."""
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.inference_mode():
+        for run in candidates.values():
+            for _ in range(warmup):
+                run()
+        for _ in range(rounds):
+            for name, run in candidates.items():
+                started = time.perf_counter()
+                run()
+                samples[name].append(time.perf_counter() - started)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def record(timings: list[Timing], section: str, batch: int, medians: dict[str, float], rounds: int) -> None:
+    timings.extend(Timing(section, case, batch, seconds * 1e3, rounds) for case, seconds in medians.items())
+
+
+def models() -> dict[str, nn.Module]:
+    import transformers
+
+    torch.manual_seed(0)
+    ours = MobileNetV2ForImageClassification(MobileNetV2Config()).eval()
+    hf_config = transformers.MobileNetV2Config(tf_padding=True, num_labels=1001)
+    theirs = transformers.MobileNetV2ForImageClassification(hf_config).eval()
+    theirs.load_state_dict(ours.state_dict())
+    plain = PlainMobileNetV2().eval()
+    return {
+        "transformers tf_padding (NCHW)": theirs,
+        "transformers tf_padding (channels_last)": copy.deepcopy(theirs).to(memory_format=CHANNELS_LAST),
+        "ours (NCHW)": ours,
+        "ours (channels_last)": copy.deepcopy(ours).to(memory_format=CHANNELS_LAST),
+        "plain (channels_last)": copy.deepcopy(plain).to(memory_format=CHANNELS_LAST),
+        "ours fused (channels_last)": copy.deepcopy(ours).fuse().to(memory_format=CHANNELS_LAST),
+        "plain fused (channels_last)": copy.deepcopy(plain).fuse().to(memory_format=CHANNELS_LAST),
+    }
+
+
+def images(batch: int, model_name: str) -> torch.Tensor:
+    x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
+    return x.contiguous(memory_format=CHANNELS_LAST) if "channels_last" in model_name else x
+
+
+def parity(nets: dict[str, nn.Module]) -> float:
+    """Max abs difference between the final feature maps of every variant of ours and transformers'
+    (a sanity check of the comparison: the models must compute the same function)."""
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = nets["transformers tf_padding (NCHW)"].mobilenet_v2(x).last_hidden_state
+        return max(
+            float((net.mobilenet_v2(x).last_hidden_state - reference).abs().max())
+            for name, net in nets.items()
+            if name.startswith("ours")
+        )
+
+
+def logits_of(net: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    return lambda: net(x)
+
+
+# --- sections -------------------------------------------------------------------------------------
+
+
+def eager(rounds: dict[int, int], timings: list[Timing], targets: list[Target]) -> None:
+    nets = models()
+    targets.append(Target("eager: max abs diff, ours vs transformers features", parity(nets), 1e-5, unit=""))
+    for batch, count in rounds.items():
+        candidates = {name: logits_of(net, images(batch, name)) for name, net in nets.items()}
+        if batch != BIG_BATCH:
+            candidates = {name: run for name, run in candidates.items() if "transformers" not in name}
+        medians = interleaved(candidates, count)
+        record(timings, "eager", batch, medians, count)
+        ours, plain = medians["ours (channels_last)"], medians["plain (channels_last)"]
+        fused, plain_fused = medians["ours fused (channels_last)"], medians["plain fused (channels_last)"]
+        if batch == BIG_BATCH:
+            theirs = medians["transformers tf_padding (NCHW)"]
+            targets.append(Target(f"eager b{batch}: ours (CL) / transformers", ours / theirs, 0.6))
+            targets.append(Target(f"eager b{batch}: ours fused (CL) / transformers", fused / theirs, 0.6))
+        targets.append(Target(f"eager b{batch}: ours (CL) / plain (CL)", ours / plain, 1.10))
+        targets.append(Target(f"eager b{batch}: ours fused (CL) / plain fused (CL)", fused / plain_fused, 1.10))
+
+
+def compiled(rounds: int, timings: list[Timing], targets: list[Target]) -> None:
+    nets = models()
+    batch = BIG_BATCH
+    candidates, compile_seconds = {}, {}
+    for name in ("ours (channels_last)", "plain (channels_last)"):
+        model, x = torch.compile(nets[name]), images(batch, name)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model(x)
+        compile_seconds[name] = time.perf_counter() - started
+        candidates[f"compiled {name}"] = logits_of(model, x)
+    medians = interleaved(candidates, rounds)
+    record(timings, "torch.compile", batch, medians, rounds)
+    ratio = medians["compiled ours (channels_last)"] / medians["compiled plain (channels_last)"]
+    seconds = ", ".join(f"{name.split()[0]} {s:.0f} s" for name, s in compile_seconds.items())
+    targets.append(Target(f"torch.compile b{batch}: ours / plain", ratio, 1.10, note=f"first call {seconds}"))
+
+
+def onnx(rounds: dict[int, int], timings: list[Timing], targets: list[Target]) -> None:
+    import onnxruntime
+
+    from converter.onnx_export import export_module, export_onnx
+
+    torch.manual_seed(0)
+    ours = MobileNetV2ForImageClassification(MobileNetV2Config()).eval()
+    plain = PlainMobileNetV2().eval()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    with tempfile.TemporaryDirectory() as folder:
+        export_onnx(ours, Path(folder, "ours.onnx"))
+        export_module(plain, torch.zeros(2, 3, SIZE, SIZE), Path(folder, "plain.onnx"))
+        providers = ["CPUExecutionProvider"]
+        sessions = {
+            name: onnxruntime.InferenceSession(str(Path(folder, f"{name}.onnx")), options, providers=providers)
+            for name in ("ours", "plain")
+        }
+    for batch, count in rounds.items():
+        x = images(batch, "NCHW").numpy()
+        candidates = {f"onnxruntime {name}": _ort_run(session, x) for name, session in sessions.items()}
+        medians = interleaved(candidates, count)
+        record(timings, "onnxruntime", batch, medians, count)
+        ratio = medians["onnxruntime ours"] / medians["onnxruntime plain"]
+        targets.append(Target(f"onnxruntime b{batch}: ours / plain", ratio, 1.10))
+
+
+def _ort_run(session, x) -> Callable[[], object]:
+    return lambda: session.run(None, {"pixel_values": x})
+
+
+def convert(rounds: int, checkpoint: Path, timings: list[Timing], targets: list[Target]) -> None:
+    if not checkpoint.is_file():
+        targets.append(Target("conversion", float("nan"), 0, note=f"skipped: {checkpoint} is missing"))
+        return
+    script = Path(sys.executable).with_name("convert-mobilenet")
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder, "out")
+        commands = {
+            'python -c "import torch"': [sys.executable, "-c", "import torch"],
+            "convert-mobilenet": [str(script), "--checkpoint", str(checkpoint), "--output", str(output), "--force"],
+        }
+        samples = {name: [] for name in commands}
+        for _ in range(rounds):
+            for name, command in commands.items():
+                samples[name].append(run_measured(command))
+        imported = modules_imported_by_conversion(checkpoint, output)
+    wall = {name: statistics.median(s[0] for s in runs) for name, runs in samples.items()}
+    rss = {name: statistics.median(s[1] for s in runs) for name, runs in samples.items()}
+    for name in commands:
+        timings.append(Timing("conversion (wall)", name, 1, wall[name] * 1e3, rounds))
+    size = checkpoint_bytes(checkpoint)
+    torch_import, conversion = 'python -c "import torch"', "convert-mobilenet"
+    targets.append(Target("conversion wall / import torch wall", wall[conversion] / wall[torch_import], 1.5))
+    rss_limit = rss[torch_import] + 3 * size
+    targets.append(
+        Target(
+            "conversion peak RSS (MiB)",
+            rss[conversion] / 2**20,
+            rss_limit / 2**20,
+            unit=" MiB",
+            note=f"limit: import torch {rss[torch_import] / 2**20:.0f} MiB + 3 x checkpoint {size / 2**20:.1f} MiB",
+        )
+    )
+    note = f"heavy packages imported: {', '.join(imported) or 'none'}"
+    targets.append(Target("conversion imports tensorflow (1 = yes)", float("tensorflow" in imported), 0, "", note))
+
+
+# Runs one command from a small, fresh interpreter: the child's peak RSS then cannot include pages it
+# shared with this (large) process before exec, and the start-up of this launcher is not timed.
+LAUNCHER = """
+import json, resource, subprocess, sys, time
+started = time.perf_counter()
+result = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+wall = time.perf_counter() - started
+if result.returncode:
+    sys.exit(result.stderr.decode(errors="replace")[-2000:])
+print(json.dumps([wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))
+"""
+
+
+def run_measured(command: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one run of `command`."""
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{command[0]} failed: {result.stderr}")
+    wall, rss = json.loads(result.stdout)
+    return wall, rss
+
+
+def modules_imported_by_conversion(checkpoint: Path, output: Path) -> list[str]:
+    """Top-level heavy packages present in sys.modules after a conversion, in a fresh interpreter."""
+    code = (
+        "import json, sys\n"
+        "from converter.cli import convert_main\n"
+        f"convert_main({['--checkpoint', str(checkpoint), '--output', str(output), '--force']!r}, "
+        "standalone_mode=False)\n"
+        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({list(HEAVY_MODULES)!r}))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def checkpoint_bytes(archive: Path) -> int:
+    """Bytes of the checkpoint itself (the .data and .index files) inside a zoo archive."""
+    with tarfile.open(archive) as tar:
+        return sum(m.size for m in tar.getmembers() if ".ckpt.data-" in m.name or m.name.endswith(".ckpt.index"))
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, object]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("transformers", "onnxruntime", "onnx"):
+        with contextlib.suppress(ImportError):
+            versions[name] = __import__(name).__version__
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+        "versions": versions,
+        "image_size": SIZE,
+    }
+
+
+def markdown(info: dict[str, object], timings: list[Timing], targets: list[Target]) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    lines = [
+        "# Benchmark",
+        "",
+        f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, {info['torch_threads']} threads "
+        f"(torch and onnxruntime); load average {info['load_average_at_start']} at start, "
+        f"{info.get('load_average_at_end')} at end. {versions}. Images {SIZE}x{SIZE}, float32.",
+        "",
+        "| section | case | batch | median ms | rounds |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [f"| {t.section} | {t.case} | {t.batch} | {t.median_ms:.1f} | {t.rounds} |" for t in timings]
+    lines += ["", "| target | value | limit | result | note |", "|---|---:|---:|---|---|"]
+    for t in targets:
+        result = "SKIP" if t.value != t.value else ("PASS" if t.passed else "FAIL")
+        value = "-" if t.value != t.value else f"{t.value:.3g}{t.unit}"
+        note = t.note.replace("|", "/").replace("\n", " ")
+        lines.append(f"| {t.name} | {value} | {t.limit:.3g}{t.unit} | {result} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="eager,compile,onnx,convert", help="comma-separated sections")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help=f"zoo archive of {FIXTURE} to convert")
+    parser.add_argument("--reports", type=Path, default=REPO / "reports")
+    parser.add_argument("--strict", action="store_true", help="exit 1 unless every target passes")
+    args = parser.parse_args(argv)
+    sections = set(args.only.split(","))
+    torch.set_num_threads(THREADS)
+    scale = 3 if args.quick else 1
+    fixtures = Path(os.environ.get("MOBILENET_FIXTURES", REPO / ".cache" / "fixtures"))
+    checkpoint = args.checkpoint or fixtures / FIXTURE / f"{FIXTURE}.tgz"
+
+    info, timings, targets = machine(), [], []
+    runs = {
+        "eager": lambda: eager({BIG_BATCH: 11 // scale, 1: 150 // scale}, timings, targets),
+        "compile": lambda: compiled(11 // scale, timings, targets),
+        "onnx": lambda: onnx({BIG_BATCH: 15 // scale, 1: 150 // scale}, timings, targets),
+        "convert": lambda: convert(7 // scale + 1, checkpoint, timings, targets),
+    }
+    for name, run in runs.items():
+        if name not in sections:
+            continue
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # the ONNX exporter's progress lines
+                run()
+        except Exception as error:  # one section failing (no compiler for inductor, ...) spoils no other
+            targets.append(Target(f"{name}: did not run", float("nan"), 0, note=f"{type(error).__name__}: {error}"))
+    info["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+
+    report = markdown(info, timings, targets)
+    print(report)
+    args.reports.mkdir(parents=True, exist_ok=True)
+    (args.reports / "bench.md").write_text(report)
+    data = {
+        "machine": info,
+        "timings": [asdict(t) for t in timings],
+        "targets": [{**asdict(t), "passed": t.passed} for t in targets],
+    }
+    (args.reports / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
+    return 1 if args.strict and not all(t.passed for t in targets) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

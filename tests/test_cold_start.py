@@ -1,0 +1,48 @@
+"""Cold start: importing the model package and asking the CLI for help load nothing heavy they do not need.
+
+Each check runs in a fresh interpreter and lists the heavy top-level packages left in sys.modules.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+NEVER = {"tensorflow", "transformers", "onnx", "onnxruntime", "onnxscript"}
+REPORT = "import json, sys; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+
+
+def imported_after(code: str) -> set[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", f"{code}\n{REPORT}"], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import mobilenet_torch",
+        "from mobilenet_torch import MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation",
+    ],
+)
+def test_the_model_package_imports_no_tensorflow_transformers_or_onnx(code):
+    assert not imported_after(code) & NEVER
+
+
+@pytest.mark.parametrize("command", ["convert_main", "verify_main"])
+def test_cli_help_imports_neither_torch_nor_tensorflow(command):
+    code = (
+        f"from converter.cli import {command}\n"
+        "try:\n"
+        f"    {command}(['--help'])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+    )
+    assert not imported_after(code) & (NEVER | {"torch", "numpy"})
