@@ -29,3 +29,19 @@ def to_torch(images: np.ndarray):
 def to_nhwc(tensor) -> np.ndarray:
     array = tensor.detach().numpy()
     return array.transpose(0, 2, 3, 1) if array.ndim == 4 else array
+
+
+def with_random_batchnorm(model):
+    """BatchNorm statistics and affine terms away from the identity (seeded), so every layer matters
+    and folding them is actually exercised. Returns the model in eval mode."""
+    import torch
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+    return model.eval()

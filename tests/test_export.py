@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mobilenet_torch import MobileNetV2Config, MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation
+from tests.helpers import with_random_batchnorm
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -27,15 +28,7 @@ MODELS = {
 def build(kind: str):
     cls, options, size = MODELS[kind]
     torch.manual_seed(0)
-    model = cls(MobileNetV2Config(depth_multiplier=0.35, **options))
-    with torch.no_grad():  # BatchNorm statistics away from the identity, so every layer matters
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0, 0.2)
-    return model.eval(), size
+    return with_random_batchnorm(cls(MobileNetV2Config(depth_multiplier=0.35, **options))), size
 
 
 def images(batch: int, size: int) -> torch.Tensor:

@@ -9,24 +9,12 @@ import pytest
 import torch
 
 from mobilenet_torch import MobileNetV2Config, MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation
+from tests.helpers import with_random_batchnorm
 
 transformers = pytest.importorskip("transformers")
 
 SIZES = [(224, 224), (97, 97), (160, 192)]
 VOC = {i: str(i) for i in range(21)}
-
-
-def randomized(model):
-    """BatchNorm statistics away from the identity, so that folding them is actually exercised."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0, 0.2)
-    return model.eval()
 
 
 def variants(model) -> dict[str, tuple[torch.nn.Module, torch.memory_format]]:
@@ -41,7 +29,7 @@ def variants(model) -> dict[str, tuple[torch.nn.Module, torch.memory_format]]:
 
 @pytest.fixture(scope="module")
 def classifiers():
-    ours = randomized(MobileNetV2ForImageClassification(MobileNetV2Config()))
+    ours = with_random_batchnorm(MobileNetV2ForImageClassification(MobileNetV2Config()))
     theirs = transformers.MobileNetV2ForImageClassification(
         transformers.MobileNetV2Config(tf_padding=True, num_labels=1001)
     ).eval()
@@ -52,7 +40,7 @@ def classifiers():
 @pytest.fixture(scope="module")
 def segmenters():
     config = MobileNetV2Config(depth_multiplier=0.5, output_stride=8, id2label=VOC)
-    ours = randomized(MobileNetV2ForSemanticSegmentation(config))
+    ours = with_random_batchnorm(MobileNetV2ForSemanticSegmentation(config))
     hf_config = transformers.MobileNetV2Config(depth_multiplier=0.5, output_stride=8, tf_padding=True, num_labels=21)
     theirs = transformers.MobileNetV2ForSemanticSegmentation(hf_config).eval()
     theirs.load_state_dict({**ours.state_dict(), **ours.transformers_placeholders()})

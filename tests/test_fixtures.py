@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import math
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from fixtures.spec import (  # noqa: E402
+from fixtures.spec import (
     ZOO_CLASSIFICATION,
     ZOO_DEEPLAB,
     architecture,
@@ -25,13 +20,14 @@ from fixtures.spec import (  # noqa: E402
     make_weights,
     model_variables,
 )
+from tests.helpers import SHARED
 
 tf = pytest.importorskip("tensorflow")
 
 from fixtures import tf_builder as tb  # noqa: E402
 from fixtures.cache import ensure_fixture  # noqa: E402
 
-INVENTORIES = REPO.parent / "shared" / "reference" / "inventories"
+INVENTORIES = SHARED / "reference" / "inventories"
 INVENTORY_FILES = sorted(INVENTORIES.glob("*.tsv")) if INVENTORIES.is_dir() else []
 
 
