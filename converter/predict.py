@@ -19,7 +19,8 @@ import click
 import numpy as np
 
 from .cli import report_errors
-from .errors import ImageError, OutputError
+from .errors import OutputError
+from .images import open_image, preprocess
 
 SEGMENTATION_SUFFIX = "_segmentation.png"
 OVERLAY_ALPHA = 0.55
@@ -61,57 +62,11 @@ def load_model(folder: str | Path) -> LoadedModel:
     return LoadedModel(model, segmentation, dict(model.config.id2label), preprocessing)
 
 
-def open_image(path: str | Path):
-    """An RGB Pillow image, or an `ImageError` saying why not."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        raise ImageError("predict-mobilenet needs Pillow: pip install pillow") from None
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise ImageError(f"{path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ImageError(f"cannot read the image {path} ({error})") from None
-
-
-def preprocess(image, preprocessing: dict[str, Any], crop: bool = True):
-    """NCHW float tensor in [-1, 1], as `MobileNetV2ImageProcessor` makes it (resize, crop, rescale,
-    normalize), from a Pillow RGB image."""
+def _pixels(image, preprocessing: dict[str, Any], crop: bool = True):
+    """A batch of one image for the model (NCHW tensor)."""
     import torch
-    from PIL import Image
 
-    if preprocessing.get("do_resize", True):
-        shortest = int((preprocessing.get("size") or {}).get("shortest_edge", 256))
-        width, height = image.size
-        short, long = min(width, height), max(width, height)
-        other = int(shortest * long / short)
-        new_size = (shortest, other) if width <= height else (other, shortest)
-        image = image.resize(new_size, Image.Resampling(int(preprocessing.get("resample", 2))))
-    array = np.asarray(image, dtype=np.float32)
-    if crop and preprocessing.get("do_center_crop", True):
-        crop_size = preprocessing.get("crop_size") or {}
-        array = _center_crop(array, int(crop_size.get("height", 224)), int(crop_size.get("width", 224)))
-    if preprocessing.get("do_rescale", True):
-        array = array * float(preprocessing.get("rescale_factor", 1 / 255))
-    if preprocessing.get("do_normalize", True):
-        mean = np.asarray(preprocessing.get("image_mean", [0.5] * 3), dtype=np.float32)
-        std = np.asarray(preprocessing.get("image_std", [0.5] * 3), dtype=np.float32)
-        array = (array - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32))[None]
-
-
-def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Center crop; pads with zeros (black) where the image is smaller, as transformers does."""
-    h, w = array.shape[:2]
-    if h < height or w < width:
-        padded = np.zeros((max(h, height), max(w, width), array.shape[2]), array.dtype)
-        top, left = (padded.shape[0] - h) // 2, (padded.shape[1] - w) // 2
-        padded[top : top + h, left : left + w] = array
-        array, h, w = padded, padded.shape[0], padded.shape[1]
-    top, left = (h - height) // 2, (w - width) // 2
-    return array[top : top + height, left : left + width]
+    return torch.from_numpy(preprocess(image, preprocessing, crop))[None]
 
 
 def classify(loaded: LoadedModel, image, top: int = 5) -> list[tuple[str, float]]:
@@ -119,7 +74,7 @@ def classify(loaded: LoadedModel, image, top: int = 5) -> list[tuple[str, float]
     import torch
 
     with torch.inference_mode():
-        logits = loaded.model(preprocess(image, loaded.preprocessing)).logits
+        logits = loaded.model(_pixels(image, loaded.preprocessing)).logits
     if logits.ndim == 4:  # fixed 7x7 pooling on a larger map: average the map of logits
         logits = logits.mean(dim=(2, 3))
     probabilities = logits.float().softmax(-1)[0]
@@ -133,7 +88,7 @@ def segment(loaded: LoadedModel, image) -> np.ndarray:
     from PIL import Image
 
     with torch.inference_mode():
-        labels = loaded.model.predict_labels(preprocess(image, loaded.preprocessing, crop=False))[0]
+        labels = loaded.model.predict_labels(_pixels(image, loaded.preprocessing, crop=False))[0]
     labels = labels.to(torch.int32).numpy()
     if labels.shape != (image.height, image.width):
         resized = Image.fromarray(labels).resize(image.size, Image.Resampling.NEAREST)

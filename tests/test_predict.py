@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from converter.predict import load_model, palette, predict_main, preprocess
+from converter.images import preprocess
+from converter.predict import load_model, palette, predict_main
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 IMAGES = SHARED / "realdata" / "images"
@@ -55,7 +56,7 @@ def test_preprocessing_matches_transformers_image_processor(classifier_folder: P
 
     processor = transformers.AutoImageProcessor.from_pretrained(classifier_folder)
     image = Image.open(images / "grace_hopper.bmp").convert("RGB")  # not square
-    ours = preprocess(image, load_model(classifier_folder).preprocessing).numpy()
+    ours = preprocess(image, load_model(classifier_folder).preprocessing)[None]
     theirs = processor(images=image, return_tensors="np")["pixel_values"]
     assert ours.shape == theirs.shape == (1, 3, 96, 96)
     assert np.abs(ours - theirs).max() < 1e-5

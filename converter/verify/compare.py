@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConverterError, ModelFolderError, VerificationError
+from ..errors import ConverterError, ImageError, ModelFolderError, VerificationError
+from ..export import preprocessor_config
+from ..images import open_image, preprocess
 from ..mapping import CLASSIFICATION, DEEPLAB, endpoints_for
 from ..sources import file_sha256
 
@@ -203,7 +205,11 @@ def make_inputs(
             ]
         else:
             path = Path(spec)
-            pixels = preprocess_image(path, kind, size, preprocessing)
+            settings = preprocessing or preprocessor_config(size, segmentation=kind == DEEPLAB)
+            try:
+                pixels = preprocess(open_image(path), settings)
+            except ImageError as error:
+                raise VerificationError(str(error)) from None
             cases.append(InputCase(f"image-{path.name}", f"{path.name}, preprocessed", pixels[None]))
     names = [case.name for case in cases]
     return [case for i, case in enumerate(cases) if case.name not in names[:i]]
@@ -212,36 +218,6 @@ def make_inputs(
 def random_case(name: str, batch: int, height: int, width: int, seed: int) -> InputCase:
     pixels = np.random.default_rng(seed).uniform(-1.0, 1.0, (batch, 3, height, width)).astype(np.float32)
     return InputCase(name, f"uniform [-1, 1], seed {seed}, batch {batch}", pixels)
-
-
-def preprocess_image(path: Path, kind: str, size: int, preprocessing: dict[str, Any] | None = None) -> np.ndarray:
-    """CHW float32 in [-1, 1]: resize the shortest edge (bilinear; size + 32 for classifiers, the folder's
-    preprocessor_config.json if it says otherwise), center crop to the crop size, x / 127.5 - 1."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        raise VerificationError(
-            "image inputs need Pillow; install it with: pip install 'mobilenet-convert[verify]'"
-        ) from None
-    settings = preprocessing or {}
-    shortest = (settings.get("size") or {}).get("shortest_edge") or (size + 32 if kind == CLASSIFICATION else size)
-    crop = settings.get("crop_size") or {}
-    crop_h, crop_w = crop.get("height", size), crop.get("width", size)
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            width, height = image.size
-            if width <= height:
-                new_w, new_h = shortest, int(shortest * height / width)
-            else:
-                new_w, new_h = int(shortest * width / height), shortest
-            image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-            pixels = np.asarray(image, dtype=np.float32)
-    except (OSError, UnidentifiedImageError) as error:
-        raise VerificationError(f"cannot read the image {path} ({error})") from None
-    top, left = max(0, (new_h - crop_h) // 2), max(0, (new_w - crop_w) // 2)
-    pixels = pixels[top : top + crop_h, left : left + crop_w]
-    return np.ascontiguousarray((pixels / 127.5 - 1.0).transpose(2, 0, 1), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------- compare
