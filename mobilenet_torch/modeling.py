@@ -275,13 +275,17 @@ class DeepLabV3Head(nn.Module):
         self.classifier = ConvLayer(HEAD_CHANNELS, config.num_labels, 1, bias=True, norm_eps=None, activation=None)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(self.conv_projection(self.branches(features))))
+        return self.endpoints(features)["logits"]
 
-    def branches(self, features: torch.Tensor) -> torch.Tensor:
+    def endpoints(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every head tensor by its DeepLab name, each computed once."""
         pooled = self.conv_pool(F.adaptive_avg_pool2d(features, 1))
+        aspp = self.conv_aspp(features)
         # Bilinear resize of a 1x1 map is a broadcast; expand() avoids the interpolation kernel.
-        pooled = pooled.expand(-1, -1, features.shape[-2], features.shape[-1])
-        return torch.cat([pooled, self.conv_aspp(features)], dim=1)
+        spread = pooled.expand(-1, -1, features.shape[-2], features.shape[-1])
+        projection = self.conv_projection(torch.cat([spread, aspp], dim=1))
+        logits = self.classifier(self.dropout(projection))
+        return {"image_pooling": pooled, "aspp0": aspp, "concat_projection": projection, "logits": logits}
 
 
 class MobileNetV2ForSemanticSegmentation(MobileNetV2PreTrainedModel):
@@ -316,12 +320,7 @@ class MobileNetV2ForSemanticSegmentation(MobileNetV2PreTrainedModel):
             backbone_names.append(BLOCK_ENDPOINTS[-1])
         features = self.mobilenet_v2.extract_features(pixel_values, backbone_names)
         if head_names:
-            head = self.segmentation_head
-            x = features[BLOCK_ENDPOINTS[-1]]
-            features["image_pooling"] = head.conv_pool(F.adaptive_avg_pool2d(x, 1))
-            features["aspp0"] = head.conv_aspp(x)
-            features["concat_projection"] = head.conv_projection(head.branches(x))
-            features["logits"] = head.classifier(features["concat_projection"])
+            features.update(self.segmentation_head.endpoints(features[BLOCK_ENDPOINTS[-1]]))
         return {name: features[name] for name in names}
 
     def transformers_placeholders(self) -> dict[str, torch.Tensor]:
