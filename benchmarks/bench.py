@@ -232,7 +232,7 @@ def compiled(rounds: int, timings: list[Timing], targets: list[Target]) -> None:
 def onnx(rounds: dict[int, int], timings: list[Timing], targets: list[Target]) -> None:
     import onnxruntime
 
-    from converter.onnx_export import export_module, export_onnx
+    from converter.app.onnx_export import export_module, export_onnx
 
     torch.manual_seed(0)
     ours = MobileNetV2ForImageClassification(MobileNetV2Config()).eval()
@@ -324,7 +324,7 @@ def modules_imported_by_conversion(checkpoint: Path, output: Path) -> list[str]:
     """Top-level heavy packages present in sys.modules after a conversion, in a fresh interpreter."""
     code = (
         "import json, sys\n"
-        "from converter.cli import convert_main\n"
+        "from converter.app.cli import convert_main\n"
         f"convert_main({['--checkpoint', str(checkpoint), '--output', str(output), '--force']!r}, "
         "standalone_mode=False)\n"
         f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({list(HEAVY_MODULES)!r}))))\n"

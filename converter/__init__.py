@@ -10,7 +10,7 @@ __all__ = ["__version__", "convert_checkpoint"]
 
 def __getattr__(name: str):
     if name == "convert_checkpoint":
-        from .convert import convert_checkpoint
+        from converter.pipeline.convert import convert_checkpoint
 
         return convert_checkpoint
     raise AttributeError(f"module 'converter' has no attribute {name!r}")

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ImageError
+from converter.errors import ImageError
 
 
 def open_image(path: str | Path):

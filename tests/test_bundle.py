@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converter.bundle import TensorBundle, masked_crc32c, read_checkpoint
 from converter.errors import CheckpointFormatError, ChecksumError, ConverterError, SourceError, UnsupportedDTypeError
+from converter.formats.tf_bundle import TensorBundle, masked_crc32c, read_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -348,7 +348,7 @@ def test_reader_works_without_tensorflow(tf, small_ckpt):
                     raise ImportError("tensorflow is blocked in this test")
 
         sys.meta_path.insert(0, NoTensorFlow())
-        from converter.bundle import read_checkpoint
+        from converter.formats.tf_bundle import read_checkpoint
         tensors = read_checkpoint(sys.argv[1])
         leaked = [name for name in sys.modules if name.split(".")[0] == "tensorflow"]
         assert not leaked, leaked

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from converter.card import render_card, write_model_card
+from converter.output.card import render_card, write_model_card
 
 NAME = "mobilenet_v2_0.35_96"
 

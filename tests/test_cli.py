@@ -20,7 +20,7 @@ EXPECTED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json"
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", "from converter.cli import convert_main; convert_main()", *map(str, args)]
+    command = [sys.executable, "-c", "from converter.app.cli import convert_main; convert_main()", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -176,7 +176,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_racing_conversions_leave_one_complete_output(small, tmp_path):
     out = tmp_path / "model"
-    command = [sys.executable, "-c", "from converter.cli import convert_main; convert_main()",
+    command = [sys.executable, "-c", "from converter.app.cli import convert_main; convert_main()",
                "--checkpoint", str(small.tarball), "--output", str(out), "--force"]  # fmt: skip
     racers = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     codes = [racer.wait(timeout=300) for racer in racers]

@@ -39,7 +39,7 @@ def test_the_model_package_imports_no_tensorflow_transformers_or_onnx(code):
 @pytest.mark.parametrize("command", ["convert_main", "verify_main"])
 def test_cli_help_imports_neither_torch_nor_tensorflow(command):
     code = (
-        f"from converter.cli import {command}\n"
+        f"from converter.app.cli import {command}\n"
         "try:\n"
         f"    {command}(['--help'])\n"
         "except SystemExit as exit:\n"

@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from converter import download, zoo
-from converter.cli import convert_main
-from converter.download import DownloadError, RetryPolicy, fetch
+from converter.app.cli import convert_main
+from converter.zoo.download import DownloadError, RetryPolicy, fetch
 from tests.helpers import REPO
 from tests.zoo_server import ZooServer, closed_port, running_zoo_server
 
@@ -149,7 +149,7 @@ def test_a_transient_500_is_retried(zoo_server: ZooServer, tmp_path):
         calls.append(seconds)
         zoo_server.status.pop(ENTRY.filename, None)
 
-    import converter.download as module
+    import converter.zoo.download as module
 
     original = module.time.sleep
     module.time.sleep = sleep
@@ -210,7 +210,7 @@ def test_sizes_and_checksums_known_to_the_table_are_enforced(zoo_server: ZooServ
 # --------------------------------------------------------------------------------- convert-mobilenet
 def _run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
     return subprocess.run(
-        [sys.executable, "-c", "from converter.cli import convert_main; convert_main()", *args],
+        [sys.executable, "-c", "from converter.app.cli import convert_main; convert_main()", *args],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO), **FAST_ENV, **(env or {})},

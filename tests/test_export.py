@@ -15,7 +15,7 @@ from tests.helpers import with_random_batchnorm
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
-from converter.onnx_export import ONNX_NAME, export_onnx  # noqa: E402
+from converter.app.onnx_export import ONNX_NAME, export_onnx  # noqa: E402
 
 # Even sizes take TF's asymmetric padding (the path that differs from a plain PyTorch conv); 66 at
 # output stride 8 also runs the dilated blocks and the head on a 9x9 map.
@@ -112,7 +112,7 @@ def test_convert_with_onnx_writes_a_runnable_model(tmp_path):
 
     small = ensure_fixture("mobilenet_v2_0.35_96")
     out = tmp_path / "model"
-    command = [sys.executable, "-c", "from converter.cli import convert_main; convert_main()"]
+    command = [sys.executable, "-c", "from converter.app.cli import convert_main; convert_main()"]
     args = ["--checkpoint", str(small.tarball), "--output", str(out), "--onnx"]
     result = subprocess.run(command + args, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from converter import convert_checkpoint
-from converter.mapping import endpoints_for
+from converter.pipeline.table import endpoints_for
 from fixtures.cache import ensure_fixture
 from mobilenet_torch import ENDPOINTS, MobileNetV2Backbone, MobileNetV2ForImageClassification
 from tests.helpers import logit_tolerance, random_images, to_nhwc, to_torch

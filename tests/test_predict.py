@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from converter.app.predict import load_model, palette, predict_main
 from converter.images import preprocess
-from converter.predict import load_model, palette, predict_main
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 IMAGES = SHARED / "realdata" / "images"

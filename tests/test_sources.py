@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from converter.errors import SourceError, UnsafeArchiveError
-from converter.sources import CheckpointSource, open_source
+from converter.formats.files import CheckpointSource, open_source
 
 ZOO_NAME = "mobilenet_v2_1.0_224"
 ZOO_FILES = [
@@ -322,7 +322,7 @@ def test_garbage_archives(tmp_path, content):
 
 def test_real_checkpoint_through_an_archive(tmp_path):
     tf = pytest.importorskip("tensorflow")
-    from converter.bundle import read_checkpoint
+    from converter.formats.tf_bundle import read_checkpoint
 
     prefix = tmp_path / "ckpt" / f"{ZOO_NAME}.ckpt"
     weights = np.arange(24, dtype=np.float32).reshape(2, 3, 4)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from converter.mapping import endpoints_for
+from converter.pipeline.table import endpoints_for
 from tests.helpers import REPO
 
 pytest.importorskip("tensorflow")
@@ -41,7 +41,7 @@ def small_model(small, tmp_path_factory) -> Path:
 
 
 def verify(*args: str):
-    from converter.cli import verify_main
+    from converter.app.cli import verify_main
 
     return CliRunner().invoke(verify_main, [str(arg) for arg in args], catch_exceptions=False)
 
@@ -191,7 +191,7 @@ def test_deeplab_frozen_graph_passes_at_os8(tmp_path):
 
 
 def test_convert_with_verify(small, tmp_path):
-    from converter.cli import convert_main
+    from converter.app.cli import convert_main
 
     output = tmp_path / "converted"
     args = ["--checkpoint", str(small.tarball), "--output", str(output), "--verify"]
@@ -204,7 +204,7 @@ def test_convert_with_verify(small, tmp_path):
 
 
 def test_report_dir_needs_verify(small, tmp_path):
-    from converter.cli import convert_main
+    from converter.app.cli import convert_main
 
     args = ["--checkpoint", str(small.tarball), "--output", str(tmp_path / "x"), "--report-dir", str(tmp_path)]
     result = CliRunner().invoke(convert_main, args)
@@ -238,7 +238,7 @@ def test_image_inputs_are_preprocessed_like_transformers(tmp_path):
 
 def test_importing_the_toolkit_does_not_import_tensorflow():
     code = (
-        "import sys, converter, converter.cli, converter.verify, converter.verify.compare, "
+        "import sys, converter, converter.app.cli, converter.verify, converter.verify.compare, "
         "converter.verify.report, converter.verify.safety, mobilenet_torch; "
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
     )

@@ -13,11 +13,11 @@ __all__ = ["ParityResult", "check_parity", "verify_model", "write_reports"]
 
 def __getattr__(name: str):
     if name in ("ParityResult", "verify_model"):
-        from . import compare
+        from converter.verify import compare
 
         return getattr(compare, name)
     if name in ("check_parity", "write_reports"):
-        from . import report
+        from converter.verify import report
 
         return getattr(report, name)
     raise AttributeError(f"module 'converter.verify' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Run the converted model and the original graph on the same inputs and compare every slim endpoint.
 
-For each input and each endpoint of `converter.mapping.endpoints_for(kind)` (network order) the report
+For each input and each endpoint of `converter.pipeline.table.endpoints_for(kind)` (network order) the report
 holds `max_abs_diff = max |ours - reference|` and `max_rel_diff = max_abs_diff / max |reference|` (the
 difference relative to the tensor's scale; element-wise ratios are meaningless after a ReLU). An endpoint
 passes when `max_abs_diff <= atol + rtol * max |reference|` for every input. The first endpoint in network
@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConverterError, ImageError, ModelFolderError, VerificationError
-from ..export import preprocessor_config
-from ..images import open_image, preprocess
-from ..mapping import CLASSIFICATION, DEEPLAB, endpoints_for
-from ..sources import file_sha256
+from converter.errors import ConverterError, ImageError, ModelFolderError, VerificationError
+from converter.formats.files import file_sha256
+from converter.images import open_image, preprocess
+from converter.output.writer import preprocessor_config
+from converter.pipeline.table import CLASSIFICATION, DEEPLAB, endpoints_for
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
@@ -282,8 +282,8 @@ def verify_model(
     tensors = [tensor for _, tensor, _ in endpoints]
     drop_background = bool(conversion.get("drop_background"))
 
-    from ..sources import open_source
-    from .reference import import_tensorflow, open_reference
+    from converter.formats.files import open_source
+    from converter.verify.reference import import_tensorflow, open_reference
 
     tf = import_tensorflow()
     if threads:
@@ -405,8 +405,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _default_convention(source) -> str:
-    from ..bundle import TensorBundle
-    from ..weights import plan_weights
+    from converter.formats.tf_bundle import TensorBundle
+    from converter.pipeline.conventions import plan_weights
 
     with TensorBundle(source.prefix) as bundle:
         return plan_weights(bundle.names()).convention
@@ -428,7 +428,7 @@ def _provenance_notes(conversion: dict[str, Any], source) -> list[str]:
 def _versions(tf) -> dict[str, str]:
     import torch
 
-    from .. import __version__
+    from converter import __version__
 
     return {
         "mobilenet-convert": __version__,

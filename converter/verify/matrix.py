@@ -88,9 +88,9 @@ def _init(threads: int) -> None:
 
 
 def _run_one(task: tuple[str, str, str, str]) -> MatrixRow:
-    from ..convert import convert_checkpoint
-    from ..errors import USER_ERRORS
-    from .report import check_parity
+    from converter.errors import USER_ERRORS
+    from converter.pipeline.convert import convert_checkpoint
+    from converter.verify.report import check_parity
 
     name, kind, tarball, report_dir = task
     started = time.perf_counter()

@@ -27,10 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import VerificationError
-from ..sources import CheckpointSource
-from ..weights import BOOKKEEPING_NAMES, EMA_SUFFIX, NON_TRAINABLE_SUFFIXES, OPTIMIZER_SLOT_SUFFIXES
-from .safety import check_closure, check_graph_def
+from converter.errors import VerificationError
+from converter.formats.files import CheckpointSource
+from converter.pipeline.conventions import (
+    BOOKKEEPING_NAMES,
+    EMA_SUFFIX,
+    NON_TRAINABLE_SUFFIXES,
+    OPTIMIZER_SLOT_SUFFIXES,
+)
+from converter.verify.safety import check_closure, check_graph_def
 
 META_GRAPH, FROZEN_GRAPH, BUILDER = "meta_graph", "frozen_graph", "builder"
 AS_FROZEN = "as frozen"
@@ -285,7 +290,7 @@ def _is_model_variable(name: str) -> bool:
 
 def _restore(tf, graph, session, variables: dict, trainable: set[str], prefix: Path, convention: str) -> None:
     """Restore the graph's model variables from `prefix` under `convention` with a Saver var_list."""
-    from ..bundle import TensorBundle
+    from converter.formats.tf_bundle import TensorBundle
 
     v1 = tf.compat.v1
     with TensorBundle(prefix) as bundle:

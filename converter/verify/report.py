@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compare import DEFAULT_ATOL, DEFAULT_RTOL, RANDOM, ParityResult, verify_model
+from converter.verify.compare import DEFAULT_ATOL, DEFAULT_RTOL, RANDOM, ParityResult, verify_model
 
 REPORT_NAMES = ("parity.json", "parity.md", "parity.xml", "parity.png")
 DEFAULT_REPORT_FOLDER = "parity"
@@ -47,7 +47,7 @@ def check_parity(
     result = verify_model(checkpoint, model_dir, inputs=inputs, size=size, atol=atol, rtol=rtol, threads=threads)
     written = write_reports(result, report_dir)
     if update_card and report_dir.resolve() == (model_dir / DEFAULT_REPORT_FOLDER).resolve():
-        from ..card import write_model_card
+        from converter.output.card import write_model_card
 
         write_model_card(model_dir)
     return ParityCheck(result, report_dir, tuple(written))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from ..errors import VerificationError
+from converter.errors import VerificationError
 
 # Side-effect-free ops: arithmetic on tensors, shapes, variables (reading; the initializers and
 # Assign nodes that every variable carries are allowed to exist but never run, see `check_closure`).

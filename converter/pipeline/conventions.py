@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .errors import WeightsConventionError
+from converter.errors import WeightsConventionError
 
 CONVENTIONS = ("ema", "raw", "ema-all")
 EMA_SUFFIX = "/ExponentialMovingAverage"

@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from converter.errors import OutputError
+from converter.output.card import write_model_card
 from mobilenet_torch.configuration import MobileNetV2Config
-
-from .card import write_model_card
-from .errors import OutputError
 
 WEIGHTS_NAME = "model.safetensors"
 PREPROCESSOR_NAME = "preprocessor_config.json"

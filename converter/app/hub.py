@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import PublishError
+from converter.errors import PublishError
 
 
 def check_hub_ready() -> None:

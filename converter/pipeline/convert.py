@@ -10,14 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .bundle import TensorBundle
-from .errors import NonFiniteWeightsError, UsageError
-from .export import check_output, staged_output, write_model_folder
-from .mapping import CLASSIFICATION, apply_rules, rules_for
-from .sources import CheckpointSource, file_sha256, open_source
-from .variants import Variant, detect_variant, expected_shapes
-from .weights import plan_weights
+from converter import __version__
+from converter.errors import NonFiniteWeightsError, UsageError
+from converter.formats.files import CheckpointSource, file_sha256, open_source
+from converter.formats.tf_bundle import TensorBundle
+from converter.output.writer import check_output, staged_output, write_model_folder
+from converter.pipeline.conventions import plan_weights
+from converter.pipeline.table import CLASSIFICATION, apply_rules, rules_for
+from converter.pipeline.variants import Variant, detect_variant, expected_shapes
 
 ARCHITECTURES = {
     CLASSIFICATION: "MobileNetV2ForImageClassification",

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import zoo
+from converter.zoo import table as zoo
 
 CARD_NAME = "README.md"
 PARITY_JSON = Path("parity") / "parity.json"

@@ -18,9 +18,9 @@ from typing import Any
 import click
 import numpy as np
 
-from .cli import report_errors
-from .errors import OutputError
-from .images import open_image, preprocess
+from converter.app.cli import report_errors
+from converter.errors import OutputError
+from converter.images import open_image, preprocess
 
 SEGMENTATION_SUFFIX = "_segmentation.png"
 OVERLAY_ALPHA = 0.55
@@ -36,13 +36,12 @@ class LoadedModel:
 
 def load_model(folder: str | Path) -> LoadedModel:
     """Load a converted folder with mobilenet_torch, choosing the class from `config.json`."""
+    from converter.output.writer import PREPROCESSOR_NAME, preprocessor_config
     from mobilenet_torch import (
         MobileNetV2ForImageClassification,
         MobileNetV2ForSemanticSegmentation,
         ModelFolderError,
     )
-
-    from .export import PREPROCESSOR_NAME, preprocessor_config
 
     folder = Path(folder)
     try:

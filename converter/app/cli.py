@@ -20,7 +20,7 @@ def report_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, debug: bool = False, **kwargs):
-        from .errors import USER_ERRORS
+        from converter.errors import USER_ERRORS
 
         try:
             return command(*args, **kwargs)
@@ -170,7 +170,7 @@ def convert_main(
     Without --checkpoint, downloads (and caches) the zoo tarball named by --model, --depth and --size;
     with --all, converts the whole zoo.
     """
-    from .convert import convert_checkpoint
+    from converter.pipeline.convert import convert_checkpoint
 
     options = dict(
         weights=weights,
@@ -186,21 +186,21 @@ def convert_main(
     if write_onnx:
         _check_onnx_ready(whole_zoo)
     if push_to_hub:
-        from .hub import check_hub_ready
+        from converter.app.hub import check_hub_ready
 
         check_hub_ready()  # before any download or conversion
     if whole_zoo:
         sys.exit(_convert_whole_zoo(output, depth, size, jobs, zoo_options, options, verify))
     if source is None:
-        from .batch import convert_entry
-        from .zoo import lookup
+        from converter.app.batch import convert_entry
+        from converter.zoo.table import lookup
 
         model = model or "mobilenet_v2"
         entry = lookup(model, depth, size if model == "mobilenet_v2" else None, trainval)
         size = size if entry.is_deeplab else None
         summary = convert_entry(entry, output, cache_dir=cache_dir, mirror=mirror, size=size, **options)
         if verify:
-            from .download import fetch
+            from converter.zoo.download import fetch
 
             source = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False)
     else:
@@ -212,19 +212,19 @@ def convert_main(
     if write_onnx:
         from pathlib import Path
 
-        from .onnx_export import ONNX_NAME, export_onnx
+        from converter.app.onnx_export import ONNX_NAME, export_onnx
 
         click.echo(f"ONNX export -> {export_onnx(summary.output, Path(summary.output, ONNX_NAME))}")
     if verify and not _report_parity(source, summary.output, report_dir):
         sys.exit(1)  # before any upload
     if push_to_hub:
-        from .hub import push_folder
+        from converter.app.hub import push_folder
 
         click.echo(f"uploaded {summary.output} -> {push_folder(summary.output, push_to_hub)}")
 
 
 def _check_zoo_flags(source, whole_zoo, jobs, push_to_hub, zoo_options) -> None:
-    from .errors import UsageError
+    from converter.errors import UsageError
 
     if source is not None:
         given = [f"--{name.replace('_', '-')}" for name, value in zoo_options.items() if value]
@@ -244,7 +244,7 @@ def _check_onnx_ready(whole_zoo: bool) -> None:
     """--onnx: fail before converting when it cannot be honoured."""
     import importlib.util
 
-    from .errors import UsageError
+    from converter.errors import UsageError
 
     if whole_zoo:
         raise UsageError("--onnx exports one converted folder; leave it out with --all")
@@ -257,9 +257,9 @@ def _convert_whole_zoo(output, depth, size, jobs, zoo_options, options, verify=F
     """--all: convert every matching zoo entry and print the summary table; returns the exit code."""
     from pathlib import Path
 
-    from .batch import convert_all, summary_table
-    from .errors import UsageError
-    from .zoo import select
+    from converter.app.batch import convert_all, summary_table
+    from converter.errors import UsageError
+    from converter.zoo.table import select
 
     trainval = zoo_options["trainval"]
     model = zoo_options["model"] or ("deeplabv3" if trainval else None)
@@ -283,12 +283,12 @@ def _zoo_verifier(verify: bool = False):
     """What --all runs on each converted folder after converting it (None: nothing)."""
     if not verify:
         return None
-    from .verify.reference import import_tensorflow
+    from converter.verify.reference import import_tensorflow
 
     import_tensorflow()  # fail once, before converting anything, when TensorFlow is missing
 
     def verifier(folder, tarball):
-        from .verify import check_parity
+        from converter.verify import check_parity
 
         return check_parity(tarball, folder)
 
@@ -296,7 +296,7 @@ def _zoo_verifier(verify: bool = False):
 
 
 def _check_verify_flags(verify: bool, report_dir, whole_zoo: bool) -> None:
-    from .errors import UsageError
+    from converter.errors import UsageError
 
     if report_dir is not None and not verify:
         raise UsageError("--report-dir applies to --verify")
@@ -306,8 +306,8 @@ def _check_verify_flags(verify: bool, report_dir, whole_zoo: bool) -> None:
 
 def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
     """Verify, write the reports, print the verdict and where the reports are; True when parity holds."""
-    from .verify import check_parity
-    from .verify.report import verdict_line
+    from converter.verify import check_parity
+    from converter.verify.report import verdict_line
 
     check = check_parity(checkpoint, model_dir, report_dir=report_dir, **options)
     click.echo(verdict_line(check.result).replace("**", "").replace("`", ""))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MappingError
+from converter.errors import MappingError
 
 CLASSIFICATION = "classification"
 DEEPLAB = "deeplab"

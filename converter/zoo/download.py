@@ -24,10 +24,10 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlsplit
 from urllib.request import Request, urlopen
 
-from . import __version__
-from .errors import DownloadError
-from .sources import file_sha256
-from .zoo import ZooEntry
+from converter import __version__
+from converter.errors import DownloadError
+from converter.formats.files import file_sha256
+from converter.zoo.table import ZooEntry
 
 CACHE_ENV = "MOBILENET_CONVERT_CACHE"
 MIRROR_ENV = "MOBILENET_CONVERT_MIRROR"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from importlib import resources
 from urllib.parse import urlsplit
 
-from .errors import UsageError
+from converter.errors import UsageError
 
 MODELS = ("mobilenet_v2", "deeplabv3")
 DEEPLAB_CROP = 513  # the zoo's DeepLab models are not per size; their frozen graphs use a 513 crop

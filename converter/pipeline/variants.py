@@ -10,10 +10,9 @@ from importlib import resources
 
 import numpy as np
 
+from converter.errors import VariantError
+from converter.pipeline.table import CLASSIFICATION, DEEPLAB, TRANSFORMS, rules_for
 from mobilenet_torch.configuration import MobileNetV2Config
-
-from .errors import VariantError
-from .mapping import CLASSIFICATION, DEEPLAB, TRANSFORMS, rules_for
 
 CLASSIFICATION_DEPTHS = (1.4, 1.3, 1.0, 0.75, 0.5, 0.35)
 DEEPLAB_DEPTHS = (1.0, 0.5)

@@ -1,5 +1,5 @@
 """Converting straight from the zoo: one variant (`convert-mobilenet --depth 1.0 --size 224`) or the
-whole zoo (`--all`), downloading through the cache (`converter.download`)."""
+whole zoo (`--all`), downloading through the cache (`converter.zoo.download`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .download import fetch, recorded_sha256
-from .errors import USER_ERRORS
-from .export import check_output
-from .zoo import ZooEntry
+from converter.errors import USER_ERRORS
+from converter.output.writer import check_output
+from converter.zoo.download import fetch, recorded_sha256
+from converter.zoo.table import ZooEntry
 
 PARITY_JSON = Path("parity") / "parity.json"
 
@@ -56,7 +56,7 @@ def convert_entry(
     **convert_kwargs: Any,
 ):
     """Fetch `entry`'s tarball through the cache and convert it; returns the `ConversionSummary`."""
-    from .convert import convert_checkpoint
+    from converter.pipeline.convert import convert_checkpoint
 
     output = Path(output) if output is not None else default_output(entry, output_stride, size)
     check_output(output, force)  # before a download that could take minutes

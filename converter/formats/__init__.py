@@ -1,0 +1,1 @@
+"""Input formats: one reader per format, each yielding tensors under canonical slim names."""

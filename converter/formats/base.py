@@ -1,0 +1,108 @@
+"""The seam between input formats and the format-free pipeline.
+
+A reader turns one kind of file (a TF checkpoint, a SavedModel, a Keras file, a TFLite flatbuffer, ...)
+into tensors under their canonical slim names (``MobilenetV2/expanded_conv_3/expand/weights``, with the
+slim layouts: conv ``[h, w, in, out]``, depthwise ``[h, w, in, 1]``). Everything downstream (weights
+conventions, variant detection, the mapping table, the output folder) sees only this interface, so it
+never branches on the format. A new format is one subclass of :class:`Reader`, registered in
+:mod:`converter.formats`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file the weights were read from, for provenance."""
+
+    name: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class References:
+    """Originals that the verifier can run on the same inputs, where the source carries them."""
+
+    checkpoint_prefix: Path | None = None  # a TF checkpoint to restore a graph from
+    meta_graph: Path | None = None  # <prefix>.meta
+    frozen_graph: Path | None = None  # *_frozen.pb / frozen_inference_graph.pb
+    saved_model: Path | None = None  # a SavedModel folder (saved_model.pb + variables/)
+    keras_file: Path | None = None  # .h5 / .keras
+    tflite_file: Path | None = None  # .tflite
+
+
+@dataclass(frozen=True)
+class Hints:
+    """What the source says about the model beyond its tensor shapes (None: it does not say)."""
+
+    image_size: int | None = None  # input size fixed by the source (a TFLite input, a Keras input_shape)
+    labels: tuple[str, ...] | None = None  # class names in the order of the head's outputs
+    convention: str | None = None  # the weights convention of a single-valued export ("raw", ...)
+    preprocessing: dict[str, Any] | None = None  # how inputs are scaled, when it differs from [-1, 1]
+    notes: tuple[str, ...] = ()  # facts worth recording in conversion.json and the model card
+
+
+class Reader(ABC):
+    """Tensors of one source under canonical slim names.
+
+    Readers are opened by :func:`converter.formats.open_reader`, which sniffs the format, unpacks
+    archives safely, hashes the source files for provenance and closes the reader afterwards. A reader
+    is constructed with the file or folder its :meth:`sniff` accepted.
+    """
+
+    #: Registry name, used by ``--format`` and recorded in conversion.json.
+    format: ClassVar[str]
+    #: One line for the list of known formats.
+    description: ClassVar[str]
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    @abstractmethod
+    def sniff(cls, path: Path) -> bool:
+        """True when `path` (a file or an unpacked folder) is in this format; cheap, by magic or layout."""
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Every tensor, by canonical slim name (EMA shadows and optimizer slots included, if stored)."""
+
+    @abstractmethod
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of one tensor, without reading its values."""
+
+    @abstractmethod
+    def read(self, name: str) -> np.ndarray:
+        """The values of one tensor (float32 for weights), in the slim layout."""
+
+    @abstractmethod
+    def source_files(self) -> list[Path]:
+        """The files the weights are read from (hashed for provenance unless they came in an archive)."""
+
+    @property
+    def source_name(self) -> str:
+        """The name recorded as the source (a zoo file name where the source is one)."""
+        return self.path.name
+
+    @property
+    def references(self) -> References:
+        return References()
+
+    @property
+    def hints(self) -> Hints:
+        return Hints()
+
+    def extra_files(self) -> dict[str, bytes]:
+        """Files the output folder carries besides the float model (e.g. quantization parameters)."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 (an optional hook: most readers hold nothing open)
+        """Release open files; the registry calls it when the reader's context ends."""
