@@ -35,6 +35,10 @@ class CheckpointFormatError(ConverterError):
     """The tensor bundle (.index / .data-*) is malformed, truncated or inconsistent."""
 
 
+class TFLiteFormatError(ConverterError):
+    """A .tflite flatbuffer is malformed or truncated, or its graph is not a MobileNetV2 this toolkit reads."""
+
+
 class ChecksumError(CheckpointFormatError):
     """A block or tensor checksum does not match its bytes: the file is corrupted."""
 

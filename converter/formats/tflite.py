@@ -1,0 +1,462 @@
+"""TensorFlow Lite models (``.tflite``): float32, uint8 per-tensor (TOCO era) or int8 per-channel.
+
+The flatbuffer is parsed natively (:mod:`converter.formats.tflite_schema`); no interpreter is needed.
+Tensor names differ between converters, so ops are matched to slim scopes by the graph's topology:
+starting at the input, each conv must consume the previous layer's output, and its kind (dense or
+depthwise), kernel, stride, dilation, padding, activation and channels are checked against the
+architecture that the variant implies. Residual ADDs must join a block's input and its projection.
+
+TFLite folds each BatchNorm into its conv. The reader writes the folded (dequantized) weights with an
+identity BatchNorm: gamma 1, beta = folded bias, moving mean 0, moving variance 1 - eps, so that the
+mapping table and the model take them unchanged and ``(x - 0) / sqrt(1 - eps + eps) * 1 + beta`` adds
+the bias back.
+
+Quantized models also yield two extra files for the output folder (see :data:`QUANTIZATION_FILE`):
+the quantization parameters of every step of the integer graph, and the integer weights and biases,
+which :mod:`mobilenet_torch.quantized` loads as a model that reproduces TFLite's integer arithmetic.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converter.errors import MappingError, TFLiteFormatError
+from converter.formats.base import Hints, Reader, References
+from converter.formats.tflite_schema import Model, Operator, Tensor, has_identifier, parse_model
+from converter.pipeline.table import CLASSIFICATION, DEEPLAB, HEADS, NUM_BLOCKS, conv_layers
+
+QUANTIZATION_FILE = "quantization.json"
+INTEGER_WEIGHTS_FILE = "quantized.safetensors"
+QUANTIZATION_FORMAT = "mobilenet-convert/tflite-quantization/1"
+BACKBONE_EPS = 1e-3
+HEAD_EPS = 1e-5
+HEAD_SCOPES = ("image_pooling", "aspp0", "concat_projection")
+CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+POOL_OPS = ("AVERAGE_POOL_2D", "MEAN")
+LABEL_FILE_LIMIT = 1 << 20  # an embedded label file is a few tens of KB
+# Classifier scope -> PyTorch module, from the mapping table's heads.
+HEAD_MODULES = {
+    tf.rsplit("/", 1)[0]: pt.removesuffix(".weight").removesuffix(".convolution")
+    for tf, pt, _, _ in HEADS
+    if tf.endswith("/weights")
+}
+
+
+@dataclass
+class Step:
+    """One op of the integer graph in network order, under the name the emulator knows it by."""
+
+    name: str  # the PyTorch module path for convs, else a step name (``mobilenet_v2.layer.3.add``, ...)
+    op: Operator
+    scope: str | None = None  # the slim scope of a conv
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TFLiteReader(Reader):
+    """A MobileNetV2 classifier or DeepLab v3 model from a ``.tflite`` flatbuffer."""
+
+    format = "tflite"
+    description = "TensorFlow Lite flatbuffer (.tflite): float32, uint8 per-tensor or int8 per-channel quantized"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._bytes = path.read_bytes()
+        self.model: Model = parse_model(self._bytes)
+        self.steps, self.kind = _Walk(self.model).run()
+        self.output_stride = _output_stride(self.steps) if self.kind == DEEPLAB else 32
+        self._tensors = self._slim_tensors()
+        self.quantized = self.model.tensors[self._conv_steps()[0].op.inputs[1]].quantization is not None
+        self._check_types()
+        self._check_architecture()
+
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        if not path.is_file():
+            return False
+        with path.open("rb") as handle:
+            return has_identifier(handle.read(8))
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._tensors[name]
+
+    def source_files(self) -> list[Path]:
+        return [self.path]
+
+    @property
+    def references(self) -> References:
+        return References(tflite_file=self.path)
+
+    @property
+    def hints(self) -> Hints:
+        image = self.model.tensors[self.model.inputs[0]]
+        if len(image.shape) != 4 or image.shape[1] != image.shape[2] or image.shape[3] != 3:
+            raise TFLiteFormatError(f"the model input is {image.shape}; expected a square RGB image [1, h, h, 3]")
+        num_labels = int(self._tensors[_head_weight(self.kind)].shape[-1])
+        notes = [f"converted from a TFLite flatbuffer ({self._scheme()})"]
+        if self.quantized:
+            notes.append(
+                "weights dequantized (real = scale * (q - zero_point)); BatchNorm was folded by the TFLite "
+                f"converter and is written as an identity BatchNorm; integer model in {QUANTIZATION_FILE}"
+            )
+        if self.kind == DEEPLAB:
+            notes.append(f"output stride {self.output_stride}, read from the dilations")
+        preprocessing = None
+        input_quantization = self._input_quantization()
+        if input_quantization is not None:
+            preprocessing = {"input_quantization": input_quantization}
+        return Hints(
+            image_size=image.shape[1],
+            labels=_embedded_labels(self._bytes, num_labels),
+            convention="raw",
+            preprocessing=preprocessing,
+            notes=tuple(notes),
+        )
+
+    def extra_files(self) -> dict[str, bytes]:
+        """`quantization.json` and `quantized.safetensors` for a quantized model, nothing for a float one."""
+        if not self.quantized:
+            return {}
+        from safetensors.numpy import save
+
+        integers = {}
+        for step in self._conv_steps():
+            weight, bias = (self.model.tensors[i] for i in step.op.inputs[1:3])
+            integers[f"{step.name}.weight"] = _torch_layout(step.op.op, self.model.data(weight))
+            integers[f"{step.name}.bias"] = self.model.data(bias).astype(np.int32)
+        document = {
+            "format": QUANTIZATION_FORMAT,
+            "source": self.path.name,
+            "scheme": self._scheme(),
+            "kind": self.kind,
+            "input": self._input_quantization(),
+            "steps": {step.name: self._describe(step) for step in self.steps},
+        }
+        return {
+            QUANTIZATION_FILE: (json.dumps(document, indent=1) + "\n").encode(),
+            INTEGER_WEIGHTS_FILE: save({k: np.ascontiguousarray(v) for k, v in integers.items()}),
+        }
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _conv_steps(self) -> list[Step]:
+        return [step for step in self.steps if step.scope is not None]
+
+    def _scheme(self) -> str:
+        weight = self.model.tensors[self._conv_steps()[0].op.inputs[1]]
+        if weight.quantization is None:
+            return f"{weight.dtype}, not quantized"
+        per = "per-channel" if len(weight.quantization.scale) > 1 else "per-tensor"
+        return f"{weight.dtype} weights {per}, {self._activation_dtype()} activations"
+
+    def _activation_dtype(self) -> str:
+        return self.model.tensors[self._conv_steps()[0].op.outputs[0]].dtype
+
+    def _input_quantization(self) -> dict[str, Any] | None:
+        first = self.model.tensors[self._conv_steps()[0].op.inputs[0]]
+        if first.quantization is None:
+            return None
+        return {**_params(first), "dtype": first.dtype}
+
+    def _describe(self, step: Step) -> dict[str, Any]:
+        output = self.model.tensors[step.op.outputs[0]]
+        params = _params(output) if output.quantization is not None else None
+        record: dict[str, Any] = {"op": step.op.op, "tensor": output.index, "output": params}
+        if step.scope is not None:
+            weight = self.model.tensors[step.op.inputs[1]]
+            record["scope"] = step.scope
+            record["weight_scale"] = [float(s) for s in weight.quantization.scale]
+            record["weight_zero_point"] = [int(z) for z in weight.quantization.zero_point]
+        for key in ("activation", "align_corners", "half_pixel_centers"):
+            if key in step.op.options:
+                record[key] = step.op.options[key]
+        if "stride_h" in step.op.options:
+            record["stride"] = step.op.options["stride_h"]
+        if "dilation_h" in step.op.options:
+            record["dilation"] = step.op.options["dilation_h"]
+        if step.op.op == "RESIZE_BILINEAR":
+            record["size"] = list(output.shape[1:3])
+        if step.op.op == "SOFTMAX":
+            record["beta"] = step.op.options["beta"]
+        return record
+
+    def _check_types(self) -> None:
+        for step in self._conv_steps():
+            weight, bias = (self.model.tensors[i] for i in step.op.inputs[1:3])
+            if self.quantized and (weight.dtype not in ("uint8", "int8") or bias.dtype != "int32"):
+                raise TFLiteFormatError(
+                    f"{step.scope}: {weight.dtype} weights with {bias.dtype} biases; quantized models must use "
+                    "uint8 or int8 weights with int32 biases"
+                )
+
+    def _check_architecture(self) -> None:
+        """Each conv's stride, dilation and kernel, and each residual, are those of the variant's model
+        (channels are checked by the variant detection, which matches every weight's shape)."""
+        import torch
+
+        from converter.pipeline.variants import detect_variant
+        from mobilenet_torch import MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation
+
+        shapes = {name: array.shape for name, array in self._tensors.items()}
+        variant = detect_variant(shapes, output_stride=self.output_stride if self.kind == DEEPLAB else None)
+        cls = MobileNetV2ForImageClassification if self.kind == CLASSIFICATION else MobileNetV2ForSemanticSegmentation
+        with torch.device("meta"):
+            model = cls(variant.config())
+        names = {step.name for step in self.steps}
+        for step in self._conv_steps():
+            module = model.get_submodule(step.name)
+            if isinstance(module, torch.nn.Linear):
+                continue
+            conv, options = module.convolution, step.op.options
+            found = (options["stride_h"], options["stride_w"], options["dilation_h"], options["dilation_w"])
+            expected = (module.stride, module.stride, *conv.dilation)
+            if found != expected:
+                raise MappingError(
+                    f"{step.scope}: op {step.op.index} has stride {found[:2]} and dilation {found[2:]}, but "
+                    f"{variant.name} has stride {expected[:2]} and dilation {expected[2:]} there"
+                )
+        blocks = [("mobilenet_v2.conv_stem", model.mobilenet_v2.conv_stem)]
+        blocks += [(f"mobilenet_v2.layer.{i}", block) for i, block in enumerate(model.mobilenet_v2.layer)]
+        wrong = [name for name, block in blocks if block.use_residual != (f"{name}.add" in names)]
+        if wrong:
+            raise MappingError(f"residual ADDs differ from {variant.name}'s at {', '.join(wrong)}")
+
+    def _slim_tensors(self) -> dict[str, np.ndarray]:
+        """Dequantized weights in slim layouts, with the folded bias as an identity BatchNorm."""
+        tensors: dict[str, np.ndarray] = {}
+        head = _head_weight(self.kind).rsplit("/", 1)[0]
+        for step in self._conv_steps():
+            weight_tensor, bias_tensor = (self.model.tensors[i] for i in step.op.inputs[1:3])
+            weight = _slim_layout(step.op.op, _dequantize(self.model, weight_tensor))
+            bias = _dequantize(self.model, bias_tensor)
+            if step.scope == head:
+                tensors[f"{head}/weights"], tensors[f"{head}/biases"] = weight, bias
+                continue
+            variable = "depthwise_weights" if step.op.op == "DEPTHWISE_CONV_2D" else "weights"
+            eps = HEAD_EPS if step.scope in HEAD_SCOPES else BACKBONE_EPS
+            tensors[f"{step.scope}/{variable}"] = weight
+            tensors[f"{step.scope}/BatchNorm/gamma"] = np.ones_like(bias)
+            tensors[f"{step.scope}/BatchNorm/beta"] = bias
+            tensors[f"{step.scope}/BatchNorm/moving_mean"] = np.zeros_like(bias)
+            tensors[f"{step.scope}/BatchNorm/moving_variance"] = np.full_like(bias, 1.0 - eps)
+        return tensors
+
+
+class _Walk:
+    """Follow the data flow from the input and name every op by its place in MobileNetV2."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.consumers: dict[int, list[Operator]] = {}
+        for op in model.operators:
+            for tensor in op.inputs:
+                self.consumers.setdefault(tensor, []).append(op)
+        self.steps: list[Step] = []
+
+    def run(self) -> tuple[list[Step], str]:
+        if len(self.model.inputs) != 1 or len(self.model.outputs) != 1:
+            raise TFLiteFormatError(
+                f"the graph has {len(self.model.inputs)} inputs and {len(self.model.outputs)} outputs; "
+                "a MobileNetV2 export has one image input and one output"
+            )
+        x = self.model.inputs[0]
+        quantize = self._optional(x, ("QUANTIZE",))
+        if quantize is not None:
+            self.steps.append(Step("input", quantize))
+            x = quantize.outputs[0]
+        kind = DEEPLAB if self._final_op() == "ARG_MAX" else CLASSIFICATION
+        self.modules = {scope: module for scope, module, _, _ in conv_layers(kind)}
+        x = self._conv(x, "MobilenetV2/Conv", "CONV_2D", "relu6")
+        x = self._block(x, "MobilenetV2/expanded_conv", "mobilenet_v2.conv_stem", expand=False)
+        for k in range(1, NUM_BLOCKS + 1):
+            x = self._block(x, f"MobilenetV2/expanded_conv_{k}", f"mobilenet_v2.layer.{k - 1}", expand=True)
+        if kind == CLASSIFICATION:
+            self._classification_head(x)
+        else:
+            self._deeplab_head(x)
+        return self.steps, kind
+
+    def _final_op(self) -> str:
+        producers = [op for op in self.model.operators if self.model.outputs[0] in op.outputs]
+        return producers[0].op if producers else ""
+
+    def _block(self, x: int, scope: str, module: str, expand: bool) -> int:
+        block_input = x
+        if expand:
+            x = self._conv(x, f"{scope}/expand", "CONV_2D", "relu6")
+        x = self._conv(x, f"{scope}/depthwise", "DEPTHWISE_CONV_2D", "relu6")
+        x = self._conv(x, f"{scope}/project", "CONV_2D", None)
+        # The residual joins this projection and the block's input (the next block's ADD takes it too).
+        adds = [op for op in self.consumers.get(x, []) if op.op == "ADD" and block_input in op.inputs]
+        if not adds:
+            return x
+        add = adds[0]
+        if sorted(add.inputs) != sorted((block_input, x)) or add.options["activation"] is not None:
+            raise MappingError(f"op {add.index} (ADD) after {scope}/project does not add the block's input to it")
+        self.steps.append(Step(f"{module}.add", add))
+        return add.outputs[0]
+
+    def _classification_head(self, x: int) -> None:
+        x = self._conv(x, "MobilenetV2/Conv_1", "CONV_2D", "relu6")
+        x = self._pool(x, "mobilenet_v2.pool")
+        x = self._conv(x, "MobilenetV2/Logits/Conv2d_1c_1x1", ("CONV_2D", "FULLY_CONNECTED"), None)
+        for op_names, name in ((("RESHAPE", "SQUEEZE"), "reshape"), (("SOFTMAX",), "softmax")):
+            op = self._optional(x, op_names)
+            if op is not None:
+                self.steps.append(Step(name, op))
+                x = op.outputs[0]
+        self._end(x)
+
+    def _deeplab_head(self, features: int) -> None:
+        pooled = self._pool(features, "segmentation_head.pool")
+        x = self._conv(pooled, "image_pooling", "CONV_2D", "relu")
+        x = self._next(x, ("RESIZE_BILINEAR",), "segmentation_head.pool_resize")
+        requantize = self._optional(x, ("QUANTIZE",))
+        if requantize is not None:
+            self.steps.append(Step("segmentation_head.pool_requantize", requantize))
+            x = requantize.outputs[0]
+        aspp = self._conv(features, "aspp0", "CONV_2D", "relu")
+        concat = self._next(x, ("CONCATENATION",), "segmentation_head.concat")
+        concat_op = self.steps[-1].op
+        if concat_op.inputs != (x, aspp) or concat_op.options["axis"] not in (3, -1):
+            raise MappingError("the DeepLab head does not concatenate [image_pooling, aspp0] along channels")
+        x = self._conv(concat, "concat_projection", "CONV_2D", "relu")
+        x = self._conv(x, "logits/semantic", "CONV_2D", None)
+        resizes = 0
+        while (op := self._optional(x, ("RESIZE_BILINEAR",))) is not None:
+            self.steps.append(Step(f"segmentation_head.logits_resize.{resizes}", op))
+            x, resizes = op.outputs[0], resizes + 1
+        x = self._next(x, ("ARG_MAX",), "labels")
+        self._end(x)
+
+    def _pool(self, x: int, name: str) -> int:
+        return self._next(x, POOL_OPS, name)
+
+    def _next(self, x: int, ops: tuple[str, ...], name: str) -> int:
+        op = self._optional(x, ops)
+        if op is None:
+            found = sorted(c.op for c in self.consumers.get(x, []))
+            raise MappingError(f"expected {' or '.join(ops)} for {name} after tensor {x}, found {found}")
+        self.steps.append(Step(name, op))
+        return op.outputs[0]
+
+    def _optional(self, x: int, ops: tuple[str, ...]) -> Operator | None:
+        found = [op for op in self.consumers.get(x, []) if op.op in ops]
+        if len(found) > 1:
+            raise MappingError(f"tensor {x} feeds {len(found)} {'/'.join(ops)} ops; expected one")
+        return found[0] if found else None
+
+    def _conv(self, x: int, scope: str, ops: str | tuple[str, ...], activation: str | None) -> int:
+        ops = (ops,) if isinstance(ops, str) else ops
+        candidates = [op for op in self.consumers.get(x, []) if op.op in ops]
+        if len(candidates) != 1:
+            found = sorted(c.op for c in self.consumers.get(x, []))
+            raise MappingError(f"expected one {' or '.join(ops)} for {scope} after tensor {x}, found {found}")
+        op = candidates[0]
+        if len(op.inputs) < 3 or op.inputs[2] < 0:
+            raise MappingError(f"{scope}: op {op.index} ({op.op}) has no bias; TFLite folds BatchNorm into one")
+        if op.options.get("padding", "SAME") != "SAME":
+            raise MappingError(f"{scope}: op {op.index} uses {op.options['padding']} padding; MobileNetV2 uses SAME")
+        if op.options.get("activation") != activation:
+            raise MappingError(
+                f"{scope}: op {op.index} ({op.op}) has activation {op.options.get('activation')}, expected {activation}"
+            )
+        if op.op == "DEPTHWISE_CONV_2D" and self.model.tensors[op.inputs[1]].shape[0] != 1:
+            raise MappingError(f"{scope}: a depthwise conv with a channel multiplier; MobileNetV2 uses 1")
+        module = self.modules.get(scope) or HEAD_MODULES.get(scope)
+        if module is None:
+            raise MappingError(f"{scope} has no place in the model table")
+        self.steps.append(Step(module, op, scope))
+        return op.outputs[0]
+
+    def _end(self, x: int) -> None:
+        dequantize = self._optional(x, ("DEQUANTIZE",))
+        if dequantize is not None:
+            self.steps.append(Step("output", dequantize))
+            x = dequantize.outputs[0]
+        if x != self.model.outputs[0]:
+            raise MappingError(f"the walk ended at tensor {x}, but the graph's output is {self.model.outputs[0]}")
+
+
+def _head_weight(kind: str) -> str:
+    return next(tf for tf, _, _, k in HEADS if k == kind and tf.endswith("/weights"))
+
+
+def _params(tensor: Tensor) -> dict[str, Any]:
+    """Per-tensor quantization of an activation, as JSON (float32 scales are exact as Python floats)."""
+    quantization = tensor.quantization
+    if quantization is None or len(quantization.scale) != 1:
+        raise TFLiteFormatError(f"activation {tensor.name!r} is not quantized per tensor")
+    return {"scale": float(quantization.scale[0]), "zero_point": int(quantization.zero_point[0])}
+
+
+def _dequantize(model: Model, tensor: Tensor) -> np.ndarray:
+    values = model.data(tensor)
+    if values is None:
+        raise TFLiteFormatError(f"constant tensor {tensor.name!r} has no data")
+    quantization = tensor.quantization
+    if values.dtype == np.float32:
+        return values
+    if quantization is None:
+        raise TFLiteFormatError(f"tensor {tensor.name!r} is {values.dtype} without quantization parameters")
+    shape = [1] * values.ndim
+    if len(quantization.scale) > 1:
+        if not 0 <= quantization.axis < values.ndim or values.shape[quantization.axis] != len(quantization.scale):
+            raise TFLiteFormatError(f"tensor {tensor.name!r}: {len(quantization.scale)} scales do not fit its shape")
+        shape[quantization.axis] = -1
+    scale = quantization.scale.astype(np.float64).reshape(shape)
+    zero_point = quantization.zero_point.reshape(shape)
+    return (scale * (values.astype(np.int64) - zero_point)).astype(np.float32)
+
+
+def _slim_layout(op: str, weight: np.ndarray) -> np.ndarray:
+    """TFLite conv [out, h, w, in] and depthwise [1, h, w, c] -> slim [h, w, in, out] / [h, w, c, 1]."""
+    if op == "FULLY_CONNECTED":  # [out, in] -> a 1x1 conv [1, 1, in, out]
+        return np.ascontiguousarray(weight.T[None, None])
+    return np.ascontiguousarray(weight.transpose(1, 2, 3, 0))
+
+
+def _torch_layout(op: str, weight: np.ndarray) -> np.ndarray:
+    """TFLite layouts -> PyTorch conv [out, in, h, w] (depthwise [c, 1, h, w]) for the integer model."""
+    if op == "FULLY_CONNECTED":
+        return weight[:, :, None, None]
+    if op == "DEPTHWISE_CONV_2D":
+        return weight.transpose(3, 0, 1, 2)
+    return weight.transpose(0, 3, 1, 2)
+
+
+def _output_stride(steps: list[Step]) -> int:
+    """The product of the backbone's strides (DeepLab trades the rest for dilation)."""
+    stride = 1
+    for step in steps:
+        if step.scope is not None and step.scope.startswith("MobilenetV2/"):
+            stride *= step.op.options["stride_h"]
+    return stride
+
+
+def _embedded_labels(data: bytes, count: int) -> tuple[str, ...] | None:
+    """Class names from a label file packed into the model (TFLite metadata appends a zip archive)."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, ValueError):
+        return None
+    with archive:
+        for member in archive.infolist():
+            if not member.filename.endswith(".txt") or member.file_size > LABEL_FILE_LIMIT:
+                continue
+            lines = archive.read(member).decode("utf-8", errors="replace").splitlines()
+            if len(lines) == count:
+                return tuple(lines)
+    return None
