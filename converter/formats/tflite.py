@@ -11,9 +11,10 @@ identity BatchNorm: gamma 1, beta = folded bias, moving mean 0, moving variance 
 mapping table and the model take them unchanged and ``(x - 0) / sqrt(1 - eps + eps) * 1 + beta`` adds
 the bias back.
 
-Quantized models also yield two extra files for the output folder (see :data:`QUANTIZATION_FILE`):
-the quantization parameters of every step of the integer graph, and the integer weights and biases,
-which :mod:`mobilenet_torch.quantized` loads as a model that reproduces TFLite's integer arithmetic.
+Quantized models also yield two extra files for the output folder (described in
+:mod:`mobilenet_torch.quantized`): the quantization parameters of every step of the integer graph,
+and the integer weights and biases, which that module loads as a model reproducing TFLite's integer
+arithmetic.
 """
 
 from __future__ import annotations
@@ -31,10 +32,8 @@ from converter.errors import MappingError, TFLiteFormatError
 from converter.formats.base import Hints, Reader, References
 from converter.formats.tflite_schema import Model, Operator, Tensor, has_identifier, parse_model
 from converter.pipeline.table import CLASSIFICATION, DEEPLAB, HEADS, NUM_BLOCKS, conv_layers
+from mobilenet_torch.quantized import INTEGER_WEIGHTS_FILE, QUANTIZATION_FILE, QUANTIZATION_FORMAT
 
-QUANTIZATION_FILE = "quantization.json"
-INTEGER_WEIGHTS_FILE = "quantized.safetensors"
-QUANTIZATION_FORMAT = "mobilenet-convert/tflite-quantization/1"
 BACKBONE_EPS = 1e-3
 HEAD_EPS = 1e-5
 HEAD_SCOPES = ("image_pooling", "aspp0", "concat_projection")

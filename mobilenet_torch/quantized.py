@@ -1,0 +1,407 @@
+"""The integer model of a quantized TFLite MobileNetV2, reproduced op by op in PyTorch.
+
+A folder converted from a quantized ``.tflite`` holds, besides the float (dequantized) model:
+
+- ``quantization.json``: ``{"format", "source", "scheme", "kind", "input": {scale, zero_point, dtype},
+  "steps": {name: record}}``. Each step is one op of the integer graph, named by our module path
+  (``mobilenet_v2.layer.3.conv_3x3``) or by what it does (``mobilenet_v2.layer.3.add``,
+  ``mobilenet_v2.pool``, ``softmax``, ``segmentation_head.pool_resize``, ...). A record holds the op,
+  its output quantization (``{"scale", "zero_point"}``, real = scale * (q - zero_point)), the fused
+  activation, and for convs the weight scales and zero points (one per output channel, or one), stride
+  and dilation; ``tensor`` is the index of its output in the source flatbuffer.
+- ``quantized.safetensors``: the integer weights (``<module>.weight``, uint8 or int8, PyTorch conv
+  layout) and int32 biases (``<module>.bias``, scale = input scale x weight scale).
+
+:class:`QuantizedMobileNetV2` computes what TFLite's reference kernels compute: the input quantized
+with round-half-away-from-zero; every conv accumulated exactly (in float64, exact for these integer
+sums) and requantized with TFLite's fixed-point multipliers (``QuantizeMultiplier``, then a
+saturating rounding doubling high multiply and a rounding right shift); fused ReLU/ReLU6 as clamps of
+the quantized range (FULLY_CONNECTED rounds the requantization once, as measured against TFLite's
+kernel, where convs round twice); residual ADDs rescaled through TFLite's 20-bit left shift; the average pool's
+rounded integer mean; bilinear resizes (interpolated in float32, rounded half up) and requantizations as
+TFLite does them; the output
+dequantized. The softmax is computed in float on the dequantized logits and quantized to its output
+scale (TFLite's own table-based softmax lands within one step of it).
+
+>>> model = QuantizedMobileNetV2.from_pretrained("out/mobilenet_v2_1.0_224_quant")
+>>> probabilities = model(pixel_values).probabilities   # NCHW in [-1, 1], as the float model takes
+>>> twin = model.float_twin()                           # the dequantized float model of the same folder
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .configuration import MobileNetV2Config
+from .errors import ModelFolderError
+from .layers import ConvLayer
+
+QUANTIZATION_FILE = "quantization.json"
+INTEGER_WEIGHTS_FILE = "quantized.safetensors"
+QUANTIZATION_FORMAT = "mobilenet-convert/tflite-quantization/1"
+DTYPE_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+ADD_LEFT_SHIFT = 20  # TFLite's headroom for 8-bit ADD inputs before rescaling
+
+
+class QTensor(NamedTuple):
+    """Quantized values (int64, NCHW) with real = scale * (values - zero_point)."""
+
+    values: torch.Tensor
+    scale: float
+    zero_point: int
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.values - self.zero_point).to(torch.float32) * self.scale
+
+
+class QuantizedClassifierOutput(NamedTuple):
+    logits: torch.Tensor  # dequantized [N, classes]
+    probabilities: torch.Tensor | None  # dequantized softmax output, where the model has one
+
+
+class QuantizedSegmenterOutput(NamedTuple):
+    logits: torch.Tensor  # dequantized [N, classes, h, w] at the feature resolution
+    labels: torch.Tensor  # [N, H, W] from the resized logits, as the graph's ARG_MAX
+
+
+# --- TFLite's fixed-point arithmetic -----------------------------------------------------------
+
+
+def quantize_multiplier(real: float) -> tuple[int, int]:
+    """TFLite's QuantizeMultiplier: real = multiplier * 2^(shift - 31), multiplier in [2^30, 2^31)."""
+    if real == 0.0:
+        return 0, 0
+    fraction, shift = math.frexp(real)
+    multiplier = math.floor(fraction * (1 << 31) + 0.5)  # std::round: half away from zero (positive here)
+    if multiplier == 1 << 31:
+        multiplier //= 2
+        shift += 1
+    if shift < -31:
+        return 0, 0
+    return multiplier, shift
+
+
+def _rounding_doubling_high_mul(x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    product = x * multiplier
+    nudge = torch.where(product >= 0, 1 << 30, 1 - (1 << 30))
+    return torch.div(product + nudge, 1 << 31, rounding_mode="trunc")
+
+
+def _rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    mask = (1 << exponent) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (x < 0)
+    return (x >> exponent) + (remainder > threshold)
+
+
+def multiply_by_quantized_multiplier(x: torch.Tensor, multiplier: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """TFLite's MultiplyByQuantizedMultiplier on int64 tensors holding int32 values: a saturating
+    rounding doubling high multiply, then a rounding right shift (rounding twice, as TFLite does)."""
+    left, right = shift.clamp(min=0), (-shift).clamp(min=0)
+    return _rounding_divide_by_pot(_rounding_doubling_high_mul(x * (1 << left), multiplier), right)
+
+
+def multiply_by_quantized_multiplier_single_rounding(
+    x: torch.Tensor, multiplier: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """The same product rounded once (half up): what TFLite's FULLY_CONNECTED kernel was measured to do."""
+    total_shift = 31 - shift
+    return (x * multiplier + (1 << (total_shift - 1))) >> total_shift
+
+
+def _multipliers(reals: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [quantize_multiplier(real) for real in reals]
+    return torch.tensor([m for m, _ in pairs], dtype=torch.int64), torch.tensor([s for _, s in pairs])
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """TfLiteRound / std::round (torch.round rounds half to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def _quantize_real(value: float, scale: float, zero_point: int) -> int:
+    """zero_point + round(value / scale) in float32, as CalculateActivationRangeQuantized does."""
+    quotient = torch.tensor(value, dtype=torch.float32) / torch.tensor(scale, dtype=torch.float32)
+    return zero_point + int(round_half_away(quotient))
+
+
+def activation_range(activation: str | None, scale: float, zero_point: int, dtype: str) -> tuple[int, int]:
+    low, high = DTYPE_RANGES[dtype]
+    if activation in ("relu", "relu6"):
+        low = max(low, _quantize_real(0.0, scale, zero_point))
+    if activation == "relu6":
+        high = min(high, _quantize_real(6.0, scale, zero_point))
+    elif activation not in (None, "relu"):
+        raise ModelFolderError(f"{QUANTIZATION_FILE}: activation {activation!r} is not emulated")
+    return low, high
+
+
+# --- ops -----------------------------------------------------------------------------------------
+
+
+class QuantizedConv(nn.Module):
+    """CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED: exact integer accumulation, then requantization."""
+
+    def __init__(self, layout: nn.Module, record: dict[str, Any], weight: torch.Tensor, bias: torch.Tensor, dtype: str):
+        super().__init__()
+        if isinstance(layout, ConvLayer):
+            conv = layout.convolution
+            stride, dilation, groups = layout.stride, conv.dilation[0], conv.groups
+        else:  # the classifier (Linear): a 1x1 conv on the pooled map
+            stride, dilation, groups = 1, 1, 1
+        out_channels, in_per_group, kernel, _ = weight.shape
+        self.conv = ConvLayer(in_per_group * groups, out_channels, kernel, stride, groups, dilation,
+                              norm_eps=None, activation=None)  # fmt: skip
+        zero_points = torch.tensor(record["weight_zero_point"], dtype=torch.int64).reshape(-1, 1, 1, 1)
+        offset_weight = (weight.to(torch.int64) - zero_points).to(torch.float64)
+        self.conv.convolution.weight = nn.Parameter(offset_weight, requires_grad=False)
+        self.register_buffer("bias", bias.to(torch.int64).reshape(1, -1, 1, 1))
+        self.weight_scale = [float(s) for s in record["weight_scale"]]
+        self.per_tensor_float_product = dtype == "uint8" and len(self.weight_scale) == 1
+        self.requantize = (multiply_by_quantized_multiplier_single_rounding if record["op"] == "FULLY_CONNECTED"
+                           else multiply_by_quantized_multiplier)  # fmt: skip
+        self.output = record["output"]
+        self.range = activation_range(record.get("activation"), self.output["scale"], self.output["zero_point"], dtype)
+        self._multipliers: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def multipliers(self, input_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per output channel: input scale x weight scale / output scale. TFLite divides in double, but
+        forms the product of a per-tensor (uint8) layer's scales in float32 first."""
+        if input_scale not in self._multipliers:
+            if self.per_tensor_float_product:
+                products = [float(torch.tensor(input_scale) * torch.tensor(self.weight_scale[0]))]
+            else:
+                products = [input_scale * w for w in self.weight_scale]
+            reals = [product / self.output["scale"] for product in products]
+            multiplier, shift = _multipliers(reals)
+            self._multipliers[input_scale] = (multiplier.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1))
+        return self._multipliers[input_scale]
+
+    def forward(self, x: QTensor) -> QTensor:
+        accumulator = self.conv((x.values - x.zero_point).to(torch.float64)).round().to(torch.int64) + self.bias
+        out = self.requantize(accumulator, *self.multipliers(x.scale)) + self.output["zero_point"]
+        return QTensor(out.clamp(*self.range), self.output["scale"], self.output["zero_point"])
+
+
+def quantized_add(a: QTensor, b: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
+    """TFLite's 8-bit ADD: both inputs shifted left by 20 bits, rescaled to twice the larger input
+    scale, summed, then rescaled to the output."""
+    out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
+    twice_max = 2 * max(a.scale, b.scale)
+    scaled = []
+    for q in (a, b):
+        multiplier, shift = _multipliers([q.scale / twice_max])
+        scaled.append(
+            multiply_by_quantized_multiplier((q.values - q.zero_point) * (1 << ADD_LEFT_SHIFT), multiplier, shift)
+        )
+    multiplier, shift = _multipliers([twice_max / ((1 << ADD_LEFT_SHIFT) * out_scale)])
+    out = multiply_by_quantized_multiplier(scaled[0] + scaled[1], multiplier, shift) + out_zero
+    low, high = activation_range(record.get("activation"), out_scale, out_zero, dtype)
+    return QTensor(out.clamp(low, high), out_scale, out_zero)
+
+
+def quantized_average_pool(x: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
+    """A global AVERAGE_POOL_2D: the integer sum divided by the count, rounded half away from zero."""
+    _check_same_params(x, record, "AVERAGE_POOL_2D")
+    count = x.values.shape[-2] * x.values.shape[-1]
+    total = x.values.sum(dim=(-2, -1), keepdim=True)
+    mean = torch.div(total + torch.where(total >= 0, count // 2, -(count // 2)), count, rounding_mode="trunc")
+    low, high = activation_range(record.get("activation"), x.scale, x.zero_point, dtype)
+    return QTensor(mean.clamp(low, high), x.scale, x.zero_point)
+
+
+def quantized_resize_bilinear(x: QTensor, size: tuple[int, int], record: dict[str, Any]) -> QTensor:
+    """RESIZE_BILINEAR on 8-bit values: interpolated in float32 and rounded half up, as TFLite's kernel."""
+    _check_same_params(x, record, "RESIZE_BILINEAR")
+    if record.get("half_pixel_centers"):
+        raise ModelFolderError(f"{QUANTIZATION_FILE}: half-pixel-centre resizes are not emulated")
+    values = x.values.to(torch.float32)
+    for axis, out_size in ((-2, size[0]), (-1, size[1])):
+        in_size = values.shape[axis]
+        scale = in_size / out_size
+        if record.get("align_corners") and out_size > 1:
+            scale = (in_size - 1) / (out_size - 1)
+        position = torch.arange(out_size, dtype=torch.float32) * torch.tensor(scale, dtype=torch.float32)
+        low = position.floor().to(torch.int64).clamp(max=in_size - 1)
+        high = (low + 1).clamp(max=in_size - 1)
+        fraction = position - low.to(torch.float32)
+        shape = [1] * values.ndim
+        shape[axis] = out_size
+        fraction = fraction.reshape(shape)
+        values = values.index_select(axis, low) * (1 - fraction) + values.index_select(axis, high) * fraction
+    return QTensor(torch.floor(values + 0.5).to(torch.int64), x.scale, x.zero_point)
+
+
+def quantized_requantize(x: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
+    """QUANTIZE from one 8-bit scale to another."""
+    out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
+    multiplier, shift = _multipliers([x.scale / out_scale])
+    out = multiply_by_quantized_multiplier(x.values - x.zero_point, multiplier, shift) + out_zero
+    return QTensor(out.clamp(*DTYPE_RANGES[dtype]), out_scale, out_zero)
+
+
+def quantized_concat(parts: list[QTensor], record: dict[str, Any], dtype: str) -> QTensor:
+    """CONCATENATION along channels; an input on another scale is rescaled in float and rounded."""
+    out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
+    rescaled = []
+    for part in parts:
+        if (part.scale, part.zero_point) == (out_scale, out_zero):
+            rescaled.append(part.values)
+            continue
+        scale = torch.tensor(part.scale, dtype=torch.float32) / torch.tensor(out_scale, dtype=torch.float32)
+        real = part.values.to(torch.float32) * scale - part.zero_point * scale
+        rescaled.append((round_half_away(real).to(torch.int64) + out_zero).clamp(*DTYPE_RANGES[dtype]))
+    return QTensor(torch.cat(rescaled, dim=1), out_scale, out_zero)
+
+
+def quantized_softmax(logits: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
+    beta = record.get("beta", 1.0)
+    probabilities = torch.softmax(beta * logits.dequantize().to(torch.float64), dim=1)
+    out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
+    values = round_half_away(probabilities / out_scale).to(torch.int64) + out_zero
+    return QTensor(values.clamp(*DTYPE_RANGES[dtype]), out_scale, out_zero)
+
+
+def _check_same_params(x: QTensor, record: dict[str, Any], op: str) -> None:
+    if (x.scale, x.zero_point) != (record["output"]["scale"], record["output"]["zero_point"]):
+        raise ModelFolderError(f"{QUANTIZATION_FILE}: a {op} that changes the quantization is not emulated")
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+
+class QuantizedMobileNetV2(nn.Module):
+    """TFLite's integer MobileNetV2 (classifier or DeepLab v3), step by step; see the module docstring."""
+
+    def __init__(self, config: MobileNetV2Config, quantization: dict[str, Any], integers: dict[str, torch.Tensor],
+                 folder: Path | None = None) -> None:  # fmt: skip
+        super().__init__()
+        if quantization.get("format") != QUANTIZATION_FORMAT:
+            raise ModelFolderError(f"{QUANTIZATION_FILE} is not in the format {QUANTIZATION_FORMAT!r}")
+        self.config = config
+        self.kind = quantization["kind"]
+        self.input_params = quantization["input"]
+        self.dtype = self.input_params["dtype"]
+        self.records: dict[str, dict[str, Any]] = quantization["steps"]
+        self.folder = folder
+        with torch.device("meta"):
+            layout = self._float_class()(config)
+        self.convs = nn.ModuleDict()
+        for name, record in self.records.items():
+            if "weight_scale" in record:
+                module = layout.get_submodule(name)
+                weight, bias = integers[f"{name}.weight"], integers[f"{name}.bias"]
+                self.convs[_key(name)] = QuantizedConv(module, record, weight, bias, self.dtype)
+
+    def _float_class(self):
+        from .modeling import MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation
+
+        return MobileNetV2ForSemanticSegmentation if self.kind == "deeplab" else MobileNetV2ForImageClassification
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> QuantizedMobileNetV2:
+        """Load a folder converted from a quantized TFLite model."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        for name in (QUANTIZATION_FILE, INTEGER_WEIGHTS_FILE):
+            if not (folder / name).is_file():
+                raise ModelFolderError(f"{folder} has no {name}: convert a quantized .tflite model to get one")
+        quantization = json.loads((folder / QUANTIZATION_FILE).read_text())
+        config = MobileNetV2Config.from_pretrained(folder)
+        return cls(config, quantization, load_file(folder / INTEGER_WEIGHTS_FILE), folder).eval()
+
+    def float_twin(self) -> nn.Module:
+        """The dequantized float model of the same folder (`model.safetensors`, BatchNorm as identity)."""
+        if self.folder is None:
+            raise ModelFolderError("this quantized model was not loaded from a folder; it has no float twin")
+        return self._float_class().from_pretrained(self.folder)
+
+    def quantize_input(self, pixel_values: torch.Tensor) -> QTensor:
+        """Real NCHW input -> the model's input quantization (round half away from zero, clamped)."""
+        scale, zero_point = self.input_params["scale"], self.input_params["zero_point"]
+        quotient = pixel_values.to(torch.float32) / torch.tensor(scale, dtype=torch.float32)
+        values = (round_half_away(quotient).to(torch.int64) + zero_point).clamp(*DTYPE_RANGES[self.dtype])
+        return QTensor(values, scale, zero_point)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor):
+        steps = self.run(pixel_values)
+        if self.kind == "deeplab":
+            return QuantizedSegmenterOutput(steps["segmentation_head.classifier"].dequantize(), steps["labels"].values)
+        logits = steps["classifier"].dequantize().flatten(1)
+        softmax = steps.get("softmax")
+        return QuantizedClassifierOutput(logits, softmax.dequantize().flatten(1) if softmax is not None else None)
+
+    @torch.no_grad()
+    def run(self, pixel_values: torch.Tensor) -> dict[str, QTensor]:
+        """The output of every step (NCHW), by step name, as `quantization.json` names them."""
+        out: dict[str, QTensor] = {"input": self.quantize_input(pixel_values)}
+        x = self._conv("mobilenet_v2.conv_stem.first_conv", out["input"], out)
+        x = self._block("mobilenet_v2.conv_stem", x, out)
+        for i in range(len(self.config_blocks())):
+            x = self._block(f"mobilenet_v2.layer.{i}", x, out)
+        if self.kind == "deeplab":
+            self._deeplab_head(x, pixel_values.shape[-2:], out)
+        else:
+            self._classification_head(x, out)
+        return out
+
+    def config_blocks(self) -> list[str]:
+        return sorted({name.split(".")[2] for name in self.records if name.startswith("mobilenet_v2.layer.")}, key=int)
+
+    def _conv(self, name: str, x: QTensor, out: dict[str, QTensor]) -> QTensor:
+        out[name] = self.convs[_key(name)](x)
+        return out[name]
+
+    def _block(self, name: str, x: QTensor, out: dict[str, QTensor]) -> QTensor:
+        block_input = x
+        if f"{name}.expand_1x1" in self.records:
+            x = self._conv(f"{name}.expand_1x1", x, out)
+        x = self._conv(f"{name}.conv_3x3", x, out)
+        x = self._conv(f"{name}.reduce_1x1", x, out)
+        if f"{name}.add" in self.records:
+            x = out[f"{name}.add"] = quantized_add(block_input, x, self.records[f"{name}.add"], self.dtype)
+        return x
+
+    def _classification_head(self, x: QTensor, out: dict[str, QTensor]) -> None:
+        x = self._conv("mobilenet_v2.conv_1x1", x, out)
+        out["mobilenet_v2.pool"] = quantized_average_pool(x, self.records["mobilenet_v2.pool"], self.dtype)
+        logits = self._conv("classifier", out["mobilenet_v2.pool"], out)
+        if "softmax" in self.records:
+            out["softmax"] = quantized_softmax(logits, self.records["softmax"], self.dtype)
+
+    def _deeplab_head(self, features: QTensor, image_size: tuple[int, int], out: dict[str, QTensor]) -> None:
+        records, head = self.records, "segmentation_head"
+        pooled = out[f"{head}.pool"] = quantized_average_pool(features, records[f"{head}.pool"], self.dtype)
+        pooled = self._conv(f"{head}.conv_pool", pooled, out)
+        feature_size = tuple(features.values.shape[-2:])
+        pooled = out[f"{head}.pool_resize"] = quantized_resize_bilinear(
+            pooled, feature_size, records[f"{head}.pool_resize"]
+        )
+        if f"{head}.pool_requantize" in records:
+            pooled = out[f"{head}.pool_requantize"] = quantized_requantize(
+                pooled, records[f"{head}.pool_requantize"], self.dtype
+            )
+        aspp = self._conv(f"{head}.conv_aspp", features, out)
+        concat = out[f"{head}.concat"] = quantized_concat([pooled, aspp], records[f"{head}.concat"], self.dtype)
+        x = self._conv(f"{head}.conv_projection", concat, out)
+        x = self._conv(f"{head}.classifier", x, out)
+        resizes = sorted(name for name in records if name.startswith(f"{head}.logits_resize."))
+        for i, name in enumerate(resizes):
+            # The last resize goes to the input size; earlier ones to the size the graph recorded.
+            size = tuple(image_size) if i == len(resizes) - 1 else tuple(records[name]["size"])
+            x = out[name] = quantized_resize_bilinear(x, size, records[name])
+        out["labels"] = QTensor(x.values.argmax(dim=1), 1.0, 0)
+
+
+def _key(name: str) -> str:
+    """ModuleDict keys cannot hold dots."""
+    return name.replace(".", "__")
