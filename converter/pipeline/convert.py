@@ -63,7 +63,8 @@ def convert_checkpoint(
         avg_pool: "global" (transformers' pooling) or "fixed7x7" (slim's fixed 7x7 window, giving a logits
             map for inputs larger than the native size; transformers ignores this option).
         allow_non_finite: accept NaN/Inf weights instead of refusing them.
-        force: replace a non-empty output folder (atomically).
+        force: replace an output folder this toolkit wrote (atomically); never one holding other files
+            or the source.
         download: where the tarball came from (zoo URL, ...), recorded as `download` in conversion.json.
 
     Raises:
@@ -71,7 +72,7 @@ def convert_checkpoint(
     """
     started = time.perf_counter()
     if output is not None:
-        check_output(Path(output), force)
+        check_output(Path(output), force, [Path(src)])
     with open_source(src) as source, TensorBundle(source.prefix) as bundle:
         names = bundle.names()
         shapes = {name: bundle.info(name).shape for name in names}
@@ -93,7 +94,7 @@ def convert_checkpoint(
         conversion = _provenance(source, summary, plan.ignored, drop_background)
         if download:
             conversion["download"] = dict(download)
-        with staged_output(output, force) as staging:
+        with staged_output(output, force, [Path(src), *source.files]) as staging:
             write_model_folder(staging, state, config, ARCHITECTURES[variant.kind], conversion)
     return replace(summary, seconds=time.perf_counter() - started)
 
