@@ -19,6 +19,7 @@ import numpy as np
 from converter.errors import OutputError
 from converter.output import layout
 from converter.output.card import write_model_card
+from converter.output.records import ConversionRecord
 from mobilenet_torch.configuration import MobileNetV2Config
 
 
@@ -156,9 +157,11 @@ def write_model_folder(
     state: Mapping[str, np.ndarray],
     config: MobileNetV2Config,
     architecture: str,
-    conversion: Mapping[str, Any],
+    record: ConversionRecord,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> None:
-    """The files of a converted model: weights, config, preprocessing, provenance and README.md."""
+    """The files of a converted model: weights, config, preprocessing, provenance, README.md and any
+    files the source's reader adds (each one a name of `layout.FILES`, so --force knows it as ours)."""
     from safetensors.numpy import save_file
 
     config.architectures = [architecture]
@@ -166,7 +169,11 @@ def write_model_folder(
     save_file(dict(state), str(folder / layout.WEIGHTS), metadata={"format": "pt"})
     segmentation = "Segmentation" in architecture
     _write_json(folder / layout.PREPROCESSOR, preprocessor_config(config.image_size, segmentation))
-    _write_json(folder / layout.CONVERSION, conversion)
+    record.write(folder)
+    for name, content in (extra_files or {}).items():
+        if name not in layout.FILES:
+            raise ValueError(f"{name} is not a file name of converter.output.layout")
+        (folder / name).write_bytes(content)
     write_model_card(folder)
 
 
