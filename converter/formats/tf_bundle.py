@@ -516,8 +516,9 @@ class TensorBundle:
     def read_strings(self, name: str) -> list[bytes]:
         """The elements of the string tensor ``name`` (such as a SavedModel's object graph), checksum verified.
 
-        tensor_bundle.cc stores them as a varint64 length per element, a 4-byte CRC-32C of the lengths
-        (each taken as a little-endian uint64), then the bytes; the entry's masked CRC covers all three.
+        tensor_bundle.cc stores them as a varint64 length per element, a 4-byte CRC-32C of the lengths,
+        then the bytes; the entry's masked CRC covers the lengths (each as a little-endian uint32, or
+        uint64 past 4 GiB), that checksum and the bytes.
         """
         if self._closed:
             raise ValueError("read from a closed TensorBundle")
@@ -529,8 +530,6 @@ class TensorBundle:
         if entry.offset < 0 or entry.offset + entry.size > shard.size:
             raise CheckpointFormatError(f"string tensor {name!r} lies past the end of {self._shard_paths[entry.shard]}")
         raw = bytes(shard[entry.offset : entry.offset + entry.size])
-        if masked_crc32c(raw) != entry.crc32c:
-            raise ChecksumError(f"string tensor {name!r}: checksum mismatch, the data file is corrupted")
         lengths, pos = [], 0
         try:
             for _ in range(count):
@@ -538,13 +537,16 @@ class TensorBundle:
                 lengths.append(length)
         except protobuf.MalformedMessage as err:
             raise CheckpointFormatError(f"string tensor {name!r}: {err}") from None
-        pos += 4  # the lengths' checksum, already covered by the entry's
-        if pos + sum(lengths) != len(raw):
+        lengths_crc, body = raw[pos : pos + 4], raw[pos + 4 :]
+        if len(lengths_crc) != 4 or sum(lengths) != len(body):
             raise CheckpointFormatError(f"string tensor {name!r}: its lengths do not add up to its {len(raw)} bytes")
+        as_fixed = b"".join(length.to_bytes(4 if length < 1 << 32 else 8, "little") for length in lengths)
+        if masked_crc32c(as_fixed + lengths_crc + body) != entry.crc32c:
+            raise ChecksumError(f"string tensor {name!r}: checksum mismatch, the data file is corrupted")
         values = []
         for length in lengths:
-            values.append(raw[pos : pos + length])
-            pos += length
+            values.append(body[:length])
+            body = body[length:]
         return values
 
     def close(self) -> None:
