@@ -42,10 +42,8 @@ from torch import nn
 from .configuration import MobileNetV2Config
 from .errors import ModelFolderError
 from .layers import ConvLayer
+from .quantized_files import INTEGER_WEIGHTS_FILE, QUANTIZATION_FILE, QUANTIZATION_FORMAT
 
-QUANTIZATION_FILE = "quantization.json"
-INTEGER_WEIGHTS_FILE = "quantized.safetensors"
-QUANTIZATION_FORMAT = "mobilenet-convert/tflite-quantization/1"
 DTYPE_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
 ADD_LEFT_SHIFT = 20  # TFLite's headroom for 8-bit ADD inputs before rescaling
 

@@ -46,6 +46,7 @@ class Hints:
     """What the source says about the model beyond its tensor shapes (None: it does not say)."""
 
     image_size: int | None = None  # input size fixed by the source (a TFLite input, a Keras input_shape)
+    output_stride: int | None = None  # a DeepLab graph's fixed output stride (a TFLite model's dilations)
     labels: tuple[str, ...] | None = None  # class names in the order of the head's outputs
     convention: str | None = None  # the weights convention of a single-valued export ("raw", ...)
     preprocessing: dict[str, Any] | None = None  # how inputs are scaled, when it differs from [-1, 1]

@@ -32,7 +32,9 @@ from converter.errors import MappingError, TFLiteFormatError
 from converter.formats.base import Hints, Reader, References
 from converter.formats.tflite_schema import Model, Operator, Tensor, has_identifier, parse_model
 from converter.pipeline.table import CLASSIFICATION, DEEPLAB, HEADS, NUM_BLOCKS, conv_layers
-from mobilenet_torch.quantized import INTEGER_WEIGHTS_FILE, QUANTIZATION_FILE, QUANTIZATION_FORMAT
+from converter.pipeline.variants import detect_variant
+from mobilenet_torch.architecture import block_channels, block_schedule
+from mobilenet_torch.quantized_files import INTEGER_WEIGHTS_FILE, QUANTIZATION_FILE, QUANTIZATION_FORMAT
 
 BACKBONE_EPS = 1e-3
 HEAD_EPS = 1e-5
@@ -64,8 +66,8 @@ class TFLiteReader(Reader):
     format = "tflite"
     description = "TensorFlow Lite flatbuffer (.tflite): float32, uint8 per-tensor or int8 per-channel quantized"
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, archive: Path | None = None) -> None:
+        super().__init__(path, archive)
         self._bytes = path.read_bytes()
         self.model: Model = parse_model(self._bytes)
         self.steps, self.kind = _Walk(self.model).run()
@@ -118,6 +120,7 @@ class TFLiteReader(Reader):
             preprocessing = {"input_quantization": input_quantization}
         return Hints(
             image_size=image.shape[1],
+            output_stride=self.output_stride if self.kind == DEEPLAB else None,
             labels=_embedded_labels(self._bytes, num_labels),
             convention="raw",
             preprocessing=preprocessing,
@@ -201,34 +204,33 @@ class TFLiteReader(Reader):
                 )
 
     def _check_architecture(self) -> None:
-        """Each conv's stride, dilation and kernel, and each residual, are those of the variant's model
-        (channels are checked by the variant detection, which matches every weight's shape)."""
-        import torch
-
-        from converter.pipeline.variants import detect_variant
-        from mobilenet_torch import MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation
-
+        """Each conv's stride and dilation, and each residual, are those of the variant's model (channels
+        are checked by the variant detection, which matches every weight's shape)."""
         shapes = {name: array.shape for name, array in self._tensors.items()}
         variant = detect_variant(shapes, output_stride=self.output_stride if self.kind == DEEPLAB else None)
-        cls = MobileNetV2ForImageClassification if self.kind == CLASSIFICATION else MobileNetV2ForSemanticSegmentation
-        with torch.device("meta"):
-            model = cls(variant.config())
-        names = {step.name for step in self.steps}
+        config = variant.config()
+        expected = {"mobilenet_v2.conv_stem.first_conv": (2, 1)}
+        residual = {"mobilenet_v2.conv_stem": False}
+        channels = block_channels(config)[1:]
+        for i, ((stride, dilation), (in_channels, _, out_channels)) in enumerate(
+            zip(block_schedule(config), channels, strict=True)
+        ):
+            expected[f"mobilenet_v2.layer.{i}.conv_3x3"] = (stride, dilation)
+            residual[f"mobilenet_v2.layer.{i}"] = stride == 1 and in_channels == out_channels
         for step in self._conv_steps():
-            module = model.get_submodule(step.name)
-            if isinstance(module, torch.nn.Linear):
+            options = step.op.options
+            if step.op.op == "FULLY_CONNECTED":
                 continue
-            conv, options = module.convolution, step.op.options
-            found = (options["stride_h"], options["stride_w"], options["dilation_h"], options["dilation_w"])
-            expected = (module.stride, module.stride, *conv.dilation)
-            if found != expected:
+            found = (options["stride_h"], options["dilation_h"])
+            wanted = expected.get(step.name, (1, 1))
+            if found != wanted or (options["stride_w"], options["dilation_w"]) != found:
                 raise MappingError(
-                    f"{step.scope}: op {step.op.index} has stride {found[:2]} and dilation {found[2:]}, but "
-                    f"{variant.name} has stride {expected[:2]} and dilation {expected[2:]} there"
+                    f"{step.scope}: op {step.op.index} has stride {options['stride_h']}x{options['stride_w']} and "
+                    f"dilation {options['dilation_h']}x{options['dilation_w']}, but {variant.name} has stride "
+                    f"{wanted[0]} and dilation {wanted[1]} there"
                 )
-        blocks = [("mobilenet_v2.conv_stem", model.mobilenet_v2.conv_stem)]
-        blocks += [(f"mobilenet_v2.layer.{i}", block) for i, block in enumerate(model.mobilenet_v2.layer)]
-        wrong = [name for name, block in blocks if block.use_residual != (f"{name}.add" in names)]
+        names = {step.name for step in self.steps}
+        wrong = [block for block, has_add in residual.items() if has_add != (f"{block}.add" in names)]
         if wrong:
             raise MappingError(f"residual ADDs differ from {variant.name}'s at {', '.join(wrong)}")
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from mobilenet_torch.configuration import CONFIG_NAME
+from mobilenet_torch.quantized_files import INTEGER_WEIGHTS_FILE, QUANTIZATION_FILE
 
 WEIGHTS = "model.safetensors"
 CONFIG = CONFIG_NAME
@@ -18,6 +19,6 @@ PARITY_REPORTS = ("parity.json", "parity.md", "parity.xml", "parity.png")
 PARITY_JSON = f"{PARITY_FOLDER}/{PARITY_REPORTS[0]}"
 
 #: Top-level files of a converted folder, and its one subfolder with the files it may hold.
-FILES = frozenset({WEIGHTS, CONFIG, PREPROCESSOR, CONVERSION, CARD, ONNX})
+FILES = frozenset({WEIGHTS, CONFIG, PREPROCESSOR, CONVERSION, CARD, ONNX, QUANTIZATION_FILE, INTEGER_WEIGHTS_FILE})
 FOLDERS = {PARITY_FOLDER: frozenset(PARITY_REPORTS)}
 TOOLKIT_PREFIX = "mobilenet-convert"

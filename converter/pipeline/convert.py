@@ -83,7 +83,7 @@ def convert_checkpoint(
             {name: reader.shape(name) for name in names},
             depth=depth,
             size=size,
-            output_stride=output_stride,
+            output_stride=output_stride or reader.hints.output_stride,
             source_name=reader.source_name,
             source_size=reader.hints.image_size,
         )
