@@ -40,15 +40,19 @@ class TfliteConv:
     output_shape: tuple[int, ...]  # NCHW (or [N, out] for fully connected)
 
 
-def interpreter(path: Path, preserve_all_tensors: bool = False):
+def interpreter(path: Path, preserve_all_tensors: bool = False, reference_kernels: bool = False):
     """An allocated interpreter. Preserving every tensor (to read pre-softmax logits) needs the
-    built-in kernels, as a delegate keeps its intermediate tensors to itself."""
+    built-in kernels, as a delegate keeps its intermediate tensors to itself; `reference_kernels`
+    runs TFLite's reference implementations (the specification of its integer arithmetic)."""
     import tensorflow as tf
 
     kwargs = {"model_path": str(path), "num_threads": 1}
+    resolvers = tf.lite.experimental.OpResolverType
     if preserve_all_tensors:
         kwargs["experimental_preserve_all_tensors"] = True
-        kwargs["experimental_op_resolver_type"] = tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        kwargs["experimental_op_resolver_type"] = resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    if reference_kernels:
+        kwargs["experimental_op_resolver_type"] = resolvers.BUILTIN_REF
     with warnings.catch_warnings():  # its deprecation notice in favour of the separate LiteRT package
         warnings.simplefilter("ignore", UserWarning)
         result = tf.lite.Interpreter(**kwargs)
