@@ -313,11 +313,14 @@ class _Walk:
         x = self._conv(x, "MobilenetV2/Conv_1", "CONV_2D", "relu6")
         x = self._pool(x, "mobilenet_v2.pool")
         x = self._conv(x, "MobilenetV2/Logits/Conv2d_1c_1x1", ("CONV_2D", "FULLY_CONNECTED"), None)
-        for op_names, name in ((("RESHAPE", "SQUEEZE"), "reshape"), (("SOFTMAX",), "softmax")):
-            op = self._optional(x, op_names)
-            if op is not None:
-                self.steps.append(Step(name, op))
-                x = op.outputs[0]
+        # Then squeezes and reshapes (no arithmetic) around an optional softmax.
+        reshapes = 0
+        while (op := self._optional(x, ("RESHAPE", "SQUEEZE", "SOFTMAX"))) is not None:
+            if op.op == "SOFTMAX" and any(step.name == "softmax" for step in self.steps):
+                raise MappingError(f"op {op.index}: a second SOFTMAX after the logits")
+            self.steps.append(Step("softmax" if op.op == "SOFTMAX" else f"reshape.{reshapes}", op))
+            reshapes += op.op != "SOFTMAX"
+            x = op.outputs[0]
         self._end(x)
 
     def _deeplab_head(self, features: int) -> None:
