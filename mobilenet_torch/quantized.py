@@ -237,6 +237,61 @@ def quantized_resize_bilinear(x: QTensor, size: tuple[int, int], record: dict[st
     return QTensor(torch.floor(values + 0.5).to(torch.int64), x.scale, x.zero_point)
 
 
+def quantized_resize_bilinear_integer(x: QTensor, size: tuple[int, int], record: dict[str, Any]) -> QTensor:
+    """RESIZE_BILINEAR on int8 values: TFLite's fixed-point version, positions in 1/1024 steps."""
+    _check_same_params(x, record, "RESIZE_BILINEAR")
+    if record.get("half_pixel_centers"):
+        raise ModelFolderError(f"{QUANTIZATION_FILE}: half-pixel-centre resizes are not emulated")
+    values = x.values
+    weights = []
+    for axis, out_size in ((-2, size[0]), (-1, size[1])):
+        in_size = values.shape[axis]
+        if record.get("align_corners") and out_size > 1:
+            scale = ((1 << 10) * (in_size - 1) + (out_size - 1) // 2) // (out_size - 1)
+        else:
+            scale = ((1 << 10) * in_size + out_size // 2) // out_size
+        position = torch.arange(out_size, dtype=torch.int64) * scale
+        low = (position // (1 << 10)).clamp(min=0)
+        high = torch.div(position + (1 << 10) - 1, 1 << 10, rounding_mode="floor").clamp(max=in_size - 1)
+        fraction = position - (1 << 10) * low
+        shape = [1] * values.ndim
+        shape[axis] = out_size
+        weights.append((low, high, fraction.reshape(shape)))
+    (y0, y1, fy), (x0, x1, fx) = weights
+    one = 1 << 10
+    top = values.index_select(-2, y0)
+    bottom = values.index_select(-2, y1)
+    total = (top.index_select(-1, x0) * (one - fy) * (one - fx) + bottom.index_select(-1, x0) * fy * (one - fx)
+             + top.index_select(-1, x1) * (one - fy) * fx + bottom.index_select(-1, x1) * fy * fx)  # fmt: skip
+    rounded = torch.div(total + torch.where(total > 0, 1 << 19, -(1 << 19)), 1 << 20, rounding_mode="trunc")
+    return QTensor(rounded, x.scale, x.zero_point)
+
+
+def quantized_mul(x: QTensor, constant: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
+    """MUL of 8-bit tensors: the product of the offset values, requantized."""
+    out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
+    multiplier, shift = _multipliers([x.scale * constant.scale / out_scale])
+    product = (x.values - x.zero_point) * (constant.values - constant.zero_point)
+    out = multiply_by_quantized_multiplier(product, multiplier, shift) + out_zero
+    low, high = activation_range(record.get("activation"), out_scale, out_zero, dtype)
+    return QTensor(out.clamp(low, high), out_scale, out_zero)
+
+
+def quantized_pool(x: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
+    """The global pool: AVERAGE_POOL_2D, or a MEAN over height and width (which may rescale)."""
+    if record["op"] == "AVERAGE_POOL_2D":
+        return quantized_average_pool(x, record, dtype)
+    out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
+    count = x.values.shape[-2] * x.values.shape[-1]
+    total = (x.values - x.zero_point).sum(dim=(-2, -1), keepdim=True)
+    # TFLite folds the division into the multiplier: (multiplier << k) / count, shift reduced by k.
+    multiplier, shift = quantize_multiplier(x.scale / out_scale)
+    headroom = min(count.bit_length() - 1, 32, 31 + shift)
+    divided = torch.tensor([(multiplier << headroom) // count])
+    mean = multiply_by_quantized_multiplier(total, divided, torch.tensor([shift - headroom]))
+    return QTensor((mean + out_zero).clamp(*DTYPE_RANGES[dtype]), out_scale, out_zero)
+
+
 def quantized_requantize(x: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
     """QUANTIZE from one 8-bit scale to another."""
     out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
@@ -292,6 +347,11 @@ class QuantizedMobileNetV2(nn.Module):
         with torch.device("meta"):
             layout = self._float_class()(config)
         self.convs = nn.ModuleDict()
+        self.constants = {
+            name: QTensor(integers[f"{name}.constant"].to(torch.int64).reshape(1, -1, 1, 1), **record["constant"])
+            for name, record in self.records.items()
+            if "constant" in record
+        }
         for name, record in self.records.items():
             if "weight_scale" in record:
                 module = layout.get_submodule(name)
@@ -352,6 +412,10 @@ class QuantizedMobileNetV2(nn.Module):
             self._classification_head(x, out)
         return out
 
+    def _resize(self, x: QTensor, size: tuple[int, int], record: dict[str, Any]) -> QTensor:
+        """uint8 models resize in float (the reference kernel's uint8 path), int8 in fixed point."""
+        return _resize_for(self.dtype)(x, size, record)
+
     def config_blocks(self) -> list[str]:
         return sorted({name.split(".")[2] for name in self.records if name.startswith("mobilenet_v2.layer.")}, key=int)
 
@@ -364,6 +428,10 @@ class QuantizedMobileNetV2(nn.Module):
         if f"{name}.expand_1x1" in self.records:
             x = self._conv(f"{name}.expand_1x1", x, out)
         x = self._conv(f"{name}.conv_3x3", x, out)
+        if f"{name}.conv_3x3.mul" in self.records:  # a BatchNorm the converter left unfolded
+            mul, bias_add = f"{name}.conv_3x3.mul", f"{name}.conv_3x3.bias_add"
+            x = out[mul] = quantized_mul(x, self.constants[mul], self.records[mul], self.dtype)
+            x = out[bias_add] = quantized_add(x, self.constants[bias_add], self.records[bias_add], self.dtype)
         x = self._conv(f"{name}.reduce_1x1", x, out)
         if f"{name}.add" in self.records:
             x = out[f"{name}.add"] = quantized_add(block_input, x, self.records[f"{name}.add"], self.dtype)
@@ -371,19 +439,17 @@ class QuantizedMobileNetV2(nn.Module):
 
     def _classification_head(self, x: QTensor, out: dict[str, QTensor]) -> None:
         x = self._conv("mobilenet_v2.conv_1x1", x, out)
-        out["mobilenet_v2.pool"] = quantized_average_pool(x, self.records["mobilenet_v2.pool"], self.dtype)
+        out["mobilenet_v2.pool"] = quantized_pool(x, self.records["mobilenet_v2.pool"], self.dtype)
         logits = self._conv("classifier", out["mobilenet_v2.pool"], out)
         if "softmax" in self.records:
             out["softmax"] = quantized_softmax(logits, self.records["softmax"], self.dtype)
 
     def _deeplab_head(self, features: QTensor, image_size: tuple[int, int], out: dict[str, QTensor]) -> None:
         records, head = self.records, "segmentation_head"
-        pooled = out[f"{head}.pool"] = quantized_average_pool(features, records[f"{head}.pool"], self.dtype)
+        pooled = out[f"{head}.pool"] = quantized_pool(features, records[f"{head}.pool"], self.dtype)
         pooled = self._conv(f"{head}.conv_pool", pooled, out)
         feature_size = tuple(features.values.shape[-2:])
-        pooled = out[f"{head}.pool_resize"] = quantized_resize_bilinear(
-            pooled, feature_size, records[f"{head}.pool_resize"]
-        )
+        pooled = out[f"{head}.pool_resize"] = self._resize(pooled, feature_size, records[f"{head}.pool_resize"])
         if f"{head}.pool_requantize" in records:
             pooled = out[f"{head}.pool_requantize"] = quantized_requantize(
                 pooled, records[f"{head}.pool_requantize"], self.dtype
@@ -396,8 +462,12 @@ class QuantizedMobileNetV2(nn.Module):
         for i, name in enumerate(resizes):
             # The last resize goes to the input size; earlier ones to the size the graph recorded.
             size = tuple(image_size) if i == len(resizes) - 1 else tuple(records[name]["size"])
-            x = out[name] = quantized_resize_bilinear(x, size, records[name])
+            x = out[name] = self._resize(x, size, records[name])
         out["labels"] = QTensor(x.values.argmax(dim=1), 1.0, 0)
+
+
+def _resize_for(dtype: str):
+    return quantized_resize_bilinear if dtype == "uint8" else quantized_resize_bilinear_integer
 
 
 def _key(name: str) -> str:

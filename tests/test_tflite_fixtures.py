@@ -1,8 +1,10 @@
 """TFLite files written by the current TensorFlow converter from a fixture checkpoint's graph
 (fixtures.tflite_builder): int8 per-channel full-integer quantization, and float32.
 
-- The integer model reproduces the interpreter's reference kernels at every step, and its softmax.
-- The dequantized float model of the int8 file keeps the interpreter's top-1.
+- The integer model reproduces the interpreter's reference kernels at every step, and its softmax;
+  for DeepLab (output stride 8: dilated depthwise convs come as space-to-batch convs with their
+  BatchNorm unfolded, the image pooling as a MEAN) every step and the label map.
+- The dequantized float model of an int8 file keeps the interpreter's top-1 / >= 97% of its labels.
 - A float .tflite converts to logits within 1e-4 x max|logit| of the interpreter.
 """
 
@@ -14,7 +16,7 @@ import torch
 
 from converter import convert_checkpoint
 from converter.formats.tflite import TFLiteReader
-from mobilenet_torch import MobileNetV2ForImageClassification
+from mobilenet_torch import MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation
 from mobilenet_torch.quantized import QuantizedMobileNetV2
 from mobilenet_torch.quantized_files import QUANTIZATION_FILE
 from tests.helpers import logit_tolerance, random_images, to_torch
@@ -24,6 +26,8 @@ tf = pytest.importorskip("tensorflow", reason="TensorFlow builds the TFLite fixt
 
 VARIANT = "mobilenet_v2_0.35_96"
 SIZE = 96
+DEEPLAB_VARIANT = "deeplabv3_mnv2_dm05_pascal_trainaug"
+DEEPLAB_SIZE = 97  # odd, as DeepLab crops are; small to keep the test fast
 IMAGES = 4  # seeded images, none of them the calibration set
 WITHIN_ONE_STEP = 0.99
 
@@ -39,6 +43,19 @@ def invoke(interp, images: np.ndarray) -> np.ndarray:
     interp.set_tensor(interp.get_input_details()[0]["index"], images)
     interp.invoke()
     return interp.get_tensor(interp.get_output_details()[0]["index"])
+
+
+def worst_step_error(model: QuantizedMobileNetV2, interp, images: np.ndarray) -> int:
+    """The largest difference, in quantization steps, between any of our steps and the interpreter's."""
+    steps = model.run(to_torch(images))
+    worst = 0
+    for name, record in model.records.items():
+        if name in steps:
+            reference = interp.get_tensor(record["tensor"]).astype(np.int64)
+            ours = steps[name].values.numpy()
+            ours = (ours.transpose(0, 2, 3, 1) if ours.ndim == 4 else ours).reshape(reference.shape)
+            worst = max(worst, int(np.abs(ours - reference).max()))
+    return worst
 
 
 def test_int8_file_is_what_the_current_converter_writes(tflite_file):
@@ -61,14 +78,7 @@ def test_int8_integer_model_reproduces_the_interpreter(tflite_file, tmp_path):
     for seed in range(IMAGES):
         images = random_images((SIZE, SIZE), seed=100 + seed)
         theirs = invoke(interp, images)[0]
-        steps = model.run(to_torch(images))
-        worst = 0
-        for name, record in model.records.items():
-            if name in steps:
-                reference = interp.get_tensor(record["tensor"]).astype(np.int64)
-                ours = steps[name].values.numpy()
-                ours = (ours.transpose(0, 2, 3, 1) if ours.ndim == 4 else ours).reshape(reference.shape)
-                worst = max(worst, int(np.abs(ours - reference).max()))
+        worst = worst_step_error(model, interp, images)
         probabilities = model(to_torch(images)).probabilities[0].numpy()
         step = model.records["softmax"]["output"]["scale"]
         within = float((np.abs(probabilities - theirs) <= step + 1e-7).mean())
@@ -99,3 +109,42 @@ def test_float_tflite_converts_to_the_interpreter_logits(tflite_file, tmp_path):
         error = float(np.abs(ours - theirs).max())
         print(f"\nfloat .tflite seed {seed}: max |logit difference| {error:.2e} (bar {logit_tolerance(theirs):.2e})")
         assert error <= logit_tolerance(theirs)
+
+
+def test_int8_deeplab_reproduces_the_interpreter(tmp_path):
+    from fixtures.tflite_builder import build_tflite
+
+    path = build_tflite(DEEPLAB_VARIANT, "int8", DEEPLAB_SIZE)
+    folder = tmp_path / "deeplab"
+    summary = convert_checkpoint(path, folder)
+    assert (summary.variant.kind, summary.variant.output_stride, summary.variant.size) == ("deeplab", 8, DEEPLAB_SIZE)
+    model = QuantizedMobileNetV2.from_pretrained(folder)
+    assert "mobilenet_v2.layer.6.conv_3x3.mul" in model.records  # the unfolded BatchNorm of a dilated conv
+    interp = interpreter(path, preserve_all_tensors=True, reference_kernels=True)
+    images = random_images((DEEPLAB_SIZE, DEEPLAB_SIZE), seed=300)
+    theirs = invoke(interp, images)[0]
+    worst = worst_step_error(model, interp, images)
+    labels = model(to_torch(images)).labels[0].numpy()
+    equal = float((labels == theirs).mean())
+    # The int8 activations of a random-weight model move ~6% of its labels away from any float model's
+    # (the checkpoint's own float model agrees no better), so the dequantized model is held to that.
+    original = MobileNetV2ForSemanticSegmentation.from_pretrained(_float_checkpoint_folder(tmp_path))
+    float_agreement, original_agreement = (
+        float((m.predict_labels(to_torch(images))[0].numpy() == theirs).mean()) for m in (model.float_twin(), original)
+    )
+    print(
+        f"\nint8 DeepLab: worst step error {worst}, labels equal {equal:.2%}; float labels agree with TFLite: "
+        f"dequantized {float_agreement:.2%}, the checkpoint's float model {original_agreement:.2%}"
+    )
+    assert worst <= 1 and equal >= 0.995
+    assert float_agreement >= original_agreement - 0.01
+
+
+def _float_checkpoint_folder(tmp_path):
+    """The fixture checkpoint the int8 file was converted from, converted as a float model."""
+    from fixtures.cache import ensure_fixture
+
+    folder = tmp_path / "checkpoint"
+    prefix = ensure_fixture(DEEPLAB_VARIANT).checkpoint_prefix
+    convert_checkpoint(prefix, folder, output_stride=8, size=DEEPLAB_SIZE, weights="raw")
+    return folder

@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,20 @@ class Step:
     name: str  # the PyTorch module path for convs, else a step name (``mobilenet_v2.layer.3.add``, ...)
     op: Operator
     scope: str | None = None  # the slim scope of a conv
-    extra: dict[str, Any] = field(default_factory=dict)
+    output: int | None = None  # the step's output tensor, where it is not the op's (a space-to-batch conv)
+    dilation: int | None = None  # a dilation the op does not carry itself (a space-to-batch conv)
+    constant: int | None = None  # the constant operand of a per-channel MUL / ADD (an unfolded BatchNorm)
+
+    @property
+    def output_tensor(self) -> int:
+        return self.op.outputs[0] if self.output is None else self.output
+
+    @property
+    def stride_dilation(self) -> tuple[int, int]:
+        options = self.op.options
+        if options["stride_h"] != options["stride_w"] or options["dilation_h"] != options["dilation_w"]:
+            raise MappingError(f"{self.scope}: op {self.op.index} has different strides or dilations along h and w")
+        return options["stride_h"], self.dilation or options["dilation_h"]
 
 
 class TFLiteReader(Reader):
@@ -138,6 +151,9 @@ class TFLiteReader(Reader):
             weight, bias = (self.model.tensors[i] for i in step.op.inputs[1:3])
             integers[f"{step.name}.weight"] = _torch_layout(step.op.op, self.model.data(weight))
             integers[f"{step.name}.bias"] = self.model.data(bias).astype(np.int32)
+        for step in self.steps:
+            if step.constant is not None:
+                integers[f"{step.name}.constant"] = self.model.data(self.model.tensors[step.constant])
         document = {
             "format": QUANTIZATION_FORMAT,
             "source": self.path.name,
@@ -173,7 +189,7 @@ class TFLiteReader(Reader):
         return {**_params(first), "dtype": first.dtype}
 
     def _describe(self, step: Step) -> dict[str, Any]:
-        output = self.model.tensors[step.op.outputs[0]]
+        output = self.model.tensors[step.output_tensor]
         params = _params(output) if output.quantization is not None else None
         record: dict[str, Any] = {"op": step.op.op, "tensor": output.index, "output": params}
         if step.scope is not None:
@@ -184,10 +200,10 @@ class TFLiteReader(Reader):
         for key in ("activation", "align_corners", "half_pixel_centers"):
             if key in step.op.options:
                 record[key] = step.op.options[key]
-        if "stride_h" in step.op.options:
-            record["stride"] = step.op.options["stride_h"]
         if "dilation_h" in step.op.options:
-            record["dilation"] = step.op.options["dilation_h"]
+            record["stride"], record["dilation"] = step.stride_dilation
+        if step.constant is not None:
+            record["constant"] = _params(self.model.tensors[step.constant])
         if step.op.op == "RESIZE_BILINEAR":
             record["size"] = list(output.shape[1:3])
         if step.op.op == "SOFTMAX":
@@ -218,16 +234,13 @@ class TFLiteReader(Reader):
             expected[f"mobilenet_v2.layer.{i}.conv_3x3"] = (stride, dilation)
             residual[f"mobilenet_v2.layer.{i}"] = stride == 1 and in_channels == out_channels
         for step in self._conv_steps():
-            options = step.op.options
             if step.op.op == "FULLY_CONNECTED":
                 continue
-            found = (options["stride_h"], options["dilation_h"])
-            wanted = expected.get(step.name, (1, 1))
-            if found != wanted or (options["stride_w"], options["dilation_w"]) != found:
+            found, wanted = step.stride_dilation, expected.get(step.name, (1, 1))
+            if found != wanted:
                 raise MappingError(
-                    f"{step.scope}: op {step.op.index} has stride {options['stride_h']}x{options['stride_w']} and "
-                    f"dilation {options['dilation_h']}x{options['dilation_w']}, but {variant.name} has stride "
-                    f"{wanted[0]} and dilation {wanted[1]} there"
+                    f"{step.scope}: op {step.op.index} has stride {found[0]} and dilation {found[1]}, but "
+                    f"{variant.name} has stride {wanted[0]} and dilation {wanted[1]} there"
                 )
         names = {step.name for step in self.steps}
         wrong = [block for block, has_add in residual.items() if has_add != (f"{block}.add" in names)]
@@ -235,9 +248,15 @@ class TFLiteReader(Reader):
             raise MappingError(f"residual ADDs differ from {variant.name}'s at {', '.join(wrong)}")
 
     def _slim_tensors(self) -> dict[str, np.ndarray]:
-        """Dequantized weights in slim layouts, with the folded bias as an identity BatchNorm."""
+        """Dequantized weights in slim layouts, with the folded bias as an identity BatchNorm (a
+        BatchNorm the converter left unfolded keeps its scale as gamma)."""
         tensors: dict[str, np.ndarray] = {}
         head = _head_weight(self.kind).rsplit("/", 1)[0]
+        constants = {
+            step.name: _dequantize(self.model, self.model.tensors[step.constant]).reshape(-1)
+            for step in self.steps
+            if step.constant is not None
+        }
         for step in self._conv_steps():
             weight_tensor, bias_tensor = (self.model.tensors[i] for i in step.op.inputs[1:3])
             weight = _slim_layout(step.op.op, _dequantize(self.model, weight_tensor))
@@ -247,8 +266,12 @@ class TFLiteReader(Reader):
                 continue
             variable = "depthwise_weights" if step.op.op == "DEPTHWISE_CONV_2D" else "weights"
             eps = HEAD_EPS if step.scope in HEAD_SCOPES else BACKBONE_EPS
+            gamma = np.ones_like(bias)
+            if f"{step.name}.mul" in constants:  # an unfolded BatchNorm: (conv + bias) * gamma + beta
+                gamma = constants[f"{step.name}.mul"]
+                bias = bias * gamma + constants[f"{step.name}.bias_add"]
             tensors[f"{step.scope}/{variable}"] = weight
-            tensors[f"{step.scope}/BatchNorm/gamma"] = np.ones_like(bias)
+            tensors[f"{step.scope}/BatchNorm/gamma"] = gamma
             tensors[f"{step.scope}/BatchNorm/beta"] = bias
             tensors[f"{step.scope}/BatchNorm/moving_mean"] = np.zeros_like(bias)
             tensors[f"{step.scope}/BatchNorm/moving_variance"] = np.full_like(bias, 1.0 - eps)
@@ -290,14 +313,18 @@ class _Walk:
         return self.steps, kind
 
     def _final_op(self) -> str:
-        producers = [op for op in self.model.operators if self.model.outputs[0] in op.outputs]
-        return producers[0].op if producers else ""
+        """The last op that computes something (a CAST or DEQUANTIZE of the result does not)."""
+        producers = {op.outputs[0]: op for op in self.model.operators}
+        op = producers.get(self.model.outputs[0])
+        while op is not None and op.op in ("CAST", "DEQUANTIZE"):
+            op = producers.get(op.inputs[0])
+        return op.op if op is not None else ""
 
     def _block(self, x: int, scope: str, module: str, expand: bool) -> int:
         block_input = x
         if expand:
             x = self._conv(x, f"{scope}/expand", "CONV_2D", "relu6")
-        x = self._conv(x, f"{scope}/depthwise", "DEPTHWISE_CONV_2D", "relu6")
+        x = self._depthwise(x, f"{scope}/depthwise")
         x = self._conv(x, f"{scope}/project", "CONV_2D", None)
         # The residual joins this projection and the block's input (the next block's ADD takes it too).
         adds = [op for op in self.consumers.get(x, []) if op.op == "ADD" and block_input in op.inputs]
@@ -385,11 +412,36 @@ class _Walk:
         self.steps.append(Step(module, op, scope))
         return op.outputs[0]
 
+    def _depthwise(self, x: int, scope: str) -> int:
+        """A depthwise conv; a dilated one may come as SPACE_TO_BATCH_ND -> VALID depthwise ->
+        BATCH_TO_SPACE_ND with its BatchNorm left unfolded as a per-channel MUL and ADD (the current
+        converter's form of TF1's atrous convolution), which is the dilated SAME conv and BatchNorm."""
+        to_batch = self._optional(x, ("SPACE_TO_BATCH_ND",))
+        if to_batch is None:
+            return self._conv(x, scope, "DEPTHWISE_CONV_2D", "relu6")
+        block = self.model.data(self.model.tensors[to_batch.inputs[1]])
+        rate = int(block[0]) if block is not None and len(set(block.tolist())) == 1 else 0
+        op = self._optional(to_batch.outputs[0], ("DEPTHWISE_CONV_2D",))
+        to_space = op and self._optional(op.outputs[0], ("BATCH_TO_SPACE_ND",))
+        mul = to_space and self._optional(to_space.outputs[0], ("MUL",))
+        add = mul and self._optional(mul.outputs[0], ("ADD",))
+        if not (rate and add and op.options["padding"] == "VALID" and op.options["activation"] is None):
+            raise MappingError(f"{scope}: a SPACE_TO_BATCH_ND that does not start a dilated depthwise conv")
+        if mul.options["activation"] is not None or add.options["activation"] != "relu6":
+            raise MappingError(f"{scope}: the BatchNorm after the dilated depthwise conv is not MUL, ADD + ReLU6")
+        module = self.modules[scope]
+        self.steps.append(Step(module, op, scope, output=to_space.outputs[0], dilation=rate))
+        for name, step_op in ((f"{module}.mul", mul), (f"{module}.bias_add", add)):
+            others = [t for t in step_op.inputs if t != step_op.inputs[0]]
+            if len(others) != 1 or self.model.data(self.model.tensors[others[0]]) is None:
+                raise MappingError(f"{scope}: op {step_op.index} ({step_op.op}) is not by a per-channel constant")
+            self.steps.append(Step(name, step_op, constant=others[0]))
+        return add.outputs[0]
+
     def _end(self, x: int) -> None:
-        dequantize = self._optional(x, ("DEQUANTIZE",))
-        if dequantize is not None:
-            self.steps.append(Step("output", dequantize))
-            x = dequantize.outputs[0]
+        while (op := self._optional(x, ("DEQUANTIZE", "CAST"))) is not None:
+            self.steps.append(Step("output" if op.op == "DEQUANTIZE" else "cast", op))
+            x = op.outputs[0]
         if x != self.model.outputs[0]:
             raise MappingError(f"the walk ended at tensor {x}, but the graph's output is {self.model.outputs[0]}")
 
@@ -446,7 +498,7 @@ def _output_stride(steps: list[Step]) -> int:
     stride = 1
     for step in steps:
         if step.scope is not None and step.scope.startswith("MobilenetV2/"):
-            stride *= step.op.options["stride_h"]
+            stride *= step.stride_dilation[0]
     return stride
 
 
