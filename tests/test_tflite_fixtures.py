@@ -34,9 +34,10 @@ WITHIN_ONE_STEP = 0.99
 
 @pytest.fixture(scope="module")
 def tflite_file():
+    """The int8 classifier."""
     from fixtures.tflite_builder import build_tflite
 
-    return {mode: build_tflite(VARIANT, mode) for mode in ("int8", "float")}
+    return build_tflite(VARIANT, "int8")
 
 
 def invoke(interp, images: np.ndarray) -> np.ndarray:
@@ -59,7 +60,7 @@ def worst_step_error(model: QuantizedMobileNetV2, interp, images: np.ndarray) ->
 
 
 def test_int8_file_is_what_the_current_converter_writes(tflite_file):
-    reader = TFLiteReader(tflite_file["int8"])
+    reader = TFLiteReader(tflite_file)
     weights = reader.model.tensors[reader.steps[1].op.inputs[1]]
     assert reader.steps[0].name == "input" and reader.steps[0].op.op == "QUANTIZE"
     assert weights.dtype == "int8" and len(weights.quantization.scale) == weights.shape[0] > 1
@@ -69,10 +70,10 @@ def test_int8_file_is_what_the_current_converter_writes(tflite_file):
 
 def test_int8_integer_model_reproduces_the_interpreter(tflite_file, tmp_path):
     folder = tmp_path / "int8"
-    convert_checkpoint(tflite_file["int8"], folder)
+    convert_checkpoint(tflite_file, folder)
     model = QuantizedMobileNetV2.from_pretrained(folder)
     assert model.dtype == "int8"
-    interp = interpreter(tflite_file["int8"], preserve_all_tensors=True, reference_kernels=True)
+    interp = interpreter(tflite_file, preserve_all_tensors=True, reference_kernels=True)
     float_model = model.float_twin()
     float_agrees = 0
     for seed in range(IMAGES):
@@ -92,22 +93,31 @@ def test_int8_integer_model_reproduces_the_interpreter(tflite_file, tmp_path):
     assert float_agrees == IMAGES
 
 
-def test_float_tflite_converts_to_the_interpreter_logits(tflite_file, tmp_path):
+@pytest.mark.parametrize(
+    ("variant", "size", "head"),
+    [(VARIANT, SIZE, "classifier"), (DEEPLAB_VARIANT, DEEPLAB_SIZE, "segmentation_head.classifier")],
+    ids=["classification", "deeplab"],
+)
+def test_float_tflite_converts_to_the_interpreter_logits(tmp_path, variant, size, head):
+    from fixtures.tflite_builder import build_tflite
+
+    path = build_tflite(variant, "float", size)
     folder = tmp_path / "float"
-    convert_checkpoint(tflite_file["float"], folder)
+    convert_checkpoint(path, folder)
     assert not (folder / QUANTIZATION_FILE).exists()
-    model = MobileNetV2ForImageClassification.from_pretrained(folder)
-    steps = TFLiteReader(tflite_file["float"]).steps
-    logits_tensor = next(step.op.outputs[0] for step in steps if step.name == "classifier")
-    interp = interpreter(tflite_file["float"], preserve_all_tensors=True)
+    cls = MobileNetV2ForImageClassification if head == "classifier" else MobileNetV2ForSemanticSegmentation
+    model = cls.from_pretrained(folder)
+    logits_tensor = next(step.op.outputs[0] for step in TFLiteReader(path).steps if step.name == head)
+    interp = interpreter(path, preserve_all_tensors=True)
     for seed in range(2):
-        images = random_images((SIZE, SIZE), seed=200 + seed)
+        images = random_images((size, size), seed=200 + seed)
         invoke(interp, images)
-        theirs = interp.get_tensor(logits_tensor).reshape(1, -1)
+        theirs = interp.get_tensor(logits_tensor)
         with torch.no_grad():
             ours = model(to_torch(images)).logits.numpy()
+        ours = ours.transpose(0, 2, 3, 1) if ours.ndim == 4 else ours.reshape(theirs.shape)
         error = float(np.abs(ours - theirs).max())
-        print(f"\nfloat .tflite seed {seed}: max |logit difference| {error:.2e} (bar {logit_tolerance(theirs):.2e})")
+        print(f"\n{variant} float seed {seed}: max |logit difference| {error:.2e}, bar {logit_tolerance(theirs):.2e}")
         assert error <= logit_tolerance(theirs)
 
 
