@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from converter import convert_checkpoint
-from converter.errors import TFLiteFormatError
+from converter.errors import ConverterError, TFLiteFormatError
 from converter.formats.tflite import TFLiteReader
 from converter.formats.tflite_schema import parse_model
 from mobilenet_torch import MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation
@@ -105,6 +105,21 @@ def test_damaged_files_are_refused(tmp_path):
     assert TFLiteReader.sniff(truncated)
     with pytest.raises(TFLiteFormatError):
         TFLiteReader(truncated)
+    # Seeded corruption of the flatbuffer's tables and of its end: refused as a converter error or read,
+    # never an IndexError or the like.
+    rng = np.random.default_rng(0)
+    damaged = tmp_path / "damaged.tflite"
+    for trial in range(120):
+        mutated = bytearray(data)
+        region = (0, 200_000) if trial % 2 else (len(data) - 200_000, len(data))
+        for position in rng.integers(*region, size=int(rng.integers(1, 9))):
+            mutated[position] = int(rng.integers(256))
+        cut = len(mutated) if trial % 3 else int(rng.integers(8, len(mutated)))
+        damaged.write_bytes(bytes(mutated[:cut]))
+        try:
+            TFLiteReader(damaged)
+        except ConverterError:
+            pass
     other = tmp_path / "not_a_model.tflite"
     other.write_bytes(b"\x00" * 64)
     assert not TFLiteReader.sniff(other)

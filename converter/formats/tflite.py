@@ -404,6 +404,11 @@ class _Walk:
             raise MappingError(
                 f"{scope}: op {op.index} ({op.op}) has activation {op.options.get('activation')}, expected {activation}"
             )
+        weight, bias = (self.model.tensors[i] for i in op.inputs[1:3])
+        rank = 2 if op.op == "FULLY_CONNECTED" else 4
+        out_channels = weight.shape[-1] if op.op == "DEPTHWISE_CONV_2D" else (weight.shape or (0,))[0]
+        if len(weight.shape) != rank or bias.shape != (out_channels,):
+            raise TFLiteFormatError(f"{scope}: op {op.index} has weights {weight.shape} and bias {bias.shape}")
         if op.op == "DEPTHWISE_CONV_2D" and self.model.tensors[op.inputs[1]].shape[0] != 1:
             raise MappingError(f"{scope}: a depthwise conv with a channel multiplier; MobileNetV2 uses 1")
         module = self.modules.get(scope) or HEAD_MODULES.get(scope)

@@ -274,6 +274,8 @@ def _tensor(index: int, table: _Table) -> Tensor:
 def _operator(index: int, op: str, table: _Table, tensor_count: int) -> Operator:
     inputs = tuple(int(t) for t in table.numbers(1, "<i4"))
     outputs = tuple(int(t) for t in table.numbers(2, "<i4"))
+    if not outputs or min(outputs) < 0:
+        raise TFLiteFormatError(f"operator {index} ({op}) has no output tensor: corrupted file")
     for tensor in inputs + outputs:
         if not -1 <= tensor < tensor_count:
             raise TFLiteFormatError(f"operator {index} ({op}) names tensor {tensor} of {tensor_count}: corrupted file")
