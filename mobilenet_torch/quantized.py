@@ -12,16 +12,23 @@ A folder converted from a quantized ``.tflite`` holds, besides the float (dequan
 - ``quantized.safetensors``: the integer weights (``<module>.weight``, uint8 or int8, PyTorch conv
   layout) and int32 biases (``<module>.bias``, scale = input scale x weight scale).
 
-:class:`QuantizedMobileNetV2` computes what TFLite's reference kernels compute: the input quantized
-with round-half-away-from-zero; every conv accumulated exactly (in float64, exact for these integer
-sums) and requantized with TFLite's fixed-point multipliers (``QuantizeMultiplier``, then a
-saturating rounding doubling high multiply and a rounding right shift); fused ReLU/ReLU6 as clamps of
-the quantized range (FULLY_CONNECTED rounds the requantization once, as measured against TFLite's
-kernel, where convs round twice); residual ADDs rescaled through TFLite's 20-bit left shift; the average pool's
-rounded integer mean; bilinear resizes (interpolated in float32, rounded half up) and requantizations as
-TFLite does them; the output
-dequantized. The softmax is computed in float on the dequantized logits and quantized to its output
-scale (TFLite's own table-based softmax lands within one step of it).
+:class:`QuantizedMobileNetV2` computes what TFLite's reference kernels compute, checked step by step
+against them:
+
+- the input quantized with round-half-away-from-zero;
+- every conv accumulated exactly (in float64, exact for these integer sums) and requantized with
+  TFLite's fixed-point multipliers (``QuantizeMultiplier``; a rounding doubling high multiply, then a
+  rounding right shift). uint8 per-tensor layers form the input x weight scale product in float32
+  before dividing in double, int8 per-channel ones in double; FULLY_CONNECTED rounds the product
+  once where convs round twice (both as measured against the interpreter);
+- fused ReLU / ReLU6 as clamps of the quantized range;
+- residual ADDs rescaled through TFLite's 20-bit left shift, and the per-channel MUL and ADD of a
+  BatchNorm the converter left unfolded (after a space-to-batch dilated conv);
+- the average pool's rounded integer mean; MEAN with the division folded into its multiplier;
+- bilinear resizes (uint8: interpolated in float32 and rounded half up; int8: in 1/1024 fixed point),
+  requantizations and concatenations; the ARG_MAX of DeepLab's labels (ties to the first class);
+- the outputs dequantized. The softmax is computed in float on the dequantized logits and quantized
+  to its output scale (TFLite's own table-based softmax lands within one step of it).
 
 >>> model = QuantizedMobileNetV2.from_pretrained("out/mobilenet_v2_1.0_224_quant")
 >>> probabilities = model(pixel_values).probabilities   # NCHW in [-1, 1], as the float model takes

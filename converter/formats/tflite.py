@@ -123,7 +123,8 @@ class TFLiteReader(Reader):
         if self.quantized:
             notes.append(
                 "weights dequantized (real = scale * (q - zero_point)); BatchNorm was folded by the TFLite "
-                f"converter and is written as an identity BatchNorm; integer model in {QUANTIZATION_FILE}"
+                "converter and is written as a BatchNorm with mean 0 and variance 1 - eps (gamma 1 where "
+                f"folded into the conv); integer model in {QUANTIZATION_FILE}"
             )
         if self.kind == DEEPLAB:
             notes.append(f"output stride {self.output_stride}, read from the dilations")
@@ -373,7 +374,17 @@ class _Walk:
         self._end(x)
 
     def _pool(self, x: int, name: str) -> int:
-        return self._next(x, POOL_OPS, name)
+        """A global pool: an AVERAGE_POOL_2D whose window is the whole map, or a MEAN over h and w."""
+        pooled = self._next(x, POOL_OPS, name)
+        op, shape = self.steps[-1].op, self.model.tensors[x].shape
+        if op.op == "AVERAGE_POOL_2D":
+            is_global = (op.options["filter_height"], op.options["filter_width"]) == tuple(shape[1:3])
+        else:
+            axes = self.model.data(self.model.tensors[op.inputs[1]])
+            is_global = axes is not None and sorted(axes.reshape(-1).tolist()) == [1, 2] and op.options["keep_dims"]
+        if not is_global:
+            raise MappingError(f"op {op.index} ({op.op}) for {name} does not pool the whole {shape[1:3]} map")
+        return pooled
 
     def _next(self, x: int, ops: tuple[str, ...], name: str) -> int:
         op = self._optional(x, ops)
