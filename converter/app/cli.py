@@ -63,6 +63,21 @@ def report_errors(command):
     default=None,
     help="Zoo family to download: mobilenet_v2 (ImageNet, the default) or deeplabv3 (PASCAL VOC).",
 )
+@click.option(
+    "--format",
+    "source_format",
+    default=None,
+    metavar="NAME",
+    help="With --checkpoint: read it as this format instead of recognising it (tf-checkpoint, saved-model, "
+    "tf-hub-module, ...).",
+)
+@click.option(
+    "--source",
+    "zoo_source",
+    default=None,
+    metavar="NAME",
+    help="Download from this source only (official, tfhub, tflite-hosted); default: each in turn until one works.",
+)
 @click.option("--trainval", is_flag=True, help="deeplabv3 only: the checkpoint trained on train + val.")
 @click.option(
     "--cache-dir",
@@ -147,6 +162,8 @@ def convert_main(
     source,
     output,
     model,
+    source_format,
+    zoo_source,
     trainval,
     cache_dir,
     mirror,
@@ -180,7 +197,11 @@ def convert_main(
         allow_non_finite=allow_non_finite,
         force=force,
     )
-    zoo_options = dict(model=model, trainval=trainval, cache_dir=cache_dir, mirror=mirror)
+    zoo_options = dict(model=model, trainval=trainval, cache_dir=cache_dir, mirror=mirror, source=zoo_source)
+    if source_format and source is None:
+        from converter.errors import UsageError
+
+        raise UsageError("--format applies to --checkpoint; zoo downloads are recognised by themselves")
     _check_zoo_flags(source, whole_zoo, jobs, push_to_hub, zoo_options)
     _check_verify_flags(verify, report_dir, whole_zoo)
     if write_onnx:
@@ -198,13 +219,15 @@ def convert_main(
         model = model or "mobilenet_v2"
         entry = lookup(model, depth, size if model == "mobilenet_v2" else None, trainval)
         size = size if entry.is_deeplab else None
-        summary = convert_entry(entry, output, cache_dir=cache_dir, mirror=mirror, size=size, **options)
+        summary = convert_entry(
+            entry, output, cache_dir=cache_dir, mirror=mirror, size=size, source=zoo_source, **options
+        )
         if verify:
             from converter.zoo.download import fetch
 
-            source = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False)
+            source = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False, source=zoo_source).path
     else:
-        summary = convert_checkpoint(source, output, depth=depth, size=size, **options)
+        summary = convert_checkpoint(source, output, format=source_format, depth=depth, size=size, **options)
     click.echo(
         f"converted {summary.variant.name} ({summary.weights} weights, {summary.mapped} tensors mapped, "
         f"{summary.ignored} ignored by rule) -> {summary.output} in {summary.seconds:.2f} s"
@@ -273,6 +296,7 @@ def _convert_whole_zoo(output, depth, size, jobs, zoo_options, options, verify=F
         verify=_zoo_verifier(verify),
         cache_dir=zoo_options["cache_dir"],
         mirror=zoo_options["mirror"],
+        source=zoo_options["source"],
         **options,
     )
     click.echo(summary_table(results))

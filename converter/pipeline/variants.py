@@ -26,7 +26,8 @@ KIND_MARKERS = {
     DEEPLAB: "logits/semantic/weights",
 }
 BACKBONE_MARKER = "MobilenetV2/Conv_1/weights"
-ZOO_NAME = re.compile(r"mobilenet_v2_(?P<depth>\d+(?:\.\d+)?)_(?P<size>\d+)")
+# Zoo names (mobilenet_v2_1.0_224) and TF Hub's (mobilenet_v2_100_224: depth x 100).
+ZOO_NAME = re.compile(r"mobilenet_v2_(?:(?P<depth>\d\.\d+)|(?P<depth100>\d{3}))_(?P<size>\d+)")
 # Where the image size came from, recorded in conversion.json.
 SIZE_FROM_FLAG, SIZE_FROM_NAME, SIZE_FROM_SOURCE, SIZE_CROP, SIZE_ASSUMED = (
     "--size",
@@ -130,12 +131,16 @@ def detect_variant(
     from_name = ZOO_NAME.search(source_name) if kind != DEEPLAB else None
     if depth is not None and depth != found:
         raise VariantError(f"--depth {depth} does not match the source, which is depth {found}")
-    if from_name and float(from_name["depth"]) != found:
-        raise VariantError(f"file name says depth {from_name['depth']} but the tensors are depth {found}")
+    if from_name and _name_depth(from_name) != found:
+        raise VariantError(f"file name says depth {_name_depth(from_name)} but the tensors are depth {found}")
     final_size, size_from = _image_size(kind, size, int(from_name["size"]) if from_name else None, source_size)
     if final_size < MIN_SIZE:
         raise VariantError(f"--size {final_size} is too small: MobileNetV2 needs at least {MIN_SIZE} pixels")
     return Variant(kind, found, final_size, num_labels, stride, size_from)
+
+
+def _name_depth(match: re.Match) -> float:
+    return float(match["depth"]) if match["depth"] else int(match["depth100"]) / 100
 
 
 def _image_size(kind: str, flag: int | None, from_name: int | None, from_source: int | None) -> tuple[int, str]:
