@@ -56,11 +56,12 @@ class Variant:
         return ARCHITECTURES[self.kind]
 
     def config(
-        self, drop_background: bool = False, avg_pool: str = "global", labels: tuple[str, ...] | None = None
+        self, background: str | None = None, avg_pool: str = "global", labels: tuple[str, ...] | None = None
     ) -> MobileNetV2Config:
-        """The transformers-compatible config of this variant (class names from `labels` if given)."""
+        """The transformers-compatible config of this variant (class names from `labels` if given), with
+        the background class dropped or added (`background`, see `table.edit_background`)."""
         names = list(labels) if labels is not None else class_names(self.kind, self.num_labels)
-        names = names[1 if drop_background else 0 :]
+        names = names[1:] if background == "drop" else ["background", *names] if background == "add" else names
         # DeepLab's depth-0.5 model rounds channels to multiples of 1, not 8.
         divisible_by = 1 if self.kind == DEEPLAB and self.depth < 1 else 8
         return MobileNetV2Config(
@@ -76,11 +77,14 @@ class Variant:
 
 
 def class_names(kind: str, count: int) -> list[str]:
-    """ImageNet (0 = background) or PASCAL VOC names when the count fits, generic names otherwise."""
+    """ImageNet (1001 with background at 0, or the 1000 without) or PASCAL VOC names when the count
+    fits, generic names otherwise."""
     if kind == BACKBONE:
         return []
     filename = "pascal_voc_labels.txt" if kind == DEEPLAB else "imagenet_labels.txt"
     names = resources.files("converter").joinpath("data", filename).read_text().splitlines()
+    if kind == CLASSIFICATION and count == len(names) - 1:
+        return names[1:]
     return names if len(names) == count else [f"LABEL_{i}" for i in range(count)]
 
 
@@ -97,9 +101,9 @@ def detect_kind(names: set[str]) -> str:
     return kinds[0]
 
 
-def expected_shapes(variant: Variant, drop_background: bool = False) -> dict[str, tuple[int, ...]]:
+def expected_shapes(variant: Variant, background: str | None = None) -> dict[str, tuple[int, ...]]:
     """Shapes of every tensor of the PyTorch model for this variant (torch-free arithmetic)."""
-    return state_shapes(variant.config(drop_background), variant.architecture)
+    return state_shapes(variant.config(background), variant.architecture)
 
 
 def detect_variant(
