@@ -4,6 +4,7 @@ whole zoo (`--all`), downloading through the cache (`converter.zoo.download`).""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -14,7 +15,7 @@ from typing import Any
 
 from converter.errors import USER_ERRORS
 from converter.output.writer import check_output
-from converter.zoo.download import fetch, recorded_sha256
+from converter.zoo.download import MIRROR_ENV, fetch, recorded_sha256
 from converter.zoo.table import ZooEntry
 
 PARITY_JSON = Path("parity") / "parity.json"
@@ -60,12 +61,15 @@ def convert_entry(
 
     output = Path(output) if output is not None else default_output(entry, output_stride, size)
     check_output(output, force)  # before a download that could take minutes
+    mirror = mirror if mirror is not None else (os.environ.get(MIRROR_ENV) or None)
     tarball = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=progress)
     download = {
         "zoo_name": entry.name,
         "url": entry.url,
         "sha256": recorded_sha256(tarball),
     }
+    if mirror:  # the bytes came from elsewhere: the model card does not vouch for them as the zoo's file
+        download["mirror"] = mirror
     return convert_checkpoint(
         tarball,
         output,
