@@ -131,22 +131,32 @@ def test_a_known_file_without_a_published_figure_says_so(classifier_folder: Path
     assert "3.47 M parameters" in text and "multiply-adds" not in text
 
 
-def test_the_usage_instructions_do_what_they_say(classifier_folder: Path, tmp_path):
-    """Following the card literally, "Replace <name> by this folder's path", the snippets run; and it offers
-    the Hub id only to transformers, not to mobilenet_torch."""
+@pytest.mark.parametrize("kind", ["classifier", "segmenter"])
+def test_the_usage_instructions_do_what_they_say(kind, classifier_folder, segmenter_folder, tmp_path, monkeypatch):
+    """Following the card literally, "Replace <name> by this folder's path", the Python snippets and the
+    command line run and write what they say; the Hub id is offered to transformers only, not to mobilenet_torch."""
+    from click.testing import CliRunner
     from PIL import Image
 
-    text = (classifier_folder / "README.md").read_text()
+    from converter.app.predict import predict_main
+
+    folder = classifier_folder if kind == "classifier" else segmenter_folder
+    text = (folder / "README.md").read_text()
     usage = text[text.index("## Usage") : text.index("## Uploading")]
     instruction = re.search(r"Replace `([^`]+)` by this folder's path\.", usage)
     assert instruction, usage
-    torch_part = usage[: usage.index("With transformers")]
-    assert "Hub" not in torch_part
+    assert "Hub" not in usage[: usage.index("With transformers")]
     Image.new("RGB", (130, 100), (200, 30, 60)).save(tmp_path / "image.jpg")
+    monkeypatch.chdir(tmp_path)  # the snippets name image.jpg, relative
     for block in _python_blocks(usage):
-        code = block.replace(f'"{instruction[1]}"', repr(str(classifier_folder)))
-        code = code.replace('"image.jpg"', repr(str(tmp_path / "image.jpg")))
-        exec(compile(code, "README.md", "exec"), {})
+        exec(compile(block.replace(f'"{instruction[1]}"', repr(str(folder))), "README.md", "exec"), {})
+    (command,) = re.findall(r"```bash\n(.*?)\n```", usage, flags=re.S)
+    words, _, comment = command.partition("#")
+    args = [str(folder) if word == instruction[1] else word for word in words.split()[1:]]
+    result = CliRunner().invoke(predict_main, args)
+    assert result.exit_code == 0, result.output
+    for written in re.findall(r"\S+\.png", comment):
+        assert (tmp_path / written).is_file()
 
 
 def _parity(passed: bool) -> dict:

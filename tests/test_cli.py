@@ -258,7 +258,7 @@ def test_checkpoint_with_zoo_options_is_refused_in_plain_words(small, tmp_path):
     )
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=oct)
 def test_output_modes_follow_the_umask(small, tmp_path, umask):
     """Every file and folder written gets the mode a plain open / mkdir gives under the same umask."""
     script = (
