@@ -4,6 +4,7 @@ whole zoo (`--all`), downloading through the cache (`converter.zoo.download`).""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -13,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import USER_ERRORS
+from converter.output import layout
 from converter.output.writer import check_output
-from converter.zoo.download import fetch
+from converter.zoo.download import MIRROR_ENV, fetch
 from converter.zoo.table import ZooEntry
-
-PARITY_JSON = Path("parity") / "parity.json"
 
 # verify(folder, tarball) -> None: runs the verifier on a converted folder (writes parity/ there).
 Verifier = Callable[[Path, Path], Any]
@@ -62,6 +62,7 @@ def convert_entry(
 
     output = Path(output) if output is not None else default_output(entry, output_stride, size)
     check_output(output, force)  # before a download that could take minutes
+    mirror = mirror if mirror is not None else (os.environ.get(MIRROR_ENV) or None)
     fetched = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=progress, source=source)
     download = {
         "zoo_name": entry.name,
@@ -69,6 +70,8 @@ def convert_entry(
         "url": fetched.source.url,
         "sha256": fetched.sha256,
     }
+    if mirror:  # the bytes came from elsewhere: the model card does not vouch for them as the zoo's file
+        download["mirror"] = mirror
     return convert_checkpoint(
         fetched.path,
         output,
@@ -159,7 +162,7 @@ def convert_all(
 def read_parity(folder: Path) -> tuple[bool | None, float | None]:
     """(passed, max_abs_diff) from `folder/parity/parity.json`, (None, None) when there is none."""
     try:
-        data = json.loads((folder / PARITY_JSON).read_text())
+        data = json.loads((folder / layout.PARITY_JSON).read_text())
     except (OSError, ValueError):
         return None, None
     if not isinstance(data, dict):

@@ -19,7 +19,6 @@ from torch import nn
 import mobilenet_torch
 from mobilenet_torch.configuration import MobileNetV2Config
 
-ONNX_NAME = "model.onnx"
 MIN_OPSET = 18  # what PyTorch's exporter writes natively; its conversion to 17 fails on Pad
 
 
