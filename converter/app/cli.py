@@ -152,6 +152,16 @@ def _silence_stdout() -> None:
 )
 @click.option("--drop-background", is_flag=True, help="Write a 1000-class head without the background class.")
 @click.option(
+    "--add-background",
+    is_flag=True,
+    help="Give a 1000-class head (Keras') a background class at index 0 that never wins (1001 classes).",
+)
+@click.option(
+    "--backbone-only",
+    is_flag=True,
+    help="Convert the backbone alone (a MobileNetV2Model folder); the classification head is set aside.",
+)
+@click.option(
     "--avg-pool",
     type=click.Choice(["global", "fixed7x7"]),
     default="global",
@@ -195,6 +205,8 @@ def convert_main(
     weights,
     output_stride,
     drop_background,
+    add_background,
+    backbone_only,
     avg_pool,
     allow_non_finite,
     force,
@@ -213,6 +225,8 @@ def convert_main(
         weights=weights,
         output_stride=int(output_stride) if output_stride else None,
         drop_background=drop_background,
+        add_background=add_background,
+        backbone_only=backbone_only,
         avg_pool=avg_pool,
         allow_non_finite=allow_non_finite,
         force=force,
@@ -252,6 +266,8 @@ def convert_main(
         f"converted {summary.variant.name} ({summary.weights} weights, {summary.mapped} tensors mapped, "
         f"{summary.ignored} ignored by rule) -> {summary.output} in {summary.seconds:.2f} s"
     )
+    for note in summary.notes:  # also in conversion.json and the model card
+        click.echo(f"note: {note}", err=True)
     if write_onnx:
         from pathlib import Path
 
