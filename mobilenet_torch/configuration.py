@@ -104,12 +104,16 @@ class MobileNetV2Config:
         return type(self)(**{**data, **overrides})
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
         path = Path(folder) / CONFIG_NAME
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> MobileNetV2Config:
-        return cls.from_dict(json.loads((Path(folder) / CONFIG_NAME).read_text()))
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_options: Any) -> MobileNetV2Config:
+        """The config of a model folder or Hub id (`hub_options` as `resolve_folder` takes them)."""
+        from .loading import resolve_folder
+
+        return cls.from_dict(json.loads((resolve_folder(name_or_path, **hub_options) / CONFIG_NAME).read_text()))
 
 
 def _num_labels(config: MobileNetV2Config) -> int:

@@ -24,6 +24,7 @@ SEGMENTATION_HEAD_PREFIX = "segmentation_head."
 PLACEHOLDER_PREFIX = BACKBONE_PREFIX + "conv_1x1."
 # A Hub id as huggingface_hub accepts it: "name" or "owner/name", no leading dot, no "..".
 HUB_ID = re.compile(r"(?!\.)(?!.*\.\.)[\w.-]{1,96}(/(?!\.)[\w.-]{1,96})?")
+HUB_OPTIONS = ("cache_dir", "revision", "token", "local_files_only")  # resolve_folder's keywords
 
 logger = logging.getLogger("mobilenet_torch")
 

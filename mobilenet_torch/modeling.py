@@ -18,7 +18,7 @@ from torch import nn
 
 from .configuration import MobileNetV2Config, expanded_channels, scaled_channels
 from .layers import ConvLayer, InvertedResidual
-from .loading import PLACEHOLDER_PREFIX, WEIGHTS_NAME, load_folder, resolve_folder
+from .loading import HUB_OPTIONS, PLACEHOLDER_PREFIX, WEIGHTS_NAME, load_folder, resolve_folder
 
 STEM_CHANNELS = 32
 LAST_CHANNELS = 1280
@@ -96,9 +96,9 @@ class FeatureInfo(NamedTuple):
 
 
 def as_output(output: NamedTuple, return_dict: bool | None):
-    """The named tuple, or (return_dict=False, or while tracing, which takes tensors and tuples of them
-    only) the plain tuple of its computed fields, as transformers' `to_tuple` gives it."""
-    if return_dict is False or torch.jit.is_tracing():
+    """The named tuple, or (return_dict=False, or unset while tracing, which takes tensors and tuples of
+    them only) the plain tuple of its computed fields, as transformers' `to_tuple` gives it."""
+    if return_dict is False or (return_dict is None and torch.jit.is_tracing()):
         return tuple(value for value in output if value is not None)
     return output
 
@@ -336,7 +336,7 @@ class MobileNetV2ForImageClassification(MobileNetV2PreTrainedModel):
         return_dict: bool | None = None,
     ) -> ImageClassifierOutput:
         """`labels` [N] (class indices; floats [N, num_labels] for multi-label) give `loss`, as transformers'."""
-        backbone = self.mobilenet_v2(pixel_values, output_hidden_states=output_hidden_states)
+        backbone = self.mobilenet_v2(pixel_values, output_hidden_states, return_dict=True)
         logits = self.classify(backbone.pooler_output)
         loss = classification_loss(logits, labels, self.config) if labels is not None else None
         return as_output(ImageClassifierOutput(logits, loss, backbone.hidden_states), return_dict)
@@ -428,7 +428,7 @@ class MobileNetV2ForSemanticSegmentation(MobileNetV2PreTrainedModel):
         bilinearly (align_corners=False) to the labels' size, ignoring `config.semantic_loss_ignore_index`."""
         if labels is not None and self.config.num_labels == 1:
             raise ValueError("a segmentation loss needs more than one label")
-        backbone = self.mobilenet_v2(pixel_values, output_hidden_states=output_hidden_states)
+        backbone = self.mobilenet_v2(pixel_values, output_hidden_states, return_dict=True)
         logits = self.segmentation_head(backbone.last_hidden_state)
         loss = None
         if labels is not None:
@@ -510,3 +510,18 @@ class MobileNetV2Backbone(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         features = self.model.extract_features(pixel_values, self.out_features)
         return [features[name] for name in self.out_features]
+
+
+ARCHITECTURES = {
+    cls.__name__: cls
+    for cls in (MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation, MobileNetV2Model)
+}
+
+
+def load_pretrained(name_or_path: str | os.PathLike, **options: Any) -> MobileNetV2PreTrainedModel:
+    """The model of the class the folder's config.json names (`architectures`; classification when it
+    names none), as transformers' Auto classes pick it. `options` as `from_pretrained` takes them."""
+    folder = resolve_folder(name_or_path, **{key: options.pop(key) for key in HUB_OPTIONS if key in options})
+    names = MobileNetV2Config.from_pretrained(folder).architectures or []
+    cls = next((ARCHITECTURES[name] for name in names if name in ARCHITECTURES), MobileNetV2ForImageClassification)
+    return cls.from_pretrained(folder, **options)
