@@ -214,16 +214,17 @@ class MobileNetV2Model(MobileNetV2PreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """`pooler_output` is [N, C] as transformers' (a map with `avg_pool="fixed7x7"` on large inputs)."""
         x = self.conv_stem(pixel_values)
-        hidden_states = []
+        hidden_states = [] if output_hidden_states else None  # kept only when asked: they hold memory
         for block in self.layer:
             x = block(x)
-            hidden_states.append(x)
+            if hidden_states is not None:
+                hidden_states.append(x)
         if self.conv_1x1 is not None:
             x = self.conv_1x1(x)
         pooled = pool_features(x, self.config.avg_pool) if self.pool else None
         if pooled is not None and pooled.shape[-2:] == (1, 1):
             pooled = pooled.flatten(1)
-        output = BaseModelOutputWithPooling(x, pooled, tuple(hidden_states) if output_hidden_states else None)
+        output = BaseModelOutputWithPooling(x, pooled, tuple(hidden_states) if hidden_states is not None else None)
         return as_output(output, return_dict)
 
     def extract_features(self, pixel_values: torch.Tensor, names: str | Sequence[str]):

@@ -144,7 +144,7 @@ def _hub_cache(folder, cache, repo_id: str) -> None:
 
 HUB_SCRIPT = """
 import json, torch, transformers
-from mobilenet_torch import MobileNetV2ForImageClassification, ModelFolderError
+from mobilenet_torch import MobileNetV2ForImageClassification, ModelFolderError, load_pretrained
 x = torch.from_numpy(__import__("numpy").random.default_rng(0).uniform(-1, 1, (1, 3, 96, 96)).astype("float32"))
 ours = MobileNetV2ForImageClassification.from_pretrained("tester/mnv2")
 theirs = transformers.AutoModelForImageClassification.from_pretrained("tester/mnv2").eval()
@@ -155,7 +155,8 @@ try:
     unknown = None
 except ModelFolderError as error:
     unknown = str(error)
-print(json.dumps({"difference": difference, "unknown": unknown}))
+kind = type(load_pretrained("tester/mnv2")).__name__
+print(json.dumps({"difference": difference, "unknown": unknown, "kind": kind}))
 """
 
 
@@ -167,7 +168,7 @@ def test_hub_id_loads_from_an_offline_hugging_face_cache(classifier_folder, tmp_
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["difference"] <= ATOL
+    assert result["difference"] <= ATOL and result["kind"] == "MobileNetV2ForImageClassification"
     assert result["unknown"].startswith("tester/unknown is neither a folder nor a model found on the Hub")
 
 
@@ -345,3 +346,12 @@ def test_torch_hub_loads_from_a_clone(classifier_folder, segmenter_folder, class
     assert type(backbone) is MobileNetV2Model
     untrained = torch.hub.load(model="mobilenet_v2", depth_multiplier=0.5, num_labels=10, **hub)
     assert untrained.classifier.out_features == 10 and untrained.config.depth_multiplier == 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: loading onto one cannot be tried")
+def test_from_pretrained_reads_the_weights_onto_the_device(classifier_folder, classifiers):
+    ours = MobileNetV2ForImageClassification.from_pretrained(classifier_folder, device="cuda")
+    assert ours.device.type == "cuda" and all(t.device.type == "cuda" for t in ours.state_dict().values())
+    x = images(96)
+    with torch.no_grad():
+        assert torch.allclose(ours(x.cuda()).logits.cpu(), classifiers[1](x).logits, atol=1e-4)
