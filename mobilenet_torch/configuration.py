@@ -111,9 +111,17 @@ class MobileNetV2Config:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_options: Any) -> MobileNetV2Config:
         """The config of a model folder or Hub id (`hub_options` as `resolve_folder` takes them)."""
+        from .errors import ModelFolderError
         from .loading import resolve_folder
 
-        return cls.from_dict(json.loads((resolve_folder(name_or_path, **hub_options) / CONFIG_NAME).read_text()))
+        path = resolve_folder(name_or_path, **hub_options) / CONFIG_NAME
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise ModelFolderError(
+                f"cannot read {path} ({reason}): pass a folder written by convert-mobilenet"
+            ) from None
 
 
 def _num_labels(config: MobileNetV2Config) -> int:

@@ -43,23 +43,11 @@ def load_model(folder: str | Path) -> LoadedModel:
     """Load a converted folder with mobilenet_torch, choosing the class from `config.json`."""
     from converter.output import layout
     from converter.output.writer import preprocessor_config
-    from mobilenet_torch import (
-        MobileNetV2ForImageClassification,
-        MobileNetV2ForSemanticSegmentation,
-        ModelFolderError,
-    )
+    from mobilenet_torch import MobileNetV2ForSemanticSegmentation, load_pretrained
 
     folder = Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as error:
-        reason = getattr(error, "strerror", None) or error
-        raise ModelFolderError(
-            f"cannot read {folder / 'config.json'} ({reason}): pass a folder written by convert-mobilenet"
-        ) from None
-    segmentation = any("Segmentation" in name for name in config.get("architectures") or [])
-    cls = MobileNetV2ForSemanticSegmentation if segmentation else MobileNetV2ForImageClassification
-    model = cls.from_pretrained(folder)
+    model = load_pretrained(folder)
+    segmentation = isinstance(model, MobileNetV2ForSemanticSegmentation)
     try:
         preprocessing = json.loads((folder / layout.PREPROCESSOR).read_text())
     except (OSError, ValueError):
