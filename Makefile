@@ -4,17 +4,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := out/demo
+TORCH := torch==2.13.0
 export MOBILENET_FIXTURES ?= $(CURDIR)/.cache/fixtures
 
 .PHONY: install fixtures demo test lint fuzz parity bench clean
 
 install: $(STAMP)
 
-# torch first, pinned, so pip takes the CPU build; then the project (editable) with its test extras.
+# torch first, at the version CI tests (pyproject.toml accepts a range, so an existing CPU or CUDA build
+# is kept elsewhere); then the project (editable) with its test extras.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	"$(PYTHON)" -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
@@ -24,11 +26,13 @@ fixtures: install
 demo: install
 	$(BIN)/python -m fixtures build --name mobilenet_v2_1.0_224
 	$(BIN)/convert-mobilenet --depth 1.0 --size 224 --force --verify \
-		--checkpoint $(MOBILENET_FIXTURES)/mobilenet_v2_1.0_224/mobilenet_v2_1.0_224.tgz \
+		--checkpoint "$(MOBILENET_FIXTURES)/mobilenet_v2_1.0_224/mobilenet_v2_1.0_224.tgz" \
 		--output $(DEMO)/mobilenet_v2_1.0_224
 	@echo
 	@echo "Converted model:  $(DEMO)/mobilenet_v2_1.0_224 (model card: README.md)"
 	@echo "Parity report:    $(DEMO)/mobilenet_v2_1.0_224/parity/parity.md (also .json, .xml, .png)"
+	@echo "The commands (convert-mobilenet, verify-mobilenet, predict-mobilenet) are in $(BIN):"
+	@echo "  run 'source $(BIN)/activate' to put them on PATH, or call them as $(BIN)/convert-mobilenet"
 
 test: install
 	$(BIN)/python -m pytest -n 2 -q

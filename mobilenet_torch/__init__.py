@@ -10,10 +10,13 @@ _EXPORTS = {
     "MobileNetV2Config": "configuration",
     "ModelFolderError": "errors",
     "ENDPOINTS": "modeling",
+    "FeatureInfo": "modeling",
     "MobileNetV2Backbone": "modeling",
     "MobileNetV2ForImageClassification": "modeling",
     "MobileNetV2ForSemanticSegmentation": "modeling",
     "MobileNetV2Model": "modeling",
+    "MobileNetV2PreTrainedModel": "modeling",
+    "load_pretrained": "modeling",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 CONFIG_NAME = "config.json"
 POOLING_MODES = ("global", "fixed7x7")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+DEFAULT_NUM_LABELS = 1001  # ImageNet with background, the original checkpoints' head
+FILE_DEFAULT_NUM_LABELS = 2  # what transformers assumes for a config.json that names no labels
+LABEL_KEYS = ("id2label", "label2id", "num_labels")
 
 
 @dataclass
@@ -17,6 +21,8 @@ class MobileNetV2Config:
     """Hyper-parameters of MobileNetV2, named as transformers names them so `config.json` loads there.
 
     Only `avg_pool` is ours: transformers always pools globally (see the README for what it ignores).
+    Labels are given as transformers takes them: `id2label`, `label2id` or `num_labels` (generic names
+    `LABEL_i`); `num_labels` and `label2id` are always derived from `id2label`, as in transformers.
     """
 
     num_channels: int = 3
@@ -34,30 +40,38 @@ class MobileNetV2Config:
     initializer_range: float = 0.02
     layer_norm_eps: float = 0.001
     semantic_loss_ignore_index: int = 255
-    id2label: dict[int, str] = field(default_factory=lambda: {i: f"LABEL_{i}" for i in range(1001)})
+    id2label: dict[int, str] | None = None
+    # None: inferred from the labels at each call, as transformers does (see `classification_loss`).
+    problem_type: str | None = None
     architectures: list[str] | None = None
     # "global": average over the whole final feature map (transformers' behaviour);
     # "fixed7x7": slim's fixed 7x7 VALID window (kernel shrunk to smaller maps), giving a logits map.
     avg_pool: str = "global"
     # Keys we do not model (transformers_version, dtype, ...) are kept so a round trip loses nothing.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Constructor arguments only: both are read back from `id2label` (properties below the class).
+    num_labels: InitVar[int | None] = None
+    label2id: InitVar[dict[str, int] | None] = None
 
     model_type = "mobilenet_v2"
 
-    def __post_init__(self) -> None:
-        self.id2label = {int(k): v for k, v in self.id2label.items()}
+    def __post_init__(self, num_labels: int | None, label2id: dict[str, int] | None) -> None:
+        if self.id2label is not None:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+        elif label2id is not None:
+            self.id2label = {int(i): label for label, i in sorted(label2id.items(), key=lambda item: int(item[1]))}
+        else:
+            self.id2label = generic_labels(DEFAULT_NUM_LABELS if num_labels is None else num_labels)
+        if label2id is not None and {label: int(i) for label, i in label2id.items()} != self.label2id:
+            raise ValueError(f"label2id {label2id} is not the inverse of id2label {self.id2label}")
+        if num_labels is not None and num_labels != self.num_labels:
+            raise ValueError(f"num_labels={num_labels} contradicts id2label, which has {self.num_labels} labels")
+        if self.problem_type not in (None, *PROBLEM_TYPES):
+            raise ValueError(f"problem_type must be one of {PROBLEM_TYPES} or None, got {self.problem_type!r}")
         if self.avg_pool not in POOLING_MODES:
             raise ValueError(f"avg_pool must be one of {POOLING_MODES}, got {self.avg_pool!r}")
         if self.output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.id2label)
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {label: i for i, label in self.id2label.items()}
 
     def to_dict(self) -> dict[str, Any]:
         data = {key: value for key, value in asdict(self).items() if key != "extra"}
@@ -69,18 +83,68 @@ class MobileNetV2Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MobileNetV2Config:
         known = {f.name for f in fields(cls)} - {"extra"}
-        ignored = {"label2id", "model_type", "num_labels"}
         kwargs = {key: value for key, value in data.items() if key in known}
-        extra = {key: value for key, value in data.items() if key not in known | ignored}
+        extra = {key: value for key, value in data.items() if key not in known | {"model_type", *LABEL_KEYS}}
+        # The first of id2label, label2id, num_labels that the file has decides (transformers' precedence).
+        labels = next((key for key in LABEL_KEYS if data.get(key) is not None), None)
+        if labels is None:
+            kwargs["num_labels"] = FILE_DEFAULT_NUM_LABELS
+        elif labels != "id2label":
+            kwargs[labels] = data[labels]
         return cls(**kwargs, extra=extra)
 
+    def with_overrides(self, **overrides: Any) -> MobileNetV2Config:
+        """A copy with some fields replaced; labels may be given as `num_labels`, `id2label` or `label2id`."""
+        unknown = set(overrides) - {f.name for f in fields(self)} - set(LABEL_KEYS) - {"extra"}
+        if unknown:
+            raise TypeError(f"MobileNetV2Config has no field {', '.join(sorted(unknown))}")
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if any(key in overrides for key in LABEL_KEYS):
+            del data["id2label"]
+        return type(self)(**{**data, **overrides})
+
     def save_pretrained(self, folder: str | os.PathLike) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
         path = Path(folder) / CONFIG_NAME
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> MobileNetV2Config:
-        return cls.from_dict(json.loads((Path(folder) / CONFIG_NAME).read_text()))
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_options: Any) -> MobileNetV2Config:
+        """The config of a model folder or Hub id (`hub_options` as `resolve_folder` takes them)."""
+        from .errors import ModelFolderError
+        from .loading import resolve_folder
+
+        path = resolve_folder(name_or_path, **hub_options) / CONFIG_NAME
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise ModelFolderError(
+                f"cannot read {path} ({reason}): pass a folder written by convert-mobilenet"
+            ) from None
+
+
+def _num_labels(config: MobileNetV2Config) -> int:
+    return len(config.id2label)
+
+
+def _set_num_labels(config: MobileNetV2Config, num_labels: int) -> None:
+    # transformers' setter: a new count means new generic labels; the same count keeps the names.
+    if num_labels != len(config.id2label):
+        config.id2label = generic_labels(num_labels)
+
+
+def _label2id(config: MobileNetV2Config) -> dict[str, int]:
+    return {label: i for i, label in config.id2label.items()}
+
+
+# Assigned after the dataclass is built, whose __init__ has already taken the InitVars' defaults.
+MobileNetV2Config.num_labels = property(_num_labels, _set_num_labels, doc="len(id2label)")
+MobileNetV2Config.label2id = property(_label2id, doc="The inverse of id2label.")
+
+
+def generic_labels(count: int) -> dict[int, str]:
+    return {i: f"LABEL_{i}" for i in range(count)}
 
 
 def make_divisible(value: float, divisor: int, min_value: int | None = None) -> int:

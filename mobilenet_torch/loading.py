@@ -1,23 +1,88 @@
-"""Loading a model folder: config.json + model.safetensors, nothing else (never pickles)."""
+"""Loading a model folder or Hub id: config.json + model.safetensors, nothing else (never pickles).
+
+Names are compared in the wrapper models' namespace (`mobilenet_v2.*` for the backbone, anything else a
+head), so one folder serves every class: a backbone drops the head it does not have, a head the folder
+lacks starts fresh, and a bare backbone (as transformers' `MobileNetV2Model` saves it) gains the prefix.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from .configuration import CONFIG_NAME, MobileNetV2Config
+from .architecture import PLACEHOLDER_PREFIX
+from .configuration import CONFIG_NAME, LABEL_KEYS, MobileNetV2Config
 from .errors import ModelFolderError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+WEIGHTS_NAME = "model.safetensors"
+BACKBONE_PREFIX = "mobilenet_v2."
+SEGMENTATION_HEAD_PREFIX = "segmentation_head."
+# A Hub id as huggingface_hub accepts it: "name" or "owner/name", no leading dot, no "..".
+HUB_ID = re.compile(r"(?!\.)(?!.*\.\.)[\w.-]{1,96}(/(?!\.)[\w.-]{1,96})?")
+HUB_OPTIONS = ("cache_dir", "revision", "token", "local_files_only")  # resolve_folder's keywords
+
+logger = logging.getLogger("mobilenet_torch")
 
 
-def load_folder(cls, folder: Path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def resolve_folder(
+    name_or_path: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """A local folder as is, or a Hub id fetched (config and safetensors only) through huggingface_hub,
+    which honours its own settings: HF_HUB_OFFLINE, HF_HUB_CACHE, HF_ENDPOINT, the stored login."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if not isinstance(name_or_path, str) or not HUB_ID.fullmatch(name_or_path):
+        raise ModelFolderError(
+            f"{name_or_path} is not a folder: pass a folder written by convert-mobilenet, or a Hub id"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
+    except ImportError:
+        raise ModelFolderError(
+            f"{name_or_path} is not a folder, and loading it as a Hub id needs huggingface_hub: "
+            "pip install huggingface_hub"
+        ) from None
+    try:
+        snapshot = snapshot_download(
+            name_or_path,
+            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+        )
+    except (HfHubHTTPError, EntryNotFoundError, HFValidationError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelFolderError(
+            f"{name_or_path} is neither a folder nor a model found on the Hub ({reason}); "
+            "check the id, log in for a private model, or go online"
+        ) from None
+    return Path(snapshot)
 
-    from .architecture import PLACEHOLDER_PREFIX
-    from .modeling import WEIGHTS_NAME
+
+def load_folder(
+    cls,
+    folder: Path,
+    *,
+    dtype: Any = None,
+    device: Any = None,
+    ignore_mismatched_sizes: bool = False,
+    **overrides: Any,
+):
+    """`cls` built from the folder. `overrides` naming config fields (or labels) replace those of
+    config.json; the others go to the constructor (e.g. `add_pooling_layer=False`)."""
+    import torch
 
     if not (folder / CONFIG_NAME).is_file():
         raise ModelFolderError(f"{folder} has no {CONFIG_NAME}: pass a folder written by convert-mobilenet")
@@ -27,18 +92,79 @@ def load_folder(cls, folder: Path):
         hint = f" (found {', '.join(pickled)}: pickled weights are never loaded)" if pickled else ""
         raise ModelFolderError(f"{folder} has no {WEIGHTS_NAME}{hint}; convert the checkpoint again")
     config = MobileNetV2Config.from_pretrained(folder)
+    config_fields = set(config.to_dict()) | set(LABEL_KEYS)
+    config_overrides = {key: overrides.pop(key) for key in list(overrides) if key in config_fields}
+    if config_overrides:
+        config = config.with_overrides(**config_overrides)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    state = _read_state(weights, device)
+    if not any(key.startswith(BACKBONE_PREFIX) for key in state):
+        state = {BACKBONE_PREFIX + key: tensor for key, tensor in state.items()}
+
+    from .modeling import MobileNetV2Model
+
+    prefix = BACKBONE_PREFIX if issubclass(cls, MobileNetV2Model) else ""
+    if prefix and any(key.startswith(SEGMENTATION_HEAD_PREFIX) for key in state):
+        overrides.setdefault("final_conv", False)  # a segmentation folder's final conv is a placeholder
     with torch.device("meta"):
-        model = cls(config)
+        model = cls(config, **overrides)
+    expected = {prefix + key: tensor.shape for key, tensor in model.state_dict().items()}
+    state = _matched(cls.__name__, weights, state, expected, ignore_mismatched_sizes)
+    model.load_state_dict({key[len(prefix) :]: tensor for key, tensor in state.items()}, strict=False, assign=True)
+    _initialise_missing(model, device)
+    return model.to(dtype=_torch_dtype(dtype)).eval()
+
+
+def _read_state(weights: Path, device) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        state = load_file(weights)
+        return load_file(weights, device=str(device))
     except (SafetensorError, OSError) as error:
         raise ModelFolderError(f"{weights} is not a readable safetensors file ({error})") from None
-    expected = set(model.state_dict())
-    state = {k: v for k, v in state.items() if k in expected or not k.startswith(PLACEHOLDER_PREFIX)}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
+
+
+def _matched(name: str, weights: Path, state: dict, expected: dict, ignore_mismatched_sizes: bool) -> dict:
+    """The tensors of `state` that the model takes; heads it does not have are dropped, heads it has
+    that the folder lacks (or, when asked, has in another shape) are left to be initialised."""
+    unexpected = sorted(key for key in state if key not in expected and not key.startswith(PLACEHOLDER_PREFIX))
+    dropped_heads = sorted({key.split(".")[0] for key in unexpected if not key.startswith(BACKBONE_PREFIX)})
+    missing = sorted(key for key in expected if key not in state)
+    resized = sorted(key for key in expected if key in state and state[key].shape != expected[key])
+    in_backbone = [key for key in missing + unexpected + resized if key.startswith(BACKBONE_PREFIX)]
+    if in_backbone or (resized and not ignore_mismatched_sizes):
+        differ = [f"{key} {tuple(state[key].shape)} vs {tuple(expected[key])}" for key in resized[:5]]
+        hint = "" if in_backbone else "; pass ignore_mismatched_sizes=True to start a new head"
         raise ModelFolderError(
-            f"{weights} does not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{weights} does not match {name}: missing {[k for k in missing if k in in_backbone][:5]}, "
+            f"unexpected {[k for k in unexpected if k in in_backbone][:5]}, shapes differ {differ}{hint}"
         )
-    model.load_state_dict(state, assign=True)
-    return model.eval()
+    if dropped_heads:
+        logger.warning("%s: %s takes no %s; dropped those weights", weights, name, ", ".join(dropped_heads))
+    fresh = missing + resized
+    if fresh:
+        heads = ", ".join(sorted({key.rsplit(".", 1)[0] for key in fresh}))
+        logger.warning("%s: %s is newly initialised (%s); train it before use", weights, heads, name)
+    return {key: tensor for key, tensor in state.items() if key in expected and key not in resized}
+
+
+def _initialise_missing(model, device) -> None:
+    """Modules left on the meta device (a head the folder lacks) get storage and their default init."""
+    for module in model.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if any(tensor.is_meta for tensor in own):
+            module.to_empty(device=device, recurse=False)
+            module.reset_parameters()
+
+
+def _torch_dtype(dtype):
+    """A torch dtype, its name ("float16"), or None/"auto" for the file's own."""
+    import torch
+
+    if dtype is None or dtype == "auto":
+        return None
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating point torch dtype or its name, got {dtype!r}")
+    return resolved

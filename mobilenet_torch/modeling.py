@@ -2,13 +2,15 @@
 
 The architecture is a table (`architecture.BLOCKS`), walked once by `MobileNetV2Model.features`; classification,
 segmentation, `extract_features` and the backbone wrapper are all consumers of that one walk.
+Forward signatures, outputs and losses are transformers' (`labels`, `output_hidden_states`, `return_dict`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +27,7 @@ from .architecture import (
 )
 from .configuration import MobileNetV2Config
 from .layers import ConvLayer, InvertedResidual
-
-WEIGHTS_NAME = "model.safetensors"
+from .loading import HUB_OPTIONS, WEIGHTS_NAME, load_folder, resolve_folder
 
 # Slim endpoint names in network order: layer_1 is the stem conv, layer_2 the stem block,
 # layer_3..layer_18 the 16 blocks, layer_19 the final 1x1 conv.
@@ -38,19 +39,41 @@ ENDPOINTS = (
 )
 
 
-# Outputs are named tuples: read by name as transformers' (`.logits`) or by index, and, being tuples,
-# they pass through torch.jit.trace, torch.export and the ONNX exporter unchanged.
+# Outputs are named tuples: read by name as transformers' (`.logits`, `.loss`, `.hidden_states`; None
+# when not computed) or by index (`[0]` is always the main tensor), and, being tuples, they pass through
+# torch.export and the ONNX exporter unchanged. torch.jit.trace and `return_dict=False` get the plain
+# tuple of the computed fields (see `as_output`). `hidden_states` are the 16 block outputs, as transformers'.
 class BaseModelOutputWithPooling(NamedTuple):
     last_hidden_state: torch.Tensor
     pooler_output: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class ImageClassifierOutput(NamedTuple):
     logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class SemanticSegmenterOutput(NamedTuple):
     logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class FeatureInfo(NamedTuple):
+    """What a head built on an endpoint needs: its channels, and its reduction (input size / map size)."""
+
+    channels: int
+    reduction: int
+
+
+def as_output(output: NamedTuple, return_dict: bool | None):
+    """The named tuple, or (return_dict=False, or unset while tracing, which takes tensors and tuples of
+    them only) the plain tuple of its computed fields, as transformers' `to_tuple` gives it."""
+    if return_dict is False or (return_dict is None and torch.jit.is_tracing()):
+        return tuple(value for value in output if value is not None)
+    return output
 
 
 class MobileNetV2PreTrainedModel(nn.Module):
@@ -80,11 +103,44 @@ class MobileNetV2PreTrainedModel(nn.Module):
         return {}
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> MobileNetV2PreTrainedModel:
-        """Load a folder written by `save_pretrained` (or the converter). Reads safetensors only."""
-        from .loading import load_folder
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        ignore_mismatched_sizes: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        **overrides: Any,
+    ) -> MobileNetV2PreTrainedModel:
+        """Load a folder written by `save_pretrained` (or the converter), or a Hub id (needs huggingface_hub).
+        Reads safetensors only.
 
-        return load_folder(cls, Path(folder))
+        Any folder serves any class: `MobileNetV2Model` drops a head (with a logged warning); a head the
+        folder lacks is newly initialised, with a warning. Keyword arguments naming config fields
+        (`num_labels=10`, `classifier_dropout_prob=0.1`) override config.json; a head whose shape changes
+        that way needs `ignore_mismatched_sizes=True`. Others go to the constructor (`add_pooling_layer`).
+        """
+        hub = dict(cache_dir=cache_dir, revision=revision, token=token, local_files_only=local_files_only)
+        folder = resolve_folder(name_or_path, **hub)
+        options = dict(dtype=dtype, device=device, ignore_mismatched_sizes=ignore_mismatched_sizes)
+        return load_folder(cls, folder, **options, **overrides)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (BatchNorm statistics are buffers, not counted), as transformers counts them.
+        `exclude_embeddings` is accepted for transformers' signature; a CNN has no embeddings."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
 
     def fuse(self) -> MobileNetV2PreTrainedModel:
         """Fold every BatchNorm into its convolution for inference. Returns self (in eval mode).
@@ -122,21 +178,36 @@ class MobileNetV2Model(MobileNetV2PreTrainedModel):
             self.out_channels = final_conv_channels(config)
         self.pool = add_pooling_layer
 
-    def forward(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """`pooler_output` is [N, C] as transformers' (a map with `avg_pool="fixed7x7"` on large inputs)."""
         x = self.conv_stem(pixel_values)
+        hidden_states = [] if output_hidden_states else None  # kept only when asked: they hold memory
         for block in self.layer:
             x = block(x)
+            if hidden_states is not None:
+                hidden_states.append(x)
         if self.conv_1x1 is not None:
             x = self.conv_1x1(x)
         pooled = pool_features(x, self.config.avg_pool) if self.pool else None
-        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled)
+        if pooled is not None and pooled.shape[-2:] == (1, 1):
+            pooled = pooled.flatten(1)
+        output = BaseModelOutputWithPooling(x, pooled, tuple(hidden_states) if hidden_states is not None else None)
+        return as_output(output, return_dict)
 
-    def extract_features(self, pixel_values: torch.Tensor, names: list[str] | tuple[str, ...]):
-        """Named slim endpoints (NCHW), computing nothing past the deepest one requested.
+    def extract_features(self, pixel_values: torch.Tensor, names: str | Sequence[str]):
+        """Named slim endpoints (NCHW), computing nothing past the deepest one requested: a dict by name
+        for a list of names, the tensor itself for a single name.
 
         Backbone names: `layer_1`..`layer_19`, `layer_N/expansion_output` (N = 3..18) and
         `global_pool`. Classification models also offer `logits`.
         """
+        if isinstance(names, str):
+            return self.extract_features(pixel_values, [names])[names]
         wanted = set(names)
         unknown = wanted - set(self.endpoint_names())
         if unknown:
@@ -152,6 +223,23 @@ class MobileNetV2Model(MobileNetV2PreTrainedModel):
         last = "layer_19" if self.conv_1x1 is not None else BLOCK_ENDPOINTS[-1]
         names = list(ENDPOINTS[: ENDPOINTS.index(last) + 1])
         return names + ["global_pool"] if self.conv_1x1 is not None else names
+
+    def feature_info(self) -> dict[str, FeatureInfo]:
+        """Channels and reduction of every feature map endpoint (all but `global_pool`), read from the
+        layers. A map is ceil(input size / reduction) on a side."""
+        first_conv = self.conv_stem.first_conv
+        reduction = first_conv.stride
+        info = {
+            "layer_1": FeatureInfo(first_conv.convolution.out_channels, reduction),
+            "layer_2": FeatureInfo(self.conv_stem.reduce_1x1.convolution.out_channels, reduction),
+        }
+        for name, block in zip(BLOCK_ENDPOINTS, self.layer, strict=True):
+            info[f"{name}/expansion_output"] = FeatureInfo(block.conv_3x3.convolution.in_channels, reduction)
+            reduction *= block.conv_3x3.stride
+            info[name] = FeatureInfo(block.reduce_1x1.convolution.out_channels, reduction)
+        if self.conv_1x1 is not None:
+            info["layer_19"] = FeatureInfo(self.conv_1x1.convolution.out_channels, reduction)
+        return info
 
     def _walk(self, x: torch.Tensor, last: str):
         """Yield (endpoint, tensor) in network order, stopping after `last`."""
@@ -213,26 +301,56 @@ class MobileNetV2ForImageClassification(MobileNetV2PreTrainedModel):
         self.dropout = nn.Dropout(config.classifier_dropout_prob)
         self.classifier = nn.Linear(self.mobilenet_v2.out_channels, config.num_labels)
 
-    def forward(self, pixel_values: torch.Tensor, return_dict: bool = True):
-        pooled = self.mobilenet_v2(pixel_values).pooler_output
-        logits = self.classify(pooled)
-        return ImageClassifierOutput(logits=logits) if return_dict else (logits,)
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> ImageClassifierOutput:
+        """`labels` [N] (class indices; floats [N, num_labels] for multi-label) give `loss`, as transformers'."""
+        backbone = self.mobilenet_v2(pixel_values, output_hidden_states, return_dict=True)
+        logits = self.classify(backbone.pooler_output)
+        loss = classification_loss(logits, labels, self.config) if labels is not None else None
+        return as_output(ImageClassifierOutput(logits, loss, backbone.hidden_states), return_dict)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        """The 1x1 logits conv of the original, applied to a pooled map; squeezed when it is 1x1."""
+        """The 1x1 logits conv of the original, applied to pooled features ([N, C], or a [N, C, h, w] map)."""
         pooled = self.dropout(pooled)
         if pooled.shape[-2:] == (1, 1):
-            return self.classifier(pooled.flatten(1))
+            pooled = pooled.flatten(1)
+        if pooled.ndim == 2:
+            return self.classifier(pooled)
         weight = self.classifier.weight[:, :, None, None]
         return F.conv2d(pooled, weight, self.classifier.bias)
 
-    def extract_features(self, pixel_values: torch.Tensor, names: list[str] | tuple[str, ...]):
+    def extract_features(self, pixel_values: torch.Tensor, names: str | Sequence[str]):
         """Like `MobileNetV2Model.extract_features`, plus `logits`."""
+        if isinstance(names, str):
+            return self.extract_features(pixel_values, [names])[names]
         backbone_names = [name if name != "logits" else "global_pool" for name in names]
         features = self.mobilenet_v2.extract_features(pixel_values, backbone_names)
         if "logits" in names:
             features["logits"] = self.classify(features["global_pool"])
         return {name: features[name] for name in names}
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: MobileNetV2Config) -> torch.Tensor:
+    """transformers' loss for image classification: `config.problem_type`, or, when it is None, regression
+    for one label, cross-entropy for integer labels, binary cross-entropy per label for float ones."""
+    if logits.ndim != 2:
+        raise ValueError(f"a loss needs logits [N, num_labels], got {list(logits.shape)}: use global pooling")
+    problem = config.problem_type
+    if problem is None:
+        integer = labels.dtype in (torch.long, torch.int)
+        single = "single_label_classification" if integer else "multi_label_classification"
+        problem = "regression" if config.num_labels == 1 else single
+    labels = labels.to(logits.device)
+    if problem == "regression":
+        return F.mse_loss(logits.squeeze(), labels.squeeze()) if config.num_labels == 1 else F.mse_loss(logits, labels)
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels)
 
 
 class DeepLabV3Head(nn.Module):
@@ -272,9 +390,24 @@ class MobileNetV2ForSemanticSegmentation(MobileNetV2PreTrainedModel):
         self.mobilenet_v2 = MobileNetV2Model(config, add_pooling_layer=False, final_conv=False)
         self.segmentation_head = DeepLabV3Head(config, self.mobilenet_v2.out_channels)
 
-    def forward(self, pixel_values: torch.Tensor, return_dict: bool = True):
-        logits = self.segmentation_head(self.mobilenet_v2(pixel_values).last_hidden_state)
-        return SemanticSegmenterOutput(logits=logits) if return_dict else (logits,)
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SemanticSegmenterOutput:
+        """`labels` [N, H, W] give `loss` as transformers computes it: cross-entropy of the logits resized
+        bilinearly (align_corners=False) to the labels' size, ignoring `config.semantic_loss_ignore_index`."""
+        if labels is not None and self.config.num_labels == 1:
+            raise ValueError("a segmentation loss needs more than one label")
+        backbone = self.mobilenet_v2(pixel_values, output_hidden_states, return_dict=True)
+        logits = self.segmentation_head(backbone.last_hidden_state)
+        loss = None
+        if labels is not None:
+            resized = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(resized, labels, ignore_index=self.config.semantic_loss_ignore_index)
+        return as_output(SemanticSegmenterOutput(logits, loss, backbone.hidden_states), return_dict)
 
     @torch.no_grad()
     def predict_labels(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -284,9 +417,11 @@ class MobileNetV2ForSemanticSegmentation(MobileNetV2PreTrainedModel):
         logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=True)
         return logits.argmax(dim=1)
 
-    def extract_features(self, pixel_values: torch.Tensor, names: list[str] | tuple[str, ...]):
+    def extract_features(self, pixel_values: torch.Tensor, names: str | Sequence[str]):
         """Backbone endpoints (up to layer_18) plus the head's `image_pooling`, `aspp0`,
         `concat_projection` and `logits`."""
+        if isinstance(names, str):
+            return self.extract_features(pixel_values, [names])[names]
         head_names = [name for name in names if name in SEGMENTATION_HEAD_ENDPOINTS]
         backbone_names = [name for name in names if name not in SEGMENTATION_HEAD_ENDPOINTS]
         if head_names:
@@ -314,13 +449,43 @@ class MobileNetV2Backbone(nn.Module):
 
     >>> backbone = MobileNetV2Backbone(model, out_features=["layer_15/expansion_output", "layer_19"])
     >>> c4, c5 = backbone(pixel_values)
+    >>> backbone.channels, backbone.reductions  # ([576, 1280], [16, 32]) at depth 1.0
+
+    `channels` as transformers' backbones name it; `feature_info` as timm's (`num_chs`, `reduction`).
     """
 
-    def __init__(self, model: MobileNetV2PreTrainedModel, out_features: list[str]) -> None:
+    def __init__(self, model: MobileNetV2PreTrainedModel, out_features: Sequence[str]) -> None:
         super().__init__()
         self.model = model
-        self.out_features = list(out_features)
+        self.out_features = [out_features] if isinstance(out_features, str) else list(out_features)
+        backbone = model if isinstance(model, MobileNetV2Model) else model.mobilenet_v2
+        available = backbone.feature_info()
+        unknown = [name for name in self.out_features if name not in available]
+        if unknown:
+            raise ValueError(f"{unknown} are not feature maps of this backbone; choose from {list(available)}")
+        info = [available[name] for name in self.out_features]
+        self.channels = [item.channels for item in info]
+        self.reductions = [item.reduction for item in info]
+        self.feature_info = [
+            {"module": name, "num_chs": item.channels, "reduction": item.reduction}
+            for name, item in zip(self.out_features, info, strict=True)
+        ]
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         features = self.model.extract_features(pixel_values, self.out_features)
         return [features[name] for name in self.out_features]
+
+
+ARCHITECTURES = {
+    cls.__name__: cls
+    for cls in (MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation, MobileNetV2Model)
+}
+
+
+def load_pretrained(name_or_path: str | os.PathLike, **options: Any) -> MobileNetV2PreTrainedModel:
+    """The model of the class the folder's config.json names (`architectures`; classification when it
+    names none), as transformers' Auto classes pick it. `options` as `from_pretrained` takes them."""
+    folder = resolve_folder(name_or_path, **{key: options.pop(key) for key in HUB_OPTIONS if key in options})
+    names = MobileNetV2Config.from_pretrained(folder).architectures or []
+    cls = next((ARCHITECTURES[name] for name in names if name in ARCHITECTURES), MobileNetV2ForImageClassification)
+    return cls.from_pretrained(folder, **options)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def test_every_converted_folder_gets_a_card(classifier_folder: Path):
     source = conversion["source"]["files"][0]
     assert f"`{source['name']}`" in text and source["sha256"] in text
     assert "`ema`: trainable variables restored from their exponential moving averages" in text
-    assert "**45.5%** at 96x96" in text and "1.66 M parameters" in text
+    assert "1.66 M parameters" in text  # an architecture figure: true of any weights of this depth
     assert "No parity report in this folder yet" in text
     assert "MobileNetV2ForImageClassification.from_pretrained" in text
     assert "AutoModelForImageClassification.from_pretrained" in text and "AutoImageProcessor" in text
@@ -77,12 +78,85 @@ def test_trainval_and_drop_background_notes(segmenter_folder: Path, classifier_f
     assert "1000: the ImageNet classes (the background class was dropped)" in render_card(conversion, config)
 
 
-def test_sizes_without_a_published_figure_point_to_224(classifier_folder: Path):
+def test_a_fixture_with_a_zoo_name_gets_no_published_accuracy(classifier_folder: Path):
+    """The fixture tarball is named mobilenet_v2_0.35_96.tgz but holds seeded random weights."""
+    text = (classifier_folder / "README.md").read_text()
+    section = text[text.index("## Published accuracy") : text.index("## Parity")]
+    assert "%" not in section and "top-1" not in section
+    assert "None shown: this conversion cannot tell that its source is a file of the original model zoo" in section
+
+
+def _zoo_conversion(classifier_folder: Path, **download) -> dict:
+    """The fixture's conversion record, as if it had been downloaded from the zoo (how is in `download`)."""
     conversion = json.loads((classifier_folder / "conversion.json").read_text())
+    digest = conversion["source"]["files"][0]["sha256"]
+    conversion["download"] = {"zoo_name": NAME, "sha256": digest, **download}
+    return conversion
+
+
+def test_published_accuracy_only_for_a_file_known_to_be_the_zoos(classifier_folder: Path, monkeypatch):
+    from converter.zoo import table as zoo
+
+    entry = zoo.find(NAME)
+    figure = "ImageNet top-1 **45.5%** at 96x96: the published figure of the original `mobilenet_v2_0.35_96.tgz`"
+    config = json.loads((classifier_folder / "config.json").read_text())
+    # Downloaded under its zoo name from the zoo's own URL: known by name.
+    assert figure in render_card(_zoo_conversion(classifier_folder, url=entry.url), config)
+    # Through a mirror, or from another URL, the bytes may be anything.
+    mirrored = _zoo_conversion(classifier_folder, url=entry.url, mirror="http://127.0.0.1:1")
+    assert "%" not in render_card(mirrored, config).split("## Published accuracy")[1].split("##")[0]
+    assert figure not in render_card(_zoo_conversion(classifier_folder, url="https://example.com/x.tgz"), config)
+    # A renamed checkpoint, or a local file with a zoo-like name: nothing known.
+    conversion = json.loads((classifier_folder / "conversion.json").read_text())
+    assert figure not in render_card(conversion, config)
+    conversion["source"]["name"] = "my_model.ckpt"
+    assert figure not in render_card(conversion, config)
+    # Known by sha256 where the zoo table records it, whatever the file is called.
+    digest = conversion["source"]["files"][0]["sha256"]
+    known = tuple(replace(e, sha256=digest) if e.name == NAME else e for e in zoo.entries())
+    monkeypatch.setattr(zoo, "entries", lambda: known)
+    assert figure in render_card(conversion, config)
+
+
+def test_a_known_file_without_a_published_figure_says_so(classifier_folder: Path):
+    from converter.zoo import table as zoo
+
+    entry = zoo.find("mobilenet_v2_1.0_160")
+    conversion = _zoo_conversion(classifier_folder, url=entry.url)
+    conversion["download"]["zoo_name"] = entry.name
     conversion["variant"].update(depth=1.0, size=160)
     text = render_card(conversion, {})
-    assert "No top-1 figure for 160x160 is recorded here; at 224x224 this depth reaches **71.8%**" in text
+    assert "The authors publish no top-1 figure for the original `mobilenet_v2_1.0_160.tgz`." in text
+    assert "%" not in text.split("## Published accuracy")[1].split("##")[0]
     assert "3.47 M parameters" in text and "multiply-adds" not in text
+
+
+@pytest.mark.parametrize("kind", ["classifier", "segmenter"])
+def test_the_usage_instructions_do_what_they_say(kind, classifier_folder, segmenter_folder, tmp_path, monkeypatch):
+    """Following the card literally, "Replace <name> by this folder's path", the Python snippets and the
+    command line run and write what they say; the Hub id is offered to transformers only, not to mobilenet_torch."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from converter.app.predict import predict_main
+
+    folder = classifier_folder if kind == "classifier" else segmenter_folder
+    text = (folder / "README.md").read_text()
+    usage = text[text.index("## Usage") : text.index("## Uploading")]
+    instruction = re.search(r"Replace `([^`]+)` by this folder's path\.", usage)
+    assert instruction, usage
+    assert "Hub" not in usage[: usage.index("With transformers")]
+    Image.new("RGB", (130, 100), (200, 30, 60)).save(tmp_path / "image.jpg")
+    monkeypatch.chdir(tmp_path)  # the snippets name image.jpg, relative
+    for block in _python_blocks(usage):
+        exec(compile(block.replace(f'"{instruction[1]}"', repr(str(folder))), "README.md", "exec"), {})
+    (command,) = re.findall(r"```bash\n(.*?)\n```", usage, flags=re.S)
+    words, _, comment = command.partition("#")
+    args = [str(folder) if word == instruction[1] else word for word in words.split()[1:]]
+    result = CliRunner().invoke(predict_main, args)
+    assert result.exit_code == 0, result.output
+    for written in re.findall(r"\S+\.png", comment):
+        assert (tmp_path / written).is_file()
 
 
 def _parity(passed: bool) -> dict:

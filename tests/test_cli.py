@@ -224,3 +224,80 @@ def test_the_project_never_unpickles():
         text = source.read_text()
         for unsafe in ("import pickle", "torch.load(", "np.load(", "allow_pickle=True"):
             assert unsafe not in text, f"{source.name} uses {unsafe}"
+
+
+def _scripts() -> dict[str, str]:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+@pytest.mark.parametrize("name", ["convert-mobilenet", "verify-mobilenet", "predict-mobilenet"])
+def test_every_command_answers_version(name):
+    import importlib
+    import tomllib
+
+    from click.testing import CliRunner
+
+    module, function = _scripts()[name].split(":")
+    command = getattr(importlib.import_module(module), function)
+    result = CliRunner().invoke(command, ["--version"], prog_name=name)
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert result.exit_code == 0 and result.stdout == f"{name} {version}\n", result.output
+
+
+def test_checkpoint_with_zoo_options_is_refused_in_plain_words(small, tmp_path):
+    result = run_cli("--checkpoint", small.tarball, "--all")
+    assert_one_line_error(result, 2)
+    assert result.stderr == (
+        "error: --all converts the whole zoo and --checkpoint one local checkpoint: pass only one of them\n"
+    )
+    result = run_cli("--checkpoint", small.tarball, "--mirror", "http://127.0.0.1:1", "--cache-dir", tmp_path)
+    assert_one_line_error(result, 2)
+    assert result.stderr == (
+        "error: --cache-dir and --mirror choose what is downloaded from the zoo, but --checkpoint downloads "
+        "nothing: leave them out\n"
+    )
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=oct)
+def test_output_modes_follow_the_umask(small, tmp_path, umask):
+    """Every file and folder written gets the mode a plain open / mkdir gives under the same umask."""
+    script = (
+        "import os, stat, sys\n"
+        f"os.umask({umask})\n"
+        "from converter import convert_checkpoint\n"
+        f"out = {str(tmp_path / 'model')!r}\n"
+        f"convert_checkpoint({str(small.tarball)!r}, out)\n"
+        f"open({str(tmp_path / 'plain.txt')!r}, 'w').close()\n"
+        f"os.mkdir({str(tmp_path / 'plain')!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    file_mode = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    folder_mode = (tmp_path / "plain").stat().st_mode & 0o777
+    out = tmp_path / "model"
+    assert out.stat().st_mode & 0o777 == folder_mode
+    modes = {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()}
+    assert EXPECTED_FILES <= set(modes) and modes == dict.fromkeys(modes, file_mode), (oct(file_mode), modes)
+
+
+def test_verify_takes_several_inputs_after_one_flag(small, tmp_path):
+    """The README's `--inputs a.png b.png` form, next to the default and the repeated form."""
+    pytest.importorskip("tensorflow")
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from converter import convert_checkpoint
+    from converter.app.cli import verify_main
+
+    model = tmp_path / "model"
+    convert_checkpoint(small.tarball, model)
+    photos = [tmp_path / "a.png", tmp_path / "b.png"]
+    for seed, photo in enumerate(photos):
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(photo)
+    base = ["--checkpoint", str(small.tarball), "--model", str(model), "--report-dir", str(tmp_path / "r")]
+    result = CliRunner().invoke(verify_main, [*base, "--inputs", *map(str, photos)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "parity.json").read_text())
+    assert [case["name"] for case in report["inputs"]] == ["image-a.png", "image-b.png"]

@@ -27,6 +27,7 @@ FAST = RetryPolicy(attempts=3, base_delay=0.01, timeout=10)
 FAST_ENV = {download.ATTEMPTS_ENV: "3", download.RETRY_DELAY_ENV: "0.01", download.TIMEOUT_ENV: "10"}
 NAME = "mobilenet_v2_0.35_96"
 ENTRY = zoo.lookup("mobilenet_v2", 0.35, 96)
+OFFICIAL = zoo.OFFICIAL_SOURCE
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes: enough for several read chunks
 
 
@@ -60,10 +61,10 @@ def _cache_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-# ------------------------------------------------------------------------------------------- fetch()
+# ------------------------------------------------------------------------------------------- fetch() from one source
 def test_cold_then_warm_cache(zoo_server: ZooServer, tmp_path):
     zoo_server.serve(ENTRY.filename, PAYLOAD)
-    path = fetch(ENTRY, cache_dir=tmp_path, mirror=zoo_server.url, progress=False, retry=FAST)
+    path = fetch(ENTRY, source=OFFICIAL, cache_dir=tmp_path, mirror=zoo_server.url, progress=False, retry=FAST).path
     assert path == tmp_path / ENTRY.filename and path.read_bytes() == PAYLOAD
     assert download.recorded_sha256(path) == _sha(PAYLOAD)
     assert Path(f"{path}.sha256").read_text() == f"{_sha(PAYLOAD)}  {ENTRY.filename}\n"
@@ -71,7 +72,9 @@ def test_cold_then_warm_cache(zoo_server: ZooServer, tmp_path):
     assert zoo_server.count() == 1
 
     # Warm: no request at all, even with the server gone from the mirror setting.
-    again = fetch(ENTRY, cache_dir=tmp_path, mirror=f"http://127.0.0.1:{closed_port()}", retry=FAST)
+    again = fetch(
+        ENTRY, source=OFFICIAL, cache_dir=tmp_path, mirror=f"http://127.0.0.1:{closed_port()}", retry=FAST
+    ).path
     assert again == path and zoo_server.count() == 1
 
 
@@ -88,14 +91,14 @@ def test_cache_folder_comes_from_the_environment(monkeypatch, tmp_path):
 
 def test_a_file_put_in_the_cache_by_hand_is_used_and_hashed(zoo_server: ZooServer, tmp_path):
     (tmp_path / ENTRY.filename).write_bytes(b"copied by hand")
-    path = fetch(ENTRY, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST)
+    path = fetch(ENTRY, source=OFFICIAL, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST).path
     assert download.recorded_sha256(path) == _sha(b"copied by hand") and zoo_server.count() == 0
 
 
 def test_dropped_connection_is_resumed_with_a_range_request(zoo_server: ZooServer, tmp_path):
     zoo_server.serve(ENTRY.filename, PAYLOAD)
     zoo_server.drop_after[ENTRY.filename] = [300_000]
-    path = fetch(ENTRY, cache_dir=tmp_path, mirror=zoo_server.url, progress=False, retry=FAST)
+    path = fetch(ENTRY, source=OFFICIAL, cache_dir=tmp_path, mirror=zoo_server.url, progress=False, retry=FAST).path
     assert path.read_bytes() == PAYLOAD
     assert [header for _, header in zoo_server.requests] == [None, "bytes=300000-"]
     assert download.recorded_sha256(path) == _sha(PAYLOAD)
@@ -106,11 +109,11 @@ def test_an_interrupted_run_leaves_a_part_file_that_the_next_run_resumes(zoo_ser
     zoo_server.serve(ENTRY.filename, PAYLOAD)
     zoo_server.drop_after[ENTRY.filename] = [100_000, 0, 0]  # every attempt of the first run breaks
     with pytest.raises(DownloadError, match="gave up after 3 attempts"):
-        fetch(ENTRY, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST)
+        fetch(ENTRY, source=OFFICIAL, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST)
     part = tmp_path / f"{ENTRY.filename}.part"
     assert part.stat().st_size == 100_000 and not (tmp_path / ENTRY.filename).exists()
 
-    path = fetch(ENTRY, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST)
+    path = fetch(ENTRY, source=OFFICIAL, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST).path
     assert path.read_bytes() == PAYLOAD and zoo_server.requests[-1] == (ENTRY.filename, "bytes=100000-")
 
 
@@ -118,7 +121,7 @@ def test_a_server_ignoring_range_makes_the_download_restart(zoo_server: ZooServe
     zoo_server.serve(ENTRY.filename, PAYLOAD)
     zoo_server.ignore_range.add(ENTRY.filename)
     (tmp_path / f"{ENTRY.filename}.part").write_bytes(b"\xff" * 5000)  # a stale partial download
-    path = fetch(ENTRY, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST)
+    path = fetch(ENTRY, source=OFFICIAL, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST).path
     assert path.read_bytes() == PAYLOAD  # not 5000 stale bytes + the whole file
     assert zoo_server.requests == [(ENTRY.filename, "bytes=5000-")]
 
@@ -126,14 +129,17 @@ def test_a_server_ignoring_range_makes_the_download_restart(zoo_server: ZooServe
 def test_a_stale_part_longer_than_the_file_is_discarded(zoo_server: ZooServer, tmp_path):
     zoo_server.serve(ENTRY.filename, PAYLOAD)
     (tmp_path / f"{ENTRY.filename}.part").write_bytes(b"\0" * (len(PAYLOAD) + 10))  # 416 from the server
-    assert fetch(ENTRY, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST).read_bytes() == PAYLOAD
+    assert (
+        fetch(ENTRY, source=OFFICIAL, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST).path.read_bytes()
+        == PAYLOAD
+    )
 
 
 @pytest.mark.parametrize("status", [404, 500])
 def test_http_errors_are_one_clean_error_and_leave_nothing(zoo_server: ZooServer, tmp_path, status):
     zoo_server.status[ENTRY.filename] = status
     with pytest.raises(DownloadError) as caught:
-        fetch(ENTRY, cache_dir=tmp_path / "cache", mirror=zoo_server.url, retry=FAST)
+        fetch(ENTRY, source=OFFICIAL, cache_dir=tmp_path / "cache", mirror=zoo_server.url, retry=FAST)
     message = str(caught.value)
     assert f"{zoo_server.url}/{ENTRY.filename}" in message and f"HTTP {status}" in message
     assert "--mirror" in message and "--checkpoint" in message and "\n" not in message
@@ -156,7 +162,10 @@ def test_a_transient_500_is_retried(zoo_server: ZooServer, tmp_path):
     module.time.sleep = sleep
     try:
         policy = RetryPolicy(attempts=4, base_delay=0.5, timeout=10)
-        assert fetch(ENTRY, cache_dir=tmp_path, mirror=zoo_server.url, retry=policy).read_bytes() == PAYLOAD
+        assert (
+            fetch(ENTRY, source=OFFICIAL, cache_dir=tmp_path, mirror=zoo_server.url, retry=policy).path.read_bytes()
+            == PAYLOAD
+        )
     finally:
         module.time.sleep = original
     assert calls == [0.5] and zoo_server.count() == 2
@@ -165,7 +174,7 @@ def test_a_transient_500_is_retried(zoo_server: ZooServer, tmp_path):
 def test_offline_is_a_clear_error(tmp_path):
     url = f"http://127.0.0.1:{closed_port()}"
     with pytest.raises(DownloadError) as caught:
-        fetch(ENTRY, cache_dir=tmp_path, mirror=url, retry=FAST)
+        fetch(ENTRY, source=OFFICIAL, cache_dir=tmp_path, mirror=url, retry=FAST)
     message = str(caught.value)
     assert f"{url}/{ENTRY.filename}" in message and "refused" in message.lower()
     assert "--mirror" in message and "--checkpoint" in message
@@ -175,7 +184,7 @@ def test_offline_is_a_clear_error(tmp_path):
 def test_mirror_from_the_environment(zoo_server: ZooServer, tmp_path, monkeypatch):
     zoo_server.serve(ENTRY.filename, PAYLOAD)
     monkeypatch.setenv(download.MIRROR_ENV, zoo_server.url + "/")
-    assert fetch(ENTRY, cache_dir=tmp_path, retry=FAST).read_bytes() == PAYLOAD
+    assert fetch(ENTRY, source=OFFICIAL, cache_dir=tmp_path, retry=FAST).path.read_bytes() == PAYLOAD
     assert zoo_server.requests == [(ENTRY.filename, None)]
 
 
@@ -185,27 +194,30 @@ def test_mirror_in_a_local_folder(tmp_path, as_url):
     mirror.mkdir()
     (mirror / ENTRY.filename).write_bytes(PAYLOAD)
     base = mirror.as_uri() if as_url else str(mirror)
-    path = fetch(ENTRY, cache_dir=tmp_path / "cache", mirror=base)
+    path = fetch(ENTRY, source=OFFICIAL, cache_dir=tmp_path / "cache", mirror=base).path
     assert path.read_bytes() == PAYLOAD and download.recorded_sha256(path) == _sha(PAYLOAD)
 
     other = zoo.lookup("mobilenet_v2", 1.0, 224)
     with pytest.raises(DownloadError, match="not in the mirror"):
-        fetch(other, cache_dir=tmp_path / "cache", mirror=base)
+        fetch(other, source=OFFICIAL, cache_dir=tmp_path / "cache", mirror=base)
     with pytest.raises(DownloadError, match="neither an http"):
-        fetch(other, cache_dir=tmp_path / "cache", mirror=str(tmp_path / "missing"))
+        fetch(other, source=OFFICIAL, cache_dir=tmp_path / "cache", mirror=str(tmp_path / "missing"))
 
 
 def test_sizes_and_checksums_known_to_the_table_are_enforced(zoo_server: ZooServer, tmp_path):
     zoo_server.serve(ENTRY.filename, PAYLOAD)
     wrong_size = dataclasses.replace(ENTRY, bytes=len(PAYLOAD) + 1)
     with pytest.raises(DownloadError, match="zoo table says"):
-        fetch(wrong_size, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST)
+        fetch(wrong_size, source=OFFICIAL, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST)
     wrong_sha = dataclasses.replace(ENTRY, sha256="0" * 64)
     with pytest.raises(DownloadError, match="not the published one"):
-        fetch(wrong_sha, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST)
+        fetch(wrong_sha, source=OFFICIAL, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST)
     assert _cache_files(tmp_path) == []
     right = dataclasses.replace(ENTRY, bytes=len(PAYLOAD), sha256=_sha(PAYLOAD))
-    assert fetch(right, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST).read_bytes() == PAYLOAD
+    assert (
+        fetch(right, source=OFFICIAL, cache_dir=tmp_path, mirror=zoo_server.url, retry=FAST).path.read_bytes()
+        == PAYLOAD
+    )
 
 
 # --------------------------------------------------------------------------------- convert-mobilenet
@@ -252,7 +264,7 @@ def test_convert_from_the_zoo_end_to_end(zoo_server: ZooServer, fixture_tarball,
     assert front["tags"] == ["vision", "image-classification", "mobilenet_v2"]
     assert front["datasets"] == ["imagenet-1k"]
     digest = hashlib.sha256(fixture_tarball.read_bytes()).hexdigest()
-    assert digest in readme and "45.5%" in readme
+    assert digest in readme and "45.5%" not in readme  # fetched through a mirror: not known to be the zoo file
     try:
         import yaml
     except ImportError:
@@ -261,7 +273,8 @@ def test_convert_from_the_zoo_end_to_end(zoo_server: ZooServer, fixture_tarball,
         assert yaml.safe_load(readme.split("---\n")[1]) == {**front}
 
     conversion = json.loads((out / "conversion.json").read_text())
-    assert conversion["download"] == {"zoo_name": NAME, "url": ENTRY.url, "sha256": digest}
+    expected = {"zoo_name": NAME, "source": OFFICIAL, "url": ENTRY.url, "sha256": digest, "mirror": zoo_server.url}
+    assert conversion["download"] == expected
     assert conversion["source"]["files"][0]["sha256"] == digest
     assert download.recorded_sha256(cache / ENTRY.filename) == digest
     assert zoo_server.count() == 1
@@ -295,7 +308,8 @@ def test_cli_download_errors_are_one_line_and_exit_1(zoo_server: ZooServer, tmp_
     runner = CliRunner()
     for status in (404, 500):
         zoo_server.status[ENTRY.filename] = status
-        args = ["--depth", "0.35", "--size", "96", "--mirror", zoo_server.url, "--cache-dir", str(tmp_path / "c")]
+        args = ["--depth", "0.35", "--size", "96", "--source", OFFICIAL, "--mirror", zoo_server.url]
+        args += ["--cache-dir", str(tmp_path / "c")]
         result = runner.invoke(convert_main, [*args, "--output", str(tmp_path / "out")], env=FAST_ENV)
         assert result.exit_code == 1, result.output
         lines = result.stderr.strip().splitlines()
@@ -309,8 +323,8 @@ def test_cli_download_errors_are_one_line_and_exit_1(zoo_server: ZooServer, tmp_
     [
         (["--depth", "0.9"], "depths: 1.4, 1.3, 1.0, 0.75, 0.5, 0.35"),
         (["--depth", "1.4", "--size", "96"], "sizes at depth 1.4: 224"),
-        (["--checkpoint", "x.tgz", "--mirror", "http://127.0.0.1:1"], "--mirror choose zoo downloads"),
-        (["--checkpoint", "x.tgz", "--all"], "--all choose zoo downloads"),
+        (["--checkpoint", "x.tgz", "--mirror", "http://127.0.0.1:1"], "--mirror chooses what is downloaded"),
+        (["--checkpoint", "x.tgz", "--all"], "--all converts the whole zoo and --checkpoint one local checkpoint"),
         (["--depth", "1.0", "--jobs", "2"], "--jobs applies to --all"),
         (["--model", "mobilenet_v2", "--depth", "1.0", "--trainval"], "--model deeplabv3"),
         (["--all", "--push-to-hub", "me/x"], "--push-to-hub uploads one folder"),

@@ -15,7 +15,8 @@ from tests.helpers import with_random_batchnorm
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
-from converter.app.onnx_export import ONNX_NAME, export_onnx  # noqa: E402
+from converter.app.onnx_export import export_onnx  # noqa: E402
+from converter.output.layout import ONNX as ONNX_NAME  # noqa: E402
 
 # Even sizes take TF's asymmetric padding (the path that differs from a plain PyTorch conv); 66 at
 # output stride 8 also runs the dilated blocks and the head on a 9x9 map.

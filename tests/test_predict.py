@@ -62,23 +62,33 @@ def test_preprocessing_matches_transformers_image_processor(classifier_folder: P
     assert np.abs(ours - theirs).max() < 1e-5
 
 
-def test_segmentation_writes_an_overlay_and_a_histogram(segmenter_folder: Path, images: Path, tmp_path):
+def test_segmentation_writes_the_label_map_and_an_overlay(segmenter_folder: Path, images: Path, tmp_path):
     from PIL import Image
 
     image = images / "bird_segmentation.bmp"
     out = tmp_path / "seg"
     result = CliRunner().invoke(predict_main, [str(image), "--model", str(segmenter_folder), "--output-dir", str(out)])
     assert result.exit_code == 0, result.output
-    target = out / "bird_segmentation_segmentation.png"
+    labels_png, overlay_png = out / "bird_segmentation_labels.png", out / "bird_segmentation_overlay.png"
     lines = result.stdout.splitlines()
-    assert lines[0] == str(image) and lines[1] == f"  wrote {target}"
-    with Image.open(target) as written, Image.open(image) as original:
-        assert written.size == original.size and written.mode == "RGB"
-    rows = [re.match(r"^ +(\d+\.\d\d)% +(\d+) px  (\S+)$", line) for line in lines[2:]]
+    assert lines[:3] == [str(image), f"  wrote {labels_png}", f"  wrote {overlay_png}"]
+    with Image.open(labels_png) as written, Image.open(image) as original:
+        assert written.mode == "P" and written.size == original.size
+        labels = np.asarray(written)
+        colours = np.asarray(written.getpalette()[: 3 * 21], np.uint8).reshape(21, 3)
+        picture = np.asarray(original.convert("RGB"))
+    # VOC colours of background, aeroplane and person
+    assert colours[[0, 1, 15]].tolist() == [[0, 0, 0], [128, 0, 0], [192, 128, 128]]
+    with Image.open(overlay_png) as written:
+        assert written.mode == "RGB" and written.size == original.size
+        blended = np.asarray(written)
+    background = labels == 0
+    assert (blended[background] == picture[background]).all()  # the overlay tints only the classes found
+    voc = load_model(segmenter_folder).labels
+    rows = [re.match(r"^ +(\d+\.\d\d)% +(\d+) px  (\S+)$", line) for line in lines[3:]]
     assert rows and all(rows), lines
-    voc = set(load_model(segmenter_folder).labels.values())
-    assert {row[3] for row in rows} <= voc
-    assert sum(int(row[2]) for row in rows) == original.size[0] * original.size[1]
+    values, counts = np.unique(labels, return_counts=True)  # the label map holds the class ids it reports
+    assert {row[3]: int(row[2]) for row in rows} == {voc[int(v)]: int(c) for v, c in zip(values, counts, strict=True)}
 
 
 def test_palette_is_the_pascal_colour_map():
@@ -100,3 +110,45 @@ def test_errors_are_one_line(classifier_folder: Path, tmp_path):
     result = runner.invoke(predict_main, [str(tmp_path / "broken.jpg"), "--model", str(tmp_path)])
     assert result.exit_code == 1 and "pass a folder written by convert-mobilenet" in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+def _picture(path: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_every_image_is_processed_and_failures_come_at_the_end(classifier_folder: Path, tmp_path):
+    good, other = _picture(tmp_path / "good.png"), _picture(tmp_path / "other.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    args = [good, tmp_path / "missing.jpg", tmp_path / "broken.jpg", other]
+    result = CliRunner().invoke(predict_main, [*map(str, args), "--model", str(classifier_folder)])
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert [lines[0], lines[6]] == [str(good), str(other)] and len(lines) == 12  # both good images, top 5 each
+    assert result.stderr.splitlines() == [
+        f"error: {tmp_path / 'missing.jpg'} does not exist",
+        f"error: cannot read the image {tmp_path / 'broken.jpg'} (cannot identify image file "
+        f"'{tmp_path / 'broken.jpg'}')",
+    ]
+    assert result.output.splitlines()[-2:] == result.stderr.splitlines()  # after every result
+
+
+def test_a_closed_pipe_ends_quietly(classifier_folder: Path, tmp_path):
+    """`predict-mobilenet ... | head -n 1`: no traceback, no "internal error", the SIGPIPE status."""
+    import subprocess
+    import sys
+
+    image = str(_picture(tmp_path / "image.png"))
+    command = [sys.executable, "-c", "from converter.app.predict import predict_main; predict_main()"]
+    process = subprocess.Popen(
+        [*command, *[image] * 20, "--model", str(classifier_folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+    assert process.stdout.readline() == f"{image}\n".encode()
+    process.stdout.close()  # as `head -n 1` does after its line
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 141 and stderr == ""

@@ -215,7 +215,7 @@ def test_missing_tensorflow_says_how_to_install(small, small_model, tmp_path, mo
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now raises ImportError
     result = verify("--checkpoint", small.tarball, "--model", small_model, "--report-dir", tmp_path / "r")
     assert result.exit_code == 2
-    assert "pip install 'mobilenet-convert[verify]'" in result.output
+    assert "pip install -e '.[verify]'" in result.output
 
 
 def test_image_inputs_are_preprocessed_like_transformers(tmp_path):

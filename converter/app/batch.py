@@ -4,6 +4,7 @@ whole zoo (`--all`), downloading through the cache (`converter.zoo.download`).""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -13,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import USER_ERRORS
+from converter.output import layout
 from converter.output.writer import check_output
-from converter.zoo.download import fetch, recorded_sha256
+from converter.zoo.download import MIRROR_ENV, fetch
 from converter.zoo.table import ZooEntry
-
-PARITY_JSON = Path("parity") / "parity.json"
 
 # verify(folder, tarball) -> None: runs the verifier on a converted folder (writes parity/ there).
 Verifier = Callable[[Path, Path], Any]
@@ -53,21 +53,27 @@ def convert_entry(
     force: bool = False,
     output_stride: int | None = None,
     size: int | None = None,
+    source: str | None = None,
     **convert_kwargs: Any,
 ):
-    """Fetch `entry`'s tarball through the cache and convert it; returns the `ConversionSummary`."""
+    """Fetch `entry` through the cache (from `source`, else its first source that works) and convert it;
+    returns the `ConversionSummary`."""
     from converter.pipeline.convert import convert_checkpoint
 
     output = Path(output) if output is not None else default_output(entry, output_stride, size)
     check_output(output, force)  # before a download that could take minutes
-    tarball = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=progress)
+    mirror = mirror if mirror is not None else (os.environ.get(MIRROR_ENV) or None)
+    fetched = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=progress, source=source)
     download = {
         "zoo_name": entry.name,
-        "url": entry.url,
-        "sha256": recorded_sha256(tarball),
+        "source": fetched.source.name,
+        "url": fetched.source.url,
+        "sha256": fetched.sha256,
     }
+    if mirror:  # the bytes came from elsewhere: the model card does not vouch for them as the zoo's file
+        download["mirror"] = mirror
     return convert_checkpoint(
-        tarball,
+        fetched.path,
         output,
         depth=entry.depth,
         size=size if entry.is_deeplab else entry.size,
@@ -86,6 +92,7 @@ def convert_all(
     verify: Verifier | None = None,
     cache_dir: str | None = None,
     mirror: str | None = None,
+    source: str | None = None,
     force: bool = False,
     output_stride: int | None = None,
     drop_background: bool = False,
@@ -111,6 +118,7 @@ def convert_all(
                 output,
                 cache_dir=cache_dir,
                 mirror=mirror,
+                source=source,
                 progress=False,
                 force=force,
                 output_stride=output_stride,
@@ -119,7 +127,9 @@ def convert_all(
             )
             status = "ok"
             if verify is not None:
-                verify(summary.output, fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False))
+                verify(
+                    summary.output, fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False, source=source).path
+                )
                 status = "verified"
         except USER_ERRORS as error:
             return BatchResult(entry.name, output, "failed", time.perf_counter() - started, error=str(error))
@@ -152,7 +162,7 @@ def convert_all(
 def read_parity(folder: Path) -> tuple[bool | None, float | None]:
     """(passed, max_abs_diff) from `folder/parity/parity.json`, (None, None) when there is none."""
     try:
-        data = json.loads((folder / PARITY_JSON).read_text())
+        data = json.loads((folder / layout.PARITY_JSON).read_text())
     except (OSError, ValueError):
         return None, None
     if not isinstance(data, dict):

@@ -1,22 +1,27 @@
 """Command-line entry points: thin click shells over the library functions.
 
-Exit codes: 0 success, 1 a conversion/verification problem, 2 a usage problem. Errors are one line on
-stderr; `--debug` shows the traceback instead.
+Exit codes: 0 success, 1 a conversion/verification problem, 2 a usage problem (130 interrupted, 141 the
+reader of stdout went away). Errors are one line on stderr; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
 
+from converter import __version__
+
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, the status of a program the signal ends
 WEIGHT_CONVENTIONS = ("ema", "raw", "ema-all")
 ZOO_MODELS = ("mobilenet_v2", "deeplabv3")
 
 
 def report_errors(command):
-    """Turn the project's errors (and anything unexpected) into one line and an exit code."""
+    """Turn the project's errors (and anything unexpected) into one line and an exit code; add the options
+    every command has (`--debug`, `--version`)."""
 
     @functools.wraps(command)
     def wrapper(*args, debug: bool = False, **kwargs):
@@ -32,13 +37,28 @@ def report_errors(command):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as programs killed by SIGPIPE do
+            _silence_stdout()
+            sys.exit(BROKEN_PIPE_EXIT)
         except Exception as error:  # a bug: still one line, with the way to see more
             if debug:
                 raise
             click.echo(f"internal error: {type(error).__name__}: {error} (rerun with --debug)", err=True)
             sys.exit(1)
 
-    return click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
+    with_debug = click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
+    return click.version_option(__version__, "--version", message="%(prog)s %(version)s")(with_debug)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that flushing it at exit cannot raise a second BrokenPipeError."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a real file (a test runner's buffer): nothing will flush it
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,6 +82,21 @@ def report_errors(command):
     type=click.Choice(ZOO_MODELS),
     default=None,
     help="Zoo family to download: mobilenet_v2 (ImageNet, the default) or deeplabv3 (PASCAL VOC).",
+)
+@click.option(
+    "--format",
+    "source_format",
+    default=None,
+    metavar="NAME",
+    help="With --checkpoint: read it as this format instead of recognising it (tf-checkpoint, saved-model, "
+    "tf-hub-module, ...).",
+)
+@click.option(
+    "--source",
+    "zoo_source",
+    default=None,
+    metavar="NAME",
+    help="Download from this source only (official, tfhub, tflite-hosted); default: each in turn until one works.",
 )
 @click.option("--trainval", is_flag=True, help="deeplabv3 only: the checkpoint trained on train + val.")
 @click.option(
@@ -117,6 +152,16 @@ def report_errors(command):
 )
 @click.option("--drop-background", is_flag=True, help="Write a 1000-class head without the background class.")
 @click.option(
+    "--add-background",
+    is_flag=True,
+    help="Give a 1000-class head (Keras') a background class at index 0 that never wins (1001 classes).",
+)
+@click.option(
+    "--backbone-only",
+    is_flag=True,
+    help="Convert the backbone alone (a MobileNetV2Model folder); the classification head is set aside.",
+)
+@click.option(
     "--avg-pool",
     type=click.Choice(["global", "fixed7x7"]),
     default="global",
@@ -147,6 +192,8 @@ def convert_main(
     source,
     output,
     model,
+    source_format,
+    zoo_source,
     trainval,
     cache_dir,
     mirror,
@@ -158,6 +205,8 @@ def convert_main(
     weights,
     output_stride,
     drop_background,
+    add_background,
+    backbone_only,
     avg_pool,
     allow_non_finite,
     force,
@@ -176,11 +225,17 @@ def convert_main(
         weights=weights,
         output_stride=int(output_stride) if output_stride else None,
         drop_background=drop_background,
+        add_background=add_background,
+        backbone_only=backbone_only,
         avg_pool=avg_pool,
         allow_non_finite=allow_non_finite,
         force=force,
     )
-    zoo_options = dict(model=model, trainval=trainval, cache_dir=cache_dir, mirror=mirror)
+    zoo_options = dict(model=model, trainval=trainval, cache_dir=cache_dir, mirror=mirror, source=zoo_source)
+    if source_format and source is None:
+        from converter.errors import UsageError
+
+        raise UsageError("--format applies to --checkpoint; zoo downloads are recognised by themselves")
     _check_zoo_flags(source, whole_zoo, jobs, push_to_hub, zoo_options)
     _check_verify_flags(verify, report_dir, whole_zoo)
     if write_onnx:
@@ -198,23 +253,28 @@ def convert_main(
         model = model or "mobilenet_v2"
         entry = lookup(model, depth, size if model == "mobilenet_v2" else None, trainval)
         size = size if entry.is_deeplab else None
-        summary = convert_entry(entry, output, cache_dir=cache_dir, mirror=mirror, size=size, **options)
+        summary = convert_entry(
+            entry, output, cache_dir=cache_dir, mirror=mirror, size=size, source=zoo_source, **options
+        )
         if verify:
             from converter.zoo.download import fetch
 
-            source = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False)
+            source = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False, source=zoo_source).path
     else:
-        summary = convert_checkpoint(source, output, depth=depth, size=size, **options)
+        summary = convert_checkpoint(source, output, format=source_format, depth=depth, size=size, **options)
     click.echo(
         f"converted {summary.variant.name} ({summary.weights} weights, {summary.mapped} tensors mapped, "
         f"{summary.ignored} ignored by rule) -> {summary.output} in {summary.seconds:.2f} s"
     )
+    for note in summary.notes:  # also in conversion.json and the model card
+        click.echo(f"note: {note}", err=True)
     if write_onnx:
         from pathlib import Path
 
-        from converter.app.onnx_export import ONNX_NAME, export_onnx
+        from converter.app.onnx_export import export_onnx
+        from converter.output import layout
 
-        click.echo(f"ONNX export -> {export_onnx(summary.output, Path(summary.output, ONNX_NAME))}")
+        click.echo(f"ONNX export -> {export_onnx(summary.output, Path(summary.output, layout.ONNX))}")
     if verify and not _report_parity(source, summary.output, report_dir):
         sys.exit(1)  # before any upload
     if push_to_hub:
@@ -227,11 +287,17 @@ def _check_zoo_flags(source, whole_zoo, jobs, push_to_hub, zoo_options) -> None:
     from converter.errors import UsageError
 
     if source is not None:
-        given = [f"--{name.replace('_', '-')}" for name, value in zoo_options.items() if value]
         if whole_zoo:
-            given.insert(0, "--all")
+            raise UsageError(
+                "--all converts the whole zoo and --checkpoint one local checkpoint: pass only one of them"
+            )
+        given = [f"--{name.replace('_', '-')}" for name, value in zoo_options.items() if value]
         if given:
-            raise UsageError(f"{', '.join(given)} choose zoo downloads; leave them out with --checkpoint")
+            choose, them = ("chooses", "it") if len(given) == 1 else ("choose", "them")
+            raise UsageError(
+                f"{' and '.join(given)} {choose} what is downloaded from the zoo, but --checkpoint downloads "
+                f"nothing: leave {them} out"
+            )
     if whole_zoo and push_to_hub:
         raise UsageError("--push-to-hub uploads one folder; convert with --all, then upload folders one by one")
     if jobs != 1 and not whole_zoo:
@@ -273,6 +339,7 @@ def _convert_whole_zoo(output, depth, size, jobs, zoo_options, options, verify=F
         verify=_zoo_verifier(verify),
         cache_dir=zoo_options["cache_dir"],
         mirror=zoo_options["mirror"],
+        source=zoo_options["source"],
         **options,
     )
     click.echo(summary_table(results))
@@ -338,8 +405,8 @@ def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
     default=("random",),
     show_default=True,
     metavar="random|IMAGE",
-    help="Repeatable. random: seeded images in [-1, 1] (a batch of 2 at the model size, one odd-sized, "
-    "one non-square); IMAGE: a picture, preprocessed like MobileNetV2ImageProcessor.",
+    help="One or more (--inputs a.png b.png, or repeated). random: seeded images in [-1, 1] (a batch of 2 at "
+    "the model size, one odd-sized, one non-square); IMAGE: a picture, preprocessed like MobileNetV2ImageProcessor.",
 )
 @click.option(
     "--size",
@@ -361,12 +428,23 @@ def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
     default=None,
     help="Where parity.{json,md,xml,png} go (default: <model>/parity).",
 )
+@click.argument("more_inputs", nargs=-1, type=click.Path(path_type=str), metavar="[IMAGE]...")
 @report_errors
-def verify_main(source, model_dir, inputs, size, atol, rtol, report_dir):
+def verify_main(source, model_dir, inputs, size, atol, rtol, report_dir, more_inputs):
     """Prove a converted folder matches the original TensorFlow graph, endpoint by endpoint.
 
     Exit codes: 0 parity holds, 1 it does not (the first diverging endpoint and module are named), 2 the
     check cannot be made (TensorFlow missing, graph refused as unsafe, no reference).
     """
+    inputs = _all_inputs(inputs, more_inputs)
     ok = _report_parity(source, model_dir, report_dir, inputs=inputs, size=size, atol=atol, rtol=rtol)
     sys.exit(0 if ok else 1)
+
+
+def _all_inputs(inputs: tuple[str, ...], more: tuple[str, ...]) -> tuple[str, ...]:
+    """`--inputs a.png b.png`: a click option takes one value, so the ones after it arrive as arguments.
+    They are inputs too, in place of the default `random` when --inputs itself is not given."""
+    if not more:
+        return inputs
+    source = click.get_current_context().get_parameter_source("inputs")
+    return more if source is click.core.ParameterSource.DEFAULT else (*inputs, *more)

@@ -17,9 +17,7 @@ import torch
 from torch import nn
 
 import mobilenet_torch
-from mobilenet_torch.configuration import MobileNetV2Config
 
-ONNX_NAME = "model.onnx"
 MIN_OPSET = 18  # what PyTorch's exporter writes natively; its conversion to 17 fails on Pad
 
 
@@ -39,7 +37,11 @@ def export_onnx(
     """
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: the export needs opset {MIN_OPSET} or newer")
-    model = load_model(model_or_folder) if isinstance(model_or_folder, (str, os.PathLike)) else model_or_folder
+    model = (
+        mobilenet_torch.load_pretrained(model_or_folder)
+        if isinstance(model_or_folder, (str, os.PathLike))
+        else model_or_folder
+    )
     config = model.config
     height, width = (size, size) if isinstance(size, int) else size or (config.image_size, config.image_size)
     example = torch.zeros(2, config.num_channels, height, width)  # a batch of 1 would be fixed to 1
@@ -64,14 +66,6 @@ def export_module(module: nn.Module, example: torch.Tensor, path: str | os.PathL
         )
     program.save(str(path))
     return path
-
-
-def load_model(folder: str | os.PathLike) -> nn.Module:
-    """The model class named in the folder's config.json (classification unless it says segmentation)."""
-    architectures = MobileNetV2Config.from_pretrained(folder).architectures or []
-    segmentation = "MobileNetV2ForSemanticSegmentation" in architectures
-    name = "MobileNetV2ForSemanticSegmentation" if segmentation else "MobileNetV2ForImageClassification"
-    return getattr(mobilenet_torch, name).from_pretrained(folder)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,10 @@
 """`predict-mobilenet IMAGE... --model DIR`: run a converted folder on images.
 
-Classifiers print the top-k labels with probabilities for each image. DeepLab models write
-`<image stem>_segmentation.png` (the label map blended over the image) and print the label histogram.
+Classifiers print the top-k labels with probabilities for each image. DeepLab models write two PNGs per
+image, `<image stem>_labels.png` (the raw label map: a palette image whose pixel values are the class ids,
+coloured with the PASCAL VOC colour map) and `<image stem>_overlay.png` (the classes blended over the
+image), and print the label histogram. Every image is processed; those that cannot be read are reported
+at the end and make the exit code 1.
 Images are prepared as transformers' `MobileNetV2ImageProcessor` prepares them, from the folder's
 `preprocessor_config.json`: RGB, shortest edge resized, center crop, scaled to [-1, 1]. DeepLab is fully
 convolutional, so segmentation skips the crop and labels the whole (resized) picture.
@@ -10,6 +13,7 @@ convolutional, so segmentation skips the crop and labels the whole (resized) pic
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +23,11 @@ import click
 import numpy as np
 
 from converter.app.cli import report_errors
-from converter.errors import OutputError
+from converter.errors import ImageError, OutputError
 from converter.images import open_image, preprocess
 
-SEGMENTATION_SUFFIX = "_segmentation.png"
+LABELS_SUFFIX = "_labels.png"
+OVERLAY_SUFFIX = "_overlay.png"
 OVERLAY_ALPHA = 0.55
 
 
@@ -36,26 +41,15 @@ class LoadedModel:
 
 def load_model(folder: str | Path) -> LoadedModel:
     """Load a converted folder with mobilenet_torch, choosing the class from `config.json`."""
-    from converter.output.writer import PREPROCESSOR_NAME, preprocessor_config
-    from mobilenet_torch import (
-        MobileNetV2ForImageClassification,
-        MobileNetV2ForSemanticSegmentation,
-        ModelFolderError,
-    )
+    from converter.output import layout
+    from converter.output.writer import preprocessor_config
+    from mobilenet_torch import MobileNetV2ForSemanticSegmentation, load_pretrained
 
     folder = Path(folder)
+    model = load_pretrained(folder)
+    segmentation = isinstance(model, MobileNetV2ForSemanticSegmentation)
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as error:
-        reason = getattr(error, "strerror", None) or error
-        raise ModelFolderError(
-            f"cannot read {folder / 'config.json'} ({reason}): pass a folder written by convert-mobilenet"
-        ) from None
-    segmentation = any("Segmentation" in name for name in config.get("architectures") or [])
-    cls = MobileNetV2ForSemanticSegmentation if segmentation else MobileNetV2ForImageClassification
-    model = cls.from_pretrained(folder)
-    try:
-        preprocessing = json.loads((folder / PREPROCESSOR_NAME).read_text())
+        preprocessing = json.loads((folder / layout.PREPROCESSOR).read_text())
     except (OSError, ValueError):
         preprocessing = preprocessor_config(model.config.image_size, segmentation)
     return LoadedModel(model, segmentation, dict(model.config.id2label), preprocessing)
@@ -109,6 +103,18 @@ def palette(count: int) -> np.ndarray:
     return colours
 
 
+def label_image(labels: np.ndarray):
+    """The label map as a palette PNG image: pixel values are the class ids, the palette PASCAL VOC's."""
+    from PIL import Image
+
+    if labels.max(initial=0) > 255:
+        raise OutputError(f"a label map PNG holds class ids up to 255, but this model predicts {labels.max()}")
+    height, width = labels.shape
+    image = Image.frombytes("P", (width, height), np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+    image.putpalette(palette(256).tobytes())
+    return image
+
+
 def overlay(image, labels: np.ndarray, alpha: float = OVERLAY_ALPHA):
     """The image with every non-background pixel tinted in its class colour."""
     from PIL import Image
@@ -128,27 +134,42 @@ def histogram(labels: np.ndarray, names: dict[int, str]) -> list[tuple[str, int,
     return sorted(rows, key=lambda row: -row[1])
 
 
-def predict(images: Sequence[str], model: str, top: int = 5, output_dir: str | Path = ".") -> None:
+def predict(images: Sequence[str], model: str, top: int = 5, output_dir: str | Path = ".") -> list[str]:
+    """Classify or segment every image; returns one message per image that could not be read."""
     loaded = load_model(model)
-    output_dir = Path(output_dir)
+    failures = []
     for path in images:
-        image = open_image(path)
+        try:
+            image = open_image(path)
+        except ImageError as error:
+            failures.append(str(error))
+            continue
         click.echo(str(path))
-        if not loaded.segmentation:
+        if loaded.segmentation:
+            _report_segmentation(loaded, image, Path(output_dir) / Path(path).stem)
+        else:
             for label, probability in classify(loaded, image, top):
                 click.echo(f"  {probability:8.4f}  {label}")
-            continue
-        labels = segment(loaded, image)
-        target = output_dir / f"{Path(path).stem}{SEGMENTATION_SUFFIX}"
+    return failures
+
+
+def _report_segmentation(loaded: LoadedModel, image, stem: Path) -> None:
+    """Write `<stem>_labels.png` and `<stem>_overlay.png`, then print the label histogram."""
+    labels = segment(loaded, image)
+    targets = {
+        Path(f"{stem}{LABELS_SUFFIX}"): label_image(labels),
+        Path(f"{stem}{OVERLAY_SUFFIX}"): overlay(image, labels),
+    }
+    for target, picture in targets.items():
         try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            overlay(image, labels).save(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            picture.save(target)
         except OSError as error:
             message = f"cannot write {target} ({error.strerror or error}); choose another --output-dir"
             raise OutputError(message) from None
         click.echo(f"  wrote {target}")
-        for label, pixels, fraction in histogram(labels, loaded.labels):
-            click.echo(f"  {fraction:7.2%}  {pixels:>9} px  {label}")
+    for label, pixels, fraction in histogram(labels, loaded.labels):
+        click.echo(f"  {fraction:7.2%}  {pixels:>9} px  {label}")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -159,12 +180,18 @@ def predict(images: Sequence[str], model: str, top: int = 5, output_dir: str | P
     "--output-dir",
     type=click.Path(path_type=str),
     default=".",
-    help="Segmentation: where to write <image stem>_segmentation.png (default: the current folder).",
+    help="Segmentation: where to write <image stem>_labels.png (the label map) and <image stem>_overlay.png "
+    "(default: the current folder).",
 )
 @report_errors
 def predict_main(images, model, top, output_dir):
-    """Classify images (top-k labels) or segment them (a label-map PNG) with a converted model folder."""
-    predict(images, model, top, output_dir)
+    """Classify images (top-k labels) or segment them (label map and overlay PNGs) with a converted model
+    folder. Every image is processed; the ones that cannot be read are listed at the end (exit code 1)."""
+    failures = predict(images, model, top, output_dir)
+    for message in failures:
+        click.echo(f"error: {message}", err=True)
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,12 @@ def open_reader(
     path: str | os.PathLike[str],
     format: str | None = None,
     *,
+    backbone_only: bool = False,
     max_extract_bytes: int = DEFAULT_MAX_EXTRACT_BYTES,
     max_members: int = DEFAULT_MAX_MEMBERS,
 ) -> Iterator[Reader]:
-    """The reader for `path` (a file, a folder, a checkpoint prefix or an archive of any of them).
+    """The reader for `path` (a file, a folder, a checkpoint prefix or an archive of any of them);
+    `backbone_only` tells it that the head will be set aside.
 
     Raises:
         UsageError: `format` names no known format.
@@ -48,10 +50,10 @@ def open_reader(
     origin = Path(path)
     if is_archive(origin):
         with extracted(origin, max_extract_bytes, max_members) as folder:
-            with _opened(_archive_root(folder), forced, archive=origin) as reader:
+            with _opened(_archive_root(folder), forced, origin, backbone_only) as reader:
                 yield reader
     else:
-        with _opened(origin, forced, archive=None) as reader:
+        with _opened(origin, forced, None, backbone_only) as reader:
             yield reader
 
 
@@ -65,9 +67,9 @@ def _forced(format: str | None) -> type[Reader] | None:
 
 
 @contextmanager
-def _opened(path: Path, forced: type[Reader] | None, archive: Path | None) -> Iterator[Reader]:
+def _opened(path: Path, forced: type[Reader] | None, archive: Path | None, backbone_only: bool) -> Iterator[Reader]:
     cls = forced or _sniff(path, archive)
-    reader = cls(path, archive)
+    reader = cls(path, archive, backbone_only=backbone_only)
     try:
         yield reader
     finally:

@@ -66,9 +66,11 @@ class Reader(ABC):
     #: One line for the list of known formats.
     description: ClassVar[str]
 
-    def __init__(self, path: Path, archive: Path | None = None) -> None:
+    def __init__(self, path: Path, archive: Path | None = None, *, backbone_only: bool = False) -> None:
         self.path = path  # the file or folder to read (inside a temporary folder when unpacked)
         self.archive = archive  # the archive `path` was unpacked from, if any
+        # Only the backbone is wanted: a reader may then skip (and not refuse) a head it cannot map.
+        self.backbone_only = backbone_only
 
     @classmethod
     @abstractmethod

@@ -26,8 +26,8 @@ class CheckpointReader(Reader):
             or path.with_name(f"{path.name}.index").is_file()
         )
 
-    def __init__(self, path: Path, archive: Path | None = None) -> None:
-        super().__init__(path, archive)
+    def __init__(self, path: Path, archive: Path | None = None, *, backbone_only: bool = False) -> None:
+        super().__init__(path, archive, backbone_only=backbone_only)
         self.location = locate_checkpoint(path, archive)
         self.bundle = TensorBundle(self.location.prefix)
 

@@ -69,8 +69,8 @@ class SavedModelReader(Reader):
     def sniff(cls, path: Path) -> bool:
         return path.is_dir() and (path / cls.marker).is_file()
 
-    def __init__(self, path: Path, archive: Path | None = None) -> None:
-        super().__init__(path, archive)
+    def __init__(self, path: Path, archive: Path | None = None, *, backbone_only: bool = False) -> None:
+        super().__init__(path, archive, backbone_only=backbone_only)
         prefix = path / VARIABLES_PREFIX
         if not Path(f"{prefix}.index").is_file():
             raise SourceError(

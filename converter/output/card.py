@@ -8,11 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from converter.output import layout
 from converter.zoo import table as zoo
-
-CARD_NAME = "README.md"
-PARITY_JSON = Path("parity") / "parity.json"
-PARITY_MD = "parity/parity.md"
 
 WEIGHT_MEANINGS = {
     "ema": "trainable variables restored from their exponential moving averages, BatchNorm moving "
@@ -28,8 +25,8 @@ def write_model_card(folder: Path) -> None:
     folder = Path(folder)
     conversion = _read_json(folder / "conversion.json") or {}
     config = _read_json(folder / "config.json") or {}
-    parity = _read_json(folder / PARITY_JSON)
-    (folder / CARD_NAME).write_text(render_card(conversion, config, parity))
+    parity = _read_json(folder / layout.PARITY_JSON)
+    (folder / layout.CARD).write_text(render_card(conversion, config, parity))
 
 
 def render_card(conversion: dict[str, Any], config: dict[str, Any], parity: dict[str, Any] | None = None) -> str:
@@ -45,7 +42,7 @@ def render_card(conversion: dict[str, Any], config: dict[str, Any], parity: dict
         _front_matter(segmentation),
         _title(segmentation, depth, size, variant, trainval),
         _provenance(conversion, config, segmentation, trainval),
-        _published(kind, depth, size, segmentation),
+        _published(conversion, kind, depth, size, segmentation),
         _parity(parity),
         _usage(name, segmentation, size or (513 if segmentation else 224)),
         _upload(name),
@@ -135,47 +132,66 @@ def _provenance(conversion: dict[str, Any], config: dict[str, Any], segmentation
     return "## Provenance\n\n| | |\n| --- | --- |\n" + "\n".join(rows) + "\n\n" + " ".join(notes) + "\n"
 
 
-def _published(kind: str, depth, size, segmentation: bool) -> str:
-    entry = zoo.published_for(kind, depth, size) if depth is not None and size is not None else None
+def zoo_file(conversion: dict[str, Any]) -> zoo.ZooEntry | None:
+    """The zoo entry whose very file was converted, or None where that is not known.
+
+    Known by sha256 where the zoo table records the file's, or by name where the tool downloaded it under
+    its zoo name from the zoo's own URL (not a mirror). A local file named like a zoo tarball proves
+    nothing: fixtures and renamed or fine-tuned checkpoints carry such names too."""
+    source = conversion.get("source") or {}
+    digests = {item.get("sha256") for item in source.get("files") or [] if isinstance(item, dict)} - {None}
+    for entry in zoo.entries():
+        if entry.sha256 and entry.sha256 in digests:
+            return entry
+    download = conversion.get("download") or {}
+    entry = zoo.find(str(download.get("zoo_name", "")))
+    if entry is None or download.get("mirror") or download.get("url") != entry.url:
+        return None
+    if download.get("sha256") not in digests or entry.sha256 not in (None, download.get("sha256")):
+        return None
+    return entry
+
+
+def _published(conversion: dict[str, Any], kind: str, depth, size, segmentation: bool) -> str:
     if segmentation:
         return (
             "## Published accuracy\n\nThis project carries no published mIOU for this checkpoint; see the "
             "DeepLab model zoo (tensorflow/models research/deeplab/g3doc/model_zoo.md).\n"
         )
-    lines = []
-    if entry is not None and entry.top1 is not None:
-        lines.append(f"ImageNet top-1 accuracy of the original checkpoint: **{entry.top1}%** at {size}x{size}.")
+    original = zoo_file(conversion)
+    if original is None:
+        lines = [
+            "None shown: this conversion cannot tell that its source is a file of the original model zoo (it "
+            "knows one by the sha256 the zoo table records, or by a download from the zoo's own URL), and a "
+            "published figure says nothing about other weights."
+        ]
+    elif original.top1 is not None:
+        lines = [
+            f"ImageNet top-1 **{original.top1}%** at {original.size}x{original.size}: the published figure of "
+            f"the original `{original.filename}`, not re-measured by this conversion."
+        ]
     else:
-        at_224 = zoo.published_for(kind, depth, 224)
-        if at_224 is not None and at_224.top1 is not None:
-            lines.append(
-                f"No top-1 figure for {size}x{size} is recorded here; at 224x224 this depth reaches "
-                f"**{at_224.top1}%** ImageNet top-1."
-            )
-    reference = entry or zoo.published_for(kind, depth, 224)
-    if reference is not None:
-        facts = []
-        if reference.params_millions is not None:
-            facts.append(f"{reference.params_millions} M parameters (BatchNorm scale/offset not counted)")
-        macs = entry.macs_millions if entry is not None else None
-        if macs is not None:
-            facts.append(f"{macs} M multiply-adds at {size}x{size}")
-        if facts:
-            lines.append("Model size: " + ", ".join(facts) + ".")
-    if not lines:
-        return ""
-    lines.append(
-        "Figures as published by the authors (tensorflow/models research/slim/nets/mobilenet/README.md), "
-        "not re-measured by this conversion."
-    )
-    return "## Published accuracy\n\n" + " ".join(lines) + "\n"
+        lines = [f"The authors publish no top-1 figure for the original `{original.filename}`."]
+    entry = zoo.published_for(kind, depth, size) if depth is not None and size is not None else None
+    reference = entry or (zoo.published_for(kind, depth, 224) if depth is not None else None)
+    facts = []
+    if reference is not None and reference.params_millions is not None:
+        facts.append(f"{reference.params_millions} M parameters (BatchNorm scale/offset not counted)")
+    if entry is not None and entry.macs_millions is not None:
+        facts.append(f"{entry.macs_millions} M multiply-adds at {size}x{size}")
+    if facts:
+        lines.append(
+            "Model size, as published for this architecture (tensorflow/models research/slim/nets/mobilenet/"
+            "README.md): " + ", ".join(facts) + "."
+        )
+    return "## Published accuracy\n\n" + "\n\n".join(lines) + "\n"
 
 
 def _parity(parity: dict[str, Any] | None) -> str:
     if not parity:
         return (
             "## Parity with the original graph\n\nNo parity report in this folder yet: the verifier "
-            f"(`convert-mobilenet --verify`, `verify-mobilenet`) writes `{PARITY_JSON.as_posix()}`.\n"
+            f"(`convert-mobilenet --verify`, `verify-mobilenet`) writes `{layout.PARITY_JSON}`.\n"
         )
     passed = parity.get("passed")
     verdict = "PASS" if passed else ("FAIL" if passed is not None else "unknown")
@@ -195,7 +211,7 @@ def _parity(parity: dict[str, Any] | None) -> str:
             "| --- | --- | --- | --- |",
             f"| {logits[0]} | {_number(logits[1])} | {_number(logits[2])} | {logits[3]} |",
         ]
-    lines += ["", f"Every endpoint is listed in [{PARITY_MD}]({PARITY_MD})."]
+    lines += ["", f"Every endpoint is listed in [{layout.PARITY_MD}]({layout.PARITY_MD})."]
     return "\n".join(lines) + "\n"
 
 
@@ -266,7 +282,7 @@ image = Image.open("image.jpg").convert("RGB")
 outputs = model(**processor(images=image, return_tensors="pt"))
 labels = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
 ```"""
-        cli = f"predict-mobilenet image.jpg --model {folder}   # writes image_segmentation.png"
+        cli = f"predict-mobilenet image.jpg --model {folder}   # writes image_labels.png and image_overlay.png"
     else:
         torch_snippet = f"""```python
 import torch
@@ -290,10 +306,10 @@ print(model.config.id2label[logits.argmax(-1).item()])
         cli = f"predict-mobilenet image.jpg --model {folder} --top 5"
     return (
         "## Usage\n\n"
-        f"Replace `{folder}` by this folder's path (or its Hub repository id).\n\n"
+        f"Replace `{folder}` by this folder's path.\n\n"
         "With `mobilenet_torch` (this project's model, TensorFlow-exact padding and pooling):\n\n"
         f"{torch_snippet}\n\n"
-        "With transformers:\n\n"
+        "With transformers (which also takes the Hub repository id once the folder is uploaded):\n\n"
         f"{hf_snippet}\n\n"
         f"From the command line:\n\n```bash\n{cli}\n```\n"
     )

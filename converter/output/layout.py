@@ -17,6 +17,7 @@ ONNX = "model.onnx"
 PARITY_FOLDER = "parity"
 PARITY_REPORTS = ("parity.json", "parity.md", "parity.xml", "parity.png")
 PARITY_JSON = f"{PARITY_FOLDER}/{PARITY_REPORTS[0]}"
+PARITY_MD = f"{PARITY_FOLDER}/{PARITY_REPORTS[1]}"
 
 #: Top-level files of a converted folder, and its one subfolder with the files it may hold.
 FILES = frozenset({WEIGHTS, CONFIG, PREPROCESSOR, CONVERSION, CARD, ONNX, QUANTIZATION_FILE, INTEGER_WEIGHTS_FILE})

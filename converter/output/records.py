@@ -17,7 +17,8 @@ class ConversionRecord:
     source: dict[str, Any]  # name, format, files [{name, sha256, bytes}]
     variant: dict[str, Any]  # kind, depth, size, size_from, num_labels, output_stride, name
     weights: str  # the weights convention (ema, raw, ema-all, or "as exported" for single-valued sources)
-    drop_background: bool = False
+    drop_background: bool = False  # the 1001-class head was written without its background class
+    add_background: bool = False  # a 1000-class head was given a background class at index 0
     tensors: dict[str, Any] = field(default_factory=dict)  # mapped, ignored by reason
     notes: list[str] = field(default_factory=list)  # facts about the source and the conversion
     placeholders: dict[str, str] | None = None  # tensors written only so that transformers loads the folder

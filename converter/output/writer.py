@@ -99,10 +99,25 @@ def staged_output(output: Path, force: bool, sources: Iterable[Path] = ()) -> It
         raise OutputError(f"cannot create a folder in {output.parent} ({error.strerror})") from None
     try:
         yield staging
-        os.chmod(staging, 0o755)
+        _follow_umask(staging)
         _publish(staging, output, force, sources)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give the staged folder and its files the modes a plain mkdir / open would: mkdtemp makes the folder
+    0700, and safetensors writes its file through a private temporary (0600). The umask is read off two
+    probes, not by os.umask, which changes it process-wide (conversions run in threads)."""
+    file_probe, folder_probe = folder / ".umask-file", folder / ".umask-folder"
+    os.close(os.open(file_probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    folder_probe.mkdir(0o777)
+    file_mode, folder_mode = (probe.stat().st_mode & 0o777 for probe in (file_probe, folder_probe))
+    file_probe.unlink()
+    folder_probe.rmdir()
+    for path in folder.rglob("*"):
+        os.chmod(path, folder_mode if path.is_dir() else file_mode)
+    os.chmod(folder, folder_mode)
 
 
 def _publish(staging: Path, output: Path, force: bool, sources: tuple[Path, ...]) -> None:

@@ -25,6 +25,8 @@ from converter.pipeline.variants import SIZE_ASSUMED, Variant, detect_variant, e
 from converter.vocabulary import CLASSIFICATION, DEEPLAB
 from mobilenet_torch.architecture import PLACEHOLDER_PREFIX, placeholder_arrays
 
+IMAGENET_WITH_BACKGROUND = 1001
+
 
 @dataclass(frozen=True)
 class ConversionSummary:
@@ -49,6 +51,8 @@ def convert_checkpoint(
     weights: str | None = None,
     output_stride: int | None = None,
     drop_background: bool = False,
+    add_background: bool = False,
+    backbone_only: bool = False,
     avg_pool: str = "global",
     allow_non_finite: bool = False,
     force: bool = False,
@@ -64,6 +68,9 @@ def convert_checkpoint(
         weights: "ema", "raw" or "ema-all"; default "ema" when the checkpoint has shadows, else "raw".
         output_stride: DeepLab only, 8 or 16 (default 8, as the zoo's frozen graphs).
         drop_background: write a 1000-class head without the background class.
+        add_background: give a 1000-class head (Keras') the background class at index 0, with zero weights
+            and a bias of -10000 so that it never wins (`table.BACKGROUND_BIAS`).
+        backbone_only: convert the backbone alone (a MobileNetV2Model folder), setting the head aside.
         avg_pool: "global" (transformers' pooling) or "fixed7x7" (slim's fixed 7x7 window, giving a logits
             map for inputs larger than the native size; transformers ignores this option).
         allow_non_finite: accept NaN/Inf weights instead of refusing them.
@@ -77,8 +84,8 @@ def convert_checkpoint(
     started = time.perf_counter()
     if output is not None:
         check_output(Path(output), force, [Path(src)])
-    with open_reader(src, format) as reader:
-        names = reader.names()
+    with open_reader(src, format, backbone_only=backbone_only) as reader:
+        names, head = _set_head_aside(reader.names(), backbone_only)
         variant = detect_variant(
             {name: reader.shape(name) for name in names},
             depth=depth,
@@ -87,18 +94,21 @@ def convert_checkpoint(
             source_name=reader.source_name,
             source_size=reader.hints.image_size,
         )
-        if variant.kind != CLASSIFICATION and (drop_background or avg_pool != "global"):
-            raise UsageError("--drop-background and --avg-pool apply to ImageNet classifiers only")
+        if variant.kind != CLASSIFICATION and (drop_background or add_background or avg_pool != "global"):
+            raise UsageError("--drop-background, --add-background and --avg-pool apply to classifiers only")
+        background = _background_edit(variant, drop_background, add_background)
         plan = plan_weights(names, weights)
+        if head:
+            plan.ignored["head_set_aside"] = head
         variables = {variable: reader.read(tensor) for variable, tensor in plan.sources.items()}
         if not allow_non_finite:
             _check_finite(variables)
-        config = variant.config(drop_background, avg_pool, reader.hints.labels)
-        state = apply_rules(variables, variant.kind, expected_shapes(variant, drop_background), drop_background)
+        config = variant.config(background, avg_pool, reader.hints.labels)
+        state = apply_rules(variables, variant.kind, expected_shapes(variant, background), background)
         if variant.kind == DEEPLAB:
             state.update(placeholder_arrays(config))
         output = Path(output) if output is not None else Path(variant.name)
-        record = _record(reader, variant, plan, drop_background, download)
+        record = _record(reader, variant, plan, background, download)
         summary = ConversionSummary(
             output,
             variant,
@@ -111,6 +121,29 @@ def convert_checkpoint(
         with staged_output(output, force, [Path(src), *reader.source_files()]) as staging:
             write_model_folder(staging, state, config, variant.architecture, record, reader.extra_files())
     return replace(summary, seconds=time.perf_counter() - started)
+
+
+def _set_head_aside(names: list[str], backbone_only: bool) -> tuple[list[str], list[str]]:
+    """(the tensors to convert, the classifier's tensors, with their shadows and slots, set aside by
+    --backbone-only)."""
+    if not backbone_only:
+        return names, []
+    classifier = tuple(rule.tf_name for rule in rules_for(CLASSIFICATION) if rule.is_classifier)
+    head = [name for name in names if name.startswith(classifier)]
+    return [name for name in names if not name.startswith(classifier)], head
+
+
+def _background_edit(variant: Variant, drop: bool, add: bool) -> str | None:
+    """ "drop", "add" or None, checked against the head's number of classes."""
+    if drop and add:
+        raise UsageError("--drop-background and --add-background contradict each other; pass one")
+    expected = IMAGENET_WITH_BACKGROUND if drop else IMAGENET_WITH_BACKGROUND - 1
+    if (drop or add) and variant.num_labels != expected:
+        flag = "--drop-background" if drop else "--add-background"
+        raise UsageError(
+            f"{flag} applies to a {expected}-class ImageNet head; this one has {variant.num_labels} classes"
+        )
+    return "drop" if drop else "add" if add else None
 
 
 def _count(ignored: dict[str, list[str]]) -> int:
@@ -127,7 +160,7 @@ def _check_finite(variables: dict[str, np.ndarray]) -> None:
 
 
 def _record(
-    reader: Reader, variant: Variant, plan: WeightsPlan, drop_background: bool, download: dict[str, Any] | None
+    reader: Reader, variant: Variant, plan: WeightsPlan, background: str | None, download: dict[str, Any] | None
 ) -> ConversionRecord:
     hints = reader.hints
     notes = list(hints.notes)
@@ -145,7 +178,8 @@ def _record(
         },
         variant={**asdict(variant), "name": variant.name},
         weights=hints.convention or plan.convention,
-        drop_background=drop_background,
+        drop_background=background == "drop",
+        add_background=background == "add",
         tensors={"mapped": len(rules_for(variant.kind)), "ignored": {k: len(v) for k, v in plan.ignored.items()}},
         notes=notes,
         download=dict(download) if download else None,

@@ -151,13 +151,30 @@ def _endpoint_rank(endpoint: str, fixed: dict[str, int]) -> tuple[int, int]:
     return 100, 0
 
 
+# --add-background: a background class at index 0 whose logit never wins (zero weights, this bias), so the
+# other classes keep their logits and, after a softmax, their probabilities.
+BACKGROUND_BIAS = -1.0e4
+BACKGROUND_EDITS = ("drop", "add")
+
+
+def edit_background(array: np.ndarray, edit: str | None) -> np.ndarray:
+    """A classifier tensor (class axis first) with the background class dropped or added."""
+    if edit == "drop":
+        return array[1:]
+    if edit == "add":
+        row = np.full((1, *array.shape[1:]), 0.0 if array.ndim > 1 else BACKGROUND_BIAS, array.dtype)
+        return np.concatenate([row, array])
+    return array
+
+
 def apply_rules(
     variables: Mapping[str, np.ndarray],
     kind: str,
     expected_shapes: Mapping[str, tuple[int, ...]],
-    drop_background: bool = False,
+    background: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Map TF model variables to the PyTorch state dict, proving the correspondence is one to one."""
+    """Map TF model variables to the PyTorch state dict, proving the correspondence is one to one;
+    `background` ("drop" or "add") edits the classifier's background class."""
     rules = rules_for(kind)
     unmapped = sorted(set(variables) - {r.tf_name for r in rules})
     missing = sorted({r.tf_name for r in rules} - set(variables))
@@ -168,8 +185,8 @@ def apply_rules(
     state = {}
     for rule in rules:
         array = TRANSFORMS[rule.transform](variables[rule.tf_name])
-        if rule.is_classifier and drop_background:
-            array = array[1:]
+        if rule.is_classifier:
+            array = edit_background(array, background)
         state[rule.torch_name] = np.ascontiguousarray(array, dtype=np.float32)
     state.update(constant_tensors(kind))
 

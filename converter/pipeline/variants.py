@@ -26,7 +26,8 @@ KIND_MARKERS = {
     DEEPLAB: "logits/semantic/weights",
 }
 BACKBONE_MARKER = "MobilenetV2/Conv_1/weights"
-ZOO_NAME = re.compile(r"mobilenet_v2_(?P<depth>\d+(?:\.\d+)?)_(?P<size>\d+)")
+# Zoo names (mobilenet_v2_1.0_224) and TF Hub's (mobilenet_v2_100_224: depth x 100).
+ZOO_NAME = re.compile(r"mobilenet_v2_(?:(?P<depth>\d\.\d+)|(?P<depth100>\d{3}))_(?P<size>\d+)")
 # Where the image size came from, recorded in conversion.json.
 SIZE_FROM_FLAG, SIZE_FROM_NAME, SIZE_FROM_SOURCE, SIZE_CROP, SIZE_ASSUMED = (
     "--size",
@@ -55,11 +56,12 @@ class Variant:
         return ARCHITECTURES[self.kind]
 
     def config(
-        self, drop_background: bool = False, avg_pool: str = "global", labels: tuple[str, ...] | None = None
+        self, background: str | None = None, avg_pool: str = "global", labels: tuple[str, ...] | None = None
     ) -> MobileNetV2Config:
-        """The transformers-compatible config of this variant (class names from `labels` if given)."""
+        """The transformers-compatible config of this variant (class names from `labels` if given), with
+        the background class dropped or added (`background`, see `table.edit_background`)."""
         names = list(labels) if labels is not None else class_names(self.kind, self.num_labels)
-        names = names[1 if drop_background else 0 :]
+        names = names[1:] if background == "drop" else ["background", *names] if background == "add" else names
         # DeepLab's depth-0.5 model rounds channels to multiples of 1, not 8.
         divisible_by = 1 if self.kind == DEEPLAB and self.depth < 1 else 8
         return MobileNetV2Config(
@@ -75,11 +77,14 @@ class Variant:
 
 
 def class_names(kind: str, count: int) -> list[str]:
-    """ImageNet (0 = background) or PASCAL VOC names when the count fits, generic names otherwise."""
+    """ImageNet (1001 with background at 0, or the 1000 without) or PASCAL VOC names when the count
+    fits, generic names otherwise."""
     if kind == BACKBONE:
         return []
     filename = "pascal_voc_labels.txt" if kind == DEEPLAB else "imagenet_labels.txt"
     names = resources.files("converter").joinpath("data", filename).read_text().splitlines()
+    if kind == CLASSIFICATION and count == len(names) - 1:
+        return names[1:]
     return names if len(names) == count else [f"LABEL_{i}" for i in range(count)]
 
 
@@ -96,9 +101,9 @@ def detect_kind(names: set[str]) -> str:
     return kinds[0]
 
 
-def expected_shapes(variant: Variant, drop_background: bool = False) -> dict[str, tuple[int, ...]]:
+def expected_shapes(variant: Variant, background: str | None = None) -> dict[str, tuple[int, ...]]:
     """Shapes of every tensor of the PyTorch model for this variant (torch-free arithmetic)."""
-    return state_shapes(variant.config(drop_background), variant.architecture)
+    return state_shapes(variant.config(background), variant.architecture)
 
 
 def detect_variant(
@@ -130,12 +135,16 @@ def detect_variant(
     from_name = ZOO_NAME.search(source_name) if kind != DEEPLAB else None
     if depth is not None and depth != found:
         raise VariantError(f"--depth {depth} does not match the source, which is depth {found}")
-    if from_name and float(from_name["depth"]) != found:
-        raise VariantError(f"file name says depth {from_name['depth']} but the tensors are depth {found}")
+    if from_name and _name_depth(from_name) != found:
+        raise VariantError(f"file name says depth {_name_depth(from_name)} but the tensors are depth {found}")
     final_size, size_from = _image_size(kind, size, int(from_name["size"]) if from_name else None, source_size)
     if final_size < MIN_SIZE:
         raise VariantError(f"--size {final_size} is too small: MobileNetV2 needs at least {MIN_SIZE} pixels")
     return Variant(kind, found, final_size, num_labels, stride, size_from)
+
+
+def _name_depth(match: re.Match) -> float:
+    return float(match["depth"]) if match["depth"] else int(match["depth100"]) / 100
 
 
 def _image_size(kind: str, flag: int | None, from_name: int | None, from_source: int | None) -> tuple[int, str]:

@@ -42,7 +42,7 @@ AS_FROZEN = "as frozen"
 FIRST_CONV = "MobilenetV2/Conv/Conv2D"
 LAST_BACKBONE_TENSOR = "MobilenetV2/expanded_conv_16/output:0"
 MAX_GRAPH_BYTES = 512 << 20  # the largest zoo graph is ~30 MB
-INSTALL_HINT = "pip install 'mobilenet-convert[verify]'"
+INSTALL_HINT = "pip install -e '.[verify]' (in a clone of the project)"
 
 
 def import_tensorflow():

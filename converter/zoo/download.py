@@ -25,9 +25,9 @@ from urllib.parse import unquote, urlsplit
 from urllib.request import Request, urlopen
 
 from converter import __version__
-from converter.errors import DownloadError
+from converter.errors import DownloadError, UsageError
 from converter.formats.files import file_sha256
-from converter.zoo.table import ZooEntry
+from converter.zoo.table import ZooEntry, ZooSource
 
 CACHE_ENV = "MOBILENET_CONVERT_CACHE"
 MIRROR_ENV = "MOBILENET_CONVERT_MIRROR"
@@ -78,9 +78,9 @@ def default_cache_dir() -> Path:
     return base / "mobilenet-convert"
 
 
-def cached_path(entry: ZooEntry, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where `entry`'s tarball lives (or will live) in the cache."""
-    return (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / entry.filename
+def cached_path(source: ZooSource, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where a source's download lives (or will live) in the cache."""
+    return (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / source.filename
 
 
 def recorded_sha256(path: Path) -> str | None:
@@ -92,22 +92,71 @@ def recorded_sha256(path: Path) -> str | None:
     return text[0] if text and re.fullmatch(r"[0-9a-f]{64}", text[0]) else None
 
 
+@dataclass(frozen=True)
+class Download:
+    """A zoo model in the cache, and the source it came from."""
+
+    path: Path
+    source: ZooSource
+    sha256: str | None
+
+
 def fetch(
     entry: ZooEntry,
     cache_dir: str | os.PathLike | None = None,
     mirror: str | None = None,
     progress: bool = True,
     *,
+    source: str | None = None,
+    retry: RetryPolicy | None = None,
+) -> Download:
+    """`entry`'s download in the cache, fetched first if it is not there: from each of its sources in
+    turn (or only from `source`), moving on with a one-line note on stderr when one fails.
+
+    Raises:
+        UsageError: `source` is not one of the entry's.
+        DownloadError: every source failed; the message lists what was tried and how each failed.
+    """
+    sources = entry.sources()
+    if source is not None:
+        names = [candidate.name for candidate in sources]
+        if source not in names:
+            raise UsageError(f"{entry.name} has no source {source!r}; its sources: {', '.join(names)}")
+        sources = [candidate for candidate in sources if candidate.name == source]
+    failures = []
+    for candidate in sources:
+        try:
+            path = fetch_source(candidate, cache_dir, mirror, progress, retry=retry)
+        except DownloadError as error:
+            failures.append(f"{candidate.name}: {error}")
+            if candidate is not sources[-1]:
+                print(f"note: {candidate.name} source failed, trying the next: {error}", file=sys.stderr)
+            continue
+        return Download(path, candidate, recorded_sha256(path))
+    if len(failures) == 1:
+        raise DownloadError(failures[0].split(": ", 1)[1])
+    raise DownloadError(
+        f"every source of {entry.name} failed ({'; '.join(failures)}); pass --checkpoint with a local copy, or "
+        "--mirror BASE (a server or folder holding one of those files)"
+    )
+
+
+def fetch_source(
+    source: ZooSource,
+    cache_dir: str | os.PathLike | None = None,
+    mirror: str | None = None,
+    progress: bool = True,
+    *,
     retry: RetryPolicy | None = None,
 ) -> Path:
-    """Return the path of `entry`'s tarball in the cache, downloading it first if it is not there.
+    """Return the path of one source's download in the cache, downloading it first if it is not there.
 
     Raises:
         DownloadError: offline, not found, server errors or retries exhausted, a size or checksum that
             does not match; the message names the URL and suggests `--mirror` or `--checkpoint`.
     """
-    target = cached_path(entry, cache_dir)
-    if target.is_file() and _reusable(target, entry):
+    target = cached_path(source, cache_dir)
+    if target.is_file() and _reusable(target, source):
         return target
     mirror = mirror if mirror is not None else (os.environ.get(MIRROR_ENV) or None)
     try:
@@ -117,51 +166,51 @@ def fetch(
             f"cannot create the cache folder {target.parent} ({error.strerror}); choose another with --cache-dir"
         ) from None
     part = Path(f"{target}{PART_SUFFIX}")
-    source = source_location(entry, mirror)
-    if isinstance(source, Path):
-        _copy_local(source, part, mirror)
-        where = str(source)
+    location = source_location(source, mirror)
+    if isinstance(location, Path):
+        _copy_local(location, part, mirror)
+        where = str(location)
     else:
-        _download(source, part, entry, retry or RetryPolicy.from_env(), progress)
-        where = source
+        _download(location, part, source, retry or RetryPolicy.from_env(), progress)
+        where = location
     digest = file_sha256(part)
-    if entry.sha256 and digest != entry.sha256:
+    if source.sha256 and digest != source.sha256:
         part.unlink(missing_ok=True)
         raise DownloadError(
-            f"{where} has sha256 {digest}, but the zoo table says {entry.sha256}: the file is not the "
+            f"{where} has sha256 {digest}, but the zoo table says {source.sha256}: the file is not the "
             "published one; pass --checkpoint with a trusted copy"
         )
-    if entry.bytes is not None and part.stat().st_size != entry.bytes:
+    if source.bytes is not None and part.stat().st_size != source.bytes:
         size = part.stat().st_size
         part.unlink(missing_ok=True)
-        raise DownloadError(f"{where} is {size} bytes, but the zoo table says {entry.bytes}; try again or --mirror")
+        raise DownloadError(f"{where} is {size} bytes, but the zoo table says {source.bytes}; try again or --mirror")
     os.replace(part, target)
     _write_sidecar(target, digest)
     return target
 
 
-def source_location(entry: ZooEntry, mirror: str | None) -> str | Path:
+def source_location(source: ZooSource, mirror: str | None) -> str | Path:
     """The URL to download, or the local file to copy when the mirror is a folder / file:// URL."""
     if not mirror:
-        return entry.url
+        return source.url
     if mirror.startswith(("http://", "https://")):
-        return f"{mirror.rstrip('/')}/{entry.filename}"
+        return f"{mirror.rstrip('/')}/{source.filename}"
     folder = Path(unquote(urlsplit(mirror).path)) if mirror.startswith("file://") else Path(mirror).expanduser()
     if not folder.is_dir():
         raise DownloadError(f"the mirror {mirror} is neither an http(s) URL nor an existing folder")
-    return folder / entry.filename
+    return folder / source.filename
 
 
-def _reusable(target: Path, entry: ZooEntry) -> bool:
+def _reusable(target: Path, source: ZooSource) -> bool:
     """A file in the cache was published complete; re-check it only against what the table knows."""
-    if entry.bytes is not None and target.stat().st_size != entry.bytes:
+    if source.bytes is not None and target.stat().st_size != source.bytes:
         target.unlink(missing_ok=True)
         return False
     digest = recorded_sha256(target)
     if digest is None:  # put there by hand: record what it is
         digest = file_sha256(target)
         _write_sidecar(target, digest)
-    if entry.sha256 and digest != entry.sha256:
+    if source.sha256 and digest != source.sha256:
         target.unlink(missing_ok=True)
         Path(f"{target}{SHA256_SUFFIX}").unlink(missing_ok=True)
         return False
@@ -180,23 +229,23 @@ def _copy_local(source: Path, part: Path, mirror: str) -> None:
         raise DownloadError(f"cannot copy {source} into the cache ({error.strerror})") from None
 
 
-def _download(url: str, part: Path, entry: ZooEntry, policy: RetryPolicy, progress: bool) -> None:
+def _download(url: str, part: Path, source: ZooSource, policy: RetryPolicy, progress: bool) -> None:
     last = "no attempt made"
     for attempt in range(policy.attempts):
         if attempt:
             time.sleep(policy.delay(attempt - 1))
         try:
-            _attempt(url, part, entry, policy, progress)
+            _attempt(url, part, source, policy, progress)
             return
         except _Transient as error:
             last = str(error)
     raise DownloadError(
         f"cannot download {url}: {last} (gave up after {policy.attempts} attempts); check the network, "
-        f"or pass --mirror BASE (a server or folder holding {entry.filename}) or --checkpoint with a local copy"
+        f"or pass --mirror BASE (a server or folder holding {source.filename}) or --checkpoint with a local copy"
     )
 
 
-def _attempt(url: str, part: Path, entry: ZooEntry, policy: RetryPolicy, progress: bool) -> None:
+def _attempt(url: str, part: Path, source: ZooSource, policy: RetryPolicy, progress: bool) -> None:
     offset = part.stat().st_size if part.is_file() else 0
     request = Request(url, headers={"User-Agent": f"mobilenet-convert/{__version__}"})
     if offset:
@@ -232,13 +281,13 @@ def _attempt(url: str, part: Path, entry: ZooEntry, policy: RetryPolicy, progres
             raise _Transient(f"unexpected HTTP {response.status}")
         else:
             offset = 0  # the server ignored the Range request: the body is the whole file
-        if entry.bytes is not None and total is not None and total != entry.bytes:
+        if source.bytes is not None and total is not None and total != source.bytes:
             raise DownloadError(
-                f"{url} is {total} bytes, but the zoo table says {entry.bytes}: not the published file; "
+                f"{url} is {total} bytes, but the zoo table says {source.bytes}: not the published file; "
                 "check --mirror or pass --checkpoint"
             )
-        expected = total if total is not None else entry.bytes
-        _receive(response, part, mode, offset, expected, entry.filename, progress)
+        expected = total if total is not None else source.bytes
+        _receive(response, part, mode, offset, expected, source.filename, progress)
 
     received = part.stat().st_size
     if expected is not None and received != expected:

@@ -5,14 +5,37 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from urllib.parse import urlsplit
 
 from converter.errors import UsageError
+from converter.vocabulary import CLASSIFICATION, DEEPLAB, folder_name
 
 MODELS = ("mobilenet_v2", "deeplabv3")
 DEEPLAB_CROP = 513  # the zoo's DeepLab models are not per size; their frozen graphs use a 513 crop
+
+
+OFFICIAL_SOURCE = "official"
+SOURCE_ENV_PREFIX = "MOBILENET_CONVERT_SOURCE_"
+
+
+@dataclass(frozen=True)
+class ZooSource:
+    """One place a zoo model can be downloaded from (what `converter.zoo.download` fetches)."""
+
+    name: str  # "official" (the tarball the authors published), "tfhub", "tflite-hosted", ...
+    url: str
+    filename: str  # its name in the cache and on a --mirror
+    holds: str  # what the download contains
+    bytes: int | None = None
+    sha256: str | None = None
+
+
+def source_base_env(source: str) -> str:
+    """The environment variable that overrides a source's base URL, e.g. MOBILENET_CONVERT_SOURCE_TFHUB."""
+    return SOURCE_ENV_PREFIX + source.upper().replace("-", "_")
 
 
 @dataclass(frozen=True)
@@ -36,6 +59,21 @@ class ZooEntry:
         """The tarball's file name (also its name in the cache and on a mirror)."""
         return urlsplit(self.url).path.rsplit("/", 1)[-1]
 
+    def sources(self) -> list[ZooSource]:
+        """Every place this model can be downloaded from, in the order they are tried."""
+        official_base, filename = self.url.rsplit("/", 1)
+        official_url = _based(OFFICIAL_SOURCE, official_base, filename)
+        found = [
+            ZooSource(OFFICIAL_SOURCE, official_url, filename, _OFFICIAL_HOLDS[self.model], self.bytes, self.sha256)
+        ]
+        fields = {"name": self.name, "size": self.size, "depth100": f"{round(self.depth * 100):03d}"}
+        for row in _data()["sources"][self.model]:
+            if "names" in row and self.name not in row["names"]:
+                continue
+            url = _based(row["name"], row["base"], row["path"].format(**fields))
+            found.append(ZooSource(row["name"], url, row["filename"].format(**fields), row["holds"]))
+        return found
+
     @property
     def is_deeplab(self) -> bool:
         return self.model == "deeplabv3"
@@ -43,15 +81,31 @@ class ZooEntry:
     def output_name(self, output_stride: int = 8, size: int | None = None) -> str:
         """Default output folder name: the converter's variant name (plus `_trainval` for those twins)."""
         if not self.is_deeplab:
-            return self.name
-        name = f"deeplabv3_mobilenet_v2_{self.depth}_{size or DEEPLAB_CROP}_os{output_stride}"
-        return f"{name}_trainval" if self.trainval else name
+            return folder_name(CLASSIFICATION, self.depth, self.size)
+        return folder_name(DEEPLAB, self.depth, size or DEEPLAB_CROP, output_stride, self.trainval)
+
+
+_OFFICIAL_HOLDS = {
+    "mobilenet_v2": "the slim checkpoint with its moving averages, its .meta graph and a frozen graph",
+    "deeplabv3": "the DeepLab checkpoint (no moving averages) and its frozen inference graph",
+}
+
+
+def _based(source: str, base: str, path: str) -> str:
+    """`base/path`, with the base replaced by the source's environment variable when it is set."""
+    base = os.environ.get(source_base_env(source)) or base
+    return f"{base.rstrip('/')}/{path}"
+
+
+@functools.cache
+def _data() -> dict:
+    return json.loads(resources.files("converter").joinpath("data", "zoo.json").read_text())
 
 
 @functools.cache
 def entries() -> tuple[ZooEntry, ...]:
     """Every zoo entry, classification first, in the order of the published tables."""
-    data = json.loads(resources.files("converter").joinpath("data", "zoo.json").read_text())
+    data = _data()
     found: list[ZooEntry] = []
     for model in MODELS:
         for row in data[model]:
@@ -69,7 +123,7 @@ def find(name: str) -> ZooEntry | None:
 
 def published_for(kind: str, depth: float, size: int) -> ZooEntry | None:
     """The zoo entry matching a converted variant (kind as in `Variant.kind`), for published figures."""
-    if kind == "classification":
+    if kind == CLASSIFICATION:
         return next((e for e in entries() if not e.is_deeplab and e.depth == depth and e.size == size), None)
     return next((e for e in entries() if e.is_deeplab and e.depth == depth and not e.trainval), None)
 

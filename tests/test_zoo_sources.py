@@ -1,0 +1,121 @@
+"""A zoo with several sources per model: the official tarball (HTTP 403 since 2025), then the TF Hub /
+Kaggle SavedModel of the same weights, then others; each source's base URL is overridden to a server on
+127.0.0.1 that the test starts, so nothing ever leaves this machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")  # the SavedModel source is written by TensorFlow
+
+import torch  # noqa: E402
+
+from converter.zoo import download  # noqa: E402
+from converter.zoo.table import lookup, source_base_env  # noqa: E402
+from fixtures.cache import ensure_fixture  # noqa: E402
+from fixtures.savedmodel_builder import kaggle_archive, run_saved_model, write_saved_model  # noqa: E402
+from mobilenet_torch import MobileNetV2ForImageClassification  # noqa: E402
+from tests.helpers import REPO, logit_tolerance, random_images  # noqa: E402
+from tests.zoo_server import running_zoo_server  # noqa: E402
+
+ENTRY = lookup("mobilenet_v2", 1.0, 224)
+OFFICIAL, TFHUB, TFLITE = (source.name for source in ENTRY.sources())
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tfhub") / "saved_model"
+    return write_saved_model(ENTRY.name, folder, "tf2")
+
+
+@pytest.fixture
+def server():
+    with running_zoo_server() as zoo:
+        yield zoo
+
+
+def sources_env(server, tmp_path) -> dict[str, str]:
+    """Every source served from the local server (base URL overrides), no mirror, a private cache."""
+    env = {key: value for key, value in __import__("os").environ.items() if not key.startswith("MOBILENET_CONVERT")}
+    env.update({source_base_env(source.name): f"{server.url}/{source.name}" for source in ENTRY.sources()})
+    env.update({download.CACHE_ENV: str(tmp_path / "cache"), download.ATTEMPTS_ENV: "2"})
+    env[download.RETRY_DELAY_ENV] = "0.01"
+    return env
+
+
+def served_path(source_name: str, env: dict[str, str]) -> str:
+    """The path a source's URL has on the local server (its URL minus the server's address)."""
+    import os
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        url = next(s.url for s in lookup("mobilenet_v2", 1.0, 224).sources() if s.name == source_name)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return url.split("/", 3)[3]
+
+
+def run_cli(*args, env):
+    command = [sys.executable, "-c", "from converter.app.cli import convert_main; convert_main()", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def test_a_403_on_the_official_tarball_falls_through_to_the_saved_model(server, saved_model, tmp_path):
+    env = sources_env(server, tmp_path)
+    server.status[served_path(OFFICIAL, env)] = 403
+    server.serve(served_path(TFHUB, env), kaggle_archive(saved_model, tmp_path / "hub.tar.gz"))
+    out = tmp_path / "out"
+    result = run_cli("--depth", "1.0", "--size", "224", "--output", out, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"note: {OFFICIAL} source failed" in result.stderr and "HTTP 403" in result.stderr
+    record = json.loads((out / "conversion.json").read_text())
+    assert record["download"]["source"] == TFHUB and record["source"]["format"] == "saved-model"
+    assert record["download"]["sha256"] == record["source"]["files"][0]["sha256"]
+    images = random_images((224, 224), seed=3)
+    expected = run_saved_model(saved_model, images)
+    model = MobileNetV2ForImageClassification.from_pretrained(out)
+    with torch.inference_mode():
+        ours = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).logits.numpy()
+    assert np.abs(ours - expected).max() <= logit_tolerance(expected)
+
+
+def test_source_picks_one_source(server, tmp_path):
+    env = sources_env(server, tmp_path)
+    server.serve(served_path(TFLITE, env), ensure_fixture(ENTRY.name).tarball)
+    result = run_cli("--depth", "1.0", "--size", "224", "--source", TFLITE, "--output", tmp_path / "out", env=env)
+    assert result.returncode == 0, result.stderr
+    assert [name for name, _ in server.requests] == [served_path(TFLITE, env)]
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert record["download"]["source"] == TFLITE and record["weights"] == "ema"
+
+
+def test_when_every_source_fails_one_error_lists_them_all(server, tmp_path):
+    env = sources_env(server, tmp_path)
+    server.status[served_path(OFFICIAL, env)] = 403
+    result = run_cli("--depth", "1.0", "--size", "224", "--output", tmp_path / "out", env=env)
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: every source of {ENTRY.name} failed")
+    assert all(f"{name}: cannot download" in error for name in (OFFICIAL, TFHUB, TFLITE))
+    assert "HTTP 403" in error and "HTTP 404" in error and "--checkpoint" in error and "--mirror" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_source_is_a_usage_error(tmp_path):
+    result = run_cli("--depth", "1.0", "--size", "224", "--source", "nowhere", env=sources_env_offline(tmp_path))
+    assert result.returncode == 2 and "official, tfhub, tflite-hosted" in result.stderr
+
+
+def sources_env_offline(tmp_path) -> dict[str, str]:
+    import os
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MOBILENET_CONVERT")}
+    env[download.CACHE_ENV] = str(tmp_path / "cache")
+    return env
