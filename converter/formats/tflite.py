@@ -79,8 +79,8 @@ class TFLiteReader(Reader):
     format = "tflite"
     description = "TensorFlow Lite flatbuffer (.tflite): float32, uint8 per-tensor or int8 per-channel quantized"
 
-    def __init__(self, path: Path, archive: Path | None = None) -> None:
-        super().__init__(path, archive)
+    def __init__(self, path: Path, archive: Path | None = None, *, backbone_only: bool = False) -> None:
+        super().__init__(path, archive, backbone_only=backbone_only)
         self._bytes = path.read_bytes()
         self.model: Model = parse_model(self._bytes)
         self.steps, self.kind = _Walk(self.model).run()
@@ -142,8 +142,9 @@ class TFLiteReader(Reader):
         )
 
     def extra_files(self) -> dict[str, bytes]:
-        """`quantization.json` and `quantized.safetensors` for a quantized model, nothing for a float one."""
-        if not self.quantized:
+        """`quantization.json` and `quantized.safetensors` for a quantized model, nothing for a float one
+        (nor for a backbone alone: the integer model is the whole graph)."""
+        if not self.quantized or self.backbone_only:
             return {}
         from safetensors.numpy import save
 
