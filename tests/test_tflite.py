@@ -233,6 +233,11 @@ def test_integer_imagenet_reproduces_the_interpreter(converted):
         theirs_probabilities = interp.get_output_details()[0]["quantization"][0] * theirs
         np.testing.assert_allclose(output.probabilities[0].numpy(), theirs_probabilities, atol=1 / 256 + 1e-6)
         assert output.logits[0].argmax() == int(np.argmax(theirs)) or theirs[output.logits[0].argmax()] == theirs.max()
+        # The default interpreter (XNNPACK) is not bit-exact with the reference kernels (intermediate tensors
+        # drift by a few steps); measured for the record, the reference kernels being the specification.
+        optimized = invoke(interpreter(MODELS / f"{IMAGENET}.tflite"), quantized)[0] / 256.0
+        within = float((np.abs(output.probabilities[0].numpy() - optimized) <= 1 / 256 + 1e-6).mean())
+        print(f"  against the default interpreter (XNNPACK): softmax within one step {within:.2%}")
 
 
 def test_integer_inat_bird_reproduces_the_interpreter(converted):
@@ -256,7 +261,9 @@ def test_integer_deeplab_reproduces_the_label_map(converted, name):
     report(name, errors)
     labels = model(pixel_values(quantized)).labels[0].numpy()
     equal = float((labels == invoke(interp, quantized)[0]).mean())
-    print(f"  label map: {equal:.4%} of pixels equal")
+    # Measured for the record: the default interpreter (XNNPACK) is not bit-exact with the reference kernels.
+    optimized = float((labels == invoke(interpreter(MODELS / f"{name}.tflite"), quantized)[0]).mean())
+    print(f"  label map: {equal:.4%} of pixels equal ({optimized:.4%} with the default interpreter, XNNPACK)")
     assert equal >= LABELS_EQUAL
     assert errors["segmentation_head.classifier"][1] >= WITHIN_ONE_STEP
     assert max(worst for step, (worst, _) in errors.items() if step != "labels") <= 1
