@@ -72,7 +72,7 @@ def dequantize(interp, index: int) -> np.ndarray:
     return (scales[0] * (values.astype(np.float64) - zero_points[0])).astype(np.float32)
 
 
-def _scope_of(weight_name: str, scopes: list[str]) -> str:
+def scope_of(weight_name: str, scopes: list[str]) -> str:
     """The single known scope that one of the ';'-joined parts of a weight tensor's name lies in."""
     parts = weight_name.split(";")
     found = [scope for scope in scopes if any(part.startswith(scope + "/") for part in parts)]
@@ -102,7 +102,7 @@ def conv_ops(interp, scopes: list[str]) -> list[TfliteConv]:
             TfliteConv(
                 index=op["index"],
                 op=op["op_name"],
-                scope=_scope_of(name, scopes),
+                scope=scope_of(name, scopes),
                 weight=_torch_layout(op["op_name"], dequantize(interp, weight_index)),
                 bias=dequantize(interp, bias_index),
                 output_shape=output_shape,

@@ -28,7 +28,7 @@ from converter.formats.tflite_schema import parse_model
 from mobilenet_torch import MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation
 from mobilenet_torch.quantized import QuantizedMobileNetV2
 from mobilenet_torch.quantized_files import QUANTIZATION_FILE
-from tests.realdata_tflite import IMAGES, MODELS, REALDATA, interpreter, pixel_values, quantized_image
+from tests.realdata_tflite import IMAGES, MODELS, REALDATA, interpreter, pixel_values, quantized_image, scope_of
 
 if not REALDATA.is_dir():
     pytest.skip(f"{REALDATA} is absent: no real TFLite models to check against", allow_module_level=True)
@@ -139,6 +139,18 @@ def test_ops_are_named_by_topology_not_by_tensor_names(tmp_path):
     assert original.names() == anonymous.names()
     for name in original.names():
         np.testing.assert_array_equal(original.read(name), anonymous.read(name))
+
+
+@pytest.mark.parametrize("name", [IMAGENET, INAT, DEEPLAB, DEEPLAB_DM05])
+def test_topology_agrees_with_the_scope_names_these_files_keep(name):
+    """Google's exports keep slim scope names in their weight tensors' names: the data-flow walk, which
+    never reads them, must give every conv the scope its name says (the iNat head is called "Logits")."""
+    reader = TFLiteReader(MODELS / f"{name}.tflite")
+    convs = [step for step in reader.steps if step.scope is not None]
+    scopes = [step.scope for step in convs] + ["Logits"]
+    for step in convs:
+        named = scope_of(reader.model.tensors[step.op.inputs[1]].name, scopes)
+        assert named == step.scope or (named, name) == ("Logits", INAT)
 
 
 # --- the dequantized float model -----------------------------------------------------------------
