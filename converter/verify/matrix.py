@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in pool.map(_run_one, tasks):
             rows.append(row)
             detail = f"max abs diff {_fmt(row.max_abs_diff)}" if row.status != "error" else row.error
+            if row.status == "fail":
+                detail += f"; first divergence {row.first_divergence or 'none'}"
             print(f"{row.status.upper():5} {row.name:40} {row.family:13} {detail} ({row.seconds:.1f} s)", flush=True)
     total = time.perf_counter() - started
     write_summary(rows, args.out, total, built, jobs)
@@ -171,7 +173,7 @@ def write_summary(rows: list[MatrixRow], out: Path, total: float, fixtures_secon
 
 
 def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2e}"
+    return "-" if value is None else f"{value:.2e}"
 
 
 if __name__ == "__main__":
