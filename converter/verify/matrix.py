@@ -131,11 +131,16 @@ def _run_one(task: tuple[str, str, str, str, str]) -> MatrixRow:
         passed=result.passed,
         status="pass" if result.passed else "fail",
         max_abs_diff=result.to_json()["max_abs_diff"],
-        first_divergence=f"{divergence['endpoint']} ({divergence['module']})" if divergence else None,
+        first_divergence=_divergence(divergence) if divergence else result.logits_problem,
         reference=result.reference["kind"],
         seconds=time.perf_counter() - started,
         worst_ratio=(result.to_json()["worst"] or {}).get("ratio"),
     )
+
+
+def _divergence(divergence: dict[str, Any]) -> str:
+    where = f"{divergence['endpoint']} ({divergence['module']})"
+    return f"{where}: {divergence['error']}" if divergence.get("error") else where
 
 
 def write_summary(rows: list[MatrixRow], out: Path, total: float, fixtures_seconds: float, jobs: int) -> None:
