@@ -11,6 +11,8 @@ import sys
 
 import click
 
+from converter.verify import REFERENCE_KINDS
+
 WEIGHT_CONVENTIONS = ("ema", "raw", "ema-all")
 ZOO_MODELS = ("mobilenet_v2", "deeplabv3")
 
@@ -363,7 +365,7 @@ def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
 @click.option(
     "--reference",
     "reference_kind",
-    type=click.Choice(["auto", "meta_graph", "frozen_graph", "builder"]),
+    type=click.Choice(REFERENCE_KINDS),
     default="auto",
     show_default=True,
     help="The graph to compare against: auto takes the checkpoint's .meta, else its frozen graph, else the "

@@ -37,10 +37,10 @@ from converter.pipeline.conventions import (
     NON_TRAINABLE_SUFFIXES,
     OPTIMIZER_SLOT_SUFFIXES,
 )
+from converter.verify import REFERENCE_KINDS
 from converter.verify.safety import check_graph_def, needed_subgraph
 
-META_GRAPH, FROZEN_GRAPH, BUILDER, AUTO = "meta_graph", "frozen_graph", "builder", "auto"
-REFERENCE_KINDS = (AUTO, META_GRAPH, FROZEN_GRAPH, BUILDER)
+AUTO, META_GRAPH, FROZEN_GRAPH, BUILDER = REFERENCE_KINDS
 AS_FROZEN = "as frozen"
 FIRST_CONV = "MobilenetV2/Conv/Conv2D"
 LAST_BACKBONE_TENSOR = "MobilenetV2/expanded_conv_16/output:0"
