@@ -402,11 +402,12 @@ def verify_model(
             )  # fmt: skip
             with reference:
                 model = _at_reference_stride(model, reference.info.output_stride, notes)
+                models = (model, copy.deepcopy(model).double())  # float32 and float64, same weights
                 cases = _fit_to_reference(cases, reference, notes)
                 rows = []
                 for case in cases:
                     wanted = _comparable(endpoints, case, config)
-                    rows += _compare_case(model, reference, case, wanted, drop_background, atol, rtol)
+                    rows += _compare_case(models, reference, case, wanted, drop_background, atol, rtol)
                     rows += _not_compared(endpoints, wanted, case, reference.missing)
     except VerificationError:
         raise
@@ -435,10 +436,12 @@ def verify_model(
     )
 
 
-def _compare_case(model, reference, case: InputCase, endpoints, drop_background: bool, atol, rtol) -> list[Row]:
-    """Compare the endpoints the reference holds; our float64 run gives each its noise floor."""
+def _compare_case(models, reference, case: InputCase, endpoints, drop_background: bool, atol, rtol) -> list[Row]:
+    """Compare the endpoints the reference holds; our float64 run (`models` is the float32 model and its
+    float64 copy) gives each its noise floor."""
     import torch
 
+    model, model64 = models
     present = [row for row in endpoints if row[1] not in reference.missing]
     names = [endpoint for endpoint, _, _ in present]
     if not names:
@@ -446,7 +449,7 @@ def _compare_case(model, reference, case: InputCase, endpoints, drop_background:
     with torch.inference_mode():
         ours = model.extract_features(torch.from_numpy(case.pixels), names)
         with _fast_float64_depthwise():
-            ours64 = _float64(model).extract_features(torch.from_numpy(case.pixels).double(), names)
+            ours64 = model64.extract_features(torch.from_numpy(case.pixels).double(), names)
     theirs = reference.run(np.ascontiguousarray(case.pixels.transpose(0, 2, 3, 1)), [t for _, t, _ in present])
     rows = []
     for endpoint, tensor, module in present:
@@ -456,15 +459,6 @@ def _compare_case(model, reference, case: InputCase, endpoints, drop_background:
         result = compare_arrays(mine, mine64, ref, atol, rtol)
         rows.append(Row(case.name, endpoint, module, tensor, list(ref.shape), **result))
     return rows
-
-
-def _float64(model):
-    """A float64 copy of the model (cached on it): same float32 weights, exact to ~1e-16 arithmetic."""
-    copy64 = getattr(model, "_parity_float64", None)
-    if copy64 is None:
-        copy64 = copy.deepcopy(model).double()
-        object.__setattr__(model, "_parity_float64", copy64)
-    return copy64
 
 
 @contextmanager
