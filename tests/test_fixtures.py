@@ -302,7 +302,7 @@ def test_folded_frozen_graph_computes_the_checkpoint():
     """The classifier's _frozen.pb: BatchNorms folded, Identities gone, constants renamed, same logits."""
     variant = get_variant("mobilenet_v2_0.35_96")
     fixture = ensure_fixture(variant)
-    frozen = fixture.files / f"{variant.name}_frozen.pb"
+    frozen = fixture.frozen_graph
     graph_def = tf.compat.v1.GraphDef()
     graph_def.ParseFromString(frozen.read_bytes())
     names = {node.name for node in graph_def.node}

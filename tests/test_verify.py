@@ -199,7 +199,7 @@ def test_frozen_graph_whose_logits_read_a_file_is_refused(small, small_model, tm
 
     files = tmp_path / "ckpt"
     shutil.copytree(small.files, files)
-    frozen = files / f"{SMALL}_frozen.pb"
+    frozen = files / small.frozen_graph.name
     graph_def = tf.compat.v1.GraphDef()
     graph_def.ParseFromString(frozen.read_bytes())
     leak = tf.Graph()

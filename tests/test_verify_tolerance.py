@@ -153,7 +153,7 @@ def test_a_graph_without_logits_cannot_pass(small, converted, tmp_path):
 
     files = tmp_path / "ckpt"
     shutil.copytree(small.files, files)
-    frozen = files / f"{SMALL}_frozen.pb"
+    frozen = files / small.frozen_graph.name
     graph_def = tf.compat.v1.GraphDef()
     graph_def.ParseFromString(frozen.read_bytes())
     for node in graph_def.node:
