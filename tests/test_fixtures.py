@@ -131,7 +131,8 @@ def test_archive_layout(name):
     with tarfile.open(fixture.tarball) as tar:
         members = sorted(m.name for m in tar.getmembers() if m.isfile())
     if name.startswith("mobilenet"):
-        assert members == [f"{name}.ckpt.{s}" for s in ("data-00000-of-00001", "index", "meta")] + [f"{name}_info.txt"]
+        ckpt = [f"{name}.ckpt.{s}" for s in ("data-00000-of-00001", "index", "meta")]
+        assert members == ckpt + [f"{name}_frozen.pb", f"{name}_info.txt"]
     else:
         assert members == [
             f"{name}/frozen_inference_graph.pb",
@@ -259,20 +260,57 @@ def test_fixed_pool():
 
 
 def test_deeplab_frozen_graph_matches_checkpoint():
+    """The export graph pads the uint8 image to the 513 crop with the mean pixel, computes there, and
+    resizes the cropped label map back to the input size with nearest neighbours."""
     variant = get_variant("deeplabv3_mnv2_dm05_pascal_trainaug")
     fixture = ensure_fixture(variant)
     image = np.random.default_rng(3).integers(0, 256, (1, 67, 91, 3), dtype=np.uint8)
     frozen = tb.run_frozen_graph(
         fixture.frozen_graph, {"ImageTensor:0": image}, ["SemanticPredictions:0", "ResizeBilinear_2:0"]
     )
-    x = image.astype(np.float32) * (2.0 / 255.0) - 1.0
+    padded = np.full((1, 513, 513, 3), tb.DEEPLAB_MEAN_PIXEL, np.float32)
+    padded[:, :67, :91] = image
+    x = padded * np.float32(2.0 / 255.0) - 1.0
     fetches = ["SemanticPredictions", "upsampled_logits", "logits", "image_pooling", "layer_18"]
     out = tb.run_graph(variant, x, fetches, checkpoint=fixture.checkpoint_prefix)
-    assert out["layer_18"].shape == (1, 9, 12, 160)  # output stride 8
+    assert out["layer_18"].shape == (1, 65, 65, 160)  # output stride 8 on the crop
     assert out["image_pooling"].shape == (1, 1, 1, 256)
-    assert out["logits"].shape == (1, 9, 12, 21)
     assert frozen["SemanticPredictions:0"].dtype == np.int32
     assert frozen["SemanticPredictions:0"].shape == (1, 67, 91)
     np.testing.assert_allclose(frozen["ResizeBilinear_2:0"], out["upsampled_logits"], rtol=1e-4, atol=1e-4)
-    assert (frozen["SemanticPredictions:0"] == out["SemanticPredictions"]).mean() > 0.99
+    assert (frozen["SemanticPredictions:0"] == out["SemanticPredictions"][:, :67, :91]).mean() > 0.99
     assert len(np.unique(out["SemanticPredictions"])) > 1
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(fixture.frozen_graph.read_bytes())
+    ops = {node.op for node in graph_def.node}
+    assert {"ResizeNearestNeighbor", "Pad", "Assert", "AvgPool", "SpaceToBatchND"} <= ops and "Mean" not in ops
+
+
+def test_meta_graph_is_built_under_training_scope():
+    """Like slim's training_scope: an L2 loss on every dense kernel (not the depthwise ones)."""
+    fixture = ensure_fixture("mobilenet_v2_0.35_96")
+    meta = tf.compat.v1.MetaGraphDef()
+    meta.ParseFromString(fixture.meta.read_bytes())
+    losses = meta.collection_def["regularization_losses"].node_list.value
+    ops = [node.op for node in meta.graph_def.node]
+    assert len(losses) == ops.count("L2Loss") == 36
+    assert all(name.endswith("weights/Regularizer/l2_regularizer:0") for name in losses)
+    assert ops.count("TruncatedNormal") == 53
+
+
+def test_folded_frozen_graph_computes_the_checkpoint():
+    """The classifier's _frozen.pb: BatchNorms folded, Identities gone, constants renamed, same logits."""
+    variant = get_variant("mobilenet_v2_0.35_96")
+    fixture = ensure_fixture(variant)
+    frozen = fixture.frozen_graph
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(frozen.read_bytes())
+    names = {node.name for node in graph_def.node}
+    assert not {node.op for node in graph_def.node} & {"FusedBatchNormV3", "VariableV2"}
+    assert "MobilenetV2/expanded_conv_3/output" not in names and "MobilenetV2/Conv/weights" not in names
+    assert {"MobilenetV2/Conv/Relu6", "MobilenetV2/Logits/output"} <= names
+    assert all(node.name.partition("_")[0] == "Const" for node in graph_def.node if node.op == "Const")
+    x = _rand((2, 97, 97, 3), seed=4)
+    logits = tb.run_frozen_graph(frozen, {"input:0": x}, ["MobilenetV2/Logits/output:0"])
+    expected = tb.run_graph(variant, x, ["Logits"], checkpoint=fixture.checkpoint_prefix, convention="ema")
+    np.testing.assert_allclose(logits["MobilenetV2/Logits/output:0"], expected["Logits"], rtol=1e-4, atol=1e-4)

@@ -64,6 +64,13 @@ def test_faithful_conversion_passes(small, small_model, tmp_path):
     assert data["passed"] is True and data["first_divergence"] is None
     assert data["reference"]["kind"] == "meta_graph" and data["weights"] == "ema"
     assert 0 < data["max_abs_diff"] < 1e-4
+    # The .meta is a training_scope graph: its losses, initializers and Saver were never imported.
+    left_out, imported = data["reference"]["left_out_ops"], data["reference"]["imported_ops"]
+    assert left_out["L2Loss"] == 36 and left_out["Assign"] > 262 and left_out["SaveV2"] == 1
+    assert "L2Loss" not in imported and "Assign" not in imported and imported["VariableV2"] == 262
+    assert "36 L2Loss" in (reports / "parity.md").read_text()
+    assert all(e["compared"] and 0 < e["tolerance"] < 1e-3 for e in data["endpoints"])
+    assert data["atol"] is None and "calibrated" in data["tolerance"]
     assert [e["endpoint"] for e in data["endpoints"]] == [e for e, _, _ in endpoints_for("classification")]
     names = {case["name"] for case in data["inputs"]}
     assert names == {"random-96x96", "random-97x97", "random-160x192", "image-photo.png"}
@@ -78,7 +85,6 @@ def test_faithful_conversion_passes(small, small_model, tmp_path):
 @pytest.mark.parametrize(
     "tensor, endpoint, module",
     [
-        ("mobilenet_v2.layer.6.expand_1x1.normalization.bias", "layer_9/expansion_output", "mobilenet_v2.layer.6"),
         ("mobilenet_v2.layer.6.reduce_1x1.normalization.bias", "layer_9", "mobilenet_v2.layer.6"),
     ],
 )
@@ -130,24 +136,16 @@ def _add_node(graph_def, op: str, name: str, inputs=(), **attrs) -> None:
         node.attr[key].CopyFrom(tf.compat.v1.AttrValue(**value))
 
 
-@pytest.mark.parametrize(
-    "op, node, build",
-    [
-        ("ReadFile", "sneaky/ReadFile", lambda g: _add_node(g, "ReadFile", "sneaky/ReadFile", ["save/Const"])),
-        (
-            "PyFunc",
-            "sneaky/PyFunc",
-            lambda g: _add_node(g, "PyFunc", "sneaky/PyFunc", [], token={"s": b"pyfunc_0"}, Tin={"list": {}}),
-        ),
-        ("RestoreV2", "MobilenetV2/RestoreV2", lambda g: _copy_node(g, "save/RestoreV2", "MobilenetV2/RestoreV2")),
-    ],
-)
-def test_forbidden_op_is_refused(small, small_model, tmp_path, op, node, build):
-    prefix = _rewrite_meta(small, tmp_path, build)
-    result = verify("--checkpoint", prefix, "--model", small_model, "--report-dir", tmp_path / "r")
-    assert result.exit_code == 2, result.output
-    assert op in result.output and node in result.output and "refusing" in result.output
-    assert not (tmp_path / "r").exists()
+LOGITS_NODE = "MobilenetV2/Logits/output"
+
+
+def _on_logits_path(graph_def, node: str) -> None:
+    """Make the logits wait for `node` (a control dependency): computing them would run it."""
+    next(n for n in graph_def.node if n.name == LOGITS_NODE).input.append(f"^{node}")
+
+
+def _read_file(graph_def, name: str = "sneaky/ReadFile") -> None:
+    _add_node(graph_def, "ReadFile", name, ["save/Const"])
 
 
 def _copy_node(graph_def, source: str, name: str) -> None:
@@ -155,6 +153,69 @@ def _copy_node(graph_def, source: str, name: str) -> None:
     copy = graph_def.node.add()
     copy.CopyFrom(original)
     copy.name = name
+
+
+@pytest.mark.parametrize(
+    "op, node, build",
+    [
+        ("ReadFile", "sneaky/ReadFile", lambda g: (_read_file(g), _on_logits_path(g, "sneaky/ReadFile"))),
+        (
+            "PyFunc",
+            "sneaky/PyFunc",
+            lambda g: (
+                _add_node(g, "PyFunc", "sneaky/PyFunc", [], token={"s": b"pyfunc_0"}, Tin={"list": {}}),
+                _on_logits_path(g, "sneaky/PyFunc"),
+            ),
+        ),
+        (
+            "RestoreV2",
+            "MobilenetV2/RestoreV2",
+            lambda g: (
+                _copy_node(g, "save/RestoreV2", "MobilenetV2/RestoreV2"),
+                _on_logits_path(g, "MobilenetV2/RestoreV2"),
+            ),
+        ),
+    ],
+)
+def test_forbidden_op_on_the_path_is_refused(small, small_model, tmp_path, op, node, build):
+    prefix = _rewrite_meta(small, tmp_path, build)
+    result = verify("--checkpoint", prefix, "--model", small_model, "--report-dir", tmp_path / "r")
+    assert result.exit_code == 2, result.output
+    assert op in result.output and node in result.output and "refusing" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_hostile_op_off_the_path_is_left_out(small, small_model, tmp_path):
+    """Safety by what runs: a ReadFile nothing depends on is never imported, and the report counts it."""
+    prefix = _rewrite_meta(small, tmp_path, _read_file)
+    result = verify("--checkpoint", prefix, "--model", small_model, "--report-dir", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    assert parity(tmp_path / "r")["reference"]["left_out_ops"]["ReadFile"] == 1
+
+
+def test_frozen_graph_whose_logits_read_a_file_is_refused(small, small_model, tmp_path):
+    """The folded frozen graph, with the logits made to depend (by data) on the contents of a file."""
+    import tensorflow as tf
+
+    files = tmp_path / "ckpt"
+    shutil.copytree(small.files, files)
+    frozen = files / small.frozen_graph.name
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(frozen.read_bytes())
+    leak = tf.Graph()
+    with leak.as_default(), tf.name_scope("sneaky"):
+        length = tf.strings.length(tf.io.read_file(tf.constant(str(frozen))))
+        tf.multiply(tf.cast(length, tf.float32), 0.0, name="leak")
+    graph_def.node.extend(leak.as_graph_def().node)
+    original = next(n for n in graph_def.node if n.name == LOGITS_NODE)
+    original.name = "MobilenetV2/Logits/clean"
+    _add_node(graph_def, "AddV2", LOGITS_NODE, ["MobilenetV2/Logits/clean", "sneaky/leak"], T={"type": 1})
+    frozen.write_bytes(graph_def.SerializeToString())
+    args = ("--checkpoint", files / f"{SMALL}.ckpt", "--model", small_model, "--reference", "frozen_graph")
+    result = verify(*args, "--report-dir", tmp_path / "r")
+    assert result.exit_code == 2, result.output
+    assert "ReadFile" in result.output and "reads or writes files" in result.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_forward_pass_must_not_reach_the_saver(small, small_model, tmp_path):
@@ -167,27 +228,35 @@ def test_forward_pass_must_not_reach_the_saver(small, small_model, tmp_path):
     prefix = _rewrite_meta(small, tmp_path, edit)
     result = verify("--checkpoint", prefix, "--model", small_model)
     assert result.exit_code == 2, result.output
-    assert "SaveV2" in result.output or "Identity" in result.output
-    assert "must not read files" in result.output
+    assert "SaveV2" in result.output and "must not read files" in result.output
 
 
-def test_deeplab_frozen_graph_passes_at_os8(tmp_path):
+def test_deeplab_export_graph_passes_at_513_os8(tmp_path):
+    """The export graph as export_model.py writes it: every input is padded to its 513 crop; 513x513 and
+    output stride 8, the setting where one fixed tolerance used to fail a faithful conversion."""
     from converter import convert_checkpoint
     from fixtures import ensure_fixture
 
     fixture = ensure_fixture(DEEPLAB)
     folder = tmp_path / "deeplab"
     convert_checkpoint(fixture.tarball, folder)  # output stride 8, as the zoo's frozen graph
-    result = verify("--checkpoint", fixture.tarball, "--model", folder, "--size", "65")
+    result = verify("--checkpoint", fixture.tarball, "--model", folder)
     assert result.exit_code == 0, result.output
     data = parity(folder / "parity")
     assert data["passed"] is True
-    assert data["reference"]["kind"] == "frozen_graph"
-    assert data["reference"]["convention"] == "as frozen"
-    assert data["reference"]["file"] == "frozen_inference_graph.pb"
+    reference = data["reference"]
+    assert reference["kind"] == "frozen_graph" and reference["convention"] == "as frozen"
+    assert reference["file"] == "frozen_inference_graph.pb"
+    assert reference["crop_size"] == 513 and reference["output_stride"] == 8
+    # The label post-processing (argmax, crop, nearest-neighbour resize back) is never imported.
+    assert reference["left_out_ops"]["ResizeNearestNeighbor"] == 1 and reference["left_out_ops"]["ArgMax"] == 1
+    assert reference["imported_ops"]["SpaceToBatchND"] == 10 and reference["imported_ops"]["Pad"] == 1
+    assert {case["name"] for case in data["inputs"]} == {"random-513x513", "random-129x129", "random-160x192"}
+    assert all(case["shape"][-2:] == [513, 513] for case in data["inputs"])
     names = [e["endpoint"] for e in data["endpoints"]]
     assert names[-4:] == ["image_pooling", "aspp0", "concat_projection", "logits"] and "layer_19" not in names
-    assert any("frozen" in note for note in data["notes"])
+    assert all(e["compared"] for e in data["endpoints"])
+    assert any("frozen" in note for note in data["notes"]) and any("padded" in note for note in data["notes"])
 
 
 def test_convert_with_verify(small, tmp_path):
@@ -249,15 +318,20 @@ def test_safety_rules_unit():
     import tensorflow as tf
 
     from converter.errors import VerificationError
-    from converter.verify.safety import check_graph_def
+    from converter.verify.safety import check_graph_def, needed_subgraph
 
     graph_def = tf.compat.v1.GraphDef()
     _add_node(graph_def, "Placeholder", "input")
-    _add_node(graph_def, "RestoreV2", "save_1/RestoreV2")
-    check_graph_def(graph_def, "ok.pb")  # a Saver's op in a save scope
+    _add_node(graph_def, "ResizeNearestNeighbor", "resize", ["input"])
+    check_graph_def(graph_def, "ok.pb")
     _add_node(graph_def, "MatchingFiles", "glob")
-    with pytest.raises(VerificationError, match="MatchingFiles.*'glob'"):
+    with pytest.raises(VerificationError, match="MatchingFiles.*'glob'.*reads or writes files"):
         check_graph_def(graph_def, "bad.pb")
+    _add_node(graph_def, "L2Loss", "loss", ["input"])
+    kept, left_out = needed_subgraph(graph_def, ["resize"], "losses.pb")  # what the loss needs is not imported
+    assert [node.name for node in kept.node] == ["input", "resize"] and left_out == {"L2Loss": 1, "MatchingFiles": 1}
+    with pytest.raises(VerificationError, match="L2Loss"):
+        needed_subgraph(graph_def, ["loss"], "losses.pb")
     with_function = tf.compat.v1.GraphDef()
     with_function.library.function.add().signature.name = "hidden"
     with pytest.raises(VerificationError, match="function"):

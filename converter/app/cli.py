@@ -13,6 +13,7 @@ import sys
 import click
 
 from converter import __version__
+from converter.verify import REFERENCE_KINDS
 
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, the status of a program the signal ends
 WEIGHT_CONVENTIONS = ("ema", "raw", "ema-all")
@@ -414,13 +415,27 @@ def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
     default=None,
     help="Size of the random batch (default: the model's image_size).",
 )
-@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Absolute tolerance.")
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Override: absolute tolerance of the fixed rule atol + rtol x max|reference| (default: the tolerance "
+    "calibrated per endpoint from the model's own float64 run; see the README).",
+)
 @click.option(
     "--rtol",
     type=click.FloatRange(min=0),
-    default=1e-4,
+    default=None,
+    help="Override: relative tolerance of the fixed rule (with only one of --atol / --rtol, the other is 1e-4).",
+)
+@click.option(
+    "--reference",
+    "reference_kind",
+    type=click.Choice(REFERENCE_KINDS),
+    default="auto",
     show_default=True,
-    help="Relative tolerance: an endpoint passes when max abs diff <= atol + rtol x max|reference|.",
+    help="The graph to compare against: auto takes the checkpoint's .meta, else its frozen graph, else the "
+    "project's builder.",
 )
 @click.option(
     "--report-dir",
@@ -430,14 +445,15 @@ def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
 )
 @click.argument("more_inputs", nargs=-1, type=click.Path(path_type=str), metavar="[IMAGE]...")
 @report_errors
-def verify_main(source, model_dir, inputs, size, atol, rtol, report_dir, more_inputs):
+def verify_main(source, model_dir, inputs, size, atol, rtol, reference_kind, report_dir, more_inputs):
     """Prove a converted folder matches the original TensorFlow graph, endpoint by endpoint.
 
     Exit codes: 0 parity holds, 1 it does not (the first diverging endpoint and module are named), 2 the
     check cannot be made (TensorFlow missing, graph refused as unsafe, no reference).
     """
     inputs = _all_inputs(inputs, more_inputs)
-    ok = _report_parity(source, model_dir, report_dir, inputs=inputs, size=size, atol=atol, rtol=rtol)
+    options = dict(inputs=inputs, size=size, atol=atol, rtol=rtol, reference_kind=reference_kind)
+    ok = _report_parity(source, model_dir, report_dir, **options)
     sys.exit(0 if ok else 1)
 
 

@@ -8,7 +8,10 @@ reference graph is opened, never when this package is imported.
 
 from __future__ import annotations
 
-__all__ = ["ParityResult", "check_parity", "verify_model", "write_reports"]
+__all__ = ["REFERENCE_KINDS", "ParityResult", "check_parity", "verify_model", "write_reports"]
+
+#: What a comparison can run against: the best there is ("auto"), or one kind of reference graph.
+REFERENCE_KINDS = ("auto", "meta_graph", "frozen_graph", "builder")
 
 
 def __getattr__(name: str):

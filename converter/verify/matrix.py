@@ -1,11 +1,14 @@
-"""CI parity matrix: convert every fixture zoo tarball and prove it matches its original graph.
+"""CI parity matrix: convert every fixture zoo tarball and prove it matches its original graphs.
 
     python -m converter.verify.matrix --out reports [--jobs N] [--only NAME ...] [--kind KIND]
 
 For the 22 slim classifiers and the DeepLab models of `fixtures` (built on demand into the fixtures cache,
-see `fixtures.cache`), each tarball is converted into a temporary folder and verified; the reports go to
-`<out>/<name>/parity.{json,md,xml,png}`, with `<out>/summary.md` (fit for a CI step summary) and
-`<out>/summary.json` over all of them. Exit status 1 when any model fails or cannot be checked.
+see `fixtures.cache`), each tarball is converted into a temporary folder and verified against every graph
+family it carries, in the original code's form: a classifier against its training-scope ``.meta`` and
+against its BatchNorm-folded ``_frozen.pb``, a DeepLab model against its export graph (padded to the 513
+crop). The reports go to `<out>/<name>/<family>/parity.{json,md,xml,png}`, with `<out>/summary.md` (fit
+for a CI step summary) and `<out>/summary.json` over all of them. Exit status 1 when any check fails or
+cannot be made.
 """
 
 from __future__ import annotations
@@ -25,10 +28,15 @@ from typing import Any
 _THREADS: int | None = None
 
 
+#: The graph families each kind of fixture is verified against.
+FAMILIES = {"classification": ("meta_graph", "frozen_graph"), "deeplab": ("frozen_graph",)}
+
+
 @dataclass
 class MatrixRow:
     name: str
     kind: str
+    family: str
     passed: bool
     status: str  # "pass", "fail" or "error"
     max_abs_diff: float | None
@@ -36,6 +44,7 @@ class MatrixRow:
     reference: str | None
     seconds: float
     error: str | None = None
+    worst_ratio: float | None = None  # max over endpoints and inputs of diff / tolerance
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,17 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     jobs = max(1, args.jobs or min(4, os.cpu_count() or 1))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     args.out.mkdir(parents=True, exist_ok=True)
-    tasks = [(f.variant.name, f.variant.kind, str(f.tarball), str(args.out / f.variant.name)) for f in fixtures]
+    tasks = [
+        (f.variant.name, f.variant.kind, family, str(f.tarball), str(args.out / f.variant.name / family))
+        for f in fixtures
+        for family in FAMILIES[f.variant.kind]
+    ]
     context = multiprocessing.get_context("spawn")  # TF and torch threads do not survive a fork well
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init, initargs=(threads,)) as pool:
         rows = []
         for row in pool.map(_run_one, tasks):
             rows.append(row)
             detail = f"max abs diff {_fmt(row.max_abs_diff)}" if row.status != "error" else row.error
-            print(f"{row.status.upper():5} {row.name:40} {detail} ({row.seconds:.1f} s)", flush=True)
+            if row.status == "fail":
+                detail += f"; first divergence {row.first_divergence or 'none'}"
+            print(f"{row.status.upper():5} {row.name:40} {row.family:13} {detail} ({row.seconds:.1f} s)", flush=True)
     total = time.perf_counter() - started
     write_summary(rows, args.out, total, built, jobs)
-    failed = [row.name for row in rows if not row.passed]
+    failed = [f"{row.name} ({row.family})" for row in rows if not row.passed]
     print(f"{len(rows) - len(failed)}/{len(rows)} passed; total {total:.1f} s ({built:.1f} s fixtures, {jobs} jobs)")
     print(f"reports: {args.out}/summary.md")
     return 1 if failed else 0
@@ -87,61 +102,73 @@ def _init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_one(task: tuple[str, str, str, str]) -> MatrixRow:
+def _run_one(task: tuple[str, str, str, str, str]) -> MatrixRow:
     from converter.errors import USER_ERRORS
     from converter.pipeline.convert import convert_checkpoint
     from converter.verify.report import check_parity
 
-    name, kind, tarball, report_dir = task
+    name, kind, family, tarball, report_dir = task
     started = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="mnv2-matrix-") as tmp:
             folder = Path(tmp) / name
             convert_checkpoint(tarball, folder)
-            check = check_parity(tarball, folder, report_dir=report_dir, threads=_THREADS, update_card=False)
+            check = check_parity(
+                tarball, folder, report_dir=report_dir, threads=_THREADS, reference_kind=family, update_card=False
+            )
     except USER_ERRORS as error:
-        return MatrixRow(name, kind, False, "error", None, None, None, time.perf_counter() - started, str(error))
+        seconds = time.perf_counter() - started
+        return MatrixRow(name, kind, family, False, "error", None, None, None, seconds, str(error))
     except Exception as error:  # a bug in one model must not hide the others
         message = f"internal error: {type(error).__name__}: {error}"
-        return MatrixRow(name, kind, False, "error", None, None, None, time.perf_counter() - started, message)
+        return MatrixRow(name, kind, family, False, "error", None, None, None, time.perf_counter() - started, message)
     result = check.result
     divergence = result.first_divergence
     return MatrixRow(
         name=name,
         kind=kind,
+        family=family,
         passed=result.passed,
         status="pass" if result.passed else "fail",
         max_abs_diff=result.to_json()["max_abs_diff"],
-        first_divergence=f"{divergence['endpoint']} ({divergence['module']})" if divergence else None,
+        first_divergence=_divergence(divergence) if divergence else result.logits_problem,
         reference=result.reference["kind"],
         seconds=time.perf_counter() - started,
+        worst_ratio=(result.to_json()["worst"] or {}).get("ratio"),
     )
+
+
+def _divergence(divergence: dict[str, Any]) -> str:
+    where = f"{divergence['endpoint']} ({divergence['module']})"
+    return f"{where}: {divergence['error']}" if divergence.get("error") else where
 
 
 def write_summary(rows: list[MatrixRow], out: Path, total: float, fixtures_seconds: float, jobs: int) -> None:
     passed = sum(row.passed for row in rows)
     verdict = "✅ all passed" if passed == len(rows) else f"❌ {len(rows) - passed} failed"
     lines = [
-        f"### MobileNetV2 parity matrix: {passed}/{len(rows)} models ({verdict})",
+        f"### MobileNetV2 parity matrix: {passed}/{len(rows)} checks ({verdict})",
         "",
-        f"Total {total:.1f} s ({fixtures_seconds:.1f} s building fixtures, {jobs} jobs). Each model: random "
-        "inputs (a batch of 2 at its size, one odd size, one non-square) through every slim endpoint.",
+        f"Total {total:.1f} s ({fixtures_seconds:.1f} s building fixtures, {jobs} jobs). Each check: random "
+        "inputs (a batch of 2 at its size, one odd size, one non-square) through every slim endpoint the "
+        "graph holds, each against its calibrated tolerance.",
         "",
-        "| model | passed | max abs diff | first divergence | reference | seconds | report |",
-        "| --- | --- | ---: | --- | --- | ---: | --- |",
+        "| model | graph | passed | max abs diff | worst diff / tolerance | first divergence | seconds | report |",
+        "| --- | --- | --- | ---: | ---: | --- | ---: | --- |",
     ]
     for row in rows:
         mark = "yes" if row.passed else ("**error**" if row.status == "error" else "**no**")
         divergence = row.first_divergence or (row.error or "")
+        ratio = "" if row.worst_ratio is None else f"{row.worst_ratio:.2g}"
         lines.append(
-            f"| `{row.name}` | {mark} | {_fmt(row.max_abs_diff)} | {divergence.replace('|', '/')} | "
-            f"{row.reference or ''} | {row.seconds:.1f} | [parity.md]({row.name}/parity.md) |"
+            f"| `{row.name}` | {row.family} | {mark} | {_fmt(row.max_abs_diff)} | {ratio} | "
+            f"{divergence.replace('|', '/')} | {row.seconds:.1f} | [parity.md]({row.name}/{row.family}/parity.md) |"
         )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     data: dict[str, Any] = {
         "passed": passed == len(rows),
         "models": len(rows),
-        "failed": [row.name for row in rows if not row.passed],
+        "failed": [f"{row.name} ({row.family})" for row in rows if not row.passed],
         "seconds": round(total, 1),
         "fixtures_seconds": round(fixtures_seconds, 1),
         "jobs": jobs,
@@ -151,7 +178,7 @@ def write_summary(rows: list[MatrixRow], out: Path, total: float, fixtures_secon
 
 
 def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2e}"
+    return "-" if value is None else f"{value:.2e}"
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
 """The reference: the ORIGINAL TensorFlow graph, run on the checkpoint the model was converted from.
 
-Which graph, in order of preference:
+Which graph, in order of preference (``prefer`` picks one):
 
-- ``meta_graph``: the checkpoint's ``.meta`` (the slim zoo ships one), imported with
-  ``tf.compat.v1.train.import_meta_graph`` and restored through a ``Saver`` whose ``var_list`` maps
-  checkpoint keys to graph variables under the weights convention the model was converted with;
+- ``meta_graph``: the checkpoint's ``.meta`` (the slim zoo ships one), its variables restored through a
+  ``Saver`` whose ``var_list`` maps checkpoint keys to graph variables under the weights convention the
+  model was converted with;
 - ``frozen_graph``: a frozen GraphDef next to the checkpoint (DeepLab's ``frozen_inference_graph.pb``, a
   classifier's ``<name>_frozen.pb``) with its weights baked in, so its convention is "as frozen";
-- ``builder``: only where neither exists (or the frozen graph has another output stride than the model),
-  the project's own graph builder (``fixtures.tf_builder``) restored from the checkpoint.
+- ``builder``: only where neither exists, the project's own graph builder (``fixtures.tf_builder``)
+  restored from the checkpoint.
 
-Every imported graph is checked op by op first (:mod:`.safety`). The float image is fed into the tensor
-that feeds the first convolution (``MobilenetV2/Conv/Conv2D``), which is ``input:0``'s identity in a slim
-graph and the preprocessed, padded image in DeepLab's exported graph (whose own input is uint8).
+Only the part of a graph that the endpoints depend on is imported, after every op of it has been
+checked (:mod:`.safety`); the report counts what was left out. The float image is fed into the tensor
+that feeds the first convolution (``MobilenetV2/Conv/Conv2D``): ``input:0``'s identity in a slim graph,
+the preprocessed, padded image in DeepLab's export graph (whose own input is uint8). Endpoints that a
+graph does not hold (a BatchNorm-folded graph has lost the Identity nodes some endpoints are) are listed
+in ``Reference.missing`` with the reason, not refused.
 
 TensorFlow is imported here, lazily: only when a reference is opened.
 """
@@ -20,7 +23,7 @@ TensorFlow is imported here, lazily: only when a reference is opened.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,19 +31,20 @@ from typing import Any
 import numpy as np
 
 from converter.errors import VerificationError
-from converter.formats.files import CheckpointSource
 from converter.pipeline.conventions import (
     BOOKKEEPING_NAMES,
     EMA_SUFFIX,
     NON_TRAINABLE_SUFFIXES,
     OPTIMIZER_SLOT_SUFFIXES,
 )
-from converter.verify.safety import check_closure, check_graph_def
+from converter.verify import REFERENCE_KINDS
+from converter.verify.safety import check_graph_def, needed_subgraph
 
-META_GRAPH, FROZEN_GRAPH, BUILDER = "meta_graph", "frozen_graph", "builder"
+AUTO, META_GRAPH, FROZEN_GRAPH, BUILDER = REFERENCE_KINDS
 AS_FROZEN = "as frozen"
 FIRST_CONV = "MobilenetV2/Conv/Conv2D"
 LAST_BACKBONE_TENSOR = "MobilenetV2/expanded_conv_16/output:0"
+IMAGE_POOLING_CONV = "image_pooling/Conv2D"
 MAX_GRAPH_BYTES = 512 << 20  # the largest zoo graph is ~30 MB
 INSTALL_HINT = "pip install -e '.[verify]' (in a clone of the project)"
 
@@ -69,6 +73,10 @@ class ReferenceInfo:
     convention: str  # raw | ema | ema-all | "as frozen"
     input_tensor: str  # the tensor the images are fed into
     notes: list[str] = field(default_factory=list)
+    imported_ops: dict[str, int] = field(default_factory=dict)  # op type -> count, what may run
+    left_out_ops: dict[str, int] = field(default_factory=dict)  # op type -> count, never imported
+    output_stride: int | None = None  # DeepLab: read off the graph
+    crop_size: int | None = None  # DeepLab export graphs: the size every input is padded to
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +84,10 @@ class ReferenceInfo:
             "file": self.file,
             "convention": self.convention,
             "input_tensor": self.input_tensor,
+            "output_stride": self.output_stride,
+            "crop_size": self.crop_size,
+            "imported_ops": dict(self.imported_ops),
+            "left_out_ops": dict(self.left_out_ops),
             "notes": list(self.notes),
         }
 
@@ -83,8 +95,9 @@ class ReferenceInfo:
 class Reference:
     """A TF graph + session, ready to run NHWC float images and fetch tensors by name."""
 
-    def __init__(self, tf, graph, session, input_tensor, info: ReferenceInfo) -> None:
+    def __init__(self, tf, graph, session, input_tensor, info: ReferenceInfo, missing: dict[str, str]) -> None:
         self._tf, self.graph, self.session, self._input, self.info = tf, graph, session, input_tensor, info
+        self.missing = missing  # endpoint tensor -> why the graph does not hold it
 
     def __enter__(self) -> Reference:
         return self
@@ -104,22 +117,6 @@ class Reference:
     def accepts(self, height: int, width: int) -> bool:
         _, h, w = self.fixed_shape
         return (h is None or h == height) and (w is None or w == width)
-
-    def check_tensors(self, names: Iterable[str]) -> None:
-        """Every tensor must exist, and computing them must not run anything but the forward pass."""
-        missing = []
-        for name in names:
-            try:
-                self.graph.get_tensor_by_name(name)
-            except (KeyError, ValueError):
-                missing.append(name)
-        if missing:
-            raise VerificationError(
-                f"the reference graph ({self.info.kind}) lacks {len(missing)} endpoint tensor(s): "
-                f"{', '.join(missing[:4])}; is it a MobileNetV2 slim or DeepLab graph?"
-            )
-        nodes = {node.name: node for node in self.graph.as_graph_def().node}
-        check_closure(nodes, names, [self._input.name], self.info.file or self.info.kind)
 
     def run(self, images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
         """Run NHWC float32 images; one image at a time where the graph fixes the batch size."""
@@ -143,32 +140,38 @@ class Reference:
 
 
 def open_reference(
-    source: CheckpointSource,
+    source,
     *,
     kind: str,
     depth: float,
     convention: str,
+    tensors: Sequence[str],
     output_stride: int | None = None,
     threads: int | None = None,
+    prefer: str = AUTO,
 ) -> Reference:
-    """The best available reference for `source` (see the module docstring). `kind`, `depth` and
-    `output_stride` describe the converted model; `convention` is the weights convention it used."""
+    """The reference for `source` (anything with ``meta_graph``, ``frozen_graph`` and the checkpoint
+    prefix; see the module docstring), holding the endpoint `tensors` it can. `kind`, `depth` and
+    `output_stride` describe the converted model (the builder uses them); `convention` is the weights
+    convention it was converted with. `prefer` forces one kind of reference."""
     tf = import_tensorflow()
-    if source.meta_graph is not None:
-        return _from_meta_graph(tf, source, convention, threads)
-    if source.frozen_graph is not None:
-        reference = _from_frozen_graph(tf, source.frozen_graph, convention, threads)
-        stride = _probe_output_stride(reference) if kind == "deeplab" else 32
-        if kind != "deeplab" or output_stride in (None, stride):
-            return reference
-        reference.close()
+    meta, frozen = source.meta_graph, source.frozen_graph
+    if prefer == META_GRAPH and meta is None or prefer == FROZEN_GRAPH and frozen is None:
+        what = ".meta graph" if prefer == META_GRAPH else "frozen graph"
+        raise VerificationError(f"no reference: the checkpoint comes without a {what}")
+    if meta is not None and prefer in (AUTO, META_GRAPH):
+        reference = _from_meta_graph(tf, source, convention, tensors, threads)
+    elif frozen is not None and prefer in (AUTO, FROZEN_GRAPH):
+        reference = _from_frozen_graph(tf, frozen, convention, tensors, threads)
+    else:
         note = (
-            f"the frozen graph {source.frozen_graph.name} has output stride {stride} and the model "
-            f"{output_stride}: the project's builder was used at output stride {output_stride} instead"
-        )
-        return _from_builder(tf, source, kind, depth, convention, output_stride, threads, note)
-    note = "the checkpoint comes with neither a .meta graph nor a frozen graph"
-    return _from_builder(tf, source, kind, depth, convention, output_stride, threads, note)
+            "the builder was asked for (--reference builder)" if prefer == BUILDER
+            else "the checkpoint comes with neither a .meta graph nor a frozen graph"
+        )  # fmt: skip
+        reference = _from_builder(tf, source, kind, depth, convention, tensors, output_stride, threads, note)
+    if kind == "deeplab":
+        _read_deeplab_geometry(reference)
+    return reference
 
 
 # --------------------------------------------------------------------------------------------- graphs
@@ -188,8 +191,30 @@ def _session(tf, graph, threads: int | None):
     return v1.Session(graph=graph, config=config)
 
 
-def _from_meta_graph(tf, source: CheckpointSource, convention: str, threads: int | None) -> Reference:
+def _import_needed(tf, graph_def, tensors: Sequence[str], origin: str, why_missing: str):
+    """Import into a new graph only what the endpoint `tensors` present in `graph_def` (and the first
+    convolution) depend on. Returns (graph, imported and left-out op counts, {missing tensor: reason})."""
+    names = {node.name for node in graph_def.node}
+    if FIRST_CONV not in names:
+        raise VerificationError(f"{origin} has no op {FIRST_CONV}: is it a MobileNetV2 slim or DeepLab graph?")
+    present = [tensor for tensor in tensors if tensor.split(":")[0] in names]
+    missing = {t: f"{origin} has no tensor {t} ({why_missing})" for t in tensors if t not in present}
+    needed, left_out = needed_subgraph(graph_def, [FIRST_CONV] + [t.split(":")[0] for t in present], origin)
+    graph = tf.Graph()
+    with graph.as_default():
+        try:
+            tf.graph_util.import_graph_def(needed, name="")
+        except (ValueError, TypeError, KeyError) as error:
+            raise VerificationError(f"{origin} cannot be imported ({error})") from None
+    imported: dict[str, int] = {}
+    for node in needed.node:
+        imported[node.op] = imported.get(node.op, 0) + 1
+    return graph, dict(sorted(imported.items())), left_out, missing
+
+
+def _from_meta_graph(tf, source, convention: str, tensors: Sequence[str], threads: int | None) -> Reference:
     from google.protobuf.message import DecodeError
+    from tensorflow.core.framework import variable_pb2
 
     v1 = tf.compat.v1
     path = source.meta_graph
@@ -198,26 +223,24 @@ def _from_meta_graph(tf, source: CheckpointSource, convention: str, threads: int
         meta.ParseFromString(_read_graph_file(path))
     except DecodeError as error:
         raise VerificationError(f"{path.name} is not a readable MetaGraphDef ({error})") from None
-    check_graph_def(meta.graph_def, path.name)
-    graph = tf.Graph()
-    with graph.as_default():
-        try:
-            v1.train.import_meta_graph(meta, clear_devices=True)
-        except (ValueError, TypeError, KeyError) as error:
-            raise VerificationError(f"{path.name} cannot be imported ({error})") from None
-        variables = _graph_variables(tf, graph)
-        trainable = {v.op.name for v in graph.get_collection(v1.GraphKeys.TRAINABLE_VARIABLES)}
-        notes = []
-        if not trainable:
-            notes.append("the graph has no trainable-variables collection: trainable means not a moving statistic")
-        session = _session(tf, graph, threads)
-        _restore(tf, graph, session, variables, trainable, source.prefix, convention)
-        input_tensor = _first_conv_input(graph, path.name)
-    info = ReferenceInfo(META_GRAPH, path.name, convention, input_tensor.name, notes)
-    return Reference(tf, graph, session, input_tensor, info)
+    why = "it is not a complete MobileNetV2 graph"
+    graph, imported, left_out, missing = _import_needed(tf, meta.graph_def, tensors, path.name, why)
+    collection = meta.collection_def.get(v1.GraphKeys.TRAINABLE_VARIABLES)
+    trainable = set()
+    for serialized in collection.bytes_list.value if collection is not None else ():
+        trainable.add(variable_pb2.VariableDef.FromString(serialized).variable_name.split(":")[0])
+    notes = []
+    if not trainable:
+        notes.append("the graph has no trainable-variables collection: trainable means not a moving statistic")
+    variables = {op.name: op.outputs[0] for op in graph.get_operations() if op.type == "VariableV2"}
+    session = _session(tf, graph, threads)
+    _restore(tf, graph, session, variables, trainable, source.checkpoint_prefix, convention)
+    input_tensor = _first_conv_input(graph, path.name)
+    info = ReferenceInfo(META_GRAPH, path.name, convention, input_tensor.name, notes, imported, left_out)
+    return Reference(tf, graph, session, input_tensor, info, missing)
 
 
-def _from_frozen_graph(tf, path: Path, convention: str, threads: int | None) -> Reference:
+def _from_frozen_graph(tf, path: Path, convention: str, tensors: Sequence[str], threads: int | None) -> Reference:
     from google.protobuf.message import DecodeError
 
     v1 = tf.compat.v1
@@ -226,28 +249,27 @@ def _from_frozen_graph(tf, path: Path, convention: str, threads: int | None) -> 
         graph_def.ParseFromString(_read_graph_file(path))
     except DecodeError as error:
         raise VerificationError(f"{path.name} is not a readable GraphDef ({error})") from None
-    check_graph_def(graph_def, path.name)
-    graph = tf.Graph()
-    with graph.as_default():
-        try:
-            tf.graph_util.import_graph_def(graph_def, name="")
-        except (ValueError, TypeError, KeyError) as error:
-            raise VerificationError(f"{path.name} cannot be imported ({error})") from None
-        input_tensor = _first_conv_input(graph, path.name)
+    why = (
+        "frozen graphs may be transformed: folding BatchNorms and removing Identity nodes drops the tensors "
+        "those endpoints are, see tensorflow/models#10109"
+    )
+    graph, imported, left_out, missing = _import_needed(tf, graph_def, tensors, path.name, why)
+    input_tensor = _first_conv_input(graph, path.name)
     notes = [
         f"weights are baked into {path.name}: the reference uses them as frozen (the model was converted "
         f"with {convention} weights; had the graph been frozen from others, parity would fail)"
     ]
-    info = ReferenceInfo(FROZEN_GRAPH, path.name, AS_FROZEN, input_tensor.name, notes)
-    return Reference(tf, graph, _session(tf, graph, threads), input_tensor, info)
+    info = ReferenceInfo(FROZEN_GRAPH, path.name, AS_FROZEN, input_tensor.name, notes, imported, left_out)
+    return Reference(tf, graph, _session(tf, graph, threads), input_tensor, info, missing)
 
 
 def _from_builder(
     tf,
-    source: CheckpointSource,
+    source,
     kind: str,
     depth: float,
     convention: str,
+    tensors: Sequence[str],
     output_stride: int | None,
     threads: int | None,
     note: str,
@@ -264,24 +286,15 @@ def _from_builder(
     stride = None if kind != "deeplab" else output_stride
     built = build_graph(variant, output_stride=stride)
     graph = built.graph
+    check_graph_def(graph.as_graph_def(), "the builder's graph")
     trainable = {name for name, v in built.variables.items() if not name.endswith(NON_TRAINABLE_SUFFIXES)}
     with graph.as_default():
         session = _session(tf, graph, threads)
-        _restore(tf, graph, session, dict(built.variables), trainable, source.prefix, convention)
-        input_tensor = _first_conv_input(graph, "the builder's graph")
+    _restore(tf, graph, session, dict(built.variables), trainable, source.checkpoint_prefix, convention)
+    input_tensor = _first_conv_input(graph, "the builder's graph")
     notes = [note, "the graph was rebuilt by fixtures.tf_builder (the project's own model of the original)"]
     info = ReferenceInfo(BUILDER, None, convention, input_tensor.name, notes)
-    return Reference(tf, graph, session, input_tensor, info)
-
-
-def _graph_variables(tf, graph) -> dict[str, Any]:
-    """Graph variable name -> what a Saver can restore (Variable objects, else the variable ops' outputs)."""
-    v1 = tf.compat.v1
-    found = {v.op.name: v for v in graph.get_collection(v1.GraphKeys.GLOBAL_VARIABLES)}
-    for op in graph.get_operations():
-        if op.type == "VariableV2" and op.name not in found:
-            found[op.name] = op.outputs[0]
-    return found
+    return Reference(tf, graph, session, input_tensor, info, {})
 
 
 def _is_model_variable(name: str) -> bool:
@@ -324,22 +337,28 @@ def _restore(tf, graph, session, variables: dict, trainable: set[str], prefix: P
 
 def _first_conv_input(graph, origin: str):
     """The tensor feeding the first convolution: where the float image in [-1, 1] goes."""
-    ops = [op for op in graph.get_operations() if op.type == "Conv2D" and op.name.endswith(FIRST_CONV)]
-    if len(ops) != 1:
-        raise VerificationError(
-            f"{origin} has {len(ops)} ops named {FIRST_CONV} (expected one): is it a MobileNetV2 graph?"
-        )
-    tensor = ops[0].inputs[0]
+    tensor = graph.get_operation_by_name(FIRST_CONV).inputs[0]
     if tensor.dtype.name != "float32" or (tensor.shape.rank not in (None, 4)):
         raise VerificationError(f"{origin}: the first convolution's input {tensor.name} is not a float NHWC image")
     return tensor
 
 
-def _probe_output_stride(reference: Reference) -> int:
-    """The output stride a DeepLab graph runs at, read off the size of its last backbone feature map."""
+def _read_deeplab_geometry(reference: Reference) -> None:
+    """The output stride a DeepLab graph runs at (from the size of its last backbone feature map) and,
+    where image pooling is an AvgPool with a fixed window (a graph built with a crop size, as
+    export_model.py's), the crop that window belongs to: inputs must be padded to it."""
+    if LAST_BACKBONE_TENSOR in reference.missing:
+        return
     batch, height, width = reference.fixed_shape
     h, w = height or 65, width or 65
-    reference.check_tensors([LAST_BACKBONE_TENSOR])
     zeros = np.zeros((batch or 1, h, w, 3), np.float32)
     feature = reference.run(zeros, [LAST_BACKBONE_TENSOR])[LAST_BACKBONE_TENSOR]
-    return min((8, 16, 32), key=lambda stride: abs(math.ceil(h / stride) - feature.shape[1]))
+    stride = min((8, 16, 32), key=lambda s: abs(math.ceil(h / s) - feature.shape[1]))
+    reference.info.output_stride = stride
+    try:
+        pool = reference.graph.get_operation_by_name(IMAGE_POOLING_CONV).inputs[0].op
+    except KeyError:
+        return
+    if pool.type == "AvgPool" and pool.get_attr("padding") == b"VALID":
+        window = pool.get_attr("ksize")[1]
+        reference.info.crop_size = (window - 1) * stride + 1

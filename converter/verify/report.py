@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from converter.verify.compare import DEFAULT_ATOL, DEFAULT_RTOL, RANDOM, ParityResult, verify_model
+from converter.verify.compare import RANDOM, ParityResult, verify_model
 
 REPORT_NAMES = ("parity.json", "parity.md", "parity.xml", "parity.png")
 DEFAULT_REPORT_FOLDER = "parity"
@@ -35,16 +35,22 @@ def check_parity(
     report_dir: str | os.PathLike | None = None,
     inputs=(RANDOM,),
     size: int | None = None,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     threads: int | None = None,
+    reference_kind: str = "auto",
     update_card: bool = True,
 ) -> ParityCheck:
     """Verify `model_dir` against `checkpoint`'s original graph and write the reports into `report_dir`
-    (default `model_dir/parity`). The model card is re-rendered when the reports land in the folder."""
+    (default `model_dir/parity`). The model card is re-rendered when the reports land in the folder.
+    `atol` / `rtol` replace the calibrated tolerance; `reference_kind` forces a reference (see
+    `verify_model`)."""
     model_dir = Path(model_dir)
     report_dir = Path(report_dir) if report_dir is not None else model_dir / DEFAULT_REPORT_FOLDER
-    result = verify_model(checkpoint, model_dir, inputs=inputs, size=size, atol=atol, rtol=rtol, threads=threads)
+    result = verify_model(
+        checkpoint, model_dir, inputs=inputs, size=size, atol=atol, rtol=rtol, threads=threads,
+        reference_kind=reference_kind,
+    )  # fmt: skip
     written = write_reports(result, report_dir)
     if update_card and report_dir.resolve() == (model_dir / DEFAULT_REPORT_FOLDER).resolve():
         from converter.output.card import write_model_card
@@ -68,22 +74,35 @@ def write_reports(result: ParityResult, report_dir: str | os.PathLike) -> list[P
 
 # -------------------------------------------------------------------------------------------- markdown
 def verdict_line(result: ParityResult) -> str:
+    """One line: the verdict, what was compared against what, and, when it is not a PASS, where and why."""
     verdict = "PASS" if result.passed else "FAIL"
     reference = result.reference
     where = f"{reference['kind']}" + (f" `{reference['file']}`" if reference.get("file") else "")
+    compared = {row.endpoint for row in result.compared_rows}
+    tolerance = "calibrated tolerance per endpoint" if result.atol is None else (
+        f"tolerance atol {result.atol:g} + rtol {result.rtol:g} x max|ref|"
+    )  # fmt: skip
     line = (
         f"**Parity {verdict}** `{result.variant}` vs the original TF graph ({where}, weights "
-        f"{reference['convention']}): max abs diff {_fmt(result.max_abs_diff)} over {len(result.endpoints)} "
-        f"endpoints x {len(result.inputs)} inputs; tolerance atol {result.atol:g} + rtol {result.rtol:g} x "
-        "max|ref|"
+        f"{reference['convention']}): max abs diff {_fmt(result.max_abs_diff)} over {len(compared)} "
+        f"endpoints x {len(result.inputs)} inputs; {tolerance}"
     )
+    skipped = result.not_compared()
+    if skipped:
+        names = ", ".join(entry["endpoint"] for entry in skipped[:4]) + (" ..." if len(skipped) > 4 else "")
+        line += f"; {len(skipped)} endpoint(s) not compared ({names}: {skipped[0]['reason']})"
     divergence = result.first_divergence
     if divergence:
-        line += (
-            f". First divergence: `{divergence['endpoint']}` (`{divergence['module']}`) on "
-            f"{divergence['input']}, max abs diff {_fmt(divergence['max_abs_diff'])} > "
-            f"{_fmt(divergence['tolerance'])}"
-        )
+        line += f". First divergence: `{divergence['endpoint']}` (`{divergence['module']}`) on {divergence['input']}"
+        if divergence.get("error"):
+            line += f": {divergence['error']}"
+        else:
+            line += (
+                f", max abs diff {_fmt(divergence['max_abs_diff'])} > {_fmt(divergence['tolerance'])} "
+                f"({_ratio(divergence['ratio'])} x the tolerance)"
+            )
+    if result.logits_problem:
+        line += f". Not a PASS: {result.logits_problem}"
     return line + "."
 
 
@@ -95,16 +114,33 @@ def render_markdown(result: ParityResult) -> str:
         "",
         "Inputs: " + "; ".join(f"`{case['name']}` ({case['description']})" for case in result.inputs) + ".",
         "",
-        "| # | endpoint | module | worst abs diff | worst rel diff | tolerance | result |",
-        "| ---: | --- | --- | ---: | ---: | ---: | --- |",
+        f"Tolerance: {result.tolerance_rule}.",
+        "",
+        "| # | endpoint | module | worst abs diff | float64 distance | tolerance | diff / tolerance | result |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     first = (result.first_divergence or {}).get("endpoint")
     for number, entry in enumerate(result.summary(), start=1):
+        if not entry["compared"]:
+            lines.append(
+                f"| {number} | `{entry['endpoint']}` | `{entry['module']}` | | | | | not compared: {entry['reason']} |"
+            )
+            continue
         mark = "pass" if entry["passed"] else ("**FAIL (first)**" if entry["endpoint"] == first else "FAIL")
+        if entry.get("error"):
+            mark += f": {entry['error']}"
         lines.append(
             f"| {number} | `{entry['endpoint']}` | `{entry['module']}` | {_fmt(entry['max_abs_diff'])} | "
-            f"{_fmt(entry['max_rel_diff'])} | {_fmt(entry['tolerance'])} | {mark} |"
+            f"{_fmt(entry['float64_distance'])} | {_fmt(entry['tolerance'])} | {_ratio(entry['worst_ratio'])} | "
+            f"{mark} |"
         )
+    left_out = result.reference.get("left_out_ops") or {}
+    if left_out:
+        counts = ", ".join(f"{count} {op}" for op, count in sorted(left_out.items(), key=lambda item: -item[1]))
+        lines += [
+            "",
+            f"Left out of the reference graph (not on the path to the endpoints, never imported): {counts}.",
+        ]
     if result.notes:
         lines += ["", "Notes:", *[f"- {note}" for note in result.notes]]
     versions = ", ".join(f"{name} {version}" for name, version in result.versions.items())
@@ -112,30 +148,36 @@ def render_markdown(result: ParityResult) -> str:
     return "\n".join(lines)
 
 
+def _ratio(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.2g}"
+
+
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
+        return "-"
     return f"{value:.2e}"
 
 
 # ----------------------------------------------------------------------------------------------- JUnit
 def write_junit(result: ParityResult, path: Path) -> None:
     failures = sum(not row.passed for row in result.rows)
+    skipped = sum(not row.compared for row in result.rows)
     suite = ET.Element(
         "testsuite",
         name=f"parity.{result.variant}",
         tests=str(len(result.rows)),
         failures=str(failures),
         errors="0",
-        skipped="0",
+        skipped=str(skipped),
         time=f"{result.seconds:.3f}",
     )
     properties = ET.SubElement(suite, "properties")
     for name, value in (
         ("reference", result.reference["kind"]),
         ("weights", result.reference["convention"]),
-        ("atol", f"{result.atol:g}"),
-        ("rtol", f"{result.rtol:g}"),
+        ("tolerance", result.tolerance_rule),
         *result.versions.items(),
     ):
         ET.SubElement(properties, "property", name=name, value=str(value))
@@ -143,9 +185,13 @@ def write_junit(result: ParityResult, path: Path) -> None:
         case = ET.SubElement(
             suite, "testcase", classname=f"parity.{result.variant}.{row.input}", name=row.endpoint, time="0"
         )
+        if not row.compared:
+            ET.SubElement(case, "skipped", message=row.error or "not compared")
+            continue
         detail = (
             f"{row.endpoint} ({row.module}, {row.tensor}) on {row.input}: max abs diff "
             f"{_fmt(row.max_abs_diff)}, tolerance {_fmt(row.tolerance)}, max|ref| {_fmt(row.max_abs_reference)}"
+            + (f": {row.error}" if row.error else "")
         )
         if not row.passed:
             failure = ET.SubElement(case, "failure", message=row.error or "max abs diff over tolerance")
@@ -175,11 +221,14 @@ def write_plot(result: ParityResult, path: Path) -> Path | None:
     floor = 1e-12
     figure, axes = plt.subplots(figsize=(max(8.0, 0.28 * len(names)), 4.5), dpi=100)
     for case in result.inputs:
-        rows = [row for row in result.rows if row.input == case["name"]]
+        rows = [row for row in result.compared_rows if row.input == case["name"]]
         xs = [positions[row.endpoint] for row in rows]
         ys = [max(row.max_abs_diff, floor) if math.isfinite(row.max_abs_diff) else 1e3 for row in rows]
         axes.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=case["name"])
-    tolerances = [min(row.tolerance for row in result.endpoint_rows(name)) for name in names]
+    tolerances = [
+        min((row.tolerance for row in result.endpoint_rows(name) if math.isfinite(row.tolerance)), default=math.nan)
+        for name in names
+    ]
     axes.step(range(len(names)), tolerances, where="mid", color="red", linestyle="--", label="tolerance")
     divergence = result.first_divergence
     if divergence:

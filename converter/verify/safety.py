@@ -1,69 +1,92 @@
-"""Graphs are untrusted input: check every op of a `.meta` or frozen graph before TensorFlow imports it.
+"""Graphs are untrusted input: import only what the comparison needs, and check every op of that.
 
 A TensorFlow graph is a program. Besides arithmetic it can read and write files (ReadFile, WriteFile,
-SaveV2, PrintV2 to a file), list folders (MatchingFiles), call Python (PyFunc) or run functions and loops
-that hide further ops. These models need none of that, so an op is accepted only if it is on
-`COMPUTE_OPS` (side-effect-free tensor arithmetic, variables and their initializers: what the slim and
-DeepLab MobileNetV2 graphs are made of) or is one of the `SAVER_OPS` that `tf.train.Saver` puts in a
-graph, and then only inside a top-level `save` scope (`save/`, `save_1/`, ...). A second check makes
-sure that nothing a comparison runs (the backward closure of the fetched tensors, including control
-dependencies) reaches a saver op or an assignment, so running the reference can neither touch a file
-nor change a weight. The function library must be empty: nothing here needs one.
+SaveV2, MatchingFiles), call Python (PyFunc), assign variables or run functions that hide further ops.
+The original graphs also hold much that a comparison never runs: regularization losses, initializers,
+the Saver, label post-processing. So the verifier works by what runs, in two steps:
 
-The op lists are the ones the project's own fixture graphs (checkpoint `.meta`, classification and
-DeepLab frozen graphs) contain, plus harmless ops that the zoo's exported graphs use for their
-preprocessing (padding, shape arithmetic, assertions) and variable initializers.
+- :func:`needed_subgraph` keeps only the nodes that the fetched endpoints depend on (data and control
+  inputs, transitively); everything else is left out, never imported and never run, and is counted by op
+  type for the report. Restoring the weights is done by a Saver the verifier builds itself afterwards.
+- :func:`check_graph_def` then accepts the kept nodes only if every op is on `COMPUTE_OPS`:
+  side-effect-free tensor arithmetic, shape and index arithmetic, resizes, space-to-batch, assertions,
+  constants and reading variables. What a comparison would run must never read or write a file, call
+  Python or change a variable: such ops are refused by name (`FILE_OPS`, `PYTHON_OPS`, `MUTATING_OPS`),
+  any other op as unknown. A graph that defines functions is refused as a whole: none of these models
+  needs one, and a function can hide any op.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable
 
 from converter.errors import VerificationError
 
-# Side-effect-free ops: arithmetic on tensors, shapes, variables (reading; the initializers and
-# Assign nodes that every variable carries are allowed to exist but never run, see `check_closure`).
 COMPUTE_OPS = frozenset(
     {
         # the network
-        "Conv2D", "DepthwiseConv2dNative", "BiasAdd",
-        "FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
-        "Relu", "Relu6", "Add", "AddV2", "AvgPool", "Mean", "Squeeze", "Reshape", "Softmax",
-        "ResizeBilinear", "ConcatV2", "SpaceToBatchND", "BatchToSpaceND", "ArgMax",
+        "Conv2D", "DepthwiseConv2dNative", "BiasAdd", "BiasAddV1",
+        "FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3", "BatchNormWithGlobalNormalization",
+        "Relu", "Relu6", "Add", "AddV2", "AddN", "AvgPool", "MaxPool", "Mean", "Sum", "Max", "Min", "Prod",
+        "Squeeze", "Reshape", "Softmax", "ConcatV2", "ArgMax",
+        "Rsqrt", "Sqrt", "Square", "Reciprocal",
+        # resizes and dilation (DeepLab)
+        "ResizeBilinear", "ResizeNearestNeighbor", "SpaceToBatchND", "BatchToSpaceND",
         # constants, inputs, plumbing
         "Const", "Identity", "IdentityN", "Placeholder", "PlaceholderWithDefault", "NoOp", "StopGradient",
-        # dtype, shape and index arithmetic (DeepLab's dilation and preprocessing, slim's predictions)
+        # dtype, shape and index arithmetic (preprocessing, padding to the crop, predictions)
         "Cast", "Mul", "Sub", "RealDiv", "FloorDiv", "FloorMod", "Maximum", "Minimum", "Neg", "Floor", "Ceil",
-        "Shape", "ShapeN", "Size", "Rank", "StridedSlice", "Slice", "Pack", "Unpack", "ExpandDims",
-        "Fill", "Range", "Pad", "PadV2", "Transpose", "ZerosLike", "OnesLike",
+        "Shape", "ShapeN", "Size", "Rank", "StridedSlice", "Slice", "Pack", "Unpack", "ExpandDims", "Tile",
+        "BroadcastTo", "Fill", "Range", "Pad", "PadV2", "Transpose", "ZerosLike", "OnesLike",
         "Equal", "NotEqual", "Greater", "GreaterEqual", "Less", "LessEqual", "LogicalAnd", "LogicalOr",
         "LogicalNot", "Select", "SelectV2", "Assert",
-        # variables: reading them, and what creates or restores them
-        "VariableV2", "VarHandleOp", "ReadVariableOp", "VarIsInitializedOp", "IsVariableInitialized",
-        "Assign", "AssignVariableOp",
-        # variable initializers
-        "TruncatedNormal", "RandomStandardNormal", "RandomUniform",
+        # variables: reading them (restoring is done by the verifier's own Saver)
+        "VariableV2",
     }
 )  # fmt: skip
+#: Ops that read, write or list files (the Saver's included: the verifier restores with its own).
+FILE_OPS = frozenset(
+    {
+        "ReadFile", "WriteFile", "MatchingFiles", "DeleteFile", "RestoreV2", "SaveV2", "Restore", "RestoreSlice",
+        "Save", "SaveSlices", "MergeV2Checkpoints", "ShardedFilename", "ShardedFilespec", "PrintV2",
+        "ImmutableConst", "FixedLengthRecordReaderV2", "TextLineReaderV2", "WholeFileReaderV2",
+    }
+)  # fmt: skip
+PYTHON_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
+MUTATING_OPS = frozenset(
+    {"Assign", "AssignAdd", "AssignSub", "AssignVariableOp", "ScatterUpdate", "ScatterAdd", "ScatterNdUpdate"}
+)
 
-# What tf.train.Saver adds to a graph; they read or write checkpoint files, so they are accepted only
-# inside a top-level `save` scope and must never be reachable from what the comparison runs.
-SAVER_OPS = frozenset({"RestoreV2", "SaveV2", "MergeV2Checkpoints", "ShardedFilename", "ShardedFilespec", "StringJoin"})
-# Ops that change state: allowed in a graph (restoring needs them) but never in what a comparison runs.
-MUTATING_OPS = frozenset({"Assign", "AssignVariableOp"})
-SAVER_SCOPE = re.compile(r"^save(_\d+)?/")
+
+def needed_subgraph(graph_def, fetch_nodes: Iterable[str], origin: str):
+    """The nodes `fetch_nodes` depend on (data and control inputs), checked op by op, as a new GraphDef;
+    and what was left out, as {op type: count}."""
+    _refuse_functions(graph_def, origin)
+    nodes = {node.name: node for node in graph_def.node}
+    needed: set[str] = set()
+    stack = list(fetch_nodes)
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        node = nodes.get(name)
+        if node is None:
+            raise VerificationError(f"refusing {origin}: it references a node {name!r} that it does not define")
+        needed.add(name)
+        stack += [_node_of(source) for source in node.input]
+    kept = type(graph_def)()
+    kept.versions.CopyFrom(graph_def.versions)
+    kept.node.extend(node for node in graph_def.node if node.name in needed)
+    check_graph_def(kept, origin)
+    left_out = Counter(node.op for node in graph_def.node if node.name not in needed)
+    return kept, dict(sorted(left_out.items()))
 
 
 def check_graph_def(graph_def, origin: str) -> None:
-    """Refuse a GraphDef whose ops are not all allowed (see the module docstring)."""
-    library = getattr(graph_def, "library", None)
-    if library is not None and (len(library.function) or len(library.gradient)):
-        names = ", ".join(f.signature.name for f in list(library.function)[:3])
-        raise VerificationError(
-            f"refusing {origin}: its graph defines {len(library.function)} function(s) ({names}); the "
-            "MobileNetV2 graphs define none, and functions can hide arbitrary ops"
-        )
+    """Refuse a GraphDef that defines functions or holds an op that is not allowed (see the module
+    docstring); `graph_def` is what will be imported and may run."""
+    _refuse_functions(graph_def, origin)
     for node in graph_def.node:
         check_op(node.op, node.name, origin)
 
@@ -71,52 +94,33 @@ def check_graph_def(graph_def, origin: str) -> None:
 def check_op(op: str, node: str, origin: str) -> None:
     if op in COMPUTE_OPS:
         return
-    if op in SAVER_OPS:
-        if SAVER_SCOPE.match(node):
-            return
+    what = (
+        "reads or writes files" if op in FILE_OPS
+        else "calls Python" if op in PYTHON_OPS
+        else "assigns a variable" if op in MUTATING_OPS
+        else None
+    )  # fmt: skip
+    if what:
         raise VerificationError(
-            f"refusing {origin}: op {op} (node {node!r}) reads or writes files and is only accepted inside "
-            "the Saver's save/ scope; graphs are untrusted input"
+            f"refusing {origin}: computing its endpoints would run op {op} (node {node!r}), which {what}; a "
+            "forward pass must not read files, call Python or assign variables"
         )
     raise VerificationError(
-        f"refusing {origin}: op {op} (node {node!r}) is not one the MobileNetV2 graphs use; graphs are "
-        "untrusted input and may only hold the allowed tensor ops (see converter/verify/safety.py)"
+        f"refusing {origin}: op {op} (node {node!r}) is on the path to the endpoints but is not one the "
+        "MobileNetV2 graphs use there; graphs are untrusted input and may only compute with the allowed "
+        "tensor ops (see converter/verify/safety.py)"
     )
 
 
-def check_closure(nodes: Mapping[str, object], fetches: Iterable[str], fed: Iterable[str], origin: str) -> None:
-    """Walk back from the fetched tensors (data and control inputs), stopping at fed tensors, and refuse
-    if any op on the way is a saver op or an assignment.
-
-    `nodes` maps node name -> NodeDef; `fetches`/`fed` are tensor names ("node:0").
-    """
-    fed_tensors = set(fed)
-    stack = [_node_of(name) for name in fetches]
-    seen: set[str] = set()
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        node = nodes.get(name)
-        if node is None:
-            raise VerificationError(f"refusing {origin}: it references a node {name!r} that it does not define")
-        if node.op in SAVER_OPS or node.op in MUTATING_OPS:
-            raise VerificationError(
-                f"refusing {origin}: computing its endpoints would run op {node.op} (node {name!r}); a "
-                "forward pass must not read files or assign variables"
-            )
-        for source in node.input:
-            control = source.startswith("^")
-            tensor = source[1:] if control else source
-            if not control and _tensor_name(tensor) in fed_tensors:
-                continue
-            stack.append(_node_of(tensor))
+def _refuse_functions(graph_def, origin: str) -> None:
+    library = getattr(graph_def, "library", None)
+    if library is not None and (len(library.function) or len(library.gradient)):
+        names = ", ".join(f.signature.name for f in list(library.function)[:3])
+        raise VerificationError(
+            f"refusing {origin}: its graph defines {len(library.function)} function(s) ({names}); the "
+            "MobileNetV2 graphs define none, and functions can hide arbitrary ops"
+        )
 
 
 def _node_of(tensor: str) -> str:
     return tensor.lstrip("^").split(":")[0]
-
-
-def _tensor_name(tensor: str) -> str:
-    return tensor if ":" in tensor else f"{tensor}:0"
