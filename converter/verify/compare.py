@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 
 from converter.errors import ConverterError, ImageError, ModelFolderError, VerificationError
-from converter.formats.files import file_sha256
 from converter.images import open_image, preprocess
 from converter.output.writer import preprocessor_config
+from converter.pipeline.conventions import plan_weights
 from converter.pipeline.table import CLASSIFICATION, DEEPLAB, endpoints_for
 
 #: The fixed rule's defaults, used when only one of --atol / --rtol is given.
@@ -377,8 +377,7 @@ def verify_model(
     tensors = [tensor for _, tensor, _ in endpoints]
     drop_background = bool(conversion.get("drop_background"))
 
-    from converter.formats.base import References
-    from converter.formats.files import open_source
+    from converter.formats import open_reader
     from converter.verify.reference import import_tensorflow, open_reference
 
     tf = import_tensorflow()
@@ -387,14 +386,12 @@ def verify_model(
 
         torch.set_num_threads(threads)
     try:
-        with open_source(checkpoint) as source:
-            weights = conversion.get("weights") or _default_convention(source)
+        with open_reader(checkpoint) as source:
+            weights = conversion.get("weights") or plan_weights(source.names()).convention
             if "weights" not in conversion:
                 notes.append(f"conversion.json does not say which weights were used: assumed {weights}")
             notes += _provenance_notes(conversion, source)
-            references = References(
-                checkpoint_prefix=source.prefix, meta_graph=source.meta_graph, frozen_graph=source.frozen_graph
-            )
+            references = source.references
             stride = config.output_stride if kind == DEEPLAB else None
             reference = open_reference(
                 references, kind=kind, depth=config.depth_multiplier, convention=weights, tensors=tensors,
@@ -604,24 +601,15 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _default_convention(source) -> str:
-    from converter.formats.tf_bundle import TensorBundle
-    from converter.pipeline.conventions import plan_weights
-
-    with TensorBundle(source.prefix) as bundle:
-        return plan_weights(bundle.names()).convention
-
-
 def _provenance_notes(conversion: dict[str, Any], source) -> list[str]:
-    """A note when the checkpoint is not the one conversion.json records (parity will then fail)."""
+    """A note when the source is not the one conversion.json records (parity will then fail)."""
     recorded = {f.get("name"): f.get("sha256") for f in (conversion.get("source") or {}).get("files") or []}
     if not recorded:
         return []
-    files = [source.archive] if source.archive else list(source.files)
-    for path in files:
-        if path.name in recorded and recorded[path.name] == file_sha256(path):
+    for file in source.provenance():
+        if recorded.get(file.name) == file.sha256:
             continue
-        return [f"{path.name} is not the checkpoint conversion.json records ({', '.join(sorted(recorded))})"]
+        return [f"{file.name} is not the source conversion.json records ({', '.join(sorted(recorded))})"]
     return []
 
 
