@@ -246,9 +246,10 @@ class KerasReader(Reader):
                 weights = _read_member(archive, members["model.weights.h5"], MAX_ARCHIVE_MEMBER_BYTES, self.path.name)
         except (OSError, zipfile.BadZipFile, EOFError) as exc:
             raise KerasFileError(f"{self.path.name} is not a readable .keras archive ({_first_line(exc)})") from None
+        config = _parse_json(config, f"{self.path.name}: config.json")
         self._buffer = io.BytesIO(weights)  # h5py reads it lazily: keep it alive with the reader
         self._h5(self._buffer, f"{self.path.name}: model.weights.h5")
-        return _parse_json(config, f"{self.path.name}: config.json")
+        return config
 
     def _open_shards(self) -> None:
         index = _parse_json(_read_limited(self.path, MAX_CONFIG_BYTES), self.path.name)
