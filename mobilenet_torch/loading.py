@@ -16,7 +16,8 @@ def load_folder(cls, folder: Path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .modeling import PLACEHOLDER_PREFIX, WEIGHTS_NAME
+    from .architecture import PLACEHOLDER_PREFIX
+    from .modeling import WEIGHTS_NAME
 
     if not (folder / CONFIG_NAME).is_file():
         raise ModelFolderError(f"{folder} has no {CONFIG_NAME}: pass a folder written by convert-mobilenet")

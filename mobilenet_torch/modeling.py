@@ -1,6 +1,6 @@
 """MobileNetV2 for PyTorch with TensorFlow-exact semantics, laid out like transformers' port.
 
-The architecture is a table (`BLOCKS`), walked once by `MobileNetV2Model.features`; classification,
+The architecture is a table (`architecture.BLOCKS`), walked once by `MobileNetV2Model.features`; classification,
 segmentation, `extract_features` and the backbone wrapper are all consumers of that one walk.
 """
 
@@ -14,25 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration import MobileNetV2Config, expanded_channels, scaled_channels
+from .architecture import (
+    BLOCKS,
+    HEAD_CHANNELS,
+    HEAD_NORM_EPS,
+    block_channels,
+    block_schedule,
+    final_conv_channels,
+    placeholder_arrays,
+)
+from .configuration import MobileNetV2Config
 from .layers import ConvLayer, InvertedResidual
 
 WEIGHTS_NAME = "model.safetensors"
-STEM_CHANNELS = 32
-LAST_CHANNELS = 1280
-HEAD_CHANNELS = 256
-HEAD_NORM_EPS = 1e-5
-
-# slim's V2_DEF after the stem: (expansion, output channels, stride) for expanded_conv_1..16.
-BLOCKS: tuple[tuple[int, int, int], ...] = (
-    (6, 24, 2), (6, 24, 1),
-    (6, 32, 2), (6, 32, 1), (6, 32, 1),
-    (6, 64, 2), (6, 64, 1), (6, 64, 1), (6, 64, 1),
-    (6, 96, 1), (6, 96, 1), (6, 96, 1),
-    (6, 160, 2), (6, 160, 1), (6, 160, 1),
-    (6, 320, 1),
-)  # fmt: skip
-STEM_OUT_CHANNELS = 16
 
 # Slim endpoint names in network order: layer_1 is the stem conv, layer_2 the stem block,
 # layer_3..layer_18 the 16 blocks, layer_19 the final 1x1 conv.
@@ -42,26 +36,6 @@ ENDPOINTS = (
     + tuple(name for block in BLOCK_ENDPOINTS for name in (f"{block}/expansion_output", block))
     + ("layer_19", "global_pool", "logits")
 )
-
-
-def final_conv_channels(config: MobileNetV2Config) -> int:
-    """1280 for depth <= 1 ("finegrained" output), scaled above it (1792 at depth 1.4)."""
-    if config.finegrained_output and config.depth_multiplier < 1.0:
-        return LAST_CHANNELS
-    return scaled_channels(config, LAST_CHANNELS)
-
-
-def block_schedule(config: MobileNetV2Config) -> list[tuple[int, int]]:
-    """(stride, dilation) of each block: stride is traded for dilation past `output_stride`, as slim does."""
-    current_stride, rate, schedule = 2, 1, []
-    for _, _, stride in BLOCKS:
-        if current_stride == config.output_stride:
-            schedule.append((1, rate))
-            rate *= stride
-        else:
-            schedule.append((stride, 1))
-            current_stride *= stride
-    return schedule
 
 
 # Outputs are named tuples: read by name as transformers' (`.logits`) or by index, and, being tuples,
@@ -133,20 +107,19 @@ class MobileNetV2Model(MobileNetV2PreTrainedModel):
     def __init__(self, config: MobileNetV2Config, add_pooling_layer: bool = True, final_conv: bool = True):
         super().__init__(config)
         eps = config.layer_norm_eps
-        stem_channels = scaled_channels(config, STEM_CHANNELS)
-        channels = [scaled_channels(config, STEM_OUT_CHANNELS)]
-        self.conv_stem = MobileNetV2Stem(config.num_channels, stem_channels, channels[0], eps)
-        self.layer = nn.ModuleList()
-        for (expansion, out_channels, _), (stride, dilation) in zip(BLOCKS, block_schedule(config), strict=True):
-            in_channels, out_channels = channels[-1], scaled_channels(config, out_channels)
-            expanded = expanded_channels(config, in_channels, expansion)
-            self.layer.append(InvertedResidual(in_channels, expanded, out_channels, stride, dilation, eps))
-            channels.append(out_channels)
-        self.out_channels = channels[-1]
+        (stem_channels, _, stem_out), *blocks = block_channels(config)
+        self.conv_stem = MobileNetV2Stem(config.num_channels, stem_channels, stem_out, eps)
+        self.layer = nn.ModuleList(
+            InvertedResidual(in_channels, expanded, out_channels, stride, dilation, eps)
+            for (in_channels, expanded, out_channels), (stride, dilation) in zip(
+                blocks, block_schedule(config), strict=True
+            )
+        )
+        self.out_channels = blocks[-1][2]
         self.conv_1x1 = None
         if final_conv:
+            self.conv_1x1 = ConvLayer(self.out_channels, final_conv_channels(config), 1, norm_eps=eps)
             self.out_channels = final_conv_channels(config)
-            self.conv_1x1 = ConvLayer(channels[-1], self.out_channels, 1, norm_eps=eps)
         self.pool = add_pooling_layer
 
     def forward(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
@@ -330,20 +303,10 @@ class MobileNetV2ForSemanticSegmentation(MobileNetV2PreTrainedModel):
 
 
 SEGMENTATION_HEAD_ENDPOINTS = ("image_pooling", "aspp0", "concat_projection", "logits")
-PLACEHOLDER_PREFIX = "mobilenet_v2.conv_1x1."
 
 
 def final_conv_placeholders(config: MobileNetV2Config) -> dict[str, torch.Tensor]:
-    in_channels = scaled_channels(config, BLOCKS[-1][1])
-    out_channels = final_conv_channels(config)
-    return {
-        PLACEHOLDER_PREFIX + "convolution.weight": torch.zeros(out_channels, in_channels, 1, 1),
-        PLACEHOLDER_PREFIX + "normalization.weight": torch.ones(out_channels),
-        PLACEHOLDER_PREFIX + "normalization.bias": torch.zeros(out_channels),
-        PLACEHOLDER_PREFIX + "normalization.running_mean": torch.zeros(out_channels),
-        PLACEHOLDER_PREFIX + "normalization.running_var": torch.ones(out_channels),
-        PLACEHOLDER_PREFIX + "normalization.num_batches_tracked": torch.zeros((), dtype=torch.long),
-    }
+    return {name: torch.from_numpy(array) for name, array in placeholder_arrays(config).items()}
 
 
 class MobileNetV2Backbone(nn.Module):

@@ -46,3 +46,13 @@ def test_cli_help_imports_neither_torch_nor_tensorflow(command):
         "    assert exit.code == 0, exit.code\n"
     )
     assert not imported_after(code) & (NEVER | {"torch", "numpy"})
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2_0.35_96", "deeplabv3_mnv2_dm05_pascal_trainaug"])
+def test_conversion_never_imports_torch(name, tmp_path):
+    from fixtures.cache import ensure_fixture
+
+    tarball = ensure_fixture(name).tarball
+    code = f"from converter import convert_checkpoint\nconvert_checkpoint({str(tarball)!r}, {str(tmp_path / 'out')!r})"
+    assert not imported_after(code) & (NEVER | {"torch"})
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from converter import download, zoo
 from converter.app.cli import convert_main
+from converter.zoo import download
+from converter.zoo import table as zoo
 from converter.zoo.download import DownloadError, RetryPolicy, fetch
 from tests.helpers import REPO
 from tests.zoo_server import ZooServer, closed_port, running_zoo_server

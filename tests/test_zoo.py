@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from converter import zoo
 from converter.errors import UsageError
+from converter.zoo import table as zoo
 from fixtures import ZOO_CLASSIFICATION, ZOO_DEEPLAB
 from tests.helpers import SHARED
 

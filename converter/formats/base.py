@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from converter.formats.files import file_sha256
+
 
 @dataclass(frozen=True)
 class SourceFile:
@@ -55,7 +57,7 @@ class Reader(ABC):
 
     Readers are opened by :func:`converter.formats.open_reader`, which sniffs the format, unpacks
     archives safely, hashes the source files for provenance and closes the reader afterwards. A reader
-    is constructed with the file or folder its :meth:`sniff` accepted.
+    is constructed with the file or folder its :meth:`sniff` accepted (and the archive it came from).
     """
 
     #: Registry name, used by ``--format`` and recorded in conversion.json.
@@ -63,8 +65,9 @@ class Reader(ABC):
     #: One line for the list of known formats.
     description: ClassVar[str]
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, archive: Path | None = None) -> None:
+        self.path = path  # the file or folder to read (inside a temporary folder when unpacked)
+        self.archive = archive  # the archive `path` was unpacked from, if any
 
     @classmethod
     @abstractmethod
@@ -90,7 +93,12 @@ class Reader(ABC):
     @property
     def source_name(self) -> str:
         """The name recorded as the source (a zoo file name where the source is one)."""
-        return self.path.name
+        return (self.archive or self.path).name
+
+    def provenance(self) -> list[SourceFile]:
+        """What the weights came from: the archive as given, else the files read, each with its sha256."""
+        paths = [self.archive] if self.archive else self.source_files()
+        return [SourceFile(path.name, file_sha256(path), path.stat().st_size) for path in paths]
 
     @property
     def references(self) -> References:

@@ -30,8 +30,8 @@ DEFAULT_MAX_EXTRACT_BYTES = 2 << 30  # the largest zoo tarball unpacks to well u
 DEFAULT_MAX_MEMBERS = 10_000  # zoo tarballs hold about 7 files
 
 _ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
-_DATA_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
-_SEARCH_LEVELS = 2  # zoo DeepLab tarballs put the checkpoint one folder down
+DATA_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
+SEARCH_LEVELS = 2  # zoo DeepLab tarballs put the checkpoint one folder down
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
 # Room for tar headers and padding on top of the member bytes when capping a decompressed stream.
@@ -72,12 +72,24 @@ def open_source(
     :class:`~converter.errors.UnsafeArchiveError` for archives that are refused.
     """
     origin = Path(path)
-    if origin.is_file() and origin.name.lower().endswith(_ARCHIVE_SUFFIXES):
-        with _extracted(origin, max_extract_bytes, max_members) as folder:
-            prefix = _single_checkpoint_in(folder, f"archive {origin}", example_prefixes=False)
-            yield _describe(origin, prefix, archive=origin)
+    if is_archive(origin):
+        with extracted(origin, max_extract_bytes, max_members) as folder:
+            yield locate_checkpoint(folder, archive=origin)
     else:
-        yield _describe(origin, _locate_prefix(origin), archive=None)
+        yield locate_checkpoint(origin)
+
+
+def locate_checkpoint(path: Path, archive: Path | None = None) -> CheckpointSource:
+    """The one checkpoint at `path`; `archive` is what `path` was unpacked from (named in messages)."""
+    if archive is not None:
+        prefix = _single_checkpoint_in(path, f"archive {archive}", example_prefixes=False)
+        return describe_checkpoint(archive, prefix, archive=archive)
+    return describe_checkpoint(path, locate_prefix(path), archive=None)
+
+
+def is_archive(path: Path) -> bool:
+    """A .tgz / .tar.gz / .tar file (the zoo's and Kaggle's archives)."""
+    return path.is_file() and path.name.lower().endswith(_ARCHIVE_SUFFIXES)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,14 +97,14 @@ def open_source(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _locate_prefix(origin: Path) -> Path:
+def locate_prefix(origin: Path) -> Path:
     """The checkpoint prefix for a prefix, an .index or .data-* path, or a folder."""
     if origin.is_dir():
         return _single_checkpoint_in(origin, f"folder {origin}", example_prefixes=True)
     if origin.is_file():
         if origin.name.endswith(".index"):
             return origin.with_name(origin.name[: -len(".index")])
-        shard = _DATA_SHARD.search(origin.name)
+        shard = DATA_SHARD.search(origin.name)
         if shard:
             return origin.with_name(origin.name[: shard.start()])
     if _index_of(origin).is_file():
@@ -107,13 +119,13 @@ def _index_of(prefix: Path) -> Path:
 
 
 def _single_checkpoint_in(folder: Path, described: str, *, example_prefixes: bool) -> Path:
-    """The prefix of the one checkpoint found in ``folder`` (searched ``_SEARCH_LEVELS`` deep)."""
-    found = _find_index_files(folder, _SEARCH_LEVELS)
+    """The prefix of the one checkpoint found in ``folder`` (searched ``SEARCH_LEVELS`` deep)."""
+    found = find_index_files(folder, SEARCH_LEVELS)
     if len(found) == 1:
         return found[0].with_name(found[0].name[: -len(".index")])
     if not found:
         raise SourceError(
-            f"no checkpoint (*.index file) in {described} or its subfolders up to {_SEARCH_LEVELS} levels "
+            f"no checkpoint (*.index file) in {described} or its subfolders up to {SEARCH_LEVELS} levels "
             f"deep; {_PASS_INSTEAD}"
         )
     listing = ", ".join(str(index.relative_to(folder)) for index in found)
@@ -124,7 +136,7 @@ def _single_checkpoint_in(folder: Path, described: str, *, example_prefixes: boo
     raise SourceError(f"{described} holds {len(found)} checkpoints ({listing}); {advice}")
 
 
-def _find_index_files(folder: Path, levels: int) -> list[Path]:
+def find_index_files(folder: Path, levels: int) -> list[Path]:
     try:
         entries = sorted(folder.iterdir())
     except OSError as err:
@@ -135,13 +147,13 @@ def _find_index_files(folder: Path, levels: int) -> list[Path]:
             continue
         if entry.is_dir():
             if levels > 0:
-                found.extend(_find_index_files(entry, levels - 1))
+                found.extend(find_index_files(entry, levels - 1))
         elif entry.name.endswith(".index") and entry.is_file():
             found.append(entry)
     return found
 
 
-def _describe(origin: Path, prefix: Path, archive: Path | None) -> CheckpointSource:
+def describe_checkpoint(origin: Path, prefix: Path, archive: Path | None) -> CheckpointSource:
     index = _index_of(prefix)
     if not index.is_file():
         raise SourceError(f"{origin}: the checkpoint index {index} is missing; {_PASS_INSTEAD}")
@@ -156,7 +168,7 @@ def _describe(origin: Path, prefix: Path, archive: Path | None) -> CheckpointSou
 
 
 def _data_shards(prefix: Path) -> list[Path]:
-    pattern = re.compile(re.escape(prefix.name) + _DATA_SHARD.pattern)
+    pattern = re.compile(re.escape(prefix.name) + DATA_SHARD.pattern)
     try:
         return sorted(path for path in prefix.parent.iterdir() if pattern.fullmatch(path.name))
     except OSError as err:
@@ -191,7 +203,7 @@ def _find_frozen_graph(prefix: Path) -> Path | None:
 
 
 @contextmanager
-def _extracted(archive: Path, max_bytes: int, max_members: int) -> Iterator[Path]:
+def extracted(archive: Path, max_bytes: int, max_members: int) -> Iterator[Path]:
     """Unpack ``archive`` into a private temporary folder, removed on exit whatever happens."""
     if not hasattr(tarfile, "data_filter"):
         raise SourceError(

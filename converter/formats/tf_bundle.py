@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -28,6 +27,7 @@ import google_crc32c
 import numpy as np
 
 from converter.errors import CheckpointFormatError, ChecksumError, SourceError, UnsupportedDTypeError
+from converter.formats import protobuf
 
 __all__ = ["TensorBundle", "TensorInfo", "masked_crc32c", "read_checkpoint"]
 
@@ -57,9 +57,6 @@ _SLICE_KEY_PREFIX = b"\x00"
 
 _CRC_MASK_DELTA = 0xA282EAD8
 
-# protobuf wire types
-_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
-
 # tensorflow/core/framework/types.proto DataType -> little-endian numpy dtype.
 _NUMPY_DTYPES: dict[int, str] = {
     1: "<f4",  # DT_FLOAT
@@ -78,6 +75,7 @@ _NUMPY_DTYPES: dict[int, str] = {
     23: "<u8",  # DT_UINT64
 }
 _DT_BFLOAT16 = 14
+_DT_STRING = 7
 _UNSUPPORTED_DTYPE_NAMES: dict[int, str] = {
     0: "invalid",
     7: "string",
@@ -91,7 +89,7 @@ _UNSUPPORTED_DTYPE_NAMES: dict[int, str] = {
 }
 
 
-class _Corrupt(CheckpointFormatError):
+class _Corrupt(protobuf.MalformedMessage):
     """Internal: a structural problem, re-raised with the file name by :class:`TensorBundle`."""
 
 
@@ -107,85 +105,6 @@ def masked_crc32c(data: bytes | bytearray | memoryview | np.ndarray) -> int:
     """
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xFFFFFFFF
-
-
-# ---------------------------------------------------------------------------------------------------
-# Minimal protobuf wire-format decoding
-# ---------------------------------------------------------------------------------------------------
-
-
-def _read_varint(buf: bytes, pos: int, end: int, max_bytes: int = 10) -> tuple[int, int]:
-    """Decode the base-128 varint at ``pos`` (not reading past ``end``); return ``(value, next_pos)``."""
-    if pos < end and buf[pos] < 0x80:  # fast path: most values in an index fit in one byte
-        return buf[pos], pos + 1
-    result = 0
-    for index in range(max_bytes):
-        if pos >= end:
-            raise _Corrupt("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << (7 * index)
-        if byte < 0x80:
-            return result & 0xFFFFFFFFFFFFFFFF, pos
-    raise _Corrupt(f"varint longer than {max_bytes} bytes")
-
-
-def _read_varint32(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    value, pos = _read_varint(buf, pos, end, max_bytes=5)
-    if value >= 1 << 32:
-        raise _Corrupt("32-bit varint out of range")
-    return value, pos
-
-
-def _signed64(value: int) -> int:
-    """Reinterpret an unsigned 64-bit varint as the two's-complement int64/int32 protobuf encodes."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _proto_fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
-    """Yield ``(field_number, wire_type, value)`` for each field of a serialized message."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        tag, pos = _read_varint(buf, pos, end)
-        field, wire = tag >> 3, tag & 7
-        if field == 0:
-            raise _Corrupt("protobuf field number 0")
-        value: int | bytes
-        if wire == _VARINT:
-            value, pos = _read_varint(buf, pos, end)
-        elif wire in (_FIXED64, _FIXED32):
-            width = 8 if wire == _FIXED64 else 4
-            if end - pos < width:
-                raise _Corrupt("truncated fixed-width protobuf field")
-            value = int.from_bytes(buf[pos : pos + width], "little")
-            pos += width
-        elif wire == _LENGTH_DELIMITED:
-            length, pos = _read_varint(buf, pos, end)
-            if length > end - pos:
-                raise _Corrupt("protobuf field runs past the end of its message")
-            value = buf[pos : pos + length]
-            pos += length
-        else:  # groups (3, 4) are deprecated and never used by these messages; 6, 7 do not exist
-            raise _Corrupt(f"unsupported protobuf wire type {wire}")
-        yield field, wire, value
-
-
-def _expect(wire: int, value: int | bytes, expected_wire: int, what: str) -> int | bytes:
-    if wire != expected_wire:
-        raise _Corrupt(f"{what} has protobuf wire type {wire}, expected {expected_wire}")
-    return value
-
-
-def _expect_int(wire: int, value: int | bytes, what: str) -> int:
-    result = _expect(wire, value, _VARINT, what)
-    assert isinstance(result, int)
-    return _signed64(result)
-
-
-def _expect_bytes(wire: int, value: int | bytes, what: str) -> bytes:
-    result = _expect(wire, value, _LENGTH_DELIMITED, what)
-    assert isinstance(result, bytes)
-    return result
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,13 +134,13 @@ class _Entry:
 def _parse_header(buf: bytes) -> _Header:
     num_shards = endianness = min_consumer = 0
     bad_consumers: list[int] = []
-    for field, wire, value in _proto_fields(buf):
+    for field, wire, value in protobuf.fields(buf):
         if field == 1:
-            num_shards = _expect_int(wire, value, "header num_shards")
+            num_shards = protobuf.expect_int(wire, value, "header num_shards")
         elif field == 2:
-            endianness = _expect_int(wire, value, "header endianness")
+            endianness = protobuf.expect_int(wire, value, "header endianness")
         elif field == 3:
-            min_consumer, bad_consumers = _parse_version(_expect_bytes(wire, value, "header version"))
+            min_consumer, bad_consumers = _parse_version(protobuf.expect_bytes(wire, value, "header version"))
     return _Header(num_shards, endianness, min_consumer, tuple(bad_consumers))
 
 
@@ -229,37 +148,37 @@ def _parse_version(buf: bytes) -> tuple[int, list[int]]:
     """Return ``(min_consumer, bad_consumers)`` of a ``VersionDef``."""
     min_consumer = 0
     bad_consumers: list[int] = []
-    for field, wire, value in _proto_fields(buf):
+    for field, wire, value in protobuf.fields(buf):
         if field == 2:
-            min_consumer = _expect_int(wire, value, "version min_consumer")
-        elif field == 3 and wire == _LENGTH_DELIMITED:  # packed repeated int32
+            min_consumer = protobuf.expect_int(wire, value, "version min_consumer")
+        elif field == 3 and wire == protobuf.LENGTH_DELIMITED:  # packed repeated int32
             assert isinstance(value, bytes)
             pos = 0
             while pos < len(value):
-                consumer, pos = _read_varint(value, pos, len(value))
-                bad_consumers.append(_signed64(consumer))
+                consumer, pos = protobuf.read_varint(value, pos, len(value))
+                bad_consumers.append(protobuf.signed64(consumer))
         elif field == 3:
-            bad_consumers.append(_expect_int(wire, value, "version bad_consumers"))
+            bad_consumers.append(protobuf.expect_int(wire, value, "version bad_consumers"))
     return min_consumer, bad_consumers
 
 
 def _parse_shape(buf: bytes) -> tuple[int, ...]:
     dims: list[int] = []
-    for field, wire, value in _proto_fields(buf):
+    for field, wire, value in protobuf.fields(buf):
         if field == 2:
-            dims.append(_parse_dim(_expect_bytes(wire, value, "shape dim")))
+            dims.append(_parse_dim(protobuf.expect_bytes(wire, value, "shape dim")))
             if len(dims) > _MAX_RANK:
                 raise _Corrupt(f"shape has more than {_MAX_RANK} dimensions")
-        elif field == 3 and _expect_int(wire, value, "shape unknown_rank"):
+        elif field == 3 and protobuf.expect_int(wire, value, "shape unknown_rank"):
             raise _Corrupt("shape has unknown rank")
     return tuple(dims)
 
 
 def _parse_dim(buf: bytes) -> int:
     size = 0
-    for field, wire, value in _proto_fields(buf):
+    for field, wire, value in protobuf.fields(buf):
         if field == 1:
-            size = _expect_int(wire, value, "dimension size")
+            size = protobuf.expect_int(wire, value, "dimension size")
     if size < 0:
         raise _Corrupt(f"dimension of size {size}")
     return size
@@ -269,19 +188,19 @@ def _parse_entry(buf: bytes) -> _Entry:
     dtype_code = shard = offset = size = crc = 0
     shape: tuple[int, ...] = ()
     sliced = False
-    for field, wire, value in _proto_fields(buf):
+    for field, wire, value in protobuf.fields(buf):
         if field == 1:
-            dtype_code = _expect_int(wire, value, "dtype")
+            dtype_code = protobuf.expect_int(wire, value, "dtype")
         elif field == 2:
-            shape = _parse_shape(_expect_bytes(wire, value, "shape"))
+            shape = _parse_shape(protobuf.expect_bytes(wire, value, "shape"))
         elif field == 3:
-            shard = _expect_int(wire, value, "shard_id")
+            shard = protobuf.expect_int(wire, value, "shard_id")
         elif field == 4:
-            offset = _expect_int(wire, value, "offset")
+            offset = protobuf.expect_int(wire, value, "offset")
         elif field == 5:
-            size = _expect_int(wire, value, "size")
+            size = protobuf.expect_int(wire, value, "size")
         elif field == 6:
-            crc = _expect(wire, value, _FIXED32, "crc32c")
+            crc = protobuf.expect(wire, value, protobuf.FIXED32, "crc32c")
             assert isinstance(crc, int)
         elif field == 7:
             sliced = True
@@ -295,8 +214,8 @@ def _parse_entry(buf: bytes) -> _Entry:
 
 def _read_handle(buf: bytes, pos: int, end: int) -> tuple[tuple[int, int], int]:
     """Decode a BlockHandle (offset, size); return ``((offset, size), next_pos)``."""
-    offset, pos = _read_varint(buf, pos, end)
-    size, pos = _read_varint(buf, pos, end)
+    offset, pos = protobuf.read_varint(buf, pos, end)
+    size, pos = protobuf.read_varint(buf, pos, end)
     return (offset, size), pos
 
 
@@ -333,9 +252,9 @@ def _block_entries(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
     pos = 0
     while pos < entries_end:
         entry_start = pos
-        shared, pos = _read_varint32(block, pos, entries_end)
-        unshared, pos = _read_varint32(block, pos, entries_end)
-        value_length, pos = _read_varint32(block, pos, entries_end)
+        shared, pos = protobuf.read_varint32(block, pos, entries_end)
+        unshared, pos = protobuf.read_varint32(block, pos, entries_end)
+        value_length, pos = protobuf.read_varint32(block, pos, entries_end)
         if shared > len(key) or unshared + value_length > entries_end - pos:
             raise _Corrupt(f"{what} block entry at offset {entry_start} runs past its block")
         key_bytes_left -= shared + unshared
@@ -496,7 +415,7 @@ class TensorBundle:
             raise ChecksumError(
                 f"{self._index_path}: {err}: the index file is corrupted; re-download the checkpoint"
             ) from None
-        except _Corrupt as err:
+        except protobuf.MalformedMessage as err:
             raise CheckpointFormatError(
                 f"{self._index_path}: {err}; the file is damaged or not a TensorFlow V2 checkpoint index"
             ) from None
@@ -593,6 +512,42 @@ class TensorBundle:
                 "corrupted; re-download the checkpoint"
             )
         return np.asarray(raw).view(info.dtype).reshape(info.shape)
+
+    def read_strings(self, name: str) -> list[bytes]:
+        """The elements of the string tensor ``name`` (such as a SavedModel's object graph), checksum verified.
+
+        tensor_bundle.cc stores them as a varint64 length per element, a 4-byte CRC-32C of the lengths,
+        then the bytes; the entry's masked CRC covers the lengths (each as a little-endian uint32, or
+        uint64 past 4 GiB), that checksum and the bytes.
+        """
+        if self._closed:
+            raise ValueError("read from a closed TensorBundle")
+        entry = self._entry(name)
+        if entry.dtype_code != _DT_STRING:
+            raise UnsupportedDTypeError(f"tensor {name!r} is not a string tensor")
+        count = math.prod(entry.shape)
+        shard = self._shard(entry.shard)
+        if entry.offset < 0 or entry.offset + entry.size > shard.size:
+            raise CheckpointFormatError(f"string tensor {name!r} lies past the end of {self._shard_paths[entry.shard]}")
+        raw = bytes(shard[entry.offset : entry.offset + entry.size])
+        lengths, pos = [], 0
+        try:
+            for _ in range(count):
+                length, pos = protobuf.read_varint(raw, pos, len(raw))
+                lengths.append(length)
+        except protobuf.MalformedMessage as err:
+            raise CheckpointFormatError(f"string tensor {name!r}: {err}") from None
+        lengths_crc, body = raw[pos : pos + 4], raw[pos + 4 :]
+        if len(lengths_crc) != 4 or sum(lengths) != len(body):
+            raise CheckpointFormatError(f"string tensor {name!r}: its lengths do not add up to its {len(raw)} bytes")
+        as_fixed = b"".join(length.to_bytes(4 if length < 1 << 32 else 8, "little") for length in lengths)
+        if masked_crc32c(as_fixed + lengths_crc + body) != entry.crc32c:
+            raise ChecksumError(f"string tensor {name!r}: checksum mismatch, the data file is corrupted")
+        values = []
+        for length in lengths:
+            values.append(body[:length])
+            body = body[length:]
+        return values
 
     def close(self) -> None:
         """Drop this bundle's references to the shard mappings.

@@ -10,27 +10,32 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from converter.errors import OutputError
+from converter.output import layout
 from converter.output.card import write_model_card
+from converter.output.records import ConversionRecord
 from mobilenet_torch.configuration import MobileNetV2Config
 
-WEIGHTS_NAME = "model.safetensors"
-PREPROCESSOR_NAME = "preprocessor_config.json"
-CONVERSION_NAME = "conversion.json"
 
+def check_output(output: Path, force: bool, sources: Iterable[Path] = ()) -> None:
+    """Fail before any work if the output cannot be written or is in the way.
 
-def check_output(output: Path, force: bool) -> None:
-    """Fail before any work if the output cannot be written or is in the way."""
+    `--force` replaces only an empty folder or one this toolkit wrote (its conversion record says so
+    and it holds nothing but the files the toolkit writes), and never one holding any of `sources`.
+    """
     if output.exists() and not output.is_dir():
         raise OutputError(f"{output} exists and is not a folder; choose another --output")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise OutputError(f"{output} already exists and is not empty; pass --force to replace it")
+    _check_not_inside(output, sources)
+    if output.is_dir() and any(output.iterdir()):
+        if not force:
+            raise OutputError(f"{output} already exists and is not empty; pass --force to replace it")
+        _check_replaceable(output)
     parent = output.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -40,10 +45,54 @@ def check_output(output: Path, force: bool) -> None:
         raise OutputError(f"cannot write in {parent}; choose another --output")
 
 
+def _check_not_inside(output: Path, sources: Iterable[Path]) -> None:
+    target = output.resolve()
+    for source in sources:
+        resolved = Path(source).resolve()
+        if resolved == target or target in resolved.parents:
+            raise OutputError(
+                f"{output} holds the source {source}: replacing it would delete the source; choose another --output"
+            )
+
+
+def _check_replaceable(output: Path) -> None:
+    """--force: the folder must be one this toolkit wrote, holding only files it writes."""
+    foreign = sorted(_foreign_entries(output))
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise OutputError(
+            f"--force replaces only a folder this tool wrote, but {output} also holds {shown}; move those "
+            "files away or choose another --output"
+        )
+    try:
+        record = json.loads((output / layout.CONVERSION).read_text())
+    except (OSError, ValueError):
+        record = None
+    if not (isinstance(record, dict) and str(record.get("toolkit", "")).startswith(layout.TOOLKIT_PREFIX)):
+        raise OutputError(
+            f"--force replaces only a folder this tool wrote, and {output} has no {layout.CONVERSION} of "
+            "mobilenet-convert; choose another --output"
+        )
+
+
+def _foreign_entries(output: Path) -> Iterator[str]:
+    for entry in output.iterdir():
+        if entry.is_symlink():
+            yield entry.name
+        elif entry.is_dir() and entry.name in layout.FOLDERS:
+            allowed = layout.FOLDERS[entry.name]
+            for inner in entry.iterdir():
+                if inner.name not in allowed or inner.is_symlink() or not inner.is_file():
+                    yield f"{entry.name}/{inner.name}"
+        elif not (entry.is_file() and entry.name in layout.FILES):
+            yield entry.name
+
+
 @contextlib.contextmanager
-def staged_output(output: Path, force: bool) -> Iterator[Path]:
+def staged_output(output: Path, force: bool, sources: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield a private staging folder next to `output`; publish it only if the block succeeds."""
-    check_output(output, force)
+    sources = tuple(sources)
+    check_output(output, force, sources)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     except OSError as error:
@@ -51,12 +100,12 @@ def staged_output(output: Path, force: bool) -> Iterator[Path]:
     try:
         yield staging
         os.chmod(staging, 0o755)
-        _publish(staging, output, force)
+        _publish(staging, output, force, sources)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _publish(staging: Path, output: Path, force: bool) -> None:
+def _publish(staging: Path, output: Path, force: bool, sources: tuple[Path, ...]) -> None:
     try:
         os.rename(staging, output)  # succeeds when output is absent or an empty folder
         return
@@ -65,7 +114,9 @@ def _publish(staging: Path, output: Path, force: bool) -> None:
             raise OutputError(f"cannot publish {output}: {error.strerror}") from None
         if not force:
             raise OutputError(f"{output} appeared meanwhile and is not empty; pass --force to replace it") from None
-    # --force over an existing folder: swap the two atomically; the old one, now staged, is deleted.
+    # --force over a folder this tool wrote (checked again: it may have changed while converting): swap
+    # the two atomically; the old one, now in the staging place, is deleted with it.
+    check_output(output, force, sources)
     _exchange(staging, output)
 
 
@@ -106,17 +157,23 @@ def write_model_folder(
     state: Mapping[str, np.ndarray],
     config: MobileNetV2Config,
     architecture: str,
-    conversion: Mapping[str, Any],
+    record: ConversionRecord,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> None:
-    """The files of a converted model: weights, config, preprocessing, provenance and README.md."""
+    """The files of a converted model: weights, config, preprocessing, provenance, README.md and any
+    files the source's reader adds (each one a name of `layout.FILES`, so --force knows it as ours)."""
     from safetensors.numpy import save_file
 
     config.architectures = [architecture]
     config.save_pretrained(folder)
-    save_file(dict(state), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(dict(state), str(folder / layout.WEIGHTS), metadata={"format": "pt"})
     segmentation = "Segmentation" in architecture
-    _write_json(folder / PREPROCESSOR_NAME, preprocessor_config(config.image_size, segmentation))
-    _write_json(folder / CONVERSION_NAME, conversion)
+    _write_json(folder / layout.PREPROCESSOR, preprocessor_config(config.image_size, segmentation))
+    record.write(folder)
+    for name, content in (extra_files or {}).items():
+        if name not in layout.FILES:
+            raise ValueError(f"{name} is not a file name of converter.output.layout")
+        (folder / name).write_bytes(content)
     write_model_card(folder)
 
 

@@ -1,4 +1,8 @@
-"""`convert_checkpoint`: source -> tensors -> chosen weights -> state dict -> output folder."""
+"""`convert_checkpoint`: source -> tensors -> chosen weights -> state dict -> output folder.
+
+Nothing here knows the source's format (the reader does) or imports torch: shapes come from
+`mobilenet_torch.architecture`, safetensors are written through their numpy API.
+"""
 
 from __future__ import annotations
 
@@ -12,22 +16,19 @@ import numpy as np
 
 from converter import __version__
 from converter.errors import NonFiniteWeightsError, UsageError
-from converter.formats.files import CheckpointSource, file_sha256, open_source
-from converter.formats.tf_bundle import TensorBundle
+from converter.formats import Reader, open_reader
+from converter.output.records import ConversionRecord
 from converter.output.writer import check_output, staged_output, write_model_folder
-from converter.pipeline.conventions import plan_weights
-from converter.pipeline.table import CLASSIFICATION, apply_rules, rules_for
-from converter.pipeline.variants import Variant, detect_variant, expected_shapes
-
-ARCHITECTURES = {
-    CLASSIFICATION: "MobileNetV2ForImageClassification",
-    "deeplab": "MobileNetV2ForSemanticSegmentation",
-}
+from converter.pipeline.conventions import WeightsPlan, plan_weights
+from converter.pipeline.table import apply_rules, rules_for
+from converter.pipeline.variants import SIZE_ASSUMED, Variant, detect_variant, expected_shapes
+from converter.vocabulary import CLASSIFICATION, DEEPLAB
+from mobilenet_torch.architecture import PLACEHOLDER_PREFIX, placeholder_arrays
 
 
 @dataclass(frozen=True)
 class ConversionSummary:
-    """What `convert_checkpoint` did, also written to `conversion.json`."""
+    """What `convert_checkpoint` did (its record is the folder's `conversion.json`)."""
 
     output: Path
     variant: Variant
@@ -35,12 +36,14 @@ class ConversionSummary:
     mapped: int
     ignored: int
     seconds: float
+    notes: tuple[str, ...] = ()
 
 
 def convert_checkpoint(
     src: str | os.PathLike,
     output: str | os.PathLike | None = None,
     *,
+    format: str | None = None,
     depth: float | None = None,
     size: int | None = None,
     weights: str | None = None,
@@ -51,55 +54,67 @@ def convert_checkpoint(
     force: bool = False,
     download: dict[str, Any] | None = None,
 ) -> ConversionSummary:
-    """Convert a TF MobileNetV2 checkpoint (prefix, folder or zoo archive) into a model folder.
+    """Convert a MobileNetV2 source (checkpoint, zoo archive, SavedModel, ...) into a model folder.
 
     Args:
-        src: checkpoint prefix, a folder holding one checkpoint, or the zoo `.tgz`.
+        src: a checkpoint prefix, a folder, a model file or an archive of them (see `converter.formats`).
         output: folder to write; defaults to the variant's name in the current folder.
-        depth, size: checked against the checkpoint (size sets `image_size`; default from the zoo name).
+        format: force a format by its registry name instead of recognising it.
+        depth, size: checked against the source (size sets `image_size`; inferred where the source says).
         weights: "ema", "raw" or "ema-all"; default "ema" when the checkpoint has shadows, else "raw".
         output_stride: DeepLab only, 8 or 16 (default 8, as the zoo's frozen graphs).
         drop_background: write a 1000-class head without the background class.
         avg_pool: "global" (transformers' pooling) or "fixed7x7" (slim's fixed 7x7 window, giving a logits
             map for inputs larger than the native size; transformers ignores this option).
         allow_non_finite: accept NaN/Inf weights instead of refusing them.
-        force: replace a non-empty output folder (atomically).
-        download: where the tarball came from (zoo URL, ...), recorded as `download` in conversion.json.
+        force: replace an output folder this toolkit wrote (atomically); never one holding other files
+            or the source.
+        download: where the source came from (zoo source, URL, sha256), recorded in conversion.json.
 
     Raises:
         converter.errors.ConverterError: for every problem with the inputs, with a message saying what to do.
     """
     started = time.perf_counter()
     if output is not None:
-        check_output(Path(output), force)
-    with open_source(src) as source, TensorBundle(source.prefix) as bundle:
-        names = bundle.names()
-        shapes = {name: bundle.info(name).shape for name in names}
+        check_output(Path(output), force, [Path(src)])
+    with open_reader(src, format) as reader:
+        names = reader.names()
         variant = detect_variant(
-            shapes, depth=depth, size=size, output_stride=output_stride, source_name=_source_name(source)
+            {name: reader.shape(name) for name in names},
+            depth=depth,
+            size=size,
+            output_stride=output_stride,
+            source_name=reader.source_name,
+            source_size=reader.hints.image_size,
         )
         if variant.kind != CLASSIFICATION and (drop_background or avg_pool != "global"):
-            raise UsageError("--drop-background and --avg-pool apply to ImageNet classifiers, not DeepLab models")
+            raise UsageError("--drop-background and --avg-pool apply to ImageNet classifiers only")
         plan = plan_weights(names, weights)
-        variables = {variable: bundle.read(tensor) for variable, tensor in plan.sources.items()}
+        variables = {variable: reader.read(tensor) for variable, tensor in plan.sources.items()}
         if not allow_non_finite:
             _check_finite(variables)
-        config = variant.config(drop_background, avg_pool)
+        config = variant.config(drop_background, avg_pool, reader.hints.labels)
         state = apply_rules(variables, variant.kind, expected_shapes(variant, drop_background), drop_background)
-        state.update(_placeholders(variant, config))
+        if variant.kind == DEEPLAB:
+            state.update(placeholder_arrays(config))
         output = Path(output) if output is not None else Path(variant.name)
-        ignored = sum(len(names) for names in plan.ignored.values())
-        summary = ConversionSummary(output, variant, plan.convention, len(rules_for(variant.kind)), ignored, 0.0)
-        conversion = _provenance(source, summary, plan.ignored, drop_background)
-        if download:
-            conversion["download"] = dict(download)
-        with staged_output(output, force) as staging:
-            write_model_folder(staging, state, config, ARCHITECTURES[variant.kind], conversion)
+        record = _record(reader, variant, plan, drop_background, download)
+        summary = ConversionSummary(
+            output,
+            variant,
+            record.weights,
+            len(rules_for(variant.kind)),
+            _count(plan.ignored),
+            0.0,
+            tuple(record.notes),
+        )
+        with staged_output(output, force, [Path(src), *reader.source_files()]) as staging:
+            write_model_folder(staging, state, config, variant.architecture, record, reader.extra_files())
     return replace(summary, seconds=time.perf_counter() - started)
 
 
-def _source_name(source: CheckpointSource) -> str:
-    return (source.archive or source.prefix).name
+def _count(ignored: dict[str, list[str]]) -> int:
+    return sum(len(names) for names in ignored.values())
 
 
 def _check_finite(variables: dict[str, np.ndarray]) -> None:
@@ -111,37 +126,35 @@ def _check_finite(variables: dict[str, np.ndarray]) -> None:
         )
 
 
-def _placeholders(variant: Variant, config) -> dict[str, np.ndarray]:
-    """transformers' segmentation model has a final 1x1 conv the original lacks: write it inert."""
-    if variant.kind == CLASSIFICATION:
-        return {}
-    from mobilenet_torch.modeling import final_conv_placeholders
-
-    return {name: tensor.numpy() for name, tensor in final_conv_placeholders(config).items()}
-
-
-def _provenance(
-    source: CheckpointSource, summary: ConversionSummary, ignored: dict[str, list[str]], drop_background: bool
-) -> dict[str, Any]:
-    files = [source.archive] if source.archive else list(source.files)
-    variant = summary.variant
-    record: dict[str, Any] = {
-        "toolkit": f"mobilenet-convert {__version__}",
-        "source": {
-            "name": _source_name(source),
-            "files": [{"name": p.name, "sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files],
+def _record(
+    reader: Reader, variant: Variant, plan: WeightsPlan, drop_background: bool, download: dict[str, Any] | None
+) -> ConversionRecord:
+    hints = reader.hints
+    notes = list(hints.notes)
+    if variant.size_from == SIZE_ASSUMED:
+        notes.append(
+            f"image_size {variant.size} is assumed: neither the source nor its file name says the size the "
+            "model was trained at; pass --size to set it"
+        )
+    record = ConversionRecord(
+        toolkit=f"mobilenet-convert {__version__}",
+        source={
+            "name": reader.source_name,
+            "format": reader.format,
+            "files": [asdict(file) for file in reader.provenance()],
         },
-        "variant": {**asdict(variant), "name": variant.name},
-        "weights": summary.weights,
-        "drop_background": drop_background,
-        "tensors": {
-            "mapped": summary.mapped,
-            "ignored": {reason: len(names) for reason, names in ignored.items()},
-        },
-    }
-    if variant.kind != CLASSIFICATION:
-        record["placeholders"] = {
-            "tensors": "mobilenet_v2.conv_1x1.*",
+        variant={**asdict(variant), "name": variant.name},
+        weights=hints.convention or plan.convention,
+        drop_background=drop_background,
+        tensors={"mapped": len(rules_for(variant.kind)), "ignored": {k: len(v) for k, v in plan.ignored.items()}},
+        notes=notes,
+        download=dict(download) if download else None,
+    )
+    if hints.preprocessing:
+        record.notes.append(f"preprocessing: {hints.preprocessing}")
+    if variant.kind == DEEPLAB:
+        record.placeholders = {
+            "tensors": f"{PLACEHOLDER_PREFIX}*",
             "why": "transformers' MobileNetV2ForSemanticSegmentation builds a final 1x1 conv that the original "
             "DeepLab graph does not have and whose output it never uses; it is written with zero weights and "
             "identity BatchNorm statistics so the folder loads there. mobilenet_torch does not load it.",

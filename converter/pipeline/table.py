@@ -15,10 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from converter.errors import MappingError
+from converter.vocabulary import ARCHITECTURES, BACKBONE, CLASSIFICATION, DEEPLAB
+from mobilenet_torch.architecture import ARCHITECTURES as MODEL_LAYOUTS
 
-CLASSIFICATION = "classification"
-DEEPLAB = "deeplab"
 NUM_BLOCKS = 16
+# The backbone rows name modules as the classification and segmentation models hold them; a backbone
+# model (MobileNetV2Model) holds them at its top level, without this prefix.
+BACKBONE_MODULE_PREFIX = "mobilenet_v2."
+BACKBONE_KINDS = (CLASSIFICATION, DEEPLAB, BACKBONE)
 
 # Layout changes, one small function per case.
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -31,13 +35,13 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 # (TF scope, PyTorch module, weight variable, transform, model kinds). "{k}" runs over blocks 1..16
 # and "{i}" is k - 1, transformers' index of that block.
 LAYERS: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
-    ("MobilenetV2/Conv", "mobilenet_v2.conv_stem.first_conv", "weights", "conv", (CLASSIFICATION, DEEPLAB)),
-    ("MobilenetV2/expanded_conv/depthwise", "mobilenet_v2.conv_stem.conv_3x3", "depthwise_weights", "depthwise", (CLASSIFICATION, DEEPLAB)),
-    ("MobilenetV2/expanded_conv/project", "mobilenet_v2.conv_stem.reduce_1x1", "weights", "conv", (CLASSIFICATION, DEEPLAB)),
-    ("MobilenetV2/expanded_conv_{k}/expand", "mobilenet_v2.layer.{i}.expand_1x1", "weights", "conv", (CLASSIFICATION, DEEPLAB)),
-    ("MobilenetV2/expanded_conv_{k}/depthwise", "mobilenet_v2.layer.{i}.conv_3x3", "depthwise_weights", "depthwise", (CLASSIFICATION, DEEPLAB)),
-    ("MobilenetV2/expanded_conv_{k}/project", "mobilenet_v2.layer.{i}.reduce_1x1", "weights", "conv", (CLASSIFICATION, DEEPLAB)),
-    ("MobilenetV2/Conv_1", "mobilenet_v2.conv_1x1", "weights", "conv", (CLASSIFICATION,)),
+    ("MobilenetV2/Conv", "mobilenet_v2.conv_stem.first_conv", "weights", "conv", BACKBONE_KINDS),
+    ("MobilenetV2/expanded_conv/depthwise", "mobilenet_v2.conv_stem.conv_3x3", "depthwise_weights", "depthwise", BACKBONE_KINDS),
+    ("MobilenetV2/expanded_conv/project", "mobilenet_v2.conv_stem.reduce_1x1", "weights", "conv", BACKBONE_KINDS),
+    ("MobilenetV2/expanded_conv_{k}/expand", "mobilenet_v2.layer.{i}.expand_1x1", "weights", "conv", BACKBONE_KINDS),
+    ("MobilenetV2/expanded_conv_{k}/depthwise", "mobilenet_v2.layer.{i}.conv_3x3", "depthwise_weights", "depthwise", BACKBONE_KINDS),
+    ("MobilenetV2/expanded_conv_{k}/project", "mobilenet_v2.layer.{i}.reduce_1x1", "weights", "conv", BACKBONE_KINDS),
+    ("MobilenetV2/Conv_1", "mobilenet_v2.conv_1x1", "weights", "conv", (CLASSIFICATION, BACKBONE)),
     ("image_pooling", "segmentation_head.conv_pool", "weights", "conv", (DEEPLAB,)),
     ("aspp0", "segmentation_head.conv_aspp", "weights", "conv", (DEEPLAB,)),
     ("concat_projection", "segmentation_head.conv_projection", "weights", "conv", (DEEPLAB,)),
@@ -64,12 +68,12 @@ HEADS = (
 
 # Slim endpoint -> (graph tensor, our module path, kinds). "{k}"/"{i}" as in LAYERS; "{n}" is k + 2.
 ENDPOINTS = (
-    ("layer_1", "MobilenetV2/Conv/Relu6:0", "mobilenet_v2.conv_stem.first_conv", (CLASSIFICATION, DEEPLAB)),
-    ("layer_2", "MobilenetV2/expanded_conv/output:0", "mobilenet_v2.conv_stem", (CLASSIFICATION, DEEPLAB)),
-    ("layer_{n}/expansion_output", "MobilenetV2/expanded_conv_{k}/expand/Relu6:0", "mobilenet_v2.layer.{i}.expand_1x1", (CLASSIFICATION, DEEPLAB)),
-    ("layer_{n}", "MobilenetV2/expanded_conv_{k}/output:0", "mobilenet_v2.layer.{i}", (CLASSIFICATION, DEEPLAB)),
-    ("layer_19", "MobilenetV2/Conv_1/Relu6:0", "mobilenet_v2.conv_1x1", (CLASSIFICATION,)),
-    ("global_pool", "MobilenetV2/Logits/AvgPool:0", "mobilenet_v2 (pooling)", (CLASSIFICATION,)),
+    ("layer_1", "MobilenetV2/Conv/Relu6:0", "mobilenet_v2.conv_stem.first_conv", BACKBONE_KINDS),
+    ("layer_2", "MobilenetV2/expanded_conv/output:0", "mobilenet_v2.conv_stem", BACKBONE_KINDS),
+    ("layer_{n}/expansion_output", "MobilenetV2/expanded_conv_{k}/expand/Relu6:0", "mobilenet_v2.layer.{i}.expand_1x1", BACKBONE_KINDS),
+    ("layer_{n}", "MobilenetV2/expanded_conv_{k}/output:0", "mobilenet_v2.layer.{i}", BACKBONE_KINDS),
+    ("layer_19", "MobilenetV2/Conv_1/Relu6:0", "mobilenet_v2.conv_1x1", (CLASSIFICATION, BACKBONE)),
+    ("global_pool", "MobilenetV2/Logits/AvgPool:0", "mobilenet_v2 (pooling)", (CLASSIFICATION, BACKBONE)),
     ("logits", "MobilenetV2/Logits/output:0", "classifier", (CLASSIFICATION,)),
     ("image_pooling", "image_pooling/Relu:0", "segmentation_head.conv_pool", (DEEPLAB,)),
     ("aspp0", "aspp0/Relu:0", "segmentation_head.conv_aspp", (DEEPLAB,)),
@@ -96,11 +100,18 @@ def _expand(template: str) -> list[dict[str, int]]:
 def conv_layers(kind: str) -> list[tuple[str, str, str, str]]:
     """(TF scope, PyTorch module, weight variable, transform) of every conv + BatchNorm layer."""
     return [
-        (scope.format(**values), module.format(**values), weight, transform)
+        (scope.format(**values), module_path(kind, module.format(**values)), weight, transform)
         for scope, module, weight, transform, kinds in LAYERS
         if kind in kinds
         for values in _expand(scope)
     ]
+
+
+def module_path(kind: str, module: str) -> str:
+    """`module` as the model class of `kind` names it (a backbone model has no `mobilenet_v2.` prefix)."""
+    if not module.startswith(BACKBONE_MODULE_PREFIX):
+        return module
+    return MODEL_LAYOUTS[ARCHITECTURES[kind]][0] + module.removeprefix(BACKBONE_MODULE_PREFIX)
 
 
 def rules_for(kind: str) -> list[Rule]:
@@ -123,7 +134,10 @@ def endpoints_for(kind: str) -> list[tuple[str, str, str]]:
     rows = []
     for endpoint, tensor, module, kinds in ENDPOINTS:
         if kind in kinds:
-            rows += [(endpoint.format(**v), tensor.format(**v), module.format(**v)) for v in _expand(tensor)]
+            rows += [
+                (endpoint.format(**v), tensor.format(**v), module_path(kind, module.format(**v)))
+                for v in _expand(tensor)
+            ]
     order = {"layer_1": 0, "layer_2": 1}
     return sorted(rows, key=lambda row: _endpoint_rank(row[0], order))
 

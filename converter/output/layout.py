@@ -1,0 +1,23 @@
+"""The names of everything this toolkit writes into an output folder, defined once.
+
+`--force` may replace a folder only when it holds nothing but these (see `converter.output.writer`).
+"""
+
+from __future__ import annotations
+
+from mobilenet_torch.configuration import CONFIG_NAME
+
+WEIGHTS = "model.safetensors"
+CONFIG = CONFIG_NAME
+PREPROCESSOR = "preprocessor_config.json"
+CONVERSION = "conversion.json"
+CARD = "README.md"
+ONNX = "model.onnx"
+PARITY_FOLDER = "parity"
+PARITY_REPORTS = ("parity.json", "parity.md", "parity.xml", "parity.png")
+PARITY_JSON = f"{PARITY_FOLDER}/{PARITY_REPORTS[0]}"
+
+#: Top-level files of a converted folder, and its one subfolder with the files it may hold.
+FILES = frozenset({WEIGHTS, CONFIG, PREPROCESSOR, CONVERSION, CARD, ONNX})
+FOLDERS = {PARITY_FOLDER: frozenset(PARITY_REPORTS)}
+TOOLKIT_PREFIX = "mobilenet-convert"

@@ -1,0 +1,38 @@
+"""The toolkit's vocabulary, defined once: model kinds, weights conventions, output folder names.
+
+(Output file names are in :mod:`converter.output.layout`.)
+"""
+
+from __future__ import annotations
+
+# Model kinds: what a source holds, and the model class a converted folder is loaded with.
+CLASSIFICATION = "classification"  # slim ImageNet classifier (or a fine-tuned one)
+DEEPLAB = "deeplab"  # DeepLab v3 on MobileNetV2 (PASCAL VOC)
+BACKBONE = "backbone"  # the backbone alone (Keras include_top=False, ..._no_top files)
+KINDS = (CLASSIFICATION, DEEPLAB, BACKBONE)
+ARCHITECTURES = {
+    CLASSIFICATION: "MobileNetV2ForImageClassification",
+    DEEPLAB: "MobileNetV2ForSemanticSegmentation",
+    BACKBONE: "MobileNetV2Model",
+}
+
+# Weights conventions of checkpoints with exponential moving averages (see converter.pipeline.conventions).
+EMA, RAW, EMA_ALL = "ema", "raw", "ema-all"
+CONVENTIONS = (EMA, RAW, EMA_ALL)
+
+
+def kind_of_architecture(architectures: list[str] | None) -> str:
+    """The kind of a converted folder, from `config.json`'s `architectures`."""
+    for kind, name in ARCHITECTURES.items():
+        if architectures and name in architectures:
+            return kind
+    return CLASSIFICATION
+
+
+def folder_name(kind: str, depth: float, size: int, output_stride: int = 32, trainval: bool = False) -> str:
+    """The default output folder of a converted model, e.g. `mobilenet_v2_1.0_224`."""
+    if kind == DEEPLAB:
+        name = f"deeplabv3_mobilenet_v2_{depth}_{size}_os{output_stride}"
+        return f"{name}_trainval" if trainval else name
+    suffix = "_backbone" if kind == BACKBONE else ""
+    return f"mobilenet_v2_{depth}_{size}{suffix}"

@@ -1,0 +1,119 @@
+"""The architecture as data, torch-free: slim's block table, the channel arithmetic, and the name and
+shape of every tensor of each model class (what the converter checks a conversion against without
+importing torch; a test proves it equals the models' own state dicts)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .configuration import MobileNetV2Config, expanded_channels, scaled_channels
+
+STEM_CHANNELS = 32
+STEM_OUT_CHANNELS = 16
+LAST_CHANNELS = 1280
+HEAD_CHANNELS = 256
+HEAD_NORM_EPS = 1e-5
+
+# slim's V2_DEF after the stem: (expansion, output channels, stride) for expanded_conv_1..16.
+BLOCKS: tuple[tuple[int, int, int], ...] = (
+    (6, 24, 2), (6, 24, 1),
+    (6, 32, 2), (6, 32, 1), (6, 32, 1),
+    (6, 64, 2), (6, 64, 1), (6, 64, 1), (6, 64, 1),
+    (6, 96, 1), (6, 96, 1), (6, 96, 1),
+    (6, 160, 2), (6, 160, 1), (6, 160, 1),
+    (6, 320, 1),
+)  # fmt: skip
+
+# Model class -> (prefix of the backbone's tensors, has the final 1x1 conv, head).
+ARCHITECTURES = {
+    "MobileNetV2Model": ("", True, None),
+    "MobileNetV2ForImageClassification": ("mobilenet_v2.", True, "classifier"),
+    "MobileNetV2ForSemanticSegmentation": ("mobilenet_v2.", False, "deeplab"),
+}
+
+
+def final_conv_channels(config: MobileNetV2Config) -> int:
+    """1280 for depth <= 1 ("finegrained" output), scaled above it (1792 at depth 1.4)."""
+    if config.finegrained_output and config.depth_multiplier < 1.0:
+        return LAST_CHANNELS
+    return scaled_channels(config, LAST_CHANNELS)
+
+
+def block_schedule(config: MobileNetV2Config) -> list[tuple[int, int]]:
+    """(stride, dilation) of each block: stride is traded for dilation past `output_stride`, as slim does."""
+    current_stride, rate, schedule = 2, 1, []
+    for _, _, stride in BLOCKS:
+        if current_stride == config.output_stride:
+            schedule.append((1, rate))
+            rate *= stride
+        else:
+            schedule.append((stride, 1))
+            current_stride *= stride
+    return schedule
+
+
+def block_channels(config: MobileNetV2Config) -> list[tuple[int, int, int]]:
+    """(in, expanded, out) channels of the stem block and the 16 blocks after it."""
+    stem = scaled_channels(config, STEM_CHANNELS)
+    rows = [(stem, stem, scaled_channels(config, STEM_OUT_CHANNELS))]
+    for expansion, out_channels, _ in BLOCKS:
+        in_channels = rows[-1][2]
+        rows.append(
+            (in_channels, expanded_channels(config, in_channels, expansion), scaled_channels(config, out_channels))
+        )
+    return rows
+
+
+def _conv_layer(module: str, in_channels: int, out_channels: int, kernel: int, depthwise: bool = False):
+    shapes = {f"{module}.convolution.weight": (out_channels, 1 if depthwise else in_channels, kernel, kernel)}
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        shapes[f"{module}.normalization.{name}"] = (out_channels,)
+    shapes[f"{module}.normalization.num_batches_tracked"] = ()
+    return shapes
+
+
+def state_shapes(config: MobileNetV2Config, architecture: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the state dict of `architecture` (a model class name)."""
+    prefix, final_conv, head = ARCHITECTURES[architecture]
+    rows = block_channels(config)
+    stem = rows[0][0]
+    shapes = _conv_layer(f"{prefix}conv_stem.first_conv", config.num_channels, stem, 3)
+    modules = [f"{prefix}conv_stem"] + [f"{prefix}layer.{i}" for i in range(len(BLOCKS))]
+    for module, (in_channels, expanded, out_channels) in zip(modules, rows, strict=True):
+        if expanded != in_channels:
+            shapes.update(_conv_layer(f"{module}.expand_1x1", in_channels, expanded, 1))
+        shapes.update(_conv_layer(f"{module}.conv_3x3", expanded, expanded, 3, depthwise=True))
+        shapes.update(_conv_layer(f"{module}.reduce_1x1", expanded, out_channels, 1))
+    features = rows[-1][2]
+    if final_conv:
+        features, last = final_conv_channels(config), features
+        shapes.update(_conv_layer(f"{prefix}conv_1x1", last, features, 1))
+    if head == "classifier":
+        shapes["classifier.weight"] = (config.num_labels, features)
+        shapes["classifier.bias"] = (config.num_labels,)
+    elif head == "deeplab":
+        shapes.update(_conv_layer("segmentation_head.conv_pool", features, HEAD_CHANNELS, 1))
+        shapes.update(_conv_layer("segmentation_head.conv_aspp", features, HEAD_CHANNELS, 1))
+        shapes.update(_conv_layer("segmentation_head.conv_projection", 2 * HEAD_CHANNELS, HEAD_CHANNELS, 1))
+        shapes["segmentation_head.classifier.convolution.weight"] = (config.num_labels, HEAD_CHANNELS, 1, 1)
+        shapes["segmentation_head.classifier.convolution.bias"] = (config.num_labels,)
+    return shapes
+
+
+# transformers' segmentation model builds (and runs, uselessly) a final 1x1 conv that DeepLab lacks.
+PLACEHOLDER_PREFIX = "mobilenet_v2.conv_1x1."
+_PLACEHOLDER_FILL = {"normalization.weight": 1.0, "normalization.running_var": 1.0}
+
+
+def placeholder_arrays(config: MobileNetV2Config) -> dict[str, np.ndarray]:
+    """Inert tensors for that conv (zero weights, identity BatchNorm statistics) so the folder loads there."""
+    shapes = state_shapes(config, "MobileNetV2ForImageClassification")
+    return {
+        name: np.full(
+            shape,
+            _PLACEHOLDER_FILL.get(name.removeprefix(PLACEHOLDER_PREFIX), 0),
+            np.int64 if not shape else np.float32,
+        )
+        for name, shape in shapes.items()
+        if name.startswith(PLACEHOLDER_PREFIX)
+    }
