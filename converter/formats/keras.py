@@ -38,7 +38,8 @@ import numpy as np
 
 from converter.errors import KerasFileError, KerasHeadError
 from converter.formats.base import Hints, Reader, References
-from converter.pipeline.table import CLASSIFICATION, HEADS, LAYER_PARAMS, NUM_BLOCKS
+from converter.pipeline.table import HEADS, LAYER_PARAMS, NUM_BLOCKS
+from converter.vocabulary import CLASSIFICATION
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 KERAS_ARCHIVE_MEMBERS = ("config.json", "model.weights.h5")
@@ -126,10 +127,10 @@ class KerasReader(Reader):
     format = "keras"
     description = "Keras MobileNetV2 (.h5 / .weights.h5 / .keras / sharded .weights.json), h5py only"
 
-    def __init__(self, path: Path, *, backbone_only: bool = False) -> None:
+    def __init__(self, path: Path, archive: Path | None = None, *, backbone_only: bool = False) -> None:
         """`backbone_only` drops whatever head the file has (several layers included) and keeps the
         104 backbone layers."""
-        super().__init__(Path(path))
+        super().__init__(Path(path), archive)
         self._files: list[Any] = []  # open h5py files
         self._sources = [self.path]
         self._notes: list[str] = []
@@ -643,7 +644,7 @@ class _ConfigFacts:
     def __init__(self, config: dict | None) -> None:
         self.notes: list[str] = []
         self.image_size: int | None = None
-        self.preprocessing: dict[str, Any] = dict(KERAS_INPUT, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        self.preprocessing: dict[str, Any] | None = None  # None: [-1, 1], as the preprocessor config
         self.pooling_problem: str | None = None
         self.model_name: str | None = None
         self.class_names: list[str] | None = None
@@ -698,7 +699,9 @@ class _ConfigFacts:
             return
         # x * scale + offset == (x / 255 - mean) / std with std = 1 / (255 scale), mean = -offset * std.
         std = 1 / (255 * scale)
-        self.preprocessing = dict(KERAS_INPUT, image_mean=(-offset * std).tolist(), image_std=std.tolist())
+        mean = -offset * std
+        if not np.allclose([mean, std], 0.5, rtol=1e-6):  # anything but x / 127.5 - 1
+            self.preprocessing = dict(KERAS_INPUT, image_mean=mean.tolist(), image_std=std.tolist())
         self.notes.append(
             f"The Keras model rescales its inputs itself (Rescaling {name}: x * {cfg.get('scale')} + "
             f"{cfg.get('offset', 0.0)}); the converted model leaves that to its preprocessor config."
