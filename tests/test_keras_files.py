@@ -16,6 +16,7 @@ import pytest
 
 from converter.errors import ConverterError, KerasFileError, KerasHeadError
 from converter.formats.keras import KerasReader
+from converter.output.records import ConversionRecord
 from fixtures.keras_builder import FINE_TUNED_ALPHA, ensure_keras_fixture
 
 pytest.importorskip("keras")  # Keras writes the files that get damaged here
@@ -211,3 +212,17 @@ def test_reading_never_imports_tensorflow_or_keras(small):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_cli_converts_a_keras_file_and_reports_a_damaged_one_in_one_line(small, tmp_path):
+    from tests.test_cli import assert_one_line_error, run_cli
+
+    result = run_cli("--checkpoint", small.file("keras3_archive"), "--output", tmp_path / "model")
+    assert result.returncode == 0, result.stderr
+    assert ConversionRecord.read(tmp_path / "model").source["format"] == "keras"
+    damaged = copy(small, LEGACY, tmp_path)
+    damaged.write_bytes(damaged.read_bytes()[:4096])
+    assert_one_line_error(run_cli("--checkpoint", damaged, "--output", tmp_path / "out"), 1, damaged.name)
+    assert not (tmp_path / "out").exists()
+    head = ensure_keras_fixture(FINE_TUNED_ALPHA).file("two_dense_archive")
+    assert_one_line_error(run_cli("--checkpoint", head, "--output", tmp_path / "out"), 1, "hidden_0", "backbone")
