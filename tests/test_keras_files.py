@@ -226,3 +226,18 @@ def test_cli_converts_a_keras_file_and_reports_a_damaged_one_in_one_line(small, 
     assert not (tmp_path / "out").exists()
     head = ensure_keras_fixture(FINE_TUNED_ALPHA).file("two_dense_archive")
     assert_one_line_error(run_cli("--checkpoint", head, "--output", tmp_path / "out"), 1, "hidden_0", "backbone")
+
+
+def test_class_names_in_the_model_config_become_the_labels(tmp_path):
+    source = ensure_keras_fixture(FINE_TUNED_ALPHA).file("fine_tuned_archive")
+    names = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+    target = tmp_path / "named.keras"
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "config.json":
+                data = json.dumps({**json.loads(data), "class_names": names}).encode()
+            dst.writestr(info, data)
+    reader = KerasReader(target)
+    assert reader.hints.labels == tuple(names)
+    reader.close()
