@@ -48,6 +48,9 @@ SHARD_INDEX_SUFFIX = ".weights.json"
 MAX_DIM = 1 << 17
 MAX_ARCHIVE_MEMBER_BYTES = 1 << 30
 MAX_CONFIG_BYTES = 64 << 20
+MAX_NAMES = 100_000  # layer or weight names in one attribute
+# What h5py raises for damaged files (HDF5's errors, mapped onto Python's by kind).
+HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 
 CONV, DEPTHWISE, BATCHNORM, DENSE = "conv2d", "depthwise_conv2d", "batch_normalization", "dense"
 CLASS_NAMES = {"Conv2D": CONV, "DepthwiseConv2D": DEPTHWISE, "BatchNormalization": BATCHNORM, "Dense": DENSE}
@@ -135,13 +138,18 @@ class KerasReader(Reader):
         self._sources = [self.path]
         self._notes: list[str] = []
         try:
-            config = self._open()
-            layers = self._stored_layers(config)
-            backbone, head = _assign(layers)
-            self._config = _ConfigFacts(config)
-            head = self._check_head(head, backbone_only)
-            self._tensors = _slim_tensors(backbone, head)
-            self._hints = self._make_hints(head)
+            try:
+                config = self._open()
+                layers = self._stored_layers(config)
+                backbone, head = _assign(layers)
+                self._config = _ConfigFacts(config)
+                head = self._check_head(head, backbone_only)
+                self._tensors = _slim_tensors(backbone, head)
+                self._hints = self._make_hints(head)
+            except HDF5_ERRORS as exc:
+                raise KerasFileError(
+                    f"{self.path.name} is damaged: its HDF5 structure cannot be read ({_first_line(exc)})"
+                ) from None
         except BaseException:
             self.close()
             raise
@@ -177,7 +185,7 @@ class KerasReader(Reader):
         dataset, shape = self._tensor(name)
         try:
             values = np.asarray(dataset[()])
-        except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        except HDF5_ERRORS as exc:
             raise KerasFileError(f"{self.path.name}: cannot read {dataset.name} ({_first_line(exc)})") from None
         if values.size != int(np.prod(shape)):
             raise KerasFileError(f"{self.path.name}: {dataset.name} holds {values.size} values, not {shape}")
@@ -218,8 +226,9 @@ class KerasReader(Reader):
         if name.endswith(".keras"):
             return self._open_archive()
         handle = self._h5(self.path)
-        raw = handle.attrs.get("model_config")
-        return _parse_json(raw, f"{self.path.name}: model_config") if raw is not None else None
+        if "model_config" not in handle.attrs:
+            return None
+        return _parse_json(_attribute(handle.attrs, "model_config", self.path.name), f"{self.path.name}: model_config")
 
     def _h5(self, source, label: str | None = None):
         import h5py
@@ -381,14 +390,22 @@ def _dataset(group, path: str, where: str):
     return node
 
 
+def _attribute(attrs, name: str, where: str):
+    """One attribute, its size checked before it is read (a damaged header can claim billions of values)."""
+    shape = attrs.get_id(name).shape or ()
+    if len(shape) > 1 or int(np.prod(shape)) > MAX_NAMES:
+        raise KerasFileError(f"{where}: attribute {name} claims shape {list(shape)}; the file is damaged")
+    return attrs[name]
+
+
 def _strings(attrs, name: str, where: str) -> list[str] | None:
     """A list-of-names attribute, whole or split into name0, name1, ... (Keras' 64 KB header limit)."""
     if name in attrs:
-        chunks = [attrs[name]]
+        chunks = [_attribute(attrs, name, where)]
     elif f"{name}0" in attrs:
         chunks, i = [], 0
-        while f"{name}{i}" in attrs:
-            chunks.append(attrs[f"{name}{i}"])
+        while f"{name}{i}" in attrs and i < MAX_NAMES:
+            chunks.append(_attribute(attrs, f"{name}{i}", where))
             i += 1
     else:
         return None
@@ -466,8 +483,8 @@ class _Merged:
 
     def attr(self, name: str) -> str | None:
         for group in self.groups:
-            value = group.attrs.get(name)
-            if value is not None:
+            if name in group.attrs:
+                value = _attribute(group.attrs, name, self.path)
                 return value.decode("utf8", errors="replace") if isinstance(value, bytes) else str(value)
         return None
 
