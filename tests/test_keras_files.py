@@ -241,3 +241,49 @@ def test_class_names_in_the_model_config_become_the_labels(tmp_path):
     reader = KerasReader(target)
     assert reader.hints.labels == tuple(names)
     reader.close()
+
+
+def tensors(path):
+    reader = KerasReader(path)
+    try:
+        return {name: reader.read(name) for name in reader.names()}
+    finally:
+        reader.close()
+
+
+def test_fixed_length_byte_names_read_like_strings(small, tmp_path):
+    """The published files store layer_names / weight_names as fixed-length bytes, not str."""
+    path = copy(small, LEGACY, tmp_path)
+    with h5py.File(path, "r+") as f:
+
+        def as_bytes(attrs, name):
+            attrs[name] = np.array([n.encode() for n in attrs[name]], dtype="S")
+
+        for key in [k for k in f.attrs if k.startswith("layer_names")]:
+            as_bytes(f.attrs, key)
+        f.visititems(lambda _, node: "weight_names" in node.attrs and as_bytes(node.attrs, "weight_names"))
+        assert f.attrs["layer_names"].dtype.kind == "S"
+    clean = tensors(small.file(LEGACY))
+    assert {n: a.tobytes() for n, a in tensors(path).items()} == {n: a.tobytes() for n, a in clean.items()}
+
+
+@pytest.mark.parametrize("kind", [KERAS3, "keras3_archive"])
+def test_keras3_files_without_name_attributes(small, tmp_path, kind):
+    """Older Keras 3 writers leave out the `name` attribute: class and counter alone place the layers."""
+    path = copy(small, kind, tmp_path)
+    if kind == KERAS3:
+        with h5py.File(path, "r+") as f:
+            f.visititems(lambda _, node: node.attrs.__delitem__("name") if "name" in node.attrs else None)
+    else:
+        with zipfile.ZipFile(small.file(kind)) as src, zipfile.ZipFile(path, "w") as dst:
+            for info in src.infolist():
+                data = src.read(info)
+                if info.filename == "model.weights.h5":
+                    inner = tmp_path / "inner.h5"
+                    inner.write_bytes(data)
+                    with h5py.File(inner, "r+") as f:
+                        f.visititems(lambda _, node: node.attrs.__delitem__("name") if "name" in node.attrs else None)
+                    data = inner.read_bytes()
+                dst.writestr(info, data)
+    clean = tensors(small.file(kind))
+    assert {n: a.tobytes() for n, a in tensors(path).items()} == {n: a.tobytes() for n, a in clean.items()}
