@@ -318,8 +318,8 @@ class KerasReader(Reader):
                 f"({'; '.join(layer.describe() for layer in head)}); only a single Dense classifier maps onto "
                 f"MobileNetV2ForImageClassification{offer}"
             )
-        if facts.pooling_problem:
-            raise KerasHeadError(f"{self.path.name}: {facts.pooling_problem}{offer}")
+        if facts.head_problem:
+            raise KerasHeadError(f"{self.path.name}: {facts.head_problem}{offer}")
         return head[0]
 
     def _make_hints(self, head: Layer | None) -> Hints:
@@ -662,7 +662,7 @@ class _ConfigFacts:
         self.notes: list[str] = []
         self.image_size: int | None = None
         self.preprocessing: dict[str, Any] | None = None  # None: [-1, 1], as the preprocessor config
-        self.pooling_problem: str | None = None
+        self.head_problem: str | None = None
         self.model_name: str | None = None
         self.class_names: list[str] | None = None
         if not isinstance(config, dict):
@@ -683,15 +683,16 @@ class _ConfigFacts:
     def _inputs(self, before: list[tuple[str, str, dict]]) -> None:
         shapes = [c.get("batch_shape") or c.get("batch_input_shape") for _, _, c in before]
         shapes = [s for s in shapes if isinstance(s, list) and len(s) == 4]
-        if shapes:
+        # A base built with input_shape=None fixes its paddings for any size, even when wrapped at a fixed one.
+        if any(None in s[1:3] for s in shapes):
+            self.notes.append(
+                "The Keras backbone was built for inputs of any size (input_shape=None): Keras then pads stride-2 "
+                "layers ((0, 1), (0, 1)) at every size, which differs from TF's SAME padding at odd sizes; the "
+                "converted model uses SAME padding (exact for the original weights at every size)."
+            )
+        if shapes and None not in shapes[0][1:3]:
             rows, cols = shapes[0][1:3]
-            if rows is None or cols is None:
-                self.notes.append(
-                    "The Keras model takes inputs of any size (input_shape=None): Keras then pads stride-2 layers "
-                    "((0, 1), (0, 1)) at every size, which differs from TF's SAME padding at odd sizes; the converted "
-                    "model uses SAME padding (exact for the original weights at every size)."
-                )
-            elif rows == cols:
+            if rows == cols:
                 self.image_size = int(rows)
             else:
                 self.notes.append(f"The Keras model's input is {rows}x{cols} (not square).")
@@ -730,19 +731,19 @@ class _ConfigFacts:
         classes = [cls for cls, _, _ in before_dense]
         if dense:
             if "GlobalMaxPooling2D" in classes:
-                self.pooling_problem = "the classifier follows GlobalMaxPooling2D, but MobileNetV2 pools by average"
+                self.head_problem = "the classifier follows GlobalMaxPooling2D, but MobileNetV2 pools by average"
             elif "AveragePooling2D" in classes:
                 self.notes.append(
                     "The Keras head pools with a fixed AveragePooling2D window (global only at its native size); "
                     "the converted model pools globally."
                 )
             elif "GlobalAveragePooling2D" not in classes:
-                self.pooling_problem = f"the classifier does not follow global average pooling ({', '.join(classes)})"
+                self.head_problem = f"the classifier does not follow global average pooling ({', '.join(classes)})"
             activation = after[dense[0]][2].get("activation")
             if activation == "softmax":
                 self.notes.append("The Keras model ends in a softmax; the converted model returns logits.")
             elif activation not in (None, "linear"):
-                self.pooling_problem = f"the classifier applies activation {activation!r}, which MobileNetV2 does not"
+                self.head_problem = f"the classifier applies activation {activation!r}, which MobileNetV2 does not"
         for cls, name, _ in after:
             if cls not in ("Dense", "ReLU", "Activation", "GlobalAveragePooling2D", "AveragePooling2D", "Flatten",
                            "Softmax", "GlobalMaxPooling2D") and not INERT_LAYERS.match(cls):  # fmt: skip
