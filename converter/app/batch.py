@@ -3,7 +3,6 @@ whole zoo (`--all`), downloading through the cache (`converter.zoo.download`).""
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import sys
@@ -16,6 +15,7 @@ from typing import Any, TypeVar
 
 from converter.errors import USER_ERRORS
 from converter.output import layout
+from converter.output.records import ParityRecord
 from converter.output.writer import check_output
 from converter.zoo.download import MIRROR_ENV, fetch
 from converter.zoo.table import ZooEntry
@@ -187,19 +187,9 @@ def run_batch(
 
 
 def read_parity(folder: Path) -> tuple[bool | None, float | None]:
-    """(passed, max_abs_diff) from `folder/parity/parity.json`, (None, None) when there is none."""
-    try:
-        data = json.loads((folder / layout.PARITY_JSON).read_text())
-    except (OSError, ValueError):
-        return None, None
-    if not isinstance(data, dict):
-        return None, None
-    diff = data.get("max_abs_diff")
-    passed = data.get("passed")
-    return (
-        bool(passed) if passed is not None else None,
-        float(diff) if isinstance(diff, (int, float)) else None,
-    )
+    """(passed, max_abs_diff) from `folder`'s parity record, (None, None) when there is none."""
+    record = ParityRecord.read(folder / layout.PARITY_FOLDER)
+    return (None, None) if record is None else (record.passed, record.max_abs_diff)
 
 
 def summary_table(results: Sequence[BatchResult]) -> str:

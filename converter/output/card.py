@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.output import layout
+from converter.output.records import ConversionRecord, ParityRecord
 from converter.zoo import table as zoo
 
 WEIGHT_MEANINGS = {
@@ -17,19 +18,19 @@ WEIGHT_MEANINGS = {
     "ema-all": "every model variable restored from its exponential moving average (what slim's evaluation script does)",
     "raw": "the variables exactly as stored, without moving averages",
 }
-_PER_LAYER_KEYS = ("endpoints", "layers", "rows")  # parity.json: "endpoints", worst over the inputs
 
 
 def write_model_card(folder: Path) -> None:
     """Render `folder/README.md` from the folder's `conversion.json`, `config.json` and parity report."""
     folder = Path(folder)
-    conversion = _read_json(folder / "conversion.json") or {}
+    record = ConversionRecord.read(folder)
+    conversion = record.to_json() if record else {}
     config = _read_json(folder / "config.json") or {}
-    parity = _read_json(folder / layout.PARITY_JSON)
+    parity = ParityRecord.read(folder / layout.PARITY_FOLDER)
     (folder / layout.CARD).write_text(render_card(conversion, config, parity))
 
 
-def render_card(conversion: dict[str, Any], config: dict[str, Any], parity: dict[str, Any] | None = None) -> str:
+def render_card(conversion: dict[str, Any], config: dict[str, Any], parity: ParityRecord | None = None) -> str:
     variant = conversion.get("variant") or {}
     kind = variant.get("kind", "classification")
     segmentation = kind != "classification"
@@ -187,72 +188,38 @@ def _published(conversion: dict[str, Any], kind: str, depth, size, segmentation:
     return "## Published accuracy\n\n" + "\n\n".join(lines) + "\n"
 
 
-def _parity(parity: dict[str, Any] | None) -> str:
-    if not parity:
+def _parity(parity: ParityRecord | None) -> str:
+    if parity is None:
         return (
             "## Parity with the original graph\n\nNo parity report in this folder yet: the verifier "
             f"(`convert-mobilenet --verify`, `verify-mobilenet`) writes `{layout.PARITY_JSON}`.\n"
         )
-    passed = parity.get("passed")
-    verdict = "PASS" if passed else ("FAIL" if passed is not None else "unknown")
     lines = [
         "## Parity with the original graph\n",
         "This model and the original TensorFlow graph were run on the same inputs and compared endpoint by endpoint.\n",
         "| verdict | worst abs diff | tolerance | first divergence |",
         "| --- | --- | --- | --- |",
-        f"| **{verdict}** | {_number(parity.get('max_abs_diff'))} | {_tolerance(parity)} | "
-        f"{_divergence(parity.get('first_divergence'))} |",
+        f"| **{'PASS' if parity.passed else 'FAIL'}** | {_number(parity.max_abs_diff)} | {parity.tolerance or '?'} | "
+        f"{_divergence(parity.first_divergence)} |",
     ]
-    logits = _logits_row(parity)
+    logits = parity.endpoint("logits")
     if logits:
+        passed = {True: "yes", False: "no"}.get(logits.get("passed"), "")
         lines += [
             "",
             "| endpoint | max abs diff | tolerance | passed |",
             "| --- | --- | --- | --- |",
-            f"| {logits[0]} | {_number(logits[1])} | {_number(logits[2])} | {logits[3]} |",
+            f"| logits | {_number(logits.get('max_abs_diff'))} | {_number(logits.get('tolerance'))} | {passed} |",
         ]
     lines += ["", f"Every endpoint is listed in [{layout.PARITY_MD}]({layout.PARITY_MD})."]
     return "\n".join(lines) + "\n"
 
 
-def _tolerance(parity: dict[str, Any]) -> str:
-    atol, rtol = parity.get("atol"), parity.get("rtol")
-    if isinstance(atol, (int, float)) and isinstance(rtol, (int, float)):
-        return f"atol {atol:g} + rtol {rtol:g} x max abs reference"
-    return _number(parity.get("tolerance"))
-
-
-def _logits_row(parity: dict[str, Any]) -> tuple[str, Any, Any, str] | None:
-    for key in _PER_LAYER_KEYS:
-        rows = parity.get(key)
-        if isinstance(rows, dict):
-            rows = [{"name": name, **value} for name, value in rows.items() if isinstance(value, dict)]
-        if not isinstance(rows, list):
-            continue
-        for row in rows:
-            if not isinstance(row, dict):
-                continue
-            name = row.get("endpoint") or row.get("name") or row.get("layer")
-            if name == "logits":
-                diff = _first(row, "max_abs_diff", "max_diff", "diff")
-                tolerance = _first(row, "tolerance", "atol")
-                ok = row.get("passed", row.get("ok"))
-                return name, diff, tolerance, "yes" if ok else ("no" if ok is not None else "")
-    return None
-
-
-def _first(row: dict[str, Any], *keys: str):
-    return next((row[key] for key in keys if key in row), None)
-
-
-def _divergence(value) -> str:
+def _divergence(value: dict[str, Any] | None) -> str:
     if not value:
         return "none"
-    if isinstance(value, dict):
-        where = value.get("endpoint") or value.get("name") or value.get("layer") or "?"
-        detail = f" (max abs diff {_number(value['max_abs_diff'])})" if value.get("max_abs_diff") is not None else ""
-        return f"`{where}`{detail}"
-    return str(value)
+    detail = f" (max abs diff {_number(value['max_abs_diff'])})" if value.get("max_abs_diff") is not None else ""
+    return f"`{value.get('endpoint', '?')}`{detail}"
 
 
 def _number(value) -> str:

@@ -40,6 +40,7 @@ import numpy as np
 
 from converter.errors import ConverterError, ImageError, ModelFolderError, VerificationError
 from converter.images import open_image, preprocess
+from converter.output.records import ConversionRecord
 from converter.output.writer import preprocessor_config
 from converter.pipeline.conventions import plan_weights
 from converter.pipeline.table import CLASSIFICATION, DEEPLAB, endpoints_for
@@ -365,7 +366,8 @@ def verify_model(
     """
     started = time.perf_counter()
     model_dir = Path(model_dir)
-    conversion = _read_json(model_dir / "conversion.json")
+    record = ConversionRecord.read(model_dir)
+    conversion = record.to_json() if record else {}
     preprocessing = _read_json(model_dir / "preprocessor_config.json")
     model = _load_model(model_dir)
     config = model.config

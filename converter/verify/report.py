@@ -8,16 +8,16 @@ model card.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from converter.output import layout
+from converter.output.records import ParityRecord
 from converter.verify.compare import RANDOM, ParityResult, verify_model
 
-REPORT_NAMES = ("parity.json", "parity.md", "parity.xml", "parity.png")
 DEFAULT_REPORT_FOLDER = "parity"
 
 
@@ -63,12 +63,11 @@ def write_reports(result: ParityResult, report_dir: str | os.PathLike) -> list[P
     """Write parity.json, parity.md, parity.xml and (with matplotlib) parity.png; return their paths."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    data = result.to_json()
-    paths = [report_dir / name for name in REPORT_NAMES[:3]]
-    paths[0].write_text(json.dumps(data, indent=2) + "\n")
+    paths = [ParityRecord.from_json(result.to_json()).write(report_dir)]
+    paths += [report_dir / name for name in layout.PARITY_REPORTS[1:3]]
     paths[1].write_text(render_markdown(result))
     write_junit(result, paths[2])
-    png = write_plot(result, report_dir / REPORT_NAMES[3])
+    png = write_plot(result, report_dir / layout.PARITY_REPORTS[3])
     return paths + ([png] if png else [])
 
 
