@@ -45,3 +45,17 @@ def with_random_batchnorm(model):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.normal_(0, 0.2)
     return model.eval()
+
+
+def copied_frozen_graph(fixture, folder: Path):
+    """A copy of `fixture`'s checkpoint files in `folder`, with its frozen graph parsed for editing:
+    (folder, frozen graph path, GraphDef). Write the GraphDef back to the path once edited."""
+    import shutil
+
+    import tensorflow as tf
+
+    shutil.copytree(fixture.files, folder)
+    frozen = folder / fixture.frozen_graph.name
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(frozen.read_bytes())
+    return folder, frozen, graph_def

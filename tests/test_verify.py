@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from converter.pipeline.table import endpoints_for
-from tests.helpers import REPO
+from tests.helpers import REPO, copied_frozen_graph
 
 pytest.importorskip("tensorflow")
 
@@ -197,11 +197,7 @@ def test_frozen_graph_whose_logits_read_a_file_is_refused(small, small_model, tm
     """The folded frozen graph, with the logits made to depend (by data) on the contents of a file."""
     import tensorflow as tf
 
-    files = tmp_path / "ckpt"
-    shutil.copytree(small.files, files)
-    frozen = files / small.frozen_graph.name
-    graph_def = tf.compat.v1.GraphDef()
-    graph_def.ParseFromString(frozen.read_bytes())
+    files, frozen, graph_def = copied_frozen_graph(small, tmp_path / "ckpt")
     leak = tf.Graph()
     with leak.as_default(), tf.name_scope("sneaky"):
         length = tf.strings.length(tf.io.read_file(tf.constant(str(frozen))))

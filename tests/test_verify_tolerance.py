@@ -13,6 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from tests.helpers import copied_frozen_graph
+
 pytest.importorskip("tensorflow")
 
 SMALL = "mobilenet_v2_0.35_96"
@@ -149,13 +151,7 @@ def test_folded_frozen_graph_says_which_endpoints_it_lacks(small, converted, tmp
 
 
 def test_a_graph_without_logits_cannot_pass(small, converted, tmp_path):
-    import tensorflow as tf
-
-    files = tmp_path / "ckpt"
-    shutil.copytree(small.files, files)
-    frozen = files / small.frozen_graph.name
-    graph_def = tf.compat.v1.GraphDef()
-    graph_def.ParseFromString(frozen.read_bytes())
+    files, frozen, graph_def = copied_frozen_graph(small, tmp_path / "ckpt")
     for node in graph_def.node:
         if node.name == "MobilenetV2/Logits/output":
             node.name = "MobilenetV2/Logits/renamed"
