@@ -105,10 +105,17 @@ class FakeQuantMobileNetV2(nn.Module):
         for name, record in self.records.items():
             if "weights" in record:
                 self.layers[_key(name)] = FakeQuantConv(float_model.get_submodule(name), record, self.bits)
-        expected = [f"{prefix}{name}" for prefix, name in _conv_names(self.backbone)] + ["classifier"]
-        missing = [name for name in expected if _key(name) not in self.layers]
+        missing = [name for name in self._expected_steps() if name not in self.records]
         if missing:
             raise ModelFolderError(f"{FAKE_QUANTIZATION_FILE} has no ranges for {', '.join(missing[:3])}")
+
+    def _expected_steps(self) -> list[str]:
+        """Every conv layer, the classifier and every residual add, by step name."""
+        modules = self.backbone.named_modules(prefix="mobilenet_v2")
+        names = [name for name, module in modules if isinstance(module, ConvLayer)] + ["classifier"]
+        blocks = [("mobilenet_v2.conv_stem", self.backbone.conv_stem)]
+        blocks += [(f"mobilenet_v2.layer.{i}", block) for i, block in enumerate(self.backbone.layer)]
+        return names + [f"{name}.add" for name, block in blocks if block.use_residual]
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> FakeQuantMobileNetV2:
@@ -158,11 +165,6 @@ class FakeQuantMobileNetV2(nn.Module):
             out[f"{name}.add"] = fake_quant(block_input + x, add["min"], add["max"], self.bits)
             x = feed.get(f"{name}.add", out[f"{name}.add"])
         return x
-
-
-def _conv_names(backbone: nn.Module) -> list[tuple[str, str]]:
-    """(prefix, module path) of every conv layer of the backbone."""
-    return [("mobilenet_v2.", name) for name, module in backbone.named_modules() if isinstance(module, ConvLayer)]
 
 
 def _key(name: str) -> str:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from converter import convert_checkpoint
-from converter.pipeline.fake_quantization import BITS, quantization_places
+from converter.pipeline.conventions import plan_weights
+from converter.pipeline.fake_quantization import BITS, fake_quantization_files, quantization_places
 from fixtures.spec import checkpoint_inventory, get_variant
 from mobilenet_torch import MobileNetV2ForImageClassification
 from mobilenet_torch.errors import ModelFolderError
@@ -121,3 +122,16 @@ def test_fake_quant_model_equals_tf_fake_quant_graph_within_one_step_per_layer(q
 def test_fake_quant_model_needs_the_ranges_file(classifier_folder):
     with pytest.raises(ModelFolderError, match="fake_quantization.json"):
         FakeQuantMobileNetV2.from_pretrained(classifier_folder)
+
+
+def test_quantization_names_of_newer_rewriters_are_ignored_too():
+    names = ["MobilenetV2/Conv/weights", "fake_quantization_step", "MobilenetV2/expanded_conv_4/project/conv_quant/min"]
+    plan = plan_weights(names, "raw")
+    assert plan.sources == {"MobilenetV2/Conv/weights": "MobilenetV2/Conv/weights"}
+    assert plan.ignored["quantization"] == sorted(names[1:])
+
+
+def test_ranges_without_a_place_in_the_model_leave_a_note_instead_of_the_file():
+    names = ["MobilenetV2/expanded_conv_4/project/conv_quant/min", "MobilenetV2/expanded_conv_4/project/conv_quant/max"]
+    files, notes = fake_quantization_files(names, lambda name: np.float32(1.0), VARIANT.kind)
+    assert files == {} and len(notes) == 1 and "expanded_conv_4/project/conv_quant" in notes[0]
