@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from mobilenet_torch.configuration import CONFIG_NAME
-from mobilenet_torch.quantized_files import INTEGER_WEIGHTS_FILE, QUANTIZATION_FILE
+from mobilenet_torch.quantized_files import FAKE_QUANTIZATION_FILE, INTEGER_WEIGHTS_FILE, QUANTIZATION_FILE
 
 WEIGHTS = "model.safetensors"
 CONFIG = CONFIG_NAME
@@ -20,6 +20,7 @@ PARITY_JSON = f"{PARITY_FOLDER}/{PARITY_REPORTS[0]}"
 PARITY_MD = f"{PARITY_FOLDER}/{PARITY_REPORTS[1]}"
 
 #: Top-level files of a converted folder, and its one subfolder with the files it may hold.
-FILES = frozenset({WEIGHTS, CONFIG, PREPROCESSOR, CONVERSION, CARD, ONNX, QUANTIZATION_FILE, INTEGER_WEIGHTS_FILE})
+FILES = frozenset({WEIGHTS, CONFIG, PREPROCESSOR, CONVERSION, CARD, ONNX})
+FILES |= {QUANTIZATION_FILE, INTEGER_WEIGHTS_FILE, FAKE_QUANTIZATION_FILE}  # quantized sources only
 FOLDERS = {PARITY_FOLDER: frozenset(PARITY_REPORTS)}
 TOOLKIT_PREFIX = "mobilenet-convert"

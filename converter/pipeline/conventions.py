@@ -5,6 +5,9 @@ Conventions (see the project README):
 - ``ema``: trainable variables from their shadows, BatchNorm moving statistics raw (the authors'
   notebook and the Hugging Face port).
 - ``ema-all``: every model variable from its shadow (slim's eval script).
+
+Optimizer slots, ``global_step`` and the quantization variables of quantization-aware checkpoints are
+set aside by rule, each under its own reason.
 """
 
 from __future__ import annotations
@@ -19,6 +22,12 @@ EMA_SUFFIX = "/ExponentialMovingAverage"
 # Optimizer state and bookkeeping that never belongs to the model.
 OPTIMIZER_SLOT_SUFFIXES = ("/RMSProp", "/RMSProp_1", "/Momentum")
 BOOKKEEPING_NAMES = ("global_step",)
+# tf.contrib.quantize's variables in quantization-aware checkpoints: every one lives under a scope whose
+# last part ends with this (weights_quant, act_quant, post_activation_bypass_quant, ...), moving-average
+# bookkeeping (<prefix>/<prefix>/min/biased, .../local_step) included; the quantization delay's counter
+# has its own name.
+QUANTIZATION_SCOPE_SUFFIX = "_quant"
+QUANTIZATION_BOOKKEEPING_NAMES = ("fake_quantization_step",)
 NON_TRAINABLE_SUFFIXES = ("/moving_mean", "/moving_variance")
 
 
@@ -31,8 +40,13 @@ class WeightsPlan:
     ignored: dict[str, list[str]]
 
 
+def is_quantization_variable(name: str) -> bool:
+    scopes = name.split("/")[:-1]
+    return name in QUANTIZATION_BOOKKEEPING_NAMES or any(s.endswith(QUANTIZATION_SCOPE_SUFFIX) for s in scopes)
+
+
 def is_ignored_by_rule(name: str) -> bool:
-    return name in BOOKKEEPING_NAMES or name.endswith(OPTIMIZER_SLOT_SUFFIXES)
+    return name in BOOKKEEPING_NAMES or name.endswith(OPTIMIZER_SLOT_SUFFIXES) or is_quantization_variable(name)
 
 
 def plan_weights(names: Iterable[str], convention: str | None = None) -> WeightsPlan:
@@ -40,7 +54,8 @@ def plan_weights(names: Iterable[str], convention: str | None = None) -> Weights
     names = list(names)
     slots = sorted(n for n in names if n.endswith(OPTIMIZER_SLOT_SUFFIXES))
     bookkeeping = sorted(n for n in names if n in BOOKKEEPING_NAMES)
-    shadows = {n[: -len(EMA_SUFFIX)] for n in names if n.endswith(EMA_SUFFIX)}
+    quantization = sorted(n for n in names if is_quantization_variable(n))
+    shadows = {n[: -len(EMA_SUFFIX)] for n in names if n.endswith(EMA_SUFFIX) and not is_quantization_variable(n)}
     variables = sorted(n for n in names if not is_ignored_by_rule(n) and not n.endswith(EMA_SUFFIX))
 
     if convention is None:
@@ -71,6 +86,7 @@ def plan_weights(names: Iterable[str], convention: str | None = None) -> Weights
     ignored = {
         "optimizer_slots": slots,
         "bookkeeping": bookkeeping,
+        "quantization": quantization,
         "unused_ema_shadows": unused_shadows,
         "raw_values_replaced_by_shadows": unused_raw,
     }

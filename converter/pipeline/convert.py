@@ -20,6 +20,7 @@ from converter.formats import Reader, open_reader
 from converter.output.records import ConversionRecord
 from converter.output.writer import check_output, staged_output, write_model_folder
 from converter.pipeline.conventions import WeightsPlan, plan_weights
+from converter.pipeline.fake_quantization import fake_quantization_files
 from converter.pipeline.table import apply_rules, rules_for
 from converter.pipeline.variants import SIZE_ASSUMED, Variant, detect_variant, expected_shapes
 from converter.vocabulary import CLASSIFICATION, DEEPLAB
@@ -109,6 +110,8 @@ def convert_checkpoint(
             state.update(placeholder_arrays(config))
         output = Path(output) if output is not None else Path(variant.name)
         record = _record(reader, variant, plan, background, download)
+        fake_quantization, notes = fake_quantization_files(plan.ignored["quantization"], reader.read, variant.kind)
+        record.notes.extend(notes)
         summary = ConversionSummary(
             output,
             variant,
@@ -119,8 +122,9 @@ def convert_checkpoint(
             tuple(record.notes),
         )
         with staged_output(output, force, [Path(src), *reader.source_files()]) as staging:
+            extra_files = {**reader.extra_files(), **fake_quantization}
             write_model_folder(
-                staging, state, config, variant.architecture, record, reader.extra_files(), reader.hints.preprocessing
+                staging, state, config, variant.architecture, record, extra_files, reader.hints.preprocessing
             )
     return replace(summary, seconds=time.perf_counter() - started)
 
