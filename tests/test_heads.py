@@ -78,3 +78,24 @@ def test_a_thousand_class_head_gets_imagenet_labels_and_refuses_drop_background(
         convert_checkpoint(thousand_class_checkpoint, tmp_path / "dropped", drop_background=True)
     with pytest.raises(UsageError, match="contradict"):
         convert_checkpoint(thousand_class_checkpoint, tmp_path / "both", drop_background=True, add_background=True)
+
+
+def test_a_renamed_checkpoint_gets_no_silent_image_size(tmp_path):
+    """A prefix that is not a zoo name does not say its size: 224 is recorded as assumed, with a note in
+    conversion.json and on the command line, and --size sets it."""
+    import shutil
+    import subprocess
+    import sys
+
+    files = ensure_fixture(NAME).root / "files"
+    for path in files.glob(f"{NAME}.ckpt.*"):
+        shutil.copy(path, tmp_path / path.name.replace(NAME, "my_model"))
+    command = [sys.executable, "-c", "from converter.app.cli import convert_main; convert_main()"]
+    args = ["--checkpoint", str(tmp_path / "my_model.ckpt"), "--output", str(tmp_path / "out")]
+    result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "note: image_size 224 is assumed" in result.stderr and "--size" in result.stderr
+    record = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert record["variant"]["size_from"] == "assumed" and any("assumed" in note for note in record["notes"])
+    summary = convert_checkpoint(tmp_path / "my_model.ckpt", tmp_path / "sized", size=96)
+    assert summary.variant.size == 96 and summary.variant.size_from == "--size" and not summary.notes
