@@ -45,7 +45,7 @@ lint: install
 parity: install
 	$(BIN)/python -m converter.verify.matrix --out reports --jobs 2
 
-# Inference, compile, ONNX and conversion timings side by side; tables in reports/bench.{md,json}.
+# Every speed target of the project in one run (inference, compile, ONNX, conversion); reports/bench.{md,json}.
 bench: install
 	$(BIN)/python -m fixtures build --name mobilenet_v2_1.0_224
 	$(BIN)/python benchmarks/bench.py

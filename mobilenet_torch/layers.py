@@ -2,6 +2,13 @@
 
 Submodule names (`convolution`, `normalization`, `expand_1x1`, `conv_3x3`, `reduce_1x1`) follow
 transformers' MobileNetV2 so that state dicts are interchangeable.
+
+Layout: layers are built channels_last, the layout PyTorch's CPU convolution kernels are fastest in, and
+keep it when weights are loaded. `model.to(memory_format=torch.contiguous_format)` switches a model
+back to NCHW. Only a convolution whose weight has a definite layout (more than one input channel per
+group and a kernel larger than 1x1: the stem) can tell the two apart; it brings its input into that
+layout, so the whole network runs in the model's layout whatever the layout of the input, and gives
+the same result for either.
 """
 
 from __future__ import annotations
@@ -11,6 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU}
+DEFAULT_MEMORY_FORMAT = torch.channels_last
+
+
+def memory_format_of(weight: torch.Tensor) -> torch.memory_format:
+    """channels_last or contiguous_format, as `weight` is laid out (NCHW when it is both)."""
+    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
@@ -19,6 +34,13 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
     out = -(-size // stride)
     total = max((out - 1) * stride + effective_kernel - size, 0)
     return total // 2, total - total // 2
+
+
+def keep_weight_layout(layer: ConvLayer, state_dict: dict, prefix: str, *_) -> None:
+    """Load-state-dict pre-hook: loaded weights take the layer's layout (`assign=True` would impose theirs)."""
+    key = prefix + "convolution.weight"
+    if key in state_dict:
+        state_dict[key] = state_dict[key].contiguous(memory_format=memory_format_of(layer.convolution.weight))
 
 
 class ConvLayer(nn.Module):
@@ -59,13 +81,17 @@ class ConvLayer(nn.Module):
             dilation=dilation,
             groups=groups,
             bias=bias,
-        )
+        ).to(memory_format=DEFAULT_MEMORY_FORMAT)
+        self.sets_layout = in_channels // groups > 1 and kernel_size > 1
+        self.register_load_state_dict_pre_hook(keep_weight_layout)
         self.normalization = (
             nn.BatchNorm2d(out_channels, eps=norm_eps, momentum=0.003) if norm_eps is not None else None
         )
         self.activation = ACTIVATIONS[activation](inplace=True) if activation else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sets_layout:
+            x = x.contiguous(memory_format=memory_format_of(self.convolution.weight))
         x = self.convolution(x) if self.stride == 1 else self._strided_convolution(x)
         if self.normalization is not None:
             x = self.normalization(x)

@@ -145,10 +145,10 @@ class MobileNetV2PreTrainedModel(nn.Module):
     def fuse(self) -> MobileNetV2PreTrainedModel:
         """Fold every BatchNorm into its convolution for inference. Returns self (in eval mode).
 
-        The fastest CPU inference combines it with channels_last (outputs stay within 1e-5):
-        `model.fuse().to(memory_format=torch.channels_last)`, inputs likewise
-        `pixel_values.contiguous(memory_format=torch.channels_last)`. A fused model no longer has
-        BatchNorm tensors, so save the unfused one.
+        Models are built and loaded channels_last, the layout PyTorch's CPU kernels are fastest in, and
+        take inputs in either layout; `.to(memory_format=torch.contiguous_format)` switches to NCHW.
+        Outputs stay within 1e-5 of the unfused model. A fused model no longer has BatchNorm tensors,
+        so save the unfused one.
         """
         self.eval()
         for module in self.modules():

@@ -65,8 +65,11 @@ def test_transformers_loads_the_folder_with_identical_logits(name, tmp_path):
     assert not any(name.startswith("mobilenet_v2.conv_1x1") for name in ours.state_dict())
     images = to_torch(random_images((129, 161), seed=5))
     with torch.no_grad():
-        difference = (theirs.eval()(images).logits - ours(images).logits).abs().max().item()
-    assert difference <= 1e-5
+        expected = theirs.eval()(images).logits
+        difference = (expected - ours(images).logits).abs().max().item()
+    # Relative: ours runs channels_last, whose sums run in another order (transformers' own model
+    # differs from itself by ~1e-6 relative between the two layouts).
+    assert difference <= 1e-5 * max(1.0, expected.abs().max().item())
 
 
 def test_depth_is_validated_for_deeplab(tmp_path):
