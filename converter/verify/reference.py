@@ -23,6 +23,7 @@ TensorFlow is imported here, lazily: only when a reference is opened.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,16 @@ from converter.pipeline.conventions import (
     OPTIMIZER_SLOT_SUFFIXES,
 )
 from converter.verify import REFERENCE_KINDS
-from converter.verify.safety import check_graph_def, needed_subgraph
+from converter.verify.safety import (
+    COMPUTE_OPS,
+    FILE_OPS,
+    MUTATING_OPS,
+    PYTHON_OPS,
+    _node_of,
+    check_graph_def,
+    check_op,
+    needed_subgraph,
+)
 
 AUTO, META_GRAPH, FROZEN_GRAPH, BUILDER = REFERENCE_KINDS
 AS_FROZEN = "as frozen"
@@ -92,44 +102,63 @@ class ReferenceInfo:
         }
 
 
-class Reference:
-    """A TF graph + session, ready to run NHWC float images and fetch tensors by name."""
+class BaseReference(ABC):
+    """What every reference offers the comparison: `info`, `missing` (endpoint tensor -> why it is not
+    held), the input size it fixes, and `run(images, tensor names)` on NHWC float32 images."""
 
-    def __init__(self, tf, graph, session, input_tensor, info: ReferenceInfo, missing: dict[str, str]) -> None:
-        self._tf, self.graph, self.session, self._input, self.info = tf, graph, session, input_tensor, info
-        self.missing = missing  # endpoint tensor -> why the graph does not hold it
+    info: ReferenceInfo
+    missing: dict[str, str]
 
-    def __enter__(self) -> Reference:
+    def __enter__(self) -> BaseReference:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
-        self.session.close()
+    def close(self) -> None:  # noqa: B027 (an optional hook: only a session needs closing)
+        """Release what the reference holds."""
 
     @property
     def fixed_shape(self) -> tuple[int | None, int | None, int | None]:
-        """(batch, height, width) the graph fixes for its input (None where it accepts any)."""
-        dims = self._input.shape.as_list() if self._input.shape.rank is not None else [None] * 4
-        return dims[0], dims[1], dims[2]
+        """(batch, height, width) the reference fixes for its input (None where it accepts any)."""
+        return None, None, None
 
     def accepts(self, height: int, width: int) -> bool:
         _, h, w = self.fixed_shape
         return (h is None or h == height) and (w is None or w == width)
 
     def run(self, images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
-        """Run NHWC float32 images; one image at a time where the graph fixes the batch size."""
-        fetches = {name: self.graph.get_tensor_by_name(name) for name in names}
+        """Run NHWC float32 images; one image at a time where the reference fixes the batch size."""
         batch = self.fixed_shape[0]
         if batch is None or batch == len(images):
-            return self._run(fetches, images)
+            return self._run(images, names)
         if batch != 1:
-            raise VerificationError(f"the reference graph takes batches of exactly {batch} images")
-        parts = [self._run(fetches, image[None]) for image in images]
+            raise VerificationError(f"the reference ({self.info.kind}) takes batches of exactly {batch} images")
+        parts = [self._run(image[None], names) for image in images]
         return {name: np.concatenate([part[name] for part in parts]) for name in names}
 
-    def _run(self, fetches, images: np.ndarray) -> dict[str, np.ndarray]:
+    @abstractmethod
+    def _run(self, images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The named endpoint tensors for one batch the reference takes."""
+
+
+class Reference(BaseReference):
+    """A TF graph + session, ready to run NHWC float images and fetch tensors by name."""
+
+    def __init__(self, tf, graph, session, input_tensor, info: ReferenceInfo, missing: dict[str, str]) -> None:
+        self._tf, self.graph, self.session, self._input, self.info = tf, graph, session, input_tensor, info
+        self.missing = missing
+
+    def close(self) -> None:
+        self.session.close()
+
+    @property
+    def fixed_shape(self) -> tuple[int | None, int | None, int | None]:
+        dims = self._input.shape.as_list() if self._input.shape.rank is not None else [None] * 4
+        return dims[0], dims[1], dims[2]
+
+    def _run(self, images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        fetches = {name: self.graph.get_tensor_by_name(name) for name in names}
         try:
             return self.session.run(fetches, feed_dict={self._input: images})
         except self._tf.errors.OpError as error:
@@ -155,6 +184,8 @@ def open_reference(
     `output_stride` describe the converted model (the builder uses them); `convention` is the weights
     convention it was converted with. `prefer` forces one kind of reference."""
     tf = import_tensorflow()
+    if prefer == AUTO and source.saved_model is not None:
+        return _from_saved_model(tf, source.saved_model, kind, tensors)
     meta, frozen = source.meta_graph, source.frozen_graph
     if prefer == META_GRAPH and meta is None or prefer == FROZEN_GRAPH and frozen is None:
         what = ".meta graph" if prefer == META_GRAPH else "frozen graph"
@@ -163,6 +194,10 @@ def open_reference(
         reference = _from_meta_graph(tf, source, convention, tensors, threads)
     elif frozen is not None and prefer in (AUTO, FROZEN_GRAPH):
         reference = _from_frozen_graph(tf, frozen, convention, tensors, threads)
+    elif source.checkpoint_prefix is None:
+        raise VerificationError(
+            f"no reference for --reference {prefer}: the source is not a TF checkpoint; use --reference auto"
+        )
     else:
         note = (
             "the builder was asked for (--reference builder)" if prefer == BUILDER
@@ -362,3 +397,189 @@ def _read_deeplab_geometry(reference: Reference) -> None:
     if pool.type == "AvgPool" and pool.get_attr("padding") == b"VALID":
         window = pool.get_attr("ksize")[1]
         reference.info.crop_size = (window - 1) * stride + 1
+
+
+# ----------------------------------------------------------------------------------------- SavedModels
+SAVED_MODEL = "saved_model"
+SERVING_SIGNATURES = ("serving_default", "default")  # TF2 / TF1 SavedModels, then TF1 Hub modules
+SAVED_MODEL_INIT_SIGNATURE = "__saved_model_init_op"
+INIT_COLLECTIONS = ("saved_model_main_op", "legacy_init_op")
+#: What a forward pass may run besides COMPUTE_OPS: variable handles and reads, and calls into the
+#: SavedModel's own functions (whose bodies are checked as well).
+VARIABLE_READ_OPS = frozenset({"VariableV2", "VarHandleOp", "ReadVariableOp"})
+CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+#: What a SavedModel holds besides its forward pass: its saver (run by the loader only to restore
+#: variables/, the save half never) and its variables' initial values (never run: they are restored).
+SAVER_OPS = frozenset(
+    {
+        "RestoreV2", "Assign", "AssignVariableOp", "DisableCopyOnRead", "StringJoin", "ShardedFilename",
+        "StaticRegexFullMatch", "SaveV2", "MergeV2Checkpoints",
+        "TruncatedNormal", "RandomUniform", "RandomStandardNormal",
+    }
+)  # fmt: skip
+
+
+class SignatureReference(BaseReference):
+    """A SavedModel loaded by TensorFlow's own loader, run through its serving signature: the endpoints
+    are the signature's outputs (matched by output name or tensor name)."""
+
+    def __init__(self, tf, function, input_key: str, shape, outputs: dict[str, str], info, missing) -> None:
+        self._tf, self._function, self._input_key, self._shape = tf, function, input_key, shape
+        self._outputs, self.info, self.missing = outputs, info, missing
+
+    @property
+    def fixed_shape(self) -> tuple[int | None, int | None, int | None]:
+        return self._shape
+
+    def _run(self, images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        try:
+            results = self._function(**{self._input_key: self._tf.constant(images)})
+        except (self._tf.errors.OpError, ValueError, TypeError) as error:
+            shape = "x".join(map(str, images.shape))
+            raise VerificationError(f"the SavedModel's signature failed on a {shape} input: {error}") from None
+        return {name: results[self._outputs[name]].numpy() for name in names}
+
+
+def check_saved_model(meta_graph, signature, origin: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Refuse a SavedModel whose loading or serving could do more than compute. Checked:
+
+    - the forward pass (the nodes the signature's outputs depend on, and the whole body of every
+      function they call, transitively) and the initialization the loader runs (its main / init op):
+      only `COMPUTE_OPS`, variable handles and reads, and calls into the SavedModel's own functions;
+    - everything else it holds, nodes and functions: besides those, only its saver (the restore the
+      loader runs, reading variables/ and assigning what it read; the save half, which nothing runs) and
+      initial values of variables (never run: the variables are restored).
+
+    So no file is read but by the restore, no Python is called, nothing is written and no variable is
+    assigned but by the restore; any other op is refused as unknown. Returns the op counts of the
+    forward pass and of the rest, for the report."""
+    functions = {function.signature.name: function for function in meta_graph.graph_def.library.function}
+    nodes = {node.name: node for node in meta_graph.graph_def.node}
+    forward_ops = COMPUTE_OPS | VARIABLE_READ_OPS | CALL_OPS
+    outputs = [_node_of(info.name) for info in signature.outputs.values()]
+    init = [_node_of(name) for key in INIT_COLLECTIONS for name in _collection_nodes(meta_graph, key)]
+    init_signature = meta_graph.signature_def.get(SAVED_MODEL_INIT_SIGNATURE)
+    init += [_node_of(info.name) for info in init_signature.outputs.values()] if init_signature else []
+    forward, called = _closure(nodes, functions, outputs + init, origin)
+    counts: dict[str, int] = {}
+    for node in forward:
+        if node.op not in forward_ops:
+            check_op(node.op, node.name, origin)
+        counts[node.op] = counts.get(node.op, 0) + 1
+    rest: dict[str, int] = {}
+    held = [node for node in meta_graph.graph_def.node if node.name not in {n.name for n in forward}]
+    held += [node for name, function in functions.items() if name not in called for node in function.node_def]
+    for node in held:
+        if node.op not in forward_ops | SAVER_OPS:
+            _refuse_held(node.op, node.name, origin)
+        rest[node.op] = rest.get(node.op, 0) + 1
+    return dict(sorted(counts.items())), dict(sorted(rest.items()))
+
+
+def _collection_nodes(meta_graph, key: str) -> list[str]:
+    collection = meta_graph.collection_def.get(key)
+    return list(collection.node_list.value) if collection is not None else []
+
+
+def _closure(nodes: dict, functions: dict, roots: Sequence[str], origin: str):
+    """The nodes `roots` depend on (data and control inputs) with every node of each function they call,
+    transitively; and the names of those functions."""
+    seen: dict[str, Any] = {}
+    body: list[Any] = []
+    called: set[str] = set()
+    stack = list(roots)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        if name not in nodes:
+            raise VerificationError(f"refusing {origin}: it references a node {name!r} that it does not define")
+        seen[name] = node = nodes[name]
+        stack += [_node_of(source) for source in node.input]
+        pending = [node]
+        while pending:
+            for function in _called_functions(pending.pop(), functions, origin):
+                if function.signature.name not in called:
+                    called.add(function.signature.name)
+                    body += list(function.node_def)
+                    pending += list(function.node_def)
+    return list(seen.values()) + body, called
+
+
+def _called_functions(node, functions: dict, origin: str) -> list:
+    names = [value.func.name for value in node.attr.values() if value.HasField("func")]
+    missing = [name for name in names if name not in functions]
+    if missing:
+        raise VerificationError(f"refusing {origin}: node {node.name!r} calls a function {missing[0]!r} it lacks")
+    return [functions[name] for name in names]
+
+
+def _refuse_held(op: str, node: str, origin: str) -> None:
+    what = (
+        "reads or writes files" if op in FILE_OPS
+        else "calls Python" if op in PYTHON_OPS
+        else "assigns a variable" if op in MUTATING_OPS
+        else "is not one a MobileNetV2 SavedModel holds"
+    )  # fmt: skip
+    raise VerificationError(
+        f"refusing {origin}: it holds op {op} (node {node!r}), which {what}; TensorFlow's loader would load "
+        "it, so the SavedModel is refused as a whole (see converter/verify/reference.py, check_saved_model)"
+    )
+
+
+def _from_saved_model(tf, folder: Path, kind: str, tensors: Sequence[str]) -> SignatureReference:
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from converter.pipeline.table import endpoints_for
+
+    origin = f"the SavedModel {folder.name}"
+    saved_model = saved_model_pb2.SavedModel()
+    try:
+        saved_model.ParseFromString(_read_graph_file(folder / "saved_model.pb"))
+    except DecodeError as error:
+        raise VerificationError(f"{origin}: saved_model.pb is not readable ({error})") from None
+    if not saved_model.meta_graphs:
+        raise VerificationError(f"{origin} holds no meta graph")
+    graphs = list(saved_model.meta_graphs)
+    meta_graph = next((graph for graph in graphs if "serve" in graph.meta_info_def.tags), graphs[0])
+    key = next((key for key in SERVING_SIGNATURES if key in meta_graph.signature_def), None)
+    if key is None:
+        raise VerificationError(
+            f"{origin} has no serving signature ({' or '.join(SERVING_SIGNATURES)}); it has "
+            f"{', '.join(sorted(meta_graph.signature_def)) or 'none'}"
+        )
+    signature = meta_graph.signature_def[key]
+    images = [(name, info) for name, info in signature.inputs.items() if info.dtype == tf.float32.as_datatype_enum]
+    if len(signature.inputs) != 1 or not images:
+        raise VerificationError(f"{origin}: signature {key} must take one float image input, not {len(images)}")
+    forward_ops, rest_ops = check_saved_model(meta_graph, signature, origin)
+    input_key, input_info = images[0]
+    dims = [None if d.size < 0 else int(d.size) for d in input_info.tensor_shape.dim]
+    shape = (dims[0], dims[1], dims[2]) if len(dims) == 4 else (None, None, None)
+    by_tensor = {info.name: name for name, info in signature.outputs.items()}
+    outputs, missing = {}, {}
+    for endpoint, tensor, _ in endpoints_for(kind):
+        if tensor not in tensors:
+            continue
+        aliases = (endpoint, "default") if endpoint == "logits" else (endpoint,)
+        found = by_tensor.get(tensor) or next((a for a in aliases if a in signature.outputs), None)
+        if found:
+            outputs[tensor] = found
+        else:
+            missing[tensor] = (
+                f"the SavedModel's {key} signature exposes only {', '.join(sorted(signature.outputs))}, "
+                "and TensorFlow runs it as a whole"
+            )
+    tags = list(meta_graph.meta_info_def.tags)
+    try:
+        loaded = tf.saved_model.load(str(folder), tags=tags or None)
+        function = loaded.signatures[key]
+    except (tf.errors.OpError, ValueError, KeyError, OSError) as error:
+        raise VerificationError(f"{origin} cannot be loaded by TensorFlow ({error})") from None
+    notes = [
+        f"the reference is the SavedModel's own {key} signature, loaded by TensorFlow's loader (which restores "
+        "variables/ with the SavedModel's own saver); its weights are the exported ones"
+    ]
+    info = ReferenceInfo(SAVED_MODEL, folder.name, "as exported", f"{key}:{input_key}", notes, forward_ops, rest_ops)
+    return SignatureReference(tf, function, input_key, shape, outputs, info, missing)

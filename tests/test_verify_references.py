@@ -1,0 +1,119 @@
+"""The verifier against the originals that are not TF checkpoints, each run by TensorFlow itself: a
+SavedModel's own serving signature (TF1 and TF2 writers), a TFLite interpreter with reference kernels.
+A faithful conversion passes, a planted fault fails, an unsafe original is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("tensorflow")
+
+SMALL = "mobilenet_v2_0.35_96"
+FAULTY_BIAS = "mobilenet_v2.layer.6.reduce_1x1.normalization.bias"
+
+
+def verify(*args) -> tuple[int, str, dict]:
+    from converter.app.cli import verify_main
+
+    result = CliRunner().invoke(verify_main, [str(arg) for arg in args], catch_exceptions=False)
+    model = Path(args[list(args).index("--model") + 1])
+    report = model / "parity" / "parity.json"
+    return result.exit_code, result.output, json.loads(report.read_text()) if report.is_file() else {}
+
+
+def convert(source: Path, folder: Path) -> Path:
+    from converter import convert_checkpoint
+
+    convert_checkpoint(source, folder)
+    return folder
+
+
+def with_fault(model: Path, folder: Path) -> Path:
+    """A copy of `model` with one BatchNorm bias of block expanded_conv_7 off by 0.5."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(model, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights[FAULTY_BIAS] = weights[FAULTY_BIAS].copy()
+    weights[FAULTY_BIAS][3] += 0.5
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ SavedModel
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """style -> (SavedModel written by TF's own writer, the folder converted from it)."""
+    from fixtures.savedmodel_builder import write_saved_model
+
+    root = tmp_path_factory.mktemp("saved_models")
+    out = {}
+    for style in ("tf1", "tf2"):
+        source = write_saved_model(SMALL, root / style, style)
+        out[style] = source, convert(source, root / f"{style}-converted")
+    return out
+
+
+@pytest.mark.parametrize("style", ["tf1", "tf2"])
+def test_a_saved_model_is_the_reference_and_a_faithful_conversion_passes(saved_models, style):
+    source, model = saved_models[style]
+    code, output, report = verify("--checkpoint", source, "--model", model)
+    assert code == 0, output
+    assert report["reference"]["kind"] == "saved_model"
+    assert report["reference"]["input_tensor"] == "serving_default:images"
+    logits = [entry for entry in report["endpoints"] if entry["endpoint"] == "logits"]
+    assert logits[0]["compared"] and logits[0]["passed"]
+    assert len(report["inputs"]) == 3  # the signature takes any size: native, odd and non-square
+    # The signature exposes only the logits: every other endpoint is listed with that reason.
+    skipped = {entry["endpoint"]: entry["reason"] for entry in report["not_compared"]}
+    assert "layer_1" in skipped and "logits" not in skipped
+    assert "serving_default signature exposes only logits" in skipped["layer_1"]
+    # The saver is loaded but only the forward pass may run: it is counted apart.
+    assert "RestoreV2" in report["reference"]["left_out_ops"]
+    assert "RestoreV2" not in report["reference"]["imported_ops"]
+
+
+@pytest.mark.parametrize("style", ["tf1", "tf2"])
+def test_a_planted_fault_fails_at_the_logits_against_a_saved_model(saved_models, style, tmp_path):
+    source, model = saved_models[style]
+    code, output, report = verify("--checkpoint", source, "--model", with_fault(model, tmp_path / "faulty"))
+    assert code == 1, output
+    assert report["first_divergence"]["endpoint"] == "logits"
+    assert report["first_divergence"]["ratio"] > 1
+
+
+class _ReadsAFile:
+    """A SavedModel holding the slim stem variable whose signature reads a file."""
+
+    @staticmethod
+    def write(folder: Path, secret: Path) -> Path:
+        import tensorflow as tf
+
+        module = tf.Module()
+        module.weights = tf.Variable(np.zeros((3, 3, 3, 16), np.float32), name="MobilenetV2/Conv/weights")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
+        def serve(images):
+            length = tf.cast(tf.strings.length(tf.io.read_file(str(secret))), tf.float32)
+            return {"logits": tf.reduce_mean(images, axis=[1, 2]) * 0.0 + length + tf.reduce_sum(module.weights)}
+
+        module.serve = serve
+        tf.saved_model.save(module, str(folder), signatures={"serving_default": serve})
+        return folder
+
+
+def test_a_saved_model_whose_signature_reads_a_file_is_refused(saved_models, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the verifier")
+    source = _ReadsAFile.write(tmp_path / "reads_a_file", secret)
+    _, model = saved_models["tf2"]
+    code, output, _ = verify("--checkpoint", source, "--model", model, "--report-dir", tmp_path / "reports")
+    assert code == 2, output
+    assert "ReadFile" in output and "reads or writes files" in output
+    assert not (tmp_path / "reports").exists()
