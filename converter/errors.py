@@ -47,6 +47,16 @@ class UnsupportedDTypeError(CheckpointFormatError):
     """A tensor uses a dtype this toolkit does not read."""
 
 
+class KerasFileError(ConverterError):
+    """A Keras file (.h5, .weights.h5, .keras, sharded .weights.json) is malformed, truncated, hostile, or
+    does not hold a MobileNetV2."""
+
+
+class KerasHeadError(KerasFileError):
+    """A Keras model's classifier is not a single Dense layer on globally averaged features; the backbone
+    alone can still be converted."""
+
+
 class NonFiniteWeightsError(ConverterError):
     """Model weights contain NaN or Inf."""
 

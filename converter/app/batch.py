@@ -4,20 +4,24 @@ whole zoo (`--all`), downloading through the cache (`converter.zoo.download`).""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from converter.errors import USER_ERRORS
 from converter.output import layout
 from converter.output.writer import check_output
 from converter.zoo.download import MIRROR_ENV, fetch
 from converter.zoo.table import ZooEntry
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 # verify(folder, tarball) -> None: runs the verifier on a converted folder (writes parity/ there).
 Verifier = Callable[[Path, Path], Any]
@@ -141,22 +145,45 @@ def convert_all(
             status = "parity failed"
         return BatchResult(entry.name, output, status, time.perf_counter() - started, diff)
 
-    results: dict[str, BatchResult] = {}
     show = progress and sys.stderr.isatty()
-    pool = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="convert")
+    with tqdm(total=len(entries), desc="zoo", unit="model", file=sys.stderr, disable=not show) as bar:
+
+        def advance(result: BatchResult) -> None:
+            bar.set_postfix_str(f"{result.name}: {result.status}")
+            bar.update()
+
+        return run_batch(one, entries, jobs=jobs, on_result=advance)
+
+
+def run_batch(
+    work: Callable[[Item], Result],
+    items: Sequence[Item],
+    *,
+    jobs: int = 1,
+    processes: bool = False,
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple = (),
+    on_result: Callable[[Result], None] | None = None,
+) -> list[Result]:
+    """`work(item)` for every item, `jobs` at a time, results in the order of `items`; `on_result` sees each
+    as it finishes. The one runner of `--all` (threads) and of the CI parity matrix (`processes`: spawned
+    processes, each set up by `initializer`, because TensorFlow and torch threads do not survive a fork).
+    `work` must not raise: it reports its failures in its result. Ctrl-C starts nothing new."""
+    if processes:
+        context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=initializer, initargs=initargs)
+    else:
+        pool = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="batch")
     try:
-        with tqdm(total=len(entries), desc="zoo", unit="model", file=sys.stderr, disable=not show) as bar:
-            futures = [pool.submit(one, entry) for entry in entries]
-            for future in as_completed(futures):
-                result = future.result()
-                results[result.name] = result
-                bar.set_postfix_str(f"{result.name}: {result.status}")
-                bar.update()
-    except BaseException:  # Ctrl-C: start nothing new; conversions under way finish into their staging
+        futures = [pool.submit(work, item) for item in items]
+        for future in as_completed(futures):
+            if on_result is not None:
+                on_result(future.result())
+    except BaseException:  # Ctrl-C: cancel what has not started; what runs finishes into its staging
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
-    return [results[entry.name] for entry in entries]
+    return [future.result() for future in futures]
 
 
 def read_parity(folder: Path) -> tuple[bool | None, float | None]:

@@ -16,6 +16,7 @@ from converter.errors import SourceError, UsageError
 from converter.formats.base import Hints, Reader, References, SourceFile
 from converter.formats.checkpoint import CheckpointReader
 from converter.formats.files import DEFAULT_MAX_EXTRACT_BYTES, DEFAULT_MAX_MEMBERS, extracted, is_archive
+from converter.formats.keras import KerasReader
 from converter.formats.savedmodel import HubModuleReader, SavedModelReader
 from converter.formats.tflite import TFLiteReader
 
@@ -23,7 +24,13 @@ __all__ = ["READERS", "Hints", "Reader", "References", "SourceFile", "known_form
 
 #: Every format, in the order sniffing tries them (a Hub module is also a SavedModel, and a SavedModel
 #: holds a checkpoint in variables/, so the more specific layouts come first).
-READERS: tuple[type[Reader], ...] = (HubModuleReader, SavedModelReader, CheckpointReader, TFLiteReader)
+READERS: tuple[type[Reader], ...] = (
+    HubModuleReader,
+    SavedModelReader,
+    CheckpointReader,
+    KerasReader,
+    TFLiteReader,
+)
 
 
 def known_formats() -> str:

@@ -174,6 +174,7 @@ def write_model_folder(
     architecture: str,
     record: ConversionRecord,
     extra_files: Mapping[str, bytes] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
 ) -> None:
     """The files of a converted model: weights, config, preprocessing, provenance, README.md and any
     files the source's reader adds (each one a name of `layout.FILES`, so --force knows it as ours)."""
@@ -183,7 +184,9 @@ def write_model_folder(
     config.save_pretrained(folder)
     save_file(dict(state), str(folder / layout.WEIGHTS), metadata={"format": "pt"})
     segmentation = "Segmentation" in architecture
-    _write_json(folder / layout.PREPROCESSOR, preprocessor_config(config.image_size, segmentation))
+    # The source's own input scaling (a Keras Rescaling layer, say) replaces the [-1, 1] default.
+    settings = {**preprocessor_config(config.image_size, segmentation), **(preprocessing or {})}
+    _write_json(folder / layout.PREPROCESSOR, settings)
     record.write(folder)
     for name, content in (extra_files or {}).items():
         if name not in layout.FILES:

@@ -119,7 +119,9 @@ def convert_checkpoint(
             tuple(record.notes),
         )
         with staged_output(output, force, [Path(src), *reader.source_files()]) as staging:
-            write_model_folder(staging, state, config, variant.architecture, record, reader.extra_files())
+            write_model_folder(
+                staging, state, config, variant.architecture, record, reader.extra_files(), reader.hints.preprocessing
+            )
     return replace(summary, seconds=time.perf_counter() - started)
 
 
@@ -185,7 +187,7 @@ def _record(
         download=dict(download) if download else None,
     )
     if hints.preprocessing:
-        record.notes.append(f"preprocessing: {hints.preprocessing}")
+        record.notes.append(f"the source scales its inputs itself; preprocessor_config.json has {hints.preprocessing}")
     if variant.kind == DEEPLAB:
         record.placeholders = {
             "tensors": f"{PLACEHOLDER_PREFIX}*",

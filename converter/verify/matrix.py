@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=("classification", "deeplab"), help="run one family only")
     args = parser.parse_args(argv)
 
+    from converter.app.batch import run_batch
     from fixtures import ZOO_CLASSIFICATION, ZOO_DEEPLAB, ensure_fixtures
 
     variants = [v for v in ZOO_CLASSIFICATION + ZOO_DEEPLAB if args.kind in (None, v.kind)]
@@ -76,15 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         for f in fixtures
         for family in FAMILIES[f.variant.kind]
     ]
-    context = multiprocessing.get_context("spawn")  # TF and torch threads do not survive a fork well
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init, initargs=(threads,)) as pool:
-        rows = []
-        for row in pool.map(_run_one, tasks):
-            rows.append(row)
-            detail = f"max abs diff {_fmt(row.max_abs_diff)}" if row.status != "error" else row.error
-            if row.status == "fail":
-                detail += f"; first divergence {row.first_divergence or 'none'}"
-            print(f"{row.status.upper():5} {row.name:40} {row.family:13} {detail} ({row.seconds:.1f} s)", flush=True)
+
+    def show(row: MatrixRow) -> None:
+        detail = f"max abs diff {_fmt(row.max_abs_diff)}" if row.status != "error" else row.error
+        if row.status == "fail":
+            detail += f"; first divergence {row.first_divergence or 'none'}"
+        print(f"{row.status.upper():5} {row.name:40} {row.family:13} {detail} ({row.seconds:.1f} s)", flush=True)
+
+    rows = run_batch(_run_one, tasks, jobs=jobs, processes=True, initializer=_init, initargs=(threads,), on_result=show)
     total = time.perf_counter() - started
     write_summary(rows, args.out, total, built, jobs)
     failed = [f"{row.name} ({row.family})" for row in rows if not row.passed]
