@@ -117,3 +117,88 @@ def test_a_saved_model_whose_signature_reads_a_file_is_refused(saved_models, tmp
     assert code == 2, output
     assert "ReadFile" in output and "reads or writes files" in output
     assert not (tmp_path / "reports").exists()
+
+
+# ---------------------------------------------------------------------------------------------- TFLite
+REAL_TFLITE = "mobilenet_v2_1.0_224_quant.tflite"
+INTEGER_FAULT = "mobilenet_v2.layer.10.expand_1x1.bias"
+
+
+@pytest.fixture(scope="module")
+def float_tflite(tmp_path_factory) -> tuple[Path, Path]:
+    """(a float .tflite from TensorFlow's own converter, the folder converted from it)."""
+    from fixtures.tflite_builder import build_tflite
+
+    source = build_tflite(SMALL, "float")
+    return source, convert(source, tmp_path_factory.mktemp("tflite") / "float")
+
+
+def test_a_float_tflite_is_compared_layer_by_layer_by_the_reference_interpreter(float_tflite):
+    source, model = float_tflite
+    code, output, report = verify("--checkpoint", source, "--model", model)
+    assert code == 0, output
+    assert report["reference"]["kind"] == "tflite"
+    assert "BUILTIN_REF" in " ".join(report["notes"])
+    compared = [entry for entry in report["endpoints"] if entry["compared"]]
+    assert len(compared) == len(report["endpoints"]) == 37  # every slim endpoint, layer by layer
+    assert all(entry["passed"] for entry in compared)
+    # The interpreter fixes the input at 96x96 (batch 1): the other sizes are skipped, saying so.
+    assert [case["name"] for case in report["inputs"]] == ["random-96x96"]
+    assert any("fixes its input at 96x96" in note for note in report["notes"])
+
+
+def test_a_planted_fault_is_localised_against_a_float_tflite(float_tflite, tmp_path):
+    source, model = float_tflite
+    code, output, report = verify("--checkpoint", source, "--model", with_fault(model, tmp_path / "faulty"))
+    assert code == 1, output
+    assert report["first_divergence"]["endpoint"] == "layer_9"  # the output of block expanded_conv_7
+    assert all(entry["passed"] for entry in report["endpoints"] if entry["endpoint"] in ("layer_1", "layer_8"))
+
+
+@pytest.fixture(scope="module")
+def real_tflite(tmp_path_factory) -> tuple[Path, Path]:
+    """(Google's uint8 quantized MobileNetV2 1.0 224, the folder converted from it)."""
+    from tests.helpers import SHARED
+
+    source = SHARED / "realdata" / "models" / REAL_TFLITE
+    if not source.is_file():
+        pytest.skip(f"{source} is absent: the real pretrained TFLite models are not available here")
+    return source, convert(source, tmp_path_factory.mktemp("tflite") / "real")
+
+
+def test_a_quantized_tflite_is_compared_per_layer_and_per_integer_step(real_tflite):
+    source, model = real_tflite
+    code, output, report = verify("--checkpoint", source, "--model", model)
+    assert code == 0, output
+    entries = {entry["endpoint"]: entry for entry in report["endpoints"]}
+    floats = [e for name, e in entries.items() if name.startswith("float/")]
+    integers = [e for name, e in entries.items() if name.startswith("integer/")]
+    assert len(floats) == 52 and entries["logits"]["module"] == "classifier"  # every conv, the head as logits
+    assert len(integers) >= 53 and "integer/mobilenet_v2.layer.3.add" in entries and "integer/softmax" in entries
+    for entry in [*floats, *integers, entries["logits"]]:
+        assert entry["compared"] and entry["passed"] and entry["worst_ratio"] <= 1, entry
+    # Within one output step: the tolerance is that step, read off the interpreter's tensor.
+    assert all(e["max_abs_diff"] == 0 for e in integers)  # the emulation is exact
+    assert entries["layer_1"]["compared"] is False and "integer model" in entries["layer_1"]["reason"]
+
+
+def test_planted_faults_are_localised_against_a_quantized_tflite(real_tflite, tmp_path):
+    """One fault in the float model (a BatchNorm bias of block 7) and one in the integer model (an int32
+    bias of block 11's expansion): each is found at its own layer, and nowhere before."""
+    from safetensors.numpy import load_file, save_file
+
+    source, model = real_tflite
+    folder = with_fault(model, tmp_path / "faulty")
+    integers = load_file(folder / "quantized.safetensors")
+    integers[INTEGER_FAULT] = integers[INTEGER_FAULT].copy()
+    integers[INTEGER_FAULT][5] += 2000  # about 3 output steps at that layer's scales
+    save_file(integers, folder / "quantized.safetensors")
+    code, output, report = verify("--checkpoint", source, "--model", folder)
+    assert code == 1, output
+    assert report["first_divergence"]["endpoint"] == "float/mobilenet_v2.layer.6.reduce_1x1"
+    order = [entry["endpoint"] for entry in report["endpoints"]]
+    failed = [entry["endpoint"] for entry in report["endpoints"] if entry["compared"] and not entry["passed"]]
+    assert [name for name in failed if name.startswith("float/")] == ["float/mobilenet_v2.layer.6.reduce_1x1"]
+    first_integer = next(name for name in failed if name.startswith("integer/"))
+    assert first_integer == "integer/mobilenet_v2.layer.10.expand_1x1"
+    assert order.index("integer/mobilenet_v2.layer.10.conv_3x3") > order.index(first_integer)
