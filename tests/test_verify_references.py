@@ -202,3 +202,57 @@ def test_planted_faults_are_localised_against_a_quantized_tflite(real_tflite, tm
     first_integer = next(name for name in failed if name.startswith("integer/"))
     assert first_integer == "integer/mobilenet_v2.layer.10.expand_1x1"
     assert order.index("integer/mobilenet_v2.layer.10.conv_3x3") > order.index(first_integer)
+
+
+# ----------------------------------------------------------------------------------------------- Keras
+@pytest.fixture(scope="module")
+def keras_files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """kind -> (a Keras file written by Keras itself, the folder converted from it), alpha 0.35."""
+    from fixtures.keras_builder import ensure_keras_fixture
+
+    fixture = ensure_keras_fixture(0.35)
+    root = tmp_path_factory.mktemp("keras")
+    return {kind: (fixture.file(kind), convert(fixture.file(kind), root / kind)) for kind in KERAS_KINDS}
+
+
+KERAS_KINDS = ("keras3_archive", "tf_keras_weights")
+
+
+@pytest.mark.parametrize("kind", KERAS_KINDS)
+def test_keras_itself_is_the_reference_and_every_layer_is_compared(keras_files, kind):
+    source, model = keras_files[kind]
+    code, output, report = verify("--checkpoint", source, "--model", model)
+    assert code == 0, output
+    assert report["reference"]["kind"] == "keras"
+    built = "load_model" if kind == "keras3_archive" else "keras.applications.MobileNetV2(alpha=0.35)"
+    assert any(built in note for note in report["notes"])
+    compared = [entry for entry in report["endpoints"] if entry["compared"]]
+    assert len(compared) == len(report["endpoints"]) == 37  # the layer names map onto every slim endpoint
+    assert all(entry["passed"] for entry in compared)
+
+
+def test_a_planted_fault_is_localised_against_keras(keras_files, tmp_path):
+    source, model = keras_files["keras3_archive"]
+    code, output, report = verify("--checkpoint", source, "--model", with_fault(model, tmp_path / "faulty"))
+    assert code == 1, output
+    assert report["first_divergence"]["endpoint"] == "layer_9"
+    assert all(entry["passed"] for entry in report["endpoints"] if entry["endpoint"] in ("layer_1", "layer_8"))
+
+
+def test_a_keras_file_with_a_lambda_layer_is_refused(keras_files, tmp_path):
+    import zipfile
+
+    source, model = keras_files["keras3_archive"]
+    hostile = tmp_path / "lambda.keras"
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(hostile, "w") as copy:
+        for item in original.infolist():
+            data = original.read(item)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                relu = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "ReLU")
+                relu["class_name"] = "Lambda"
+                data = json.dumps(config).encode()
+            copy.writestr(item, data)
+    code, output, _ = verify("--checkpoint", hostile, "--model", model, "--report-dir", tmp_path / "reports")
+    assert code == 2, output
+    assert "Lambda" in output and "refusing lambda.keras" in output

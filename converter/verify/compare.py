@@ -395,7 +395,7 @@ def verify_model(
             stride = config.output_stride if kind == DEEPLAB else None
             reference = open_reference(
                 references, kind=kind, depth=config.depth_multiplier, convention=weights, tensors=tensors,
-                output_stride=stride, threads=threads, prefer=reference_kind,
+                output_stride=stride, threads=threads, prefer=reference_kind, image_size=config.image_size,
             )  # fmt: skip
             with reference:
                 model = _at_reference_stride(model, reference.info.output_stride, notes)

@@ -178,16 +178,20 @@ def open_reference(
     output_stride: int | None = None,
     threads: int | None = None,
     prefer: str = AUTO,
-) -> Reference:
+    image_size: int = 224,
+) -> BaseReference:
     """The reference for `source` (anything with ``meta_graph``, ``frozen_graph`` and the checkpoint
     prefix; see the module docstring), holding the endpoint `tensors` it can. `kind`, `depth` and
     `output_stride` describe the converted model (the builder uses them); `convention` is the weights
-    convention it was converted with. `prefer` forces one kind of reference."""
+    convention it was converted with. `prefer` forces one kind of reference; `image_size` is the input
+    size a Keras model is built at when the file holds only weights."""
     tf = import_tensorflow()
     if prefer == AUTO and source.saved_model is not None:
         return _from_saved_model(tf, source.saved_model, kind, tensors)
     if prefer == AUTO and source.tflite_file is not None:
         return _from_tflite(tf, source.tflite_file, kind, tensors, threads)
+    if prefer == AUTO and source.keras_file is not None:
+        return _from_keras(source.keras_file, kind, depth, tensors, image_size)
     meta, frozen = source.meta_graph, source.frozen_graph
     if prefer == META_GRAPH and meta is None or prefer == FROZEN_GRAPH and frozen is None:
         what = ".meta graph" if prefer == META_GRAPH else "frozen graph"
@@ -713,3 +717,155 @@ def _from_tflite(tf, path: Path, kind: str, tensors: Sequence[str], threads: int
         )
         missing = {tensor: why for tensor in tensors if tensor not in (LOGITS_TENSOR, DEEPLAB_LOGITS_TENSOR)}
     return TFLiteReference(interpreter, reader, found, info, missing)
+
+
+# ----------------------------------------------------------------------------------------------- Keras
+KERAS = "keras"
+#: The layer classes of keras.applications.MobileNetV2 and of the usual fine-tuning recipe. A model file's
+#: config naming any other (Lambda and custom layers above all, which run code of the file's) is refused.
+KERAS_LAYER_CLASSES = frozenset(
+    {
+        "Functional", "Model", "Sequential", "InputLayer", "Conv2D", "DepthwiseConv2D", "BatchNormalization",
+        "ReLU", "ZeroPadding2D", "Add", "GlobalAveragePooling2D", "Dense", "Dropout", "Rescaling", "Activation",
+    }
+)  # fmt: skip
+#: Slim endpoint -> the Keras layer (of keras.applications.MobileNetV2) whose output it is.
+KERAS_ENDPOINT_LAYERS = {"layer_1": "Conv1_relu", "layer_2": "expanded_conv_project_BN", "layer_19": "out_relu"}
+
+
+class KerasReference(BaseReference):
+    """Keras' own model, built from the file, run on NHWC float images at its fixed input size."""
+
+    def __init__(self, model, outputs: dict[str, int], info: ReferenceInfo, missing: dict[str, str]) -> None:
+        self._model, self._outputs, self.info, self.missing = model, outputs, info, missing
+        self._shape = tuple(model.inputs[0].shape)
+
+    @property
+    def fixed_shape(self) -> tuple[int | None, int | None, int | None]:
+        return None, self._shape[1], self._shape[2]
+
+    def _run(self, images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        try:
+            results = self._model([images], training=False)
+        except (ValueError, TypeError) as error:
+            shape = "x".join(map(str, images.shape))
+            raise VerificationError(f"Keras' model failed on a {shape} input ({error})") from None
+        results = results if isinstance(results, (list, tuple)) else [results]
+        out = {}
+        for name in names:
+            value = np.asarray(results[self._outputs[name]])
+            out[name] = value.reshape(len(images), 1, 1, -1) if name == GLOBAL_POOL_TENSOR else value
+        return out
+
+
+GLOBAL_POOL_TENSOR = "MobilenetV2/Logits/AvgPool:0"  # slim keeps [batch, 1, 1, channels]; Keras [batch, channels]
+
+
+def keras_model_config(path: Path) -> dict | None:
+    """The model config a Keras file carries (a .keras archive's config.json, a full-model .h5's
+    model_config attribute), None for weights-only files."""
+    import json
+    import zipfile
+
+    try:
+        if path.suffix == ".keras":
+            with zipfile.ZipFile(path) as archive:
+                return json.loads(archive.read("config.json"))
+        if path.suffix == ".h5":
+            import h5py
+
+            with h5py.File(path, "r") as handle:
+                text = handle.attrs.get("model_config")
+                if text is None:
+                    return None
+                return json.loads(text.decode() if isinstance(text, bytes) else text)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        raise VerificationError(f"{path.name}: its model config is not readable ({error})") from None
+    return None
+
+
+def check_keras_config(config: dict, origin: str) -> None:
+    """Refuse a Keras model config with a layer outside `KERAS_LAYER_CLASSES` (at any depth of nesting),
+    or one that Keras would take from another module than its own or from a registered custom object."""
+    stack = [config]
+    while stack:
+        layer = stack.pop()
+        name, module = layer.get("class_name"), layer.get("module")
+        custom = layer.get("registered_name") not in (None, name)
+        if name not in KERAS_LAYER_CLASSES or custom or (module and not str(module).startswith("keras")):
+            raise VerificationError(
+                f"refusing {origin}: its model holds a {name} layer ({module or 'no module'}); only the layers "
+                "of keras.applications.MobileNetV2 and a Dense head may be loaded, as others can run the file's code"
+            )
+        stack += list((layer.get("config") or {}).get("layers") or [])
+
+
+def _from_keras(path: Path, kind: str, depth: float, tensors: Sequence[str], size: int) -> KerasReference:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        import keras
+    except ImportError as error:
+        raise VerificationError(f"verifying against a Keras file needs Keras ({error}); {INSTALL_HINT}") from None
+    from converter.formats import open_reader
+    from converter.pipeline.table import endpoints_for
+
+    config = keras_model_config(path)
+    notes = []
+    try:
+        if config is not None:
+            check_keras_config(config, path.name)
+            model = keras.saving.load_model(path, compile=False, safe_mode=True)
+            notes.append(f"the reference is Keras' own model loaded from {path.name} (keras.saving.load_model)")
+        else:
+            with open_reader(path) as reader:
+                head = "MobilenetV2/Logits/Conv2d_1c_1x1/weights"
+                classes = reader.shape(head)[-1] if head in reader.names() else None
+            model = keras.applications.MobileNetV2(
+                input_shape=(size, size, 3), alpha=depth, include_top=classes is not None, weights=None,
+                classes=classes or 1000, classifier_activation=None,
+            )  # fmt: skip
+            model.load_weights(path)
+            notes.append(
+                f"the reference is keras.applications.MobileNetV2(alpha={depth:g}) at {size}x{size}, loading "
+                f"{path.name} with Keras' own load_weights"
+            )
+    except VerificationError:
+        raise
+    except Exception as error:  # noqa: BLE001 (Keras raises many kinds; each means it cannot build the model)
+        raise VerificationError(f"Keras cannot build the model of {path.name} ({error})") from None
+    dense = [layer for layer in model.layers if type(layer).__name__ == "Dense"]
+    if dense and getattr(dense[-1], "activation", None) is not keras.activations.linear:
+        dense[-1].activation = keras.activations.linear  # the logits, not the probabilities
+        notes.append(f"the classifier's activation was set to linear to compare logits ({dense[-1].name})")
+    layers = {layer.name: layer for layer in model.layers}
+    pools = [layer for layer in model.layers if type(layer).__name__ == "GlobalAveragePooling2D"]
+    wanted, missing = [], {}
+    for endpoint, tensor, _ in endpoints_for(kind):
+        if tensor not in tensors:
+            continue
+        layer = _keras_layer(endpoint, layers, pools, dense if model.layers[-1] in dense else [])
+        if layer is None:
+            missing[tensor] = f"Keras' model has no layer named as {endpoint} is in keras.applications.MobileNetV2"
+        else:
+            wanted.append((tensor, layer))
+    outputs = {tensor: i for i, (tensor, _) in enumerate(wanted)}
+    if len(wanted) > 1 or (wanted and wanted[0][1] is not model.layers[-1]):
+        model = keras.Model(model.inputs, [layer.output for _, layer in wanted])
+    info = ReferenceInfo(KERAS, path.name, "raw", "input", notes)
+    return KerasReference(model, outputs, info, missing)
+
+
+def _keras_layer(endpoint: str, layers: dict, pools: list, dense: list):
+    if endpoint == "logits":
+        return dense[-1] if dense else None
+    if endpoint == "global_pool":
+        return pools[0] if len(pools) == 1 else None
+    if endpoint in KERAS_ENDPOINT_LAYERS:
+        return layers.get(KERAS_ENDPOINT_LAYERS[endpoint])
+    number, _, part = endpoint.removeprefix("layer_").partition("/")
+    block = f"block_{int(number) - 2}"
+    if part == "expansion_output":
+        return layers.get(f"{block}_expand_relu")
+    return layers.get(f"{block}_add") or layers.get(f"{block}_project_BN")
