@@ -20,6 +20,12 @@ An endpoint passes when `max_abs_diff <= tolerance` on every input. The first en
 that does not is the first divergence: the fault lies in the module that computes it or upstream. An
 endpoint the reference graph does not hold is "not compared", with the reason; shapes that differ fail,
 saying so. A PASS needs the logits compared on every input.
+
+The reference is the source's own original (:mod:`.reference`): a TF graph, a SavedModel's signature,
+Keras' model or TFLite's interpreter. A quantized ``.tflite`` is an integer model that the float model
+does not equal end to end; there each conv of the float model is compared on the interpreter's own
+input of that layer (`float/<module>` rows, the head's as `logits`) and each step of the integer
+emulation with the interpreter's (`integer/<step>` rows), both within one output quantization step.
 """
 
 from __future__ import annotations
@@ -357,7 +363,7 @@ def verify_model(
     threads: int | None = None,
     reference_kind: str = "auto",
 ) -> ParityResult:
-    """Compare the model folder with the original graph of the checkpoint it was converted from.
+    """Compare the model folder with the original it was converted from (see :mod:`.reference`).
 
     Raises VerificationError (exit code 2) when the comparison cannot be made; a failed comparison is a
     result (`ParityResult.passed` false), not an error. `reference_kind`: "auto" (the best there is),
@@ -467,6 +473,8 @@ def _compare_case(models, reference, case: InputCase, endpoints, drop_background
 #: A quantized reference: each float layer on the interpreter's own input is within one output step of the
 #: interpreter's output (see `_compare_quantized`), as is each step of the integer emulation.
 FLOAT_STEP, INTEGER_STEP = "float/", "integer/"
+#: One output step, plus the float32 rounding of a real value near a step boundary.
+STEP_SLACK = 1.0 + 1e-4
 
 
 def _quantized_endpoints(endpoints, reference, model_dir: Path, notes: list[str]):
@@ -556,13 +564,9 @@ def _compare_quantized(model, emulator, reference, case: InputCase, endpoints) -
         ours = np.concatenate([part[0] for part in found[endpoint]])
         theirs = np.concatenate([part[1] for part in found[endpoint]])
         scale = found[endpoint][0][2]
-        result = compare_arrays(ours, ours, theirs, atol=scale * STEP_SLACK, rtol=0.0)
+        result = {**compare_arrays(ours, ours, theirs, atol=scale * STEP_SLACK, rtol=0.0), "float64_distance": math.nan}
         rows.append(Row(case.name, endpoint, module, tensor, list(theirs.shape), **result))
     return rows
-
-
-#: One output step, plus the float32 rounding of a real value near a step boundary.
-STEP_SLACK = 1.0 + 1e-4
 
 
 @contextmanager

@@ -1,6 +1,15 @@
-"""The reference: the ORIGINAL TensorFlow graph, run on the checkpoint the model was converted from.
+"""The reference: the ORIGINAL the model was converted from, run by its own runtime.
 
-Which graph, in order of preference (``prefer`` picks one):
+A source that is not a TF checkpoint is its own reference (``prefer`` "auto"):
+
+- a SavedModel or TF1 Hub module: its serving signature, loaded by TensorFlow's SavedModel loader after
+  :func:`check_saved_model`; the endpoints are the signature's outputs;
+- a ``.tflite``: TFLite's interpreter with its reference kernels and no delegates, every intermediate tensor
+  kept, endpoints read off the ops that the TFLite reader's walk names (:class:`TFLiteReference`);
+- a Keras file: Keras' own model, loaded from the file or built by ``keras.applications.MobileNetV2`` with
+  the inferred alpha, after :func:`check_keras_config`; endpoints by Keras layer name.
+
+A TF checkpoint's reference is its graph, in order of preference (``prefer`` picks one):
 
 - ``meta_graph``: the checkpoint's ``.meta`` (the slim zoo ships one), its variables restored through a
   ``Saver`` whose ``var_list`` maps checkpoint keys to graph variables under the weights convention the
@@ -17,7 +26,7 @@ the preprocessed, padded image in DeepLab's export graph (whose own input is uin
 graph does not hold (a BatchNorm-folded graph has lost the Identity nodes some endpoints are) are listed
 in ``Reference.missing`` with the reason, not refused.
 
-TensorFlow is imported here, lazily: only when a reference is opened.
+TensorFlow (and Keras) are imported here, lazily: only when a reference is opened.
 """
 
 from __future__ import annotations
