@@ -438,8 +438,8 @@ class SignatureReference(BaseReference):
     """A SavedModel loaded by TensorFlow's own loader, run through its serving signature: the endpoints
     are the signature's outputs (matched by output name or tensor name)."""
 
-    def __init__(self, tf, function, input_key: str, shape, outputs: dict[str, str], info, missing) -> None:
-        self._tf, self._function, self._input_key, self._shape = tf, function, input_key, shape
+    def __init__(self, tf, call, shape, outputs: dict[str, str], info, missing) -> None:
+        self._tf, self._call, self._shape = tf, call, shape  # call: NHWC images -> {output key: tensor}
         self._outputs, self.info, self.missing = outputs, info, missing
 
     @property
@@ -448,14 +448,14 @@ class SignatureReference(BaseReference):
 
     def _run(self, images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
         try:
-            results = self._function(**{self._input_key: self._tf.constant(images)})
+            results = self._call(self._tf.constant(images))
         except (self._tf.errors.OpError, ValueError, TypeError) as error:
             shape = "x".join(map(str, images.shape))
             raise VerificationError(f"the SavedModel's signature failed on a {shape} input: {error}") from None
         return {name: results[self._outputs[name]].numpy() for name in names}
 
 
-def check_saved_model(meta_graph, signature, origin: str) -> tuple[dict[str, int], dict[str, int]]:
+def check_saved_model(meta_graph, signature, origin: str) -> tuple[dict[str, int], dict[str, int], set[str]]:
     """Refuse a SavedModel whose loading or serving could do more than compute. Checked:
 
     - the forward pass (the nodes the signature's outputs depend on, and the whole body of every
@@ -467,7 +467,7 @@ def check_saved_model(meta_graph, signature, origin: str) -> tuple[dict[str, int
 
     So no file is read but by the restore, no Python is called, nothing is written and no variable is
     assigned but by the restore; any other op is refused as unknown. Returns the op counts of the
-    forward pass and of the rest, for the report."""
+    forward pass and of the rest, for the report, and the names of the forward pass's graph nodes."""
     functions = {function.signature.name: function for function in meta_graph.graph_def.library.function}
     nodes = {node.name: node for node in meta_graph.graph_def.node}
     forward_ops = COMPUTE_OPS | VARIABLE_READ_OPS | CALL_OPS
@@ -488,7 +488,7 @@ def check_saved_model(meta_graph, signature, origin: str) -> tuple[dict[str, int
         if node.op not in forward_ops | SAVER_OPS:
             _refuse_held(node.op, node.name, origin)
         rest[node.op] = rest.get(node.op, 0) + 1
-    return dict(sorted(counts.items())), dict(sorted(rest.items()))
+    return dict(sorted(counts.items())), dict(sorted(rest.items())), {node.name for node in forward}
 
 
 def _collection_nodes(meta_graph, key: str) -> list[str]:
@@ -568,7 +568,7 @@ def _from_saved_model(tf, folder: Path, kind: str, tensors: Sequence[str]) -> Si
     images = [(name, info) for name, info in signature.inputs.items() if info.dtype == tf.float32.as_datatype_enum]
     if len(signature.inputs) != 1 or not images:
         raise VerificationError(f"{origin}: signature {key} must take one float image input, not {len(images)}")
-    forward_ops, rest_ops = check_saved_model(meta_graph, signature, origin)
+    forward_ops, rest_ops, forward_nodes = check_saved_model(meta_graph, signature, origin)
     input_key, input_info = images[0]
     dims = [None if d.size < 0 else int(d.size) for d in input_info.tensor_shape.dim]
     shape = (dims[0], dims[1], dims[2]) if len(dims) == 4 else (None, None, None)
@@ -596,8 +596,20 @@ def _from_saved_model(tf, folder: Path, kind: str, tensors: Sequence[str]) -> Si
         f"the reference is the SavedModel's own {key} signature, loaded by TensorFlow's loader (which restores "
         "variables/ with the SavedModel's own saver); its weights are the exported ones"
     ]
+    # A TF1 SavedModel is one graph: the slim endpoints on the signature's path can be fetched from it.
+    inside = [tensor for tensor in missing if _node_of(tensor) in forward_nodes]
+    if inside and hasattr(loaded, "prune"):
+        fetches = {tensor: signature.outputs[output].name for tensor, output in outputs.items()}
+        fetches.update({tensor: tensor for tensor in inside})
+        pruned = loaded.prune(input_info.name, fetches)
+        outputs = {tensor: tensor for tensor in fetches}
+        missing = {tensor: why for tensor, why in missing.items() if tensor not in inside}
+        notes.append(f"{len(inside)} endpoints on the signature's path were fetched from its graph as well")
+        call = pruned
+    else:
+        call = lambda images: function(**{input_key: images})  # noqa: E731
     info = ReferenceInfo(SAVED_MODEL, folder.name, "as exported", f"{key}:{input_key}", notes, forward_ops, rest_ops)
-    return SignatureReference(tf, function, input_key, shape, outputs, info, missing)
+    return SignatureReference(tf, call, shape, outputs, info, missing)
 
 
 # ---------------------------------------------------------------------------------------------- TFLite
