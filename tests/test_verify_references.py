@@ -258,3 +258,19 @@ def test_a_keras_file_with_a_lambda_layer_is_refused(keras_files, tmp_path):
     code, output, _ = verify("--checkpoint", hostile, "--model", model, "--report-dir", tmp_path / "reports")
     assert code == 2, output
     assert "Lambda" in output and "refusing lambda.keras" in output
+
+
+def test_a_fine_tuned_keras_model_with_its_own_input_rescaling_passes(tmp_path):
+    """The transfer-learning recipe: augmentation, Rescaling(1 / 127.5, -1), a nested base, a 5-class Dense
+    head. Keras gets the images before its Rescaling; the nested base is compared through its outputs."""
+    from fixtures.keras_builder import FINE_TUNED_ALPHA, ensure_keras_fixture
+
+    source = ensure_keras_fixture(FINE_TUNED_ALPHA).file("fine_tuned_archive")
+    model = convert(source, tmp_path / "fine_tuned")
+    code, output, report = verify("--checkpoint", source, "--model", model)
+    assert code == 0, output
+    assert any("rescales its input" in note for note in report["notes"])
+    entries = {entry["endpoint"]: entry for entry in report["endpoints"]}
+    assert entries["logits"]["compared"] and entries["logits"]["passed"]
+    assert entries["global_pool"]["compared"] and entries["global_pool"]["passed"]
+    assert "nested base" in entries["layer_1"]["reason"]

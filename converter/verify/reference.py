@@ -748,6 +748,8 @@ KERAS_LAYER_CLASSES = frozenset(
     {
         "Functional", "Model", "Sequential", "InputLayer", "Conv2D", "DepthwiseConv2D", "BatchNormalization",
         "ReLU", "ZeroPadding2D", "Add", "GlobalAveragePooling2D", "Dense", "Dropout", "Rescaling", "Activation",
+        # augmentation of the fine-tuning recipe: the identity at inference
+        "RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast", "RandomBrightness",
     }
 )  # fmt: skip
 #: Slim endpoint -> the Keras layer (of keras.applications.MobileNetV2) whose output it is.
@@ -757,17 +759,18 @@ KERAS_ENDPOINT_LAYERS = {"layer_1": "Conv1_relu", "layer_2": "expanded_conv_proj
 class KerasReference(BaseReference):
     """Keras' own model, built from the file, run on NHWC float images at its fixed input size."""
 
-    def __init__(self, model, outputs: dict[str, int], info: ReferenceInfo, missing: dict[str, str]) -> None:
+    def __init__(self, model, outputs: dict[str, int], info, missing, fixed_shape, scaling) -> None:
         self._model, self._outputs, self.info, self.missing = model, outputs, info, missing
-        self._shape = tuple(model.inputs[0].shape)
+        self._fixed, (self._scale, self._offset) = fixed_shape, scaling
 
     @property
     def fixed_shape(self) -> tuple[int | None, int | None, int | None]:
-        return None, self._shape[1], self._shape[2]
+        return self._fixed
 
     def _run(self, images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
         try:
-            results = self._model([images], training=False)
+            scaled = ((images - self._offset) / self._scale).astype(np.float32)
+            results = self._model([scaled], training=False)
         except (ValueError, TypeError) as error:
             shape = "x".join(map(str, images.shape))
             raise VerificationError(f"Keras' model failed on a {shape} input ({error})") from None
@@ -833,29 +836,42 @@ def _from_keras(path: Path, kind: str, depth: float, tensors: Sequence[str], siz
     from converter.pipeline.table import endpoints_for
 
     config = keras_model_config(path)
-    notes = []
-    try:
-        if config is not None:
-            check_keras_config(config, path.name)
+    notes, model = [], None
+    if config is not None:
+        check_keras_config(config, path.name)
+        try:
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
             notes.append(f"the reference is Keras' own model loaded from {path.name} (keras.saving.load_model)")
-        else:
-            with open_reader(path) as reader:
-                head = "MobilenetV2/Logits/Conv2d_1c_1x1/weights"
-                classes = reader.shape(head)[-1] if head in reader.names() else None
+        except Exception as error:  # noqa: BLE001 (Keras raises many kinds; each means it cannot rebuild it)
+            if path.suffix != ".h5":
+                raise VerificationError(f"Keras cannot load {path.name} ({_first_line(error)})") from None
+            notes.append(f"Keras cannot rebuild the model from {path.name}'s config ({_first_line(error)})")
+    if model is None:
+        with open_reader(path) as reader:
+            head = "MobilenetV2/Logits/Conv2d_1c_1x1/weights"
+            classes = reader.shape(head)[-1] if head in reader.names() else None
+        try:
             model = keras.applications.MobileNetV2(
                 input_shape=(size, size, 3), alpha=depth, include_top=classes is not None, weights=None,
                 classes=classes or 1000, classifier_activation=None,
             )  # fmt: skip
             model.load_weights(path)
-            notes.append(
-                f"the reference is keras.applications.MobileNetV2(alpha={depth:g}) at {size}x{size}, loading "
-                f"{path.name} with Keras' own load_weights"
-            )
-    except VerificationError:
-        raise
-    except Exception as error:  # noqa: BLE001 (Keras raises many kinds; each means it cannot build the model)
-        raise VerificationError(f"Keras cannot build the model of {path.name} ({error})") from None
+        except Exception as error:  # noqa: BLE001 (as above)
+            raise VerificationError(
+                f"keras.applications.MobileNetV2(alpha={depth:g}) cannot load {path.name} ({_first_line(error)})"
+            ) from None
+        notes.append(
+            f"the reference is keras.applications.MobileNetV2(alpha={depth:g}) at {size}x{size}, loading "
+            f"{path.name} with Keras' own load_weights"
+        )
+    scaling = _input_scaling(model, notes)
+    _, height, width, _ = model.inputs[0].shape
+    fixed = (None, height, width) if height and width else (None, size, size)
+    if not (height and width):
+        notes.append(
+            f"the Keras model takes any input size and then pads stride-2 convolutions (0, 1) at every size, "
+            f"which differs from TF's SAME at odd sizes: it is compared at {size}x{size}"
+        )
     dense = [layer for layer in model.layers if type(layer).__name__ == "Dense"]
     if dense and getattr(dense[-1], "activation", None) is not keras.activations.linear:
         dense[-1].activation = keras.activations.linear  # the logits, not the probabilities
@@ -868,14 +884,34 @@ def _from_keras(path: Path, kind: str, depth: float, tensors: Sequence[str], siz
             continue
         layer = _keras_layer(endpoint, layers, pools, dense if model.layers[-1] in dense else [])
         if layer is None:
-            missing[tensor] = f"Keras' model has no layer named as {endpoint} is in keras.applications.MobileNetV2"
+            missing[tensor] = (
+                f"Keras' model has no top-level layer named as {endpoint}'s is in keras.applications.MobileNetV2 "
+                "(a nested base runs as one layer)"
+            )
         else:
             wanted.append((tensor, layer))
     outputs = {tensor: i for i, (tensor, _) in enumerate(wanted)}
     if len(wanted) > 1 or (wanted and wanted[0][1] is not model.layers[-1]):
         model = keras.Model(model.inputs, [layer.output for _, layer in wanted])
     info = ReferenceInfo(KERAS, path.name, "raw", "input", notes)
-    return KerasReference(model, outputs, info, missing)
+    return KerasReference(model, outputs, info, missing, fixed, scaling)
+
+
+def _input_scaling(model, notes: list[str]) -> tuple[float, float]:
+    """(scale, offset) of a Rescaling layer the model applies to its input (the fine-tuning recipe's
+    x / 127.5 - 1); images in [-1, 1] are fed as (x - offset) / scale so that it gets them back."""
+    rescaling = [layer for layer in model.layers if type(layer).__name__ == "Rescaling"]
+    if not rescaling:
+        return 1.0, 0.0
+    if len(rescaling) > 1 or np.size(rescaling[0].scale) != 1 or np.size(rescaling[0].offset) != 1:
+        raise VerificationError("the Keras model rescales its input more than once or per channel")
+    scale, offset = float(np.ravel(rescaling[0].scale)[0]), float(np.ravel(rescaling[0].offset)[0])
+    notes.append(f"the Keras model rescales its input (x * {scale:g} + {offset:g}): images were fed to it unscaled")
+    return scale, offset
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def _keras_layer(endpoint: str, layers: dict, pools: list, dense: list):
