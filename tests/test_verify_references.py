@@ -180,6 +180,7 @@ def test_a_quantized_tflite_is_compared_per_layer_and_per_integer_step(real_tfli
     for entry in [*floats, *integers, entries["logits"]]:
         assert entry["compared"] and entry["passed"] and entry["worst_ratio"] <= 1, entry
     # Within one output step: the tolerance is that step, read off the interpreter's tensor.
+    assert "one output quantization step" in report["tolerance"]
     assert all(e["max_abs_diff"] == 0 for e in integers)  # the emulation is exact
     assert entries["layer_1"]["compared"] is False and "integer model" in entries["layer_1"]["reason"]
 

@@ -164,6 +164,8 @@ class ParityResult:
 
     @property
     def tolerance_rule(self) -> str:
+        if any(endpoint.startswith((FLOAT_STEP, INTEGER_STEP)) for endpoint, _, _ in self.endpoints):
+            return "one output quantization step of the interpreter's tensor, per layer and integer step"
         if self.atol is not None:
             return f"atol {self.atol:g} + rtol {self.rtol:g} x max abs reference, per endpoint and input"
         return (
