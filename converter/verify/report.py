@@ -82,7 +82,7 @@ def verdict_line(result: ParityResult) -> str:
         f"tolerance atol {result.atol:g} + rtol {result.rtol:g} x max|ref|"
     )  # fmt: skip
     line = (
-        f"**Parity {verdict}** `{result.variant}` vs the original TF graph ({where}, weights "
+        f"**Parity {verdict}** `{result.variant}` vs the original ({where}, weights "
         f"{reference['convention']}): max abs diff {_fmt(result.max_abs_diff)} over {len(compared)} "
         f"endpoints x {len(result.inputs)} inputs; {tolerance}"
     )
