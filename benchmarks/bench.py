@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mobilenet_torch import MobileNetV2Config, MobileNetV2ForImageClassification  # noqa: E402
-from mobilenet_torch.modeling import BLOCKS, LAST_CHANNELS, STEM_CHANNELS, STEM_OUT_CHANNELS  # noqa: E402
+from mobilenet_torch.architecture import BLOCKS, LAST_CHANNELS, STEM_CHANNELS, STEM_OUT_CHANNELS  # noqa: E402
 
 THREADS = 2
 SIZE = 224
