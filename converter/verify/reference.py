@@ -53,10 +53,11 @@ from converter.verify.safety import (
     FILE_OPS,
     MUTATING_OPS,
     PYTHON_OPS,
-    _node_of,
     check_graph_def,
     check_op,
+    dependencies,
     needed_subgraph,
+    node_of,
 )
 
 AUTO, META_GRAPH, FROZEN_GRAPH, BUILDER = REFERENCE_KINDS
@@ -471,10 +472,10 @@ def check_saved_model(meta_graph, signature, origin: str) -> tuple[dict[str, int
     functions = {function.signature.name: function for function in meta_graph.graph_def.library.function}
     nodes = {node.name: node for node in meta_graph.graph_def.node}
     forward_ops = COMPUTE_OPS | VARIABLE_READ_OPS | CALL_OPS
-    outputs = [_node_of(info.name) for info in signature.outputs.values()]
-    init = [_node_of(name) for key in INIT_COLLECTIONS for name in _collection_nodes(meta_graph, key)]
+    outputs = [node_of(info.name) for info in signature.outputs.values()]
+    init = [node_of(name) for key in INIT_COLLECTIONS for name in _collection_nodes(meta_graph, key)]
     init_signature = meta_graph.signature_def.get(SAVED_MODEL_INIT_SIGNATURE)
-    init += [_node_of(info.name) for info in init_signature.outputs.values()] if init_signature else []
+    init += [node_of(info.name) for info in init_signature.outputs.values()] if init_signature else []
     forward, called = _closure(nodes, functions, outputs + init, origin)
     counts: dict[str, int] = {}
     for node in forward:
@@ -499,18 +500,10 @@ def _collection_nodes(meta_graph, key: str) -> list[str]:
 def _closure(nodes: dict, functions: dict, roots: Sequence[str], origin: str):
     """The nodes `roots` depend on (data and control inputs) with every node of each function they call,
     transitively; and the names of those functions."""
-    seen: dict[str, Any] = {}
+    seen = dependencies(nodes, roots, origin)
     body: list[Any] = []
     called: set[str] = set()
-    stack = list(roots)
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        if name not in nodes:
-            raise VerificationError(f"refusing {origin}: it references a node {name!r} that it does not define")
-        seen[name] = node = nodes[name]
-        stack += [_node_of(source) for source in node.input]
+    for node in seen.values():
         pending = [node]
         while pending:
             for function in _called_functions(pending.pop(), functions, origin):
@@ -597,7 +590,7 @@ def _from_saved_model(tf, folder: Path, kind: str, tensors: Sequence[str]) -> Si
         "variables/ with the SavedModel's own saver); its weights are the exported ones"
     ]
     # A TF1 SavedModel is one graph: the slim endpoints on the signature's path can be fetched from it.
-    inside = [tensor for tensor in missing if _node_of(tensor) in forward_nodes]
+    inside = [tensor for tensor in missing if node_of(tensor) in forward_nodes]
     if inside and hasattr(loaded, "prune"):
         fetches = {tensor: signature.outputs[output].name for tensor, output in outputs.items()}
         fetches.update({tensor: tensor for tensor in inside})

@@ -19,7 +19,8 @@ the Saver, label post-processing. So the verifier works by what runs, in two ste
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from converter.errors import VerificationError
 
@@ -63,24 +64,29 @@ def needed_subgraph(graph_def, fetch_nodes: Iterable[str], origin: str):
     """The nodes `fetch_nodes` depend on (data and control inputs), checked op by op, as a new GraphDef;
     and what was left out, as {op type: count}."""
     _refuse_functions(graph_def, origin)
-    nodes = {node.name: node for node in graph_def.node}
-    needed: set[str] = set()
-    stack = list(fetch_nodes)
-    while stack:
-        name = stack.pop()
-        if name in needed:
-            continue
-        node = nodes.get(name)
-        if node is None:
-            raise VerificationError(f"refusing {origin}: it references a node {name!r} that it does not define")
-        needed.add(name)
-        stack += [_node_of(source) for source in node.input]
+    needed = dependencies({node.name: node for node in graph_def.node}, fetch_nodes, origin)
     kept = type(graph_def)()
     kept.versions.CopyFrom(graph_def.versions)
     kept.node.extend(node for node in graph_def.node if node.name in needed)
     check_graph_def(kept, origin)
     left_out = Counter(node.op for node in graph_def.node if node.name not in needed)
     return kept, dict(sorted(left_out.items()))
+
+
+def dependencies(nodes: Mapping[str, Any], roots: Iterable[str], origin: str) -> dict[str, Any]:
+    """Name -> node of every node `roots` depend on (data and control inputs), in the order found."""
+    found: dict[str, Any] = {}
+    stack = list(roots)
+    while stack:
+        name = stack.pop()
+        if name in found:
+            continue
+        node = nodes.get(name)
+        if node is None:
+            raise VerificationError(f"refusing {origin}: it references a node {name!r} that it does not define")
+        found[name] = node
+        stack += [node_of(source) for source in node.input]
+    return found
 
 
 def check_graph_def(graph_def, origin: str) -> None:
@@ -122,5 +128,5 @@ def _refuse_functions(graph_def, origin: str) -> None:
         )
 
 
-def _node_of(tensor: str) -> str:
+def node_of(tensor: str) -> str:
     return tensor.lstrip("^").split(":")[0]
