@@ -347,6 +347,39 @@ def onnx(rounds: dict[int, int], timings: list[Timing], targets: list[Target], p
             fraction_of_peak("onnxruntime ours", fastest["onnxruntime ours"], peak, targets)
 
 
+def quantized(rounds: int, timings: list[Timing], targets: list[Target]) -> None:
+    """The emulated integer model of Google's uint8 MobileNetV2 1.0/224 (../shared/realdata), its float twin
+    and TensorFlow Lite's interpreter, at batch 1 (reported, not judged: the emulation is exact first)."""
+    tflite = REPO.parent / "shared" / "realdata" / "models" / "mobilenet_v2_1.0_224_quant.tflite"
+    if not tflite.is_file():
+        targets.append(Target("emulated integer model", float("nan"), None, note=f"{tflite} is absent"))
+        return
+    import tensorflow as tf
+
+    from converter import convert_checkpoint
+    from mobilenet_torch.quantized import QuantizedMobileNetV2
+
+    with tempfile.TemporaryDirectory() as folder:
+        convert_checkpoint(tflite, Path(folder, "model"))
+        integer = QuantizedMobileNetV2.from_pretrained(Path(folder, "model")).eval()
+        twin = integer.float_twin()
+    x = images(1, "NCHW")
+    interpreter = tf.lite.Interpreter(model_path=str(tflite), num_threads=THREADS)
+    interpreter.allocate_tensors()
+    (detail,) = interpreter.get_input_details()
+    pixels = np.clip(np.round(x.permute(0, 2, 3, 1).numpy() * 128 + 128), 0, 255).astype(detail["dtype"])
+
+    def interpret() -> None:
+        interpreter.set_tensor(detail["index"], pixels)
+        interpreter.invoke()
+
+    candidates = {"emulated integer (ours)": logits_of(integer, x), "float twin": logits_of(twin, x)}
+    candidates["TFLite interpreter (default kernels)"] = interpret
+    fastest = record(timings, "quantized 1.0_224 uint8", 1, interleaved(candidates, rounds))
+    ratio = fastest["emulated integer (ours)"] / fastest["TFLite interpreter (default kernels)"]
+    targets.append(Target("quantized b1: emulated integer model / TFLite interpreter", ratio, None))
+
+
 def _ort_run(session, x) -> Callable[[], object]:
     return lambda: session.run(None, {"pixel_values": x})
 
@@ -489,7 +522,7 @@ def markdown(info: dict[str, object], timings: list[Timing], targets: list[Targe
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="peak,eager,compile,onnx,convert", help="comma-separated sections")
+    parser.add_argument("--only", default="peak,eager,compile,onnx,quantized,convert", help="comma-separated sections")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
     parser.add_argument("--checkpoint", type=Path, default=None, help=f"zoo archive of {FIXTURE} to convert")
     parser.add_argument("--reports", type=Path, default=REPO / "reports")
@@ -512,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         "eager": lambda: eager({BIG_BATCH: 9 // scale, 1: 90 // scale}, timings, targets, peak),
         "compile": lambda: compiled(9 // scale, max(1, 2 // scale), timings, targets, peak),
         "onnx": lambda: onnx({BIG_BATCH: 11 // scale, 1: 90 // scale}, timings, targets, peak),
+        "quantized": lambda: quantized(10 // scale, timings, targets),
         "convert": lambda: convert(5 // scale + 1, checkpoint, timings, targets),
     }
     for name, run in runs.items():
