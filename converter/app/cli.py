@@ -14,10 +14,10 @@ import click
 
 from converter import __version__
 from converter.verify import REFERENCE_KINDS
+from converter.vocabulary import CONVENTIONS
+from converter.zoo.table import MODELS as ZOO_MODELS
 
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, the status of a program the signal ends
-WEIGHT_CONVENTIONS = ("ema", "raw", "ema-all")
-ZOO_MODELS = ("mobilenet_v2", "deeplabv3")
 
 
 def report_errors(command):
@@ -141,7 +141,7 @@ def _silence_stdout() -> None:
 )
 @click.option(
     "--weights",
-    type=click.Choice(WEIGHT_CONVENTIONS),
+    type=click.Choice(CONVENTIONS),
     default=None,
     help="raw | ema (trainable from EMA shadows) | ema-all. Default: ema where shadows exist.",
 )

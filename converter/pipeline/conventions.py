@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from converter.errors import WeightsConventionError
+from converter.vocabulary import CONVENTIONS
 
-CONVENTIONS = ("ema", "raw", "ema-all")
 EMA_SUFFIX = "/ExponentialMovingAverage"
 # Optimizer state and bookkeeping that never belongs to the model.
 OPTIMIZER_SLOT_SUFFIXES = ("/RMSProp", "/RMSProp_1", "/Momentum")

@@ -116,7 +116,7 @@ def convert_checkpoint(
             output,
             variant,
             record.weights,
-            len(rules_for(variant.kind)),
+            record.tensors["mapped"],
             _count(plan.ignored),
             0.0,
             tuple(record.notes),

@@ -50,6 +50,7 @@ from converter.output.records import ConversionRecord
 from converter.output.writer import preprocessor_config
 from converter.pipeline.conventions import plan_weights
 from converter.pipeline.table import CLASSIFICATION, DEEPLAB, endpoints_for
+from converter.vocabulary import kind_of_architecture
 
 #: The fixed rule's defaults, used when only one of --atol / --rtol is given.
 DEFAULT_ATOL = 1e-4
@@ -379,7 +380,7 @@ def verify_model(
     preprocessing = _read_json(model_dir / "preprocessor_config.json")
     model = _load_model(model_dir)
     config = model.config
-    kind = DEEPLAB if type(model).__name__.endswith("SemanticSegmentation") else CLASSIFICATION
+    kind = kind_of_architecture([type(model).__name__])
     notes: list[str] = []
     size = size or config.image_size
     cases = make_inputs(inputs, kind, size, preprocessing)
@@ -689,19 +690,12 @@ def _pad_to_crop(cases: list[InputCase], crop: int, notes: list[str]) -> list[In
 
 
 def _load_model(model_dir: Path):
-    from mobilenet_torch import MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation
+    from mobilenet_torch import load_pretrained
 
-    config = _read_json(model_dir / "config.json")
-    if not config:
+    if not (model_dir / "config.json").is_file():
         raise VerificationError(f"{model_dir} has no config.json: pass a folder written by convert-mobilenet")
-    architectures = config.get("architectures") or []
-    cls = (
-        MobileNetV2ForSemanticSegmentation
-        if any("Segmentation" in name for name in architectures)
-        else MobileNetV2ForImageClassification
-    )
     try:
-        return cls.from_pretrained(model_dir)
+        return load_pretrained(model_dir)
     except ModelFolderError as error:
         raise VerificationError(f"cannot load the model: {error}") from None
 
