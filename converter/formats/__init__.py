@@ -15,7 +15,13 @@ from pathlib import Path
 from converter.errors import SourceError, UsageError
 from converter.formats.base import Hints, Reader, References, SourceFile
 from converter.formats.checkpoint import CheckpointReader
-from converter.formats.files import DEFAULT_MAX_EXTRACT_BYTES, DEFAULT_MAX_MEMBERS, extracted, is_archive
+from converter.formats.files import (
+    DEFAULT_MAX_EXTRACT_BYTES,
+    DEFAULT_MAX_MEMBERS,
+    SKIPPED_NAMES,
+    extracted,
+    is_archive,
+)
 from converter.formats.keras import KerasReader
 from converter.formats.savedmodel import HubModuleReader, SavedModelReader
 from converter.formats.tflite import TFLiteReader
@@ -83,10 +89,13 @@ def _opened(path: Path, forced: type[Reader] | None, archive: Path | None, backb
         reader.close()
 
 
+def _recognised(path: Path) -> type[Reader] | None:
+    return next((reader for reader in READERS if reader.sniff(path)), None)
+
+
 def _sniff(path: Path, archive: Path | None) -> type[Reader]:
-    for reader in READERS:
-        if reader.sniff(path):
-            return reader
+    if reader := _recognised(path):
+        return reader
     if archive is None and not path.exists():
         raise SourceError(
             f"{path} does not exist (nor does {path.name}.index); pass a model file, a folder, a checkpoint "
@@ -98,7 +107,9 @@ def _sniff(path: Path, archive: Path | None) -> type[Reader]:
 
 def _archive_root(folder: Path) -> Path:
     """Where an unpacked archive's content starts: the folder itself, or its one top-level folder."""
-    entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".") and entry.name != "__MACOSX"]
-    if len(entries) == 1 and entries[0].is_dir() and not any(reader.sniff(folder) for reader in READERS):
+    entries = [
+        entry for entry in folder.iterdir() if not entry.name.startswith(".") and entry.name not in SKIPPED_NAMES
+    ]
+    if len(entries) == 1 and entries[0].is_dir() and _recognised(folder) is None:
         return entries[0]
     return folder

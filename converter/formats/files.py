@@ -36,7 +36,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
 # Room for tar headers and padding on top of the member bytes when capping a decompressed stream.
 _TAR_OVERHEAD_PER_MEMBER = 4096
-_SKIPPED_NAMES = ("__MACOSX",)  # macOS resource forks in tarballs; hidden names are skipped too
+SKIPPED_NAMES = ("__MACOSX",)  # macOS resource forks in tarballs; hidden names are skipped too
 _PASS_INSTEAD = (
     "pass a checkpoint prefix (e.g. .../mobilenet_v2_1.0_224.ckpt), its .index file, a folder holding "
     "exactly one checkpoint, or a zoo .tgz"
@@ -143,7 +143,7 @@ def find_index_files(folder: Path, levels: int) -> list[Path]:
         raise SourceError(f"cannot list {folder}: {err.strerror}") from None
     found: list[Path] = []
     for entry in entries:
-        if entry.name.startswith(".") or entry.name in _SKIPPED_NAMES:
+        if entry.name.startswith(".") or entry.name in SKIPPED_NAMES:
             continue
         if entry.is_dir():
             if levels > 0:

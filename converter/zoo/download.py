@@ -123,20 +123,21 @@ def fetch(
         if source not in names:
             raise UsageError(f"{entry.name} has no source {source!r}; its sources: {', '.join(names)}")
         sources = [candidate for candidate in sources if candidate.name == source]
-    failures = []
+    failures: list[tuple[str, DownloadError]] = []
     for candidate in sources:
         try:
             path = fetch_source(candidate, cache_dir, mirror, progress, retry=retry)
         except DownloadError as error:
-            failures.append(f"{candidate.name}: {error}")
+            failures.append((candidate.name, error))
             if candidate is not sources[-1]:
                 print(f"note: {candidate.name} source failed, trying the next: {error}", file=sys.stderr)
             continue
         return Download(path, candidate, recorded_sha256(path))
     if len(failures) == 1:
-        raise DownloadError(failures[0].split(": ", 1)[1])
+        raise failures[0][1]
+    tried = "; ".join(f"{name}: {error}" for name, error in failures)
     raise DownloadError(
-        f"every source of {entry.name} failed ({'; '.join(failures)}); pass --checkpoint with a local copy, or "
+        f"every source of {entry.name} failed ({tried}); pass --checkpoint with a local copy, or "
         "--mirror BASE (a server or folder holding one of those files)"
     )
 
