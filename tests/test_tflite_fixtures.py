@@ -1,14 +1,19 @@
 """TFLite files written by the current TensorFlow converter from a fixture checkpoint's graph
-(fixtures.tflite_builder): int8 per-channel full-integer quantization, and float32.
+(fixtures.tflite_builder): int8 per-channel full-integer quantization, float32, float16 and
+dynamic-range quantization.
 
 - The integer model reproduces the interpreter's reference kernels at every step, and its softmax;
   for DeepLab (output stride 8: dilated depthwise convs come as space-to-batch convs with their
   BatchNorm unfolded, the image pooling as a MEAN) every step and the label map.
 - The dequantized float model of an int8 file keeps the interpreter's top-1 / >= 97% of its labels.
-- A float .tflite converts to logits within 1e-4 x max|logit| of the interpreter.
+- A float32 or float16 .tflite converts to logits within 1e-4 x max|logit| of the interpreter.
+- A dynamic-range .tflite converts to the float model of its dequantized weights, which lands where the
+  interpreter's on-the-fly activation quantization puts it (see `test_dynamic_range_tflite_...`).
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -30,6 +35,11 @@ DEEPLAB_VARIANT = "deeplabv3_mnv2_dm05_pascal_trainaug"
 DEEPLAB_SIZE = 97  # odd, as DeepLab crops are; small to keep the test fast
 IMAGES = 4  # seeded images, none of them the calibration set
 WITHIN_ONE_STEP = 0.99
+# The hybrid kernels of a dynamic-range model quantize each conv's float input to int8 on the fly (about
+# 1/255 of its range), which the float model does not; over the 50-odd convs this was measured at 1.8-3.1%
+# of max|logit| for the classifiers (20 and 10 seeds) and 4.5-4.8% for DeepLab. The bar is twice the
+# worst of those; misreading the per-channel scales as one per tensor lands at ~300%.
+DYNAMIC_LOGIT_BAR = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -93,32 +103,105 @@ def test_int8_integer_model_reproduces_the_interpreter(tflite_file, tmp_path):
     assert float_agrees == IMAGES
 
 
+def convert_float(path, folder):
+    """`path` converted into `folder` as a float model (no integer files): (model, its logits tensor in
+    the .tflite graph, the conversion notes)."""
+    summary = convert_checkpoint(path, folder)
+    assert not (folder / QUANTIZATION_FILE).exists()
+    reader = TFLiteReader(path)
+    classification = reader.kind == "classification"
+    cls = MobileNetV2ForImageClassification if classification else MobileNetV2ForSemanticSegmentation
+    head = "classifier" if classification else "segmentation_head.classifier"
+    logits_tensor = next(step.op.outputs[0] for step in reader.steps if step.name == head)
+    return cls.from_pretrained(folder), logits_tensor, summary.notes
+
+
+def logits_of(model, images: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """The model's logits in the interpreter's layout (NHWC for DeepLab)."""
+    with torch.no_grad():
+        ours = model(to_torch(images)).logits.numpy()
+    return ours.transpose(0, 2, 3, 1) if ours.ndim == 4 else ours.reshape(like.shape)
+
+
+@pytest.mark.parametrize("mode", ["float", "float16"])
 @pytest.mark.parametrize(
-    ("variant", "size", "head"),
-    [(VARIANT, SIZE, "classifier"), (DEEPLAB_VARIANT, DEEPLAB_SIZE, "segmentation_head.classifier")],
-    ids=["classification", "deeplab"],
+    ("variant", "size"), [(VARIANT, SIZE), (DEEPLAB_VARIANT, DEEPLAB_SIZE)], ids=["classification", "deeplab"]
 )
-def test_float_tflite_converts_to_the_interpreter_logits(tmp_path, variant, size, head):
+def test_float_tflite_converts_to_the_interpreter_logits(tmp_path, variant, size, mode):
+    """The interpreter widens float16 weights to float32 before its float kernels, so a float16 file
+    is held to the float bar too (measured: ~1e-6 x max|logit| for the classifier)."""
     from fixtures.tflite_builder import build_tflite
 
-    path = build_tflite(variant, "float", size)
-    folder = tmp_path / "float"
-    convert_checkpoint(path, folder)
-    assert not (folder / QUANTIZATION_FILE).exists()
-    cls = MobileNetV2ForImageClassification if head == "classifier" else MobileNetV2ForSemanticSegmentation
-    model = cls.from_pretrained(folder)
-    logits_tensor = next(step.op.outputs[0] for step in TFLiteReader(path).steps if step.name == head)
+    path = build_tflite(variant, mode, size)
+    model, logits_tensor, notes = convert_float(path, tmp_path / mode)
+    record = json.loads((tmp_path / mode / "conversion.json").read_text())
+    assert record["notes"][: len(notes)] == list(notes)
+    if mode == "float16":
+        assert "float16 weights, float32 activations" in notes[0]
+        assert "the source is a float16 model; the converted model is float32" in notes[1]
+        reader = TFLiteReader(path)
+        assert not reader.quantized and not reader.hybrid
+        weight = reader.steps[0].op.inputs[1]  # a conv reads its weights from a DEQUANTIZE of float16
+        dequantize = next(op for op in reader.model.operators if op.outputs[0] == weight)
+        assert dequantize.op == "DEQUANTIZE" and reader.model.tensors[dequantize.inputs[0]].dtype == "float16"
     interp = interpreter(path, preserve_all_tensors=True)
     for seed in range(2):
         images = random_images((size, size), seed=200 + seed)
         invoke(interp, images)
         theirs = interp.get_tensor(logits_tensor)
-        with torch.no_grad():
-            ours = model(to_torch(images)).logits.numpy()
-        ours = ours.transpose(0, 2, 3, 1) if ours.ndim == 4 else ours.reshape(theirs.shape)
-        error = float(np.abs(ours - theirs).max())
-        print(f"\n{variant} float seed {seed}: max |logit difference| {error:.2e}, bar {logit_tolerance(theirs):.2e}")
+        error = float(np.abs(logits_of(model, images, theirs) - theirs).max())
+        print(f"\n{variant} {mode} seed {seed}: max |logit difference| {error:.2e}, bar {logit_tolerance(theirs):.2e}")
         assert error <= logit_tolerance(theirs)
+
+
+@pytest.mark.parametrize(
+    ("variant", "size"),
+    [(VARIANT, SIZE), ("mobilenet_v2_1.3_224", SIZE), (DEEPLAB_VARIANT, DEEPLAB_SIZE)],
+    ids=["classification", "classification-int8-stem", "deeplab"],
+)
+def test_dynamic_range_tflite_converts_to_its_dequantized_float_model(tmp_path, variant, size):
+    """Depth 1.3 has a stem conv of over 1024 weights, which the converter quantizes too."""
+    from fixtures.tflite_builder import build_tflite
+
+    path = build_tflite(variant, "dynamic", size)
+    reader = TFLiteReader(path)
+    assert not reader.quantized and reader.hybrid
+    stem = reader.model.tensors[reader.steps[0].op.inputs[1]]
+    assert stem.dtype == ("int8" if variant == "mobilenet_v2_1.3_224" else "float32")
+    conv = next(step.op for step in reader.steps if step.name == "mobilenet_v2.layer.15.expand_1x1")
+    weight = reader.model.tensors[conv.inputs[1]]
+    assert weight.dtype == "int8" and len(weight.quantization.scale) == weight.shape[0] > 1  # per channel
+    assert not weight.quantization.zero_point.any()  # symmetric
+    model, logits_tensor, notes = convert_float(path, tmp_path / "dynamic")
+    assert "dynamic range: int8 weights" in notes[0]
+    assert "the source is a dynamic-range quantized model; the converted model is float32" in notes[1]
+    # The float file the dynamic one was quantized from: its weights before the int8 rounding.
+    source, _, _ = convert_float(build_tflite(variant, "float", size), tmp_path / "float")
+    interp = interpreter(path, preserve_all_tensors=True, reference_kernels=True)
+    errors, source_errors, agreements = [], [], []
+    for seed in range(IMAGES):
+        images = random_images((size, size), seed=200 + seed)
+        invoke(interp, images)
+        theirs = interp.get_tensor(logits_tensor)
+        ours, original = logits_of(model, images, theirs), logits_of(source, images, theirs)
+        scale = max(1.0, float(np.abs(theirs).max()))
+        errors.append(float(np.abs(ours - theirs).max()) / scale)
+        source_errors.append(float(np.abs(original - theirs).max()) / scale)
+        agreement, source_agreement = (float((x.argmax(-1) == theirs.argmax(-1)).mean()) for x in (ours, original))
+        print(
+            f"\n{variant} dynamic seed {seed}: max |logit difference| {errors[-1]:.2e} x max|logit| (the float "
+            f"source: {source_errors[-1]:.2e}); argmax agreement {agreement:.2%} (the float source: "
+            f"{source_agreement:.2%})"
+        )
+        assert errors[-1] <= DYNAMIC_LOGIT_BAR
+        agreements.append((agreement, source_agreement))
+    if reader.kind == "classification":
+        assert all(agreement == 1.0 for agreement, _ in agreements)
+    else:  # a random-weight DeepLab's label margins are ~0.1% of max|logit|: some pixels flip either way
+        ours, theirs = np.mean(agreements, axis=0)
+        assert ours >= theirs - 0.01
+    # The interpreter computes with the dequantized weights, so they land closer than the unrounded ones.
+    assert np.mean(errors) < np.mean(source_errors)
 
 
 def test_int8_deeplab_reproduces_the_interpreter(tmp_path):

@@ -126,13 +126,14 @@ REAL_TFLITE = "mobilenet_v2_1.0_224_quant.tflite"
 INTEGER_FAULT = "mobilenet_v2.layer.10.expand_1x1.bias"
 
 
-@pytest.fixture(scope="module")
-def float_tflite(tmp_path_factory) -> tuple[Path, Path]:
-    """(a float .tflite from TensorFlow's own converter, the folder converted from it)."""
+@pytest.fixture(scope="module", params=["float", "float16"])
+def float_tflite(tmp_path_factory, request) -> tuple[Path, Path]:
+    """(a float32 or float16 .tflite from TensorFlow's own converter, the folder converted from it): the
+    interpreter widens float16 weights to float32, so both are held to the float tolerance."""
     from fixtures.tflite_builder import build_tflite
 
-    source = build_tflite(SMALL, "float")
-    return source, convert(source, tmp_path_factory.mktemp("tflite") / "float")
+    source = build_tflite(SMALL, request.param)
+    return source, convert(source, tmp_path_factory.mktemp("tflite") / request.param)
 
 
 def test_a_float_tflite_is_compared_layer_by_layer_by_the_reference_interpreter(float_tflite):
@@ -155,6 +156,17 @@ def test_a_planted_fault_is_localised_against_a_float_tflite(float_tflite, tmp_p
     assert code == 1, output
     assert report["first_divergence"]["endpoint"] == "layer_9"  # the output of block expanded_conv_7
     assert all(entry["passed"] for entry in report["endpoints"] if entry["endpoint"] in ("layer_1", "layer_8"))
+
+
+def test_a_dynamic_range_tflite_is_refused_as_a_reference_saying_why(tmp_path):
+    from fixtures.tflite_builder import build_tflite
+
+    source = build_tflite(SMALL, "dynamic")
+    model = convert(source, tmp_path / "dynamic")
+    code, output, _ = verify("--checkpoint", source, "--model", model, "--report-dir", tmp_path / "reports")
+    assert code == 2, output
+    assert "dynamic-range model" in output and "quantize each layer's float input to int8" in output
+    assert len(output.strip().splitlines()) == 1 and not (tmp_path / "reports").exists()
 
 
 @pytest.fixture(scope="module")

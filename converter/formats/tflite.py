@@ -1,4 +1,5 @@
-"""TensorFlow Lite models (``.tflite``): float32, uint8 per-tensor (TOCO era) or int8 per-channel.
+"""TensorFlow Lite models (``.tflite``): float32, float16 or dynamic-range weights with float activations,
+and uint8 per-tensor (TOCO era) or int8 per-channel full-integer models.
 
 The flatbuffer is parsed natively (:mod:`converter.formats.tflite_schema`); no interpreter is needed.
 Tensor names differ between converters, so ops are matched to slim scopes by the graph's topology:
@@ -11,7 +12,12 @@ identity BatchNorm: gamma 1, beta = folded bias, moving mean 0, moving variance 
 mapping table and the model take them unchanged and ``(x - 0) / sqrt(1 - eps + eps) * 1 + beta`` adds
 the bias back.
 
-Quantized models also yield two extra files for the output folder (described in
+The TFLite converter's float16 models store the weights as float16 constants that DEQUANTIZE ops widen
+to float32 (exactly) ahead of float kernels; its dynamic-range models store most weights as int8
+(per-channel symmetric for convs, those under 1024 values stay float32) and run hybrid kernels on
+float activations. Both are read as the float32 model, each weight dequantized as TFLite does.
+
+Full-integer models also yield two extra files for the output folder (described in
 :mod:`mobilenet_torch.quantized`): the quantization parameters of every step of the integer graph,
 and the integer weights and biases, which that module loads as a model reproducing TFLite's integer
 arithmetic.
@@ -41,6 +47,9 @@ HEAD_EPS = 1e-5
 HEAD_SCOPES = ("image_pooling", "aspp0", "concat_projection")
 CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 POOL_OPS = ("AVERAGE_POOL_2D", "MEAN")
+FLOAT_MODEL_WEIGHTS = ("float32", "float16", "int8")  # weight storage on float activations
+# How TFLite turns stored weights into float32 for float (or hybrid) kernels.
+WIDENED = {"float16": "float16 widened exactly", "int8": "int8 as scale * (q - zero_point)"}
 LABEL_FILE_LIMIT = 1 << 20  # an embedded label file is a few tens of KB
 # Classifier scope -> PyTorch module, from the mapping table's heads.
 HEAD_MODULES = {
@@ -77,17 +86,23 @@ class TFLiteReader(Reader):
     """A MobileNetV2 classifier or DeepLab v3 model from a ``.tflite`` flatbuffer."""
 
     format = "tflite"
-    description = "TensorFlow Lite flatbuffer (.tflite): float32, uint8 per-tensor or int8 per-channel quantized"
+    description = (
+        "TensorFlow Lite flatbuffer (.tflite): float32, float16, dynamic-range, uint8 per-tensor or int8 "
+        "per-channel quantized"
+    )
 
     def __init__(self, path: Path, archive: Path | None = None, *, backbone_only: bool = False) -> None:
         super().__init__(path, archive, backbone_only=backbone_only)
         self._bytes = path.read_bytes()
         self.model: Model = parse_model(self._bytes)
-        self.steps, self.kind = _Walk(self.model).run()
+        walk = _Walk(self.model)
+        self.steps, self.kind = walk.run()
+        self._stored = walk.stored
         self.output_stride = _output_stride(self.steps) if self.kind == DEEPLAB else 32
-        self._tensors = self._slim_tensors()
-        self.quantized = self.model.tensors[self._conv_steps()[0].op.inputs[1]].quantization is not None
+        # A full-integer model (integer activations); float16 and dynamic-range models have float ones.
+        self.quantized = self._activation_dtype() != "float32"
         self._check_types()
+        self._tensors = self._slim_tensors()
         self._check_architecture()
 
     @classmethod
@@ -114,12 +129,34 @@ class TFLiteReader(Reader):
         return References(tflite_file=self.path)
 
     @property
+    def hybrid(self) -> bool:
+        """A dynamic-range model whose convs take int8 weights on float activations: TFLite's hybrid
+        kernels, which quantize each input to int8 on the fly (so no float model reproduces them to float
+        precision). int8 weights behind a DEQUANTIZE op run float kernels instead."""
+        direct = {self.model.tensors[step.op.inputs[1]].dtype for step in self._conv_steps()}
+        return not self.quantized and "int8" in direct
+
+    @property
     def hints(self) -> Hints:
         image = self.model.tensors[self.model.inputs[0]]
         if len(image.shape) != 4 or image.shape[1] != image.shape[2] or image.shape[3] != 3:
             raise TFLiteFormatError(f"the model input is {image.shape}; expected a square RGB image [1, h, h, 3]")
         num_labels = int(self._tensors[_head_weight(self.kind)].shape[-1])
         notes = [f"converted from a TFLite flatbuffer ({self._scheme()})"]
+        weight_types = self._weight_types()
+        if not self.quantized and weight_types != {"float32"}:
+            source = "a dynamic-range quantized" if "int8" in weight_types else "a float16"
+            how = ", ".join(text for dtype, text in WIDENED.items() if dtype in weight_types)
+            note = (
+                f"the source is {source} model; the converted model is float32, its weights dequantized as TFLite "
+                f"dequantizes them ({how}); BatchNorm was folded by the TFLite converter and is written as a "
+                "BatchNorm with mean 0 and variance 1 - eps"
+            )
+            if self.hybrid:
+                note += (
+                    "; its hybrid kernels also quantize each conv's input to int8 on the fly, the float model does not"
+                )
+            notes.append(note)
         if self.quantized:
             notes.append(
                 "weights dequantized (real = scale * (q - zero_point)); BatchNorm was folded by the TFLite "
@@ -174,12 +211,25 @@ class TFLiteReader(Reader):
     def _conv_steps(self) -> list[Step]:
         return [step for step in self.steps if step.scope is not None]
 
+    def _weight_types(self) -> set[str]:
+        """The stored types of the conv weights (those behind a DEQUANTIZE op included)."""
+        return {self._stored(step.op.inputs[1]).dtype for step in self._conv_steps()}
+
     def _scheme(self) -> str:
-        weight = self.model.tensors[self._conv_steps()[0].op.inputs[1]]
-        if weight.quantization is None:
-            return f"{weight.dtype}, not quantized"
-        per = "per-channel" if len(weight.quantization.scale) > 1 else "per-tensor"
-        return f"{weight.dtype} weights {per}, {self._activation_dtype()} activations"
+        if self.quantized:
+            weight = self.model.tensors[self._conv_steps()[0].op.inputs[1]]
+            per = "per-channel" if len(weight.quantization.scale) > 1 else "per-tensor"
+            return f"{weight.dtype} weights {per}, {self._activation_dtype()} activations"
+        types = self._weight_types()
+        if types == {"float32"}:
+            return "float32, not quantized"
+        if types == {"float16"}:
+            return "float16 weights, float32 activations"
+        integer = sum(self._stored(step.op.inputs[1]).dtype == "int8" for step in self._conv_steps())
+        return (
+            f"dynamic range: int8 weights in {integer} of {len(self._conv_steps())} convs, the others "
+            f"{'/'.join(sorted(types - {'int8'}))}, float32 activations"
+        )
 
     def _activation_dtype(self) -> str:
         return self.model.tensors[self._conv_steps()[0].op.outputs[0]].dtype
@@ -214,11 +264,19 @@ class TFLiteReader(Reader):
 
     def _check_types(self) -> None:
         for step in self._conv_steps():
-            weight, bias = (self.model.tensors[i] for i in step.op.inputs[1:3])
-            if self.quantized and (weight.dtype not in ("uint8", "int8") or bias.dtype != "int32"):
+            if self.quantized:
+                weight, bias = (self.model.tensors[i] for i in step.op.inputs[1:3])
+                if weight.dtype not in ("uint8", "int8") or bias.dtype != "int32":
+                    raise TFLiteFormatError(
+                        f"{step.scope}: {weight.dtype} weights with {bias.dtype} biases; full-integer models must "
+                        "use uint8 or int8 weights with int32 biases"
+                    )
+                continue
+            weight, bias = (self._stored(i) for i in step.op.inputs[1:3])
+            if weight.dtype not in FLOAT_MODEL_WEIGHTS or bias.dtype not in ("float32", "float16"):
                 raise TFLiteFormatError(
-                    f"{step.scope}: {weight.dtype} weights with {bias.dtype} biases; quantized models must use "
-                    "uint8 or int8 weights with int32 biases"
+                    f"{step.scope}: {weight.dtype} weights with {bias.dtype} biases on float activations; a float "
+                    "model stores float32, float16 or int8 weights and float32 or float16 biases"
                 )
 
     def _check_architecture(self) -> None:
@@ -255,12 +313,12 @@ class TFLiteReader(Reader):
         tensors: dict[str, np.ndarray] = {}
         head = _head_weight(self.kind).rsplit("/", 1)[0]
         constants = {
-            step.name: _dequantize(self.model, self.model.tensors[step.constant]).reshape(-1)
+            step.name: _dequantize(self.model, self._stored(step.constant)).reshape(-1)
             for step in self.steps
             if step.constant is not None
         }
         for step in self._conv_steps():
-            weight_tensor, bias_tensor = (self.model.tensors[i] for i in step.op.inputs[1:3])
+            weight_tensor, bias_tensor = (self._stored(i) for i in step.op.inputs[1:3])
             weight = _slim_layout(step.op.op, _dequantize(self.model, weight_tensor))
             bias = _dequantize(self.model, bias_tensor)
             if step.scope == head:
@@ -289,7 +347,18 @@ class _Walk:
         for op in model.operators:
             for tensor in op.inputs:
                 self.consumers.setdefault(tensor, []).append(op)
+        # A constant that a DEQUANTIZE op widens for a float kernel (float16 weights, or int8 ones where
+        # the kernel has no hybrid form): its output tensor -> the tensor holding the data.
+        self._dequantized = {
+            op.outputs[0]: model.tensors[op.inputs[0]]
+            for op in model.operators
+            if op.op == "DEQUANTIZE" and model.data(model.tensors[op.inputs[0]]) is not None
+        }
         self.steps: list[Step] = []
+
+    def stored(self, tensor: int) -> Tensor:
+        """The tensor holding the data of a constant operand: the DEQUANTIZE op's input where one feeds it."""
+        return self._dequantized.get(tensor, self.model.tensors[tensor])
 
     def run(self) -> tuple[list[Step], str]:
         if len(self.model.inputs) != 1 or len(self.model.outputs) != 1:
@@ -450,7 +519,7 @@ class _Walk:
         self.steps.append(Step(module, op, scope, output=to_space.outputs[0], dilation=rate))
         for name, step_op in ((f"{module}.mul", mul), (f"{module}.bias_add", add)):
             others = [t for t in step_op.inputs if t != step_op.inputs[0]]
-            if len(others) != 1 or self.model.data(self.model.tensors[others[0]]) is None:
+            if len(others) != 1 or self.model.data(self.stored(others[0])) is None:
                 raise MappingError(f"{scope}: op {step_op.index} ({step_op.op}) is not by a per-channel constant")
             self.steps.append(Step(name, step_op, constant=others[0]))
         return add.outputs[0]
@@ -482,6 +551,8 @@ def _dequantize(model: Model, tensor: Tensor) -> np.ndarray:
     quantization = tensor.quantization
     if values.dtype == np.float32:
         return values
+    if values.dtype == np.float16:  # TFLite's DEQUANTIZE widens float16 exactly
+        return values.astype(np.float32)
     if quantization is None:
         raise TFLiteFormatError(f"tensor {tensor.name!r} is {values.dtype} without quantization parameters")
     shape = [1] * values.ndim

@@ -697,6 +697,12 @@ def _from_tflite(tf, path: Path, kind: str, tensors: Sequence[str], threads: int
             f"refusing {path.name}: it holds op(s) {', '.join(unknown)}, which the MobileNetV2 exports do not use; "
             "custom and TF (Flex) ops can run arbitrary code, so the model is not run"
         )
+    if reader.hybrid:
+        raise VerificationError(
+            f"cannot verify against {path.name}: it is a dynamic-range model, whose hybrid kernels quantize each "
+            "layer's float input to int8 on the fly, so no float model matches it to float precision; verify "
+            "against the float .tflite or the checkpoint it was converted from"
+        )
     resolver = tf.lite.experimental.OpResolverType.BUILTIN_REF
     with warnings.catch_warnings():  # the interpreter's notice in favour of the separate LiteRT package
         warnings.simplefilter("ignore")
