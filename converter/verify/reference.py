@@ -3,7 +3,8 @@
 A source that is not a TF checkpoint is its own reference (``prefer`` "auto"):
 
 - a SavedModel or TF1 Hub module: its serving signature, loaded by TensorFlow's SavedModel loader after
-  :func:`check_saved_model`; the endpoints are the signature's outputs;
+  :func:`check_saved_model`; the endpoints are the signature's outputs; its images are fed through the
+  input scaling read off its graph (:func:`signature_input_scaling`: TF Hub's take [0, 1]);
 - a ``.tflite``: TFLite's interpreter with its reference kernels and no delegates, every intermediate tensor
   kept, endpoints read off the ops that the TFLite reader's walk names (:class:`TFLiteReference`);
 - a Keras file: Keras' own model, loaded from the file or built by ``keras.applications.MobileNetV2`` with
