@@ -164,7 +164,8 @@ class _StemOnly:
         import tensorflow as tf
 
         module = tf.Module()
-        module.weights = tf.Variable(np.ones((3, 3, 3, 16), np.float32), name="MobilenetV2/Conv/weights")
+        kernel = np.random.default_rng(0).standard_normal((3, 3, 3, 16)).astype(np.float32)
+        module.weights = tf.Variable(kernel, name="MobilenetV2/Conv/weights")
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
         def serve(images):
@@ -175,6 +176,37 @@ class _StemOnly:
         module.serve = serve
         tf.saved_model.save(module, str(folder), signatures={"serving_default": serve})
         return folder
+
+
+@pytest.mark.parametrize(
+    ("prepare", "input_range"),
+    [
+        (lambda x: x / 127.5 - 1.0, [0.0, 255.0]),  # the Keras recipe's pixels
+        (lambda x: 1.0 - x * 2.0, [0.0, 1.0]),  # a constant minus the input: the range flips back
+        (lambda x: (x + 3.0) / 2.0, [-5.0, -1.0]),
+    ],
+    ids=["pixels", "flipped", "shifted"],
+)
+def test_the_scaling_is_composed_from_the_ops_in_the_order_they_run(tmp_path, prepare, input_range):
+    """Fed through the scaling it read off the graph, the SavedModel's stem gives on images in [-1, 1] what
+    TensorFlow gives for the same stem fed those images unscaled."""
+    import tensorflow as tf
+
+    from converter.formats.base import References
+    from converter.verify.reference import LOGITS_TENSOR, open_reference
+    from tests.helpers import random_images
+
+    images = random_images((16, 16), batch=2, seed=3)
+    plain = tf.saved_model.load(str(_StemOnly.write(tmp_path / "plain", lambda x: x)))
+    expected = plain.signatures["serving_default"](images=tf.constant(images))["logits"].numpy()
+    source = _StemOnly.write(tmp_path / "scaled", prepare)
+    reference = open_reference(
+        References(saved_model=source), kind="classification", depth=1.0, convention="ema", tensors=[LOGITS_TENSOR]
+    )
+    with reference:
+        assert reference.info.input_range == pytest.approx(input_range)
+        logits = reference.run(images, [LOGITS_TENSOR])[LOGITS_TENSOR]
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
