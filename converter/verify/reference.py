@@ -579,22 +579,25 @@ def _producer(functions: dict, body: _Body, tensor: str, origin: str) -> tuple[_
     return value) and pass-through ops; with the body it is in."""
     for _ in range(MAX_WALK_STEPS):
         parts = tensor.split(":")
-        if body.function is not None and len(parts) == 1:
-            arguments = [argument.name for argument in body.function.signature.input_arg]
-            if parts[0] in arguments:
-                tensor, body = _data_inputs(body.call)[arguments.index(parts[0])], body.caller
-                continue
-        node = body.nodes.get(parts[0])
-        if node is None:
-            raise VerificationError(f"refusing {origin}: it references a node {parts[0]!r} that it does not define")
-        if node.op in CALL_OPS:
-            (callee,) = _called_functions(node, functions, origin)
-            output = callee.signature.output_arg[int(parts[-1]) if len(parts) > 1 else 0].name
-            tensor, body = callee.ret[output], _Body.called(callee, body, node)
-        elif node.op in PASS_THROUGH_OPS:
-            tensor = _data_inputs(node)[0]
-        else:
-            return body, node
+        try:
+            if body.function is not None and len(parts) == 1:
+                arguments = [argument.name for argument in body.function.signature.input_arg]
+                if parts[0] in arguments:
+                    tensor, body = _data_inputs(body.call)[arguments.index(parts[0])], body.caller
+                    continue
+            node = body.nodes.get(parts[0])
+            if node is None:
+                raise VerificationError(f"refusing {origin}: it references a node {parts[0]!r} it does not define")
+            if node.op in CALL_OPS:
+                (callee,) = _called_functions(node, functions, origin)
+                output = callee.signature.output_arg[int(parts[-1]) if len(parts) > 1 else 0].name
+                tensor, body = callee.ret[output], _Body.called(callee, body, node)
+            elif node.op in PASS_THROUGH_OPS:
+                tensor = _data_inputs(node)[0]
+            else:
+                return body, node
+        except (IndexError, KeyError, ValueError):
+            raise VerificationError(f"refusing {origin}: its graph is malformed where it uses {tensor!r}") from None
     raise VerificationError(f"refusing {origin}: its graph loops back on itself")
 
 
@@ -641,7 +644,7 @@ def signature_input_scaling(tf, meta_graph, signature, input_key: str, origin: s
             f"range its input {input_key} takes cannot be read off its graph; {advice}"
         )
     (body, node) = convolutions[0]
-    tensor, steps = _data_inputs(node)[0], []
+    tensor, steps = (_data_inputs(node) or [""])[0], []
     image = node_of(signature.inputs[input_key].name)
     for _ in range(MAX_WALK_STEPS):
         body, node = _producer(functions, body, tensor, origin)
