@@ -18,7 +18,13 @@ import torch  # noqa: E402
 from converter import convert_checkpoint  # noqa: E402
 from converter.errors import CheckpointFormatError, SourceError  # noqa: E402
 from converter.formats import open_reader  # noqa: E402
-from fixtures.savedmodel_builder import kaggle_archive, run_saved_model, write_saved_model  # noqa: E402
+from fixtures.savedmodel_builder import (  # noqa: E402
+    HUB_MODULE_DEF,
+    HUB_STYLES,
+    kaggle_archive,
+    run_saved_model,
+    write_saved_model,
+)
 from mobilenet_torch import MobileNetV2ForImageClassification  # noqa: E402
 from tests.helpers import REPO, logit_tolerance, random_images  # noqa: E402
 
@@ -59,6 +65,7 @@ def test_saved_models_convert_to_their_own_logits(saved_models, expected_logits,
     record = json.loads((out / "conversion.json").read_text())
     assert record["source"]["format"] == "saved-model"
     assert record["weights"] == "as exported" and summary.variant.depth == 0.35
+    assert not any("hub_input" in note for note in record["notes"])  # takes [-1, 1] itself
     for index, (shape, expected) in enumerate(zip(SIZES, expected_logits[style], strict=True)):
         ours = converted_logits(out, random_images(shape, batch=2, seed=index))
         assert np.abs(ours - expected).max() <= logit_tolerance(expected), shape
@@ -78,13 +85,34 @@ def test_a_scope_in_front_of_the_slim_names_is_removed(tmp_path):
 def test_a_tf1_hub_module_is_recognised_and_converts(saved_models, expected_logits, tmp_path):
     module = tmp_path / "module"
     shutil.copytree(saved_models["tf1"], module)
-    (module / "tfhub_module.pb").write_bytes(b"\x08\x01")  # ModuleDef { format: 1 }
+    (module / "tfhub_module.pb").write_bytes(HUB_MODULE_DEF)
     convert_checkpoint(module, tmp_path / "out")
     record = json.loads((tmp_path / "out" / "conversion.json").read_text())
     assert record["source"]["format"] == "tf-hub-module"
     (expected, *_) = expected_logits["tf1"]
     ours = converted_logits(tmp_path / "out", random_images(SIZES[0], batch=2, seed=0))
     assert np.abs(ours - expected).max() <= logit_tolerance(expected)
+
+
+@pytest.mark.parametrize("style", HUB_STYLES)
+def test_hub_form_exports_taking_zero_to_one_convert_exactly_to_a_model_taking_minus_one_to_one(style, tmp_path):
+    """TF Hub's form: images in [0, 1], scaled to [-1, 1] inside the graph. The converted model takes [-1, 1]
+    (what its preprocessor_config.json prepares) and gives the export's own logits for the same images."""
+    source = write_saved_model(NAME, tmp_path / style, style)
+    if style == "hub-tf2":  # Kaggle serves the TF2 export as an archive
+        source = kaggle_archive(source, tmp_path / "kaggle.tar.gz")
+    out = tmp_path / "converted"
+    convert_checkpoint(source, out, size=96)
+    record = json.loads((out / "conversion.json").read_text())
+    assert record["source"]["format"] == ("tf-hub-module" if style == "hub-tf1" else "saved-model")
+    assert any("scales its input in a hub_input scope" in note for note in record["notes"])
+    preprocessor = json.loads((out / "preprocessor_config.json").read_text())
+    assert preprocessor["image_mean"] == preprocessor["image_std"] == [0.5] * 3  # pixels / 255 -> [-1, 1]
+    folder = tmp_path / style
+    for index, shape in enumerate(SIZES):
+        images = random_images(shape, batch=2, seed=index)
+        expected = run_saved_model(folder, (images + 1) / 2, style)
+        assert np.abs(converted_logits(out, images) - expected).max() <= logit_tolerance(expected), shape
 
 
 def test_a_damaged_object_graph_is_a_clear_error(saved_models, tmp_path):

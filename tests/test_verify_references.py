@@ -5,6 +5,7 @@ A faithful conversion passes, a planted fault fails, an unsafe original is refus
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -88,6 +89,142 @@ def test_a_planted_fault_fails_at_the_logits_against_a_saved_model(saved_models,
     assert code == 1, output
     assert report["first_divergence"]["endpoint"] == ("layer_9" if style == "tf1" else "logits")
     assert report["first_divergence"]["ratio"] > 1
+
+
+@pytest.fixture(scope="module")
+def hub_saved_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """style -> (a SavedModel in TF Hub's form: images in [0, 1], scaled inside; the folder converted from it)."""
+    from fixtures.savedmodel_builder import HUB_STYLES, write_saved_model
+
+    root = tmp_path_factory.mktemp("hub_saved_models")
+    out = {}
+    for style in HUB_STYLES:
+        source = write_saved_model(SMALL, root / style, style)
+        out[style] = source, convert(source, root / f"{style}-converted")
+    return out
+
+
+@pytest.mark.parametrize("style", ["hub-tf1", "hub-tf2"])
+def test_a_hub_form_saved_model_is_fed_its_own_input_range_and_a_faithful_conversion_passes(hub_saved_models, style):
+    from fixtures.savedmodel_builder import FORMS
+
+    source, model = hub_saved_models[style]
+    code, output, report = verify("--checkpoint", source, "--model", model)
+    assert code == 0, output
+    form = FORMS[style]
+    assert report["reference"]["input_tensor"] == f"{form.signature}:{form.input}"
+    assert report["reference"]["input_range"] == list(form.input_range)  # [0, 1], as the fixture was built
+    assert any("read off its graph" in note and "hub_input/" in note for note in report["notes"])
+    entries = {entry["endpoint"]: entry for entry in report["endpoints"]}
+    assert entries["logits"]["compared"] and entries["logits"]["passed"]
+    if style == "hub-tf1":  # a TF1 graph: every endpoint on the signature's path is compared too
+        assert all(entry["compared"] and entry["passed"] for entry in report["endpoints"])
+    else:  # Kaggle's bare output, named output_0 by TF's writer
+        assert any("only output, output_0 ([batch, 1001]), is taken as the logits" in n for n in report["notes"])
+
+
+@pytest.mark.parametrize("style", ["hub-tf1", "hub-tf2"])
+def test_a_planted_fault_fails_against_a_hub_form_saved_model(hub_saved_models, style, tmp_path):
+    source, model = hub_saved_models[style]
+    code, output, report = verify("--checkpoint", source, "--model", with_fault(model, tmp_path / "faulty"))
+    assert code == 1, output
+    assert report["first_divergence"]["endpoint"] == ("layer_9" if style == "hub-tf1" else "logits")
+
+
+@pytest.mark.parametrize("style", ["hub-tf1", "hub-tf2"])
+def test_the_input_scaling_read_off_the_graph_is_what_the_graph_computes(hub_saved_models, saved_models, style):
+    """The reference fed through the scaling it read off the Hub-form graph gives, on images in [-1, 1],
+    the logits that TensorFlow gives for the plain export of the same weights on those images."""
+    from converter.formats.base import References
+    from converter.verify.reference import LOGITS_TENSOR, open_reference
+    from fixtures.savedmodel_builder import run_saved_model
+    from tests.helpers import logit_tolerance, random_images
+
+    source, _ = hub_saved_models[style]
+    images = random_images((96, 96), batch=2, seed=7)
+    expected = run_saved_model(saved_models["tf1"][0], images)
+    reference = open_reference(
+        References(saved_model=source), kind="classification", depth=0.35, convention="ema", tensors=[LOGITS_TENSOR]
+    )
+    with reference:
+        assert reference.info.input_range == [0.0, 1.0]
+        logits = reference.run(images, [LOGITS_TENSOR])[LOGITS_TENSOR]
+    assert np.abs(logits - expected).max() <= logit_tolerance(expected)
+    # and the unit-range images TF Hub's signature documents, fed to TensorFlow directly, agree
+    unit = run_saved_model(source, (images + 1) / 2, style)
+    assert np.abs(unit - expected).max() <= logit_tolerance(expected)
+
+
+class _StemOnly:
+    """A SavedModel holding the slim stem variable whose signature puts its images through `prepare` before
+    a convolution named as slim's (or named otherwise)."""
+
+    @staticmethod
+    def write(folder: Path, prepare, conv_scope: str = "MobilenetV2/Conv") -> Path:
+        import tensorflow as tf
+
+        module = tf.Module()
+        kernel = np.random.default_rng(0).standard_normal((3, 3, 3, 16)).astype(np.float32)
+        module.weights = tf.Variable(kernel, name="MobilenetV2/Conv/weights")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
+        def serve(images):
+            with tf.name_scope(conv_scope):
+                net = tf.nn.conv2d(prepare(images), module.weights, 1, "SAME", name="Conv2D")
+            return {"logits": tf.reduce_mean(net, axis=[1, 2])}
+
+        module.serve = serve
+        tf.saved_model.save(module, str(folder), signatures={"serving_default": serve})
+        return folder
+
+
+@pytest.mark.parametrize(
+    ("prepare", "input_range"),
+    [
+        (lambda x: x / 127.5 - 1.0, [0.0, 255.0]),  # the Keras recipe's pixels
+        (lambda x: 1.0 - x * 2.0, [0.0, 1.0]),  # a constant minus the input: the range flips back
+        (lambda x: (x + 3.0) / 2.0, [-5.0, -1.0]),
+    ],
+    ids=["pixels", "flipped", "shifted"],
+)
+def test_the_scaling_is_composed_from_the_ops_in_the_order_they_run(tmp_path, prepare, input_range):
+    """Fed through the scaling it read off the graph, the SavedModel's stem gives on images in [-1, 1] what
+    TensorFlow gives for the same stem fed those images unscaled."""
+    import tensorflow as tf
+
+    from converter.formats.base import References
+    from converter.verify.reference import LOGITS_TENSOR, open_reference
+    from tests.helpers import random_images
+
+    images = random_images((16, 16), batch=2, seed=3)
+    plain = tf.saved_model.load(str(_StemOnly.write(tmp_path / "plain", lambda x: x)))
+    expected = plain.signatures["serving_default"](images=tf.constant(images))["logits"].numpy()
+    source = _StemOnly.write(tmp_path / "scaled", prepare)
+    reference = open_reference(
+        References(saved_model=source), kind="classification", depth=1.0, convention="ema", tensors=[LOGITS_TENSOR]
+    )
+    with reference:
+        assert reference.info.input_range == pytest.approx(input_range)
+        logits = reference.run(images, [LOGITS_TENSOR])[LOGITS_TENSOR]
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("prepare", "conv_scope", "message"),
+    [
+        (lambda x: x * x * 2.0 - 1.0, "MobilenetV2/Conv", "computes Mul .*which is not a scaling by a constant"),
+        (lambda x: 2.0 / x, "MobilenetV2/Conv", "computes RealDiv .*which is not a scaling by a constant"),
+        (lambda x: x * 2.0 - 1.0, "stem", "no op.s. named MobilenetV2/Conv/Conv2D on its signature's path"),
+    ],
+    ids=["square", "reciprocal", "unnamed-convolution"],
+)
+def test_an_input_path_that_is_not_a_scaling_is_a_clear_error(saved_models, tmp_path, prepare, conv_scope, message):
+    source = _StemOnly.write(tmp_path / "stem", prepare, conv_scope)
+    _, model = saved_models["tf2"]
+    code, output, _ = verify("--checkpoint", source, "--model", model, "--report-dir", tmp_path / "reports")
+    assert code == 2, output
+    assert re.search(message, output) and "verify the conversion against the slim checkpoint" in output
+    assert not (tmp_path / "reports").exists()
 
 
 class _ReadsAFile:

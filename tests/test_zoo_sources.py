@@ -1,6 +1,7 @@
 """A zoo with several sources per model: the official tarball (HTTP 403 since 2025), then the TF Hub /
-Kaggle SavedModel of the same weights, then others; each source's base URL is overridden to a server on
-127.0.0.1 that the test starts, so nothing ever leaves this machine."""
+Kaggle SavedModel of the same weights (served in Kaggle's form: images in [0, 1], scaled inside), then
+others; each source's base URL is overridden to a server on 127.0.0.1 that the test starts, so nothing ever
+leaves this machine."""
 
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ OFFICIAL, TFHUB, TFLITE = (source.name for source in ENTRY.sources())
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tfhub") / "saved_model"
-    return write_saved_model(ENTRY.name, folder, "tf2")
+    return write_saved_model(ENTRY.name, folder, KAGGLE_STYLE)
+
+
+KAGGLE_STYLE = "hub-tf2"  # tf.saved_model.save, images in [0, 1], the bare logits as output_0
 
 
 @pytest.fixture
@@ -70,7 +74,8 @@ def run_cli(*args, env):
 def test_a_403_on_the_official_tarball_falls_through_to_the_saved_model(server, saved_model, tmp_path):
     env = sources_env(server, tmp_path)
     server.status[served_path(OFFICIAL, env)] = 403
-    server.serve(served_path(TFHUB, env), kaggle_archive(saved_model, tmp_path / "hub.tar.gz"))
+    archive = kaggle_archive(saved_model, tmp_path / "hub.tar.gz")
+    server.serve(served_path(TFHUB, env), archive)
     out = tmp_path / "out"
     result = run_cli("--depth", "1.0", "--size", "224", "--output", out, env=env)
     assert result.returncode == 0, result.stderr
@@ -79,11 +84,20 @@ def test_a_403_on_the_official_tarball_falls_through_to_the_saved_model(server, 
     assert record["download"]["source"] == TFHUB and record["source"]["format"] == "saved-model"
     assert record["download"]["sha256"] == record["source"]["files"][0]["sha256"]
     images = random_images((224, 224), seed=3)
-    expected = run_saved_model(saved_model, images)
+    expected = run_saved_model(saved_model, (images + 1) / 2, KAGGLE_STYLE)  # the same images, as it takes them
     model = MobileNetV2ForImageClassification.from_pretrained(out)
     with torch.inference_mode():
         ours = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).logits.numpy()
     assert np.abs(ours - expected).max() <= logit_tolerance(expected)
+    # and the verifier, against what was downloaded, feeds it the range it reads off its graph
+    command = [sys.executable, "-c", "from converter.app.cli import verify_main; verify_main()"]
+    result = subprocess.run(
+        [*command, "--checkpoint", str(archive), "--model", str(out)], capture_output=True, text=True, env=env,
+        cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    parity = json.loads((out / "parity" / "parity.json").read_text())
+    assert parity["passed"] and parity["reference"]["input_range"] == [0.0, 1.0]
 
 
 def test_source_picks_one_source(server, tmp_path):

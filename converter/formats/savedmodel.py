@@ -7,12 +7,15 @@ A SavedModel keeps its weights in an ordinary tensor bundle, `variables/variable
   `variables/0/.ATTRIBUTES/VARIABLE_VALUE`, and a string tensor `_CHECKPOINTABLE_OBJECT_GRAPH` holds a
   `TrackableObjectGraph` whose `SerializedTensor`s map each checkpoint key to the variable's full name.
 Either way the reader yields the full names, with any scope in front of `MobilenetV2/` (a module's or a
-wrapper's) removed, so the pipeline sees the slim names. The graph itself (`saved_model.pb`) is only read
-by the verifier, which runs the SavedModel's serving signature as the reference.
+wrapper's) removed, so the pipeline sees the slim names. The graph itself (`saved_model.pb`) is run only
+by the verifier, which runs the SavedModel's serving signature as the reference; the reader only looks at
+its node names for TF Hub's `hub_input` scope, where a Hub model scales its [0, 1] images to [-1, 1], to
+say so in the record (the converted model takes [-1, 1] itself).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,8 @@ VARIABLE_VALUE = "VARIABLE_VALUE"
 SLIM_ROOT = "MobilenetV2/"
 # Every slim and DeepLab checkpoint has this variable; whatever stands before it is a scope to remove.
 ANCHOR = "MobilenetV2/Conv/weights"
+#: The name scope in which TF Hub's image models scale their [0, 1] input to [-1, 1].
+HUB_INPUT_SCOPE = "hub_input"
 
 
 def object_graph_names(serialized: bytes) -> dict[str, str]:
@@ -60,6 +65,29 @@ def object_graph_names(serialized: bytes) -> dict[str, str]:
     return names
 
 
+def node_names(serialized: bytes) -> Iterator[str]:
+    """The name of every node of a serialized SavedModel, in its graphs and their functions' bodies.
+
+    saved_model.proto: SavedModel.meta_graphs = 2; MetaGraphDef.graph_def = 2; graph.proto: GraphDef.node = 1,
+    .library = 2; function.proto: FunctionDefLibrary.function = 1, FunctionDef.node_def = 3; NodeDef.name = 1.
+    """
+    for meta_graph in _submessages(serialized, 2, "meta graph"):
+        for graph in _submessages(meta_graph, 2, "graph"):
+            nodes = list(_submessages(graph, 1, "node"))
+            for library in _submessages(graph, 2, "function library"):
+                for function in _submessages(library, 1, "function"):
+                    nodes += _submessages(function, 3, "function node")
+            for node in nodes:
+                for name in _submessages(node, 1, "node name"):
+                    yield name.decode("utf-8", "replace")
+
+
+def _submessages(serialized: bytes, number: int, what: str) -> Iterator[bytes]:
+    for field, wire, value in protobuf.fields(serialized):
+        if field == number:
+            yield protobuf.expect_bytes(wire, value, what)
+
+
 class SavedModelReader(Reader):
     format = "saved-model"
     description = "SavedModel folder or .tar.gz (saved_model.pb + variables/; TF Hub / Kaggle, TF1 or TF2)"
@@ -79,6 +107,16 @@ class SavedModelReader(Reader):
             )
         self.bundle = TensorBundle(prefix)
         self.keys = self._slim_names(self._full_names())
+        self.has_hub_input = self._has_hub_input()
+
+    def _has_hub_input(self) -> bool:
+        """Whether a node of the graph is in TF Hub's `hub_input` scope (any scope in front). A graph that
+        cannot be parsed is the verifier's to refuse: conversion needs only the variables."""
+        try:
+            names = list(node_names((self.path / SAVED_MODEL_PB).read_bytes()))
+        except (OSError, protobuf.MalformedMessage):
+            return False
+        return any(HUB_INPUT_SCOPE in name.split("/")[:-1] for name in names)
 
     def _full_names(self) -> dict[str, str]:
         """full name -> checkpoint key, for every stored tensor but the object graph itself."""
@@ -135,13 +173,17 @@ class SavedModelReader(Reader):
 
     @property
     def hints(self) -> Hints:
-        return Hints(
-            convention="as exported",
-            notes=(
-                "a SavedModel holds one value per variable; whether the exporter took the raw values or "
-                "their moving averages is not recorded in the file",
-            ),
-        )
+        notes = [
+            "a SavedModel holds one value per variable; whether the exporter took the raw values or "
+            "their moving averages is not recorded in the file"
+        ]
+        if self.has_hub_input:
+            notes.append(
+                f"its graph scales its input in a {HUB_INPUT_SCOPE} scope, as TF Hub's image models take images "
+                "in [0, 1] and scale them to [-1, 1] inside; the converted model takes [-1, 1] (as its "
+                "preprocessor_config.json prepares)"
+            )
+        return Hints(convention="as exported", notes=tuple(notes))
 
     def close(self) -> None:
         self.bundle.close()

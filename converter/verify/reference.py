@@ -3,7 +3,8 @@
 A source that is not a TF checkpoint is its own reference (``prefer`` "auto"):
 
 - a SavedModel or TF1 Hub module: its serving signature, loaded by TensorFlow's SavedModel loader after
-  :func:`check_saved_model`; the endpoints are the signature's outputs;
+  :func:`check_saved_model`; the endpoints are the signature's outputs; its images are fed through the
+  input scaling read off its graph (:func:`signature_input_scaling`: TF Hub's take [0, 1]);
 - a ``.tflite``: TFLite's interpreter with its reference kernels and no delegates, every intermediate tensor
   kept, endpoints read off the ops that the TFLite reader's walk names (:class:`TFLiteReference`);
 - a Keras file: Keras' own model, loaded from the file or built by ``keras.applications.MobileNetV2`` with
@@ -84,6 +85,27 @@ def import_tensorflow():
     return tf
 
 
+@dataclass(frozen=True)
+class InputScaling:
+    """The affine map ``scale * x + offset`` a reference applies to its input before its first convolution
+    (a Keras Rescaling layer, a TF Hub module's ``hub_input`` scope). The converted model takes images in
+    [-1, 1] at that convolution, so the reference is fed ``(x - offset) / scale`` of them."""
+
+    scale: float = 1.0
+    offset: float = 0.0
+
+    def __str__(self) -> str:
+        return f"x * {self.scale:g} {'-' if self.offset < 0 else '+'} {abs(self.offset):g}"
+
+    def feed(self, images: np.ndarray) -> np.ndarray:
+        return ((images - self.offset) / self.scale).astype(np.float32)
+
+    @property
+    def input_range(self) -> list[float]:
+        """What [-1, 1] at the first convolution is at the reference's input."""
+        return sorted([(-1.0 - self.offset) / self.scale, (1.0 - self.offset) / self.scale])
+
+
 @dataclass
 class ReferenceInfo:
     """What the report says about the reference."""
@@ -97,6 +119,7 @@ class ReferenceInfo:
     left_out_ops: dict[str, int] = field(default_factory=dict)  # op type -> count, never imported
     output_stride: int | None = None  # DeepLab: read off the graph
     crop_size: int | None = None  # DeepLab export graphs: the size every input is padded to
+    input_range: list[float] = field(default_factory=lambda: [-1.0, 1.0])  # what the images were fed as
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -104,6 +127,7 @@ class ReferenceInfo:
             "file": self.file,
             "convention": self.convention,
             "input_tensor": self.input_tensor,
+            "input_range": list(self.input_range),
             "output_stride": self.output_stride,
             "crop_size": self.crop_size,
             "imported_ops": dict(self.imported_ops),
@@ -435,13 +459,21 @@ SAVER_OPS = frozenset(
 )  # fmt: skip
 
 
+#: Element-wise ops an input scaling is made of, each with a scalar constant as its other operand; and
+#: the ops that pass a tensor on unchanged.
+SCALING_OPS = frozenset({"Sub", "Mul", "Add", "AddV2", "RealDiv"})
+PASS_THROUGH_OPS = frozenset({"Identity"})
+MAX_WALK_STEPS = 10_000  # far more than any input scaling; bounds the walks on a malformed graph
+
+
 class SignatureReference(BaseReference):
     """A SavedModel loaded by TensorFlow's own loader, run through its serving signature: the endpoints
-    are the signature's outputs (matched by output name or tensor name)."""
+    are the signature's outputs (matched by output name or tensor name). Its images are fed through the
+    input scaling read off its graph (a TF Hub model takes [0, 1] and scales inside)."""
 
-    def __init__(self, tf, call, shape, outputs: dict[str, str], info, missing) -> None:
+    def __init__(self, tf, call, shape, outputs: dict[str, str], info, missing, scaling: InputScaling) -> None:
         self._tf, self._call, self._shape = tf, call, shape  # call: NHWC images -> {output key: tensor}
-        self._outputs, self.info, self.missing = outputs, info, missing
+        self._outputs, self.info, self.missing, self._scaling = outputs, info, missing, scaling
 
     @property
     def fixed_shape(self) -> tuple[int | None, int | None, int | None]:
@@ -449,7 +481,7 @@ class SignatureReference(BaseReference):
 
     def _run(self, images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
         try:
-            results = self._call(self._tf.constant(images))
+            results = self._call(self._tf.constant(self._scaling.feed(images)))
         except (self._tf.errors.OpError, ValueError, TypeError) as error:
             shape = "x".join(map(str, images.shape))
             raise VerificationError(f"the SavedModel's signature failed on a {shape} input: {error}") from None
@@ -522,6 +554,133 @@ def _called_functions(node, functions: dict, origin: str) -> list:
     return [functions[name] for name in names]
 
 
+@dataclass
+class _Body:
+    """A graph body on the signature's call path: the main graph, or a function's body as one call node
+    calls it (so that the walk can go back from the function's arguments to what the caller passed)."""
+
+    nodes: dict[str, Any]
+    function: Any = None  # the FunctionDef; None: the main graph
+    caller: _Body | None = None
+    call: Any = None  # the caller's node that calls `function`
+
+    @classmethod
+    def called(cls, function, caller: _Body, call) -> _Body:
+        return cls({node.name: node for node in function.node_def}, function, caller, call)
+
+
+def _data_inputs(node) -> list[str]:
+    return [name for name in node.input if not name.startswith("^")]
+
+
+def _producer(functions: dict, body: _Body, tensor: str, origin: str) -> tuple[_Body, Any]:
+    """The node that computes `tensor` of `body` (a main graph's "node:k", a function body's "node:out:k"
+    or argument name), across function arguments (to what the caller passed), calls (into the callee's
+    return value) and pass-through ops; with the body it is in."""
+    for _ in range(MAX_WALK_STEPS):
+        parts = tensor.split(":")
+        try:
+            if body.function is not None and len(parts) == 1:
+                arguments = [argument.name for argument in body.function.signature.input_arg]
+                if parts[0] in arguments:
+                    tensor, body = _data_inputs(body.call)[arguments.index(parts[0])], body.caller
+                    continue
+            node = body.nodes.get(parts[0])
+            if node is None:
+                raise VerificationError(f"refusing {origin}: it references a node {parts[0]!r} it does not define")
+            if node.op in CALL_OPS:
+                (callee,) = _called_functions(node, functions, origin)
+                output = callee.signature.output_arg[int(parts[-1]) if len(parts) > 1 else 0].name
+                tensor, body = callee.ret[output], _Body.called(callee, body, node)
+            elif node.op in PASS_THROUGH_OPS:
+                tensor = _data_inputs(node)[0]
+            else:
+                return body, node
+        except (IndexError, KeyError, ValueError):
+            raise VerificationError(f"refusing {origin}: its graph is malformed where it uses {tensor!r}") from None
+    raise VerificationError(f"refusing {origin}: its graph loops back on itself")
+
+
+def _scalar_constant(tf, functions: dict, body: _Body, tensor: str, origin: str) -> float | None:
+    """The value of `tensor` where it is a float constant of one element, else None."""
+    _, node = _producer(functions, body, tensor, origin)
+    if node.op != "Const" or node.attr["dtype"].type not in (tf.float32.as_datatype_enum, tf.float64.as_datatype_enum):
+        return None
+    value = tf.make_ndarray(node.attr["value"].tensor)
+    return float(value.reshape(-1)[0]) if value.size == 1 else None
+
+
+def _first_convolutions(functions: dict, main: _Body, origin: str) -> list[tuple[_Body, Any]]:
+    """Every op named as the slim stem's convolution (any scope in front) in `main` and in the functions it
+    calls, transitively, each with the body it is in."""
+    found, pending, visited = [], [main], 0
+    while pending:
+        body = pending.pop()
+        visited += 1
+        if visited > MAX_WALK_STEPS:
+            raise VerificationError(f"refusing {origin}: its functions call each other more than a model does")
+        for node in body.nodes.values():
+            if node.op == "Conv2D" and (node.name == FIRST_CONV or node.name.endswith("/" + FIRST_CONV)):
+                found.append((body, node))
+            if node.op in CALL_OPS:
+                pending += [_Body.called(callee, body, node) for callee in _called_functions(node, functions, origin)]
+    return found
+
+
+def signature_input_scaling(tf, meta_graph, signature, input_key: str, origin: str) -> tuple[InputScaling, str]:
+    """The affine map from the signature's image input to the first convolution's input, read off the
+    SavedModel's graph: from that convolution (in the main graph, or in a function body reached through
+    the call ops) back to the input, across element-wise ops with a scalar constant operand (SCALING_OPS)
+    and pass-through ops, composed. Returns it and the scaling ops' names; a VerificationError where the
+    path is not such a scaling or the convolution is not found."""
+    functions = {function.signature.name: function for function in meta_graph.graph_def.library.function}
+    nodes = {node.name: node for node in meta_graph.graph_def.node}
+    main = _Body(dependencies(nodes, [node_of(info.name) for info in signature.outputs.values()], origin))
+    convolutions = _first_convolutions(functions, main, origin)
+    advice = "verify the conversion against the slim checkpoint the SavedModel was exported from instead"
+    if len(convolutions) != 1:
+        raise VerificationError(
+            f"{origin}: {len(convolutions) or 'no'} op(s) named {FIRST_CONV} on its signature's path, so the "
+            f"range its input {input_key} takes cannot be read off its graph; {advice}"
+        )
+    (body, node) = convolutions[0]
+    tensor, steps = (_data_inputs(node) or [""])[0], []
+    image = node_of(signature.inputs[input_key].name)
+    for _ in range(MAX_WALK_STEPS):
+        body, node = _producer(functions, body, tensor, origin)
+        if body.function is None and node.name == image:
+            break
+        operands = _data_inputs(node) if node.op in SCALING_OPS else []
+        constants = [_scalar_constant(tf, functions, body, operand, origin) for operand in operands]
+        if len(operands) == 2 and constants[1] is not None and constants[0] is None:
+            steps.append((node, constants[1], True))
+            tensor = operands[0]
+        elif len(operands) == 2 and constants[0] is not None and constants[1] is None and node.op != "RealDiv":
+            steps.append((node, constants[0], False))
+            tensor = operands[1]
+        else:
+            raise VerificationError(
+                f"{origin}: between its input {input_key} and its first convolution it computes {node.op} (node "
+                f"{node.name!r}), which is not a scaling by a constant, so the range its input takes cannot be "
+                f"read off its graph; {advice}"
+            )
+    else:
+        raise VerificationError(f"{origin}: its first convolution's input is too far from its input {input_key}")
+    scale, offset = 1.0, 0.0
+    for node, constant, input_first in reversed(steps):  # from the input on
+        if node.op == "Mul":
+            scale, offset = scale * constant, offset * constant
+        elif node.op == "RealDiv":
+            scale, offset = scale / constant, offset / constant
+        elif node.op == "Sub":
+            scale, offset = (scale, offset - constant) if input_first else (-scale, constant - offset)
+        else:
+            offset += constant
+    if not (math.isfinite(scale) and math.isfinite(offset)) or scale == 0:
+        raise VerificationError(f"{origin}: its input scaling (x * {scale:g} + {offset:g}) maps every image to one")
+    return InputScaling(scale, offset), ", ".join(node.name for node, _, _ in reversed(steps))
+
+
 def _refuse_held(op: str, node: str, origin: str) -> None:
     what = (
         "reads or writes files" if op in FILE_OPS
@@ -550,7 +709,9 @@ def _from_saved_model(tf, folder: Path, kind: str, tensors: Sequence[str]) -> Si
     if not saved_model.meta_graphs:
         raise VerificationError(f"{origin} holds no meta graph")
     graphs = list(saved_model.meta_graphs)
-    meta_graph = next((graph for graph in graphs if "serve" in graph.meta_info_def.tags), graphs[0])
+    # A TF1 Hub module serves its untagged graph (its "train" one is for fine-tuning).
+    untagged = next((graph for graph in graphs if not graph.meta_info_def.tags), graphs[0])
+    meta_graph = next((graph for graph in graphs if "serve" in graph.meta_info_def.tags), untagged)
     key = next((key for key in SERVING_SIGNATURES if key in meta_graph.signature_def), None)
     if key is None:
         raise VerificationError(
@@ -563,15 +724,22 @@ def _from_saved_model(tf, folder: Path, kind: str, tensors: Sequence[str]) -> Si
         raise VerificationError(f"{origin}: signature {key} must take one float image input, not {len(images)}")
     forward_ops, rest_ops, forward_nodes = check_saved_model(meta_graph, signature, origin)
     input_key, input_info = images[0]
+    scaling, scaling_ops = signature_input_scaling(tf, meta_graph, signature, input_key, origin)
     dims = [None if d.size < 0 else int(d.size) for d in input_info.tensor_shape.dim]
     shape = (dims[0], dims[1], dims[2]) if len(dims) == 4 else (None, None, None)
     by_tensor = {info.name: name for name, info in signature.outputs.items()}
     outputs, missing = {}, {}
+    notes = [
+        f"the reference is the SavedModel's own {key} signature, loaded by TensorFlow's loader (which restores "
+        "variables/ with the SavedModel's own saver); its weights are the exported ones"
+    ]
     for endpoint, tensor, _ in endpoints_for(kind):
         if tensor not in tensors:
             continue
         aliases = (endpoint, "default") if endpoint == "logits" else (endpoint,)
         found = by_tensor.get(tensor) or next((a for a in aliases if a in signature.outputs), None)
+        if not found and endpoint == "logits":
+            found = _sole_logits_output(signature, key, notes)
         if found:
             outputs[tensor] = found
         else:
@@ -579,16 +747,17 @@ def _from_saved_model(tf, folder: Path, kind: str, tensors: Sequence[str]) -> Si
                 f"the SavedModel's {key} signature exposes only {', '.join(sorted(signature.outputs))}, "
                 "and TensorFlow runs it as a whole"
             )
-    tags = list(meta_graph.meta_info_def.tags)
-    try:
-        loaded = tf.saved_model.load(str(folder), tags=tags or None)
+    try:  # the exact tags: a Hub module's served graph has none, which the loader would take as "the only one"
+        loaded = tf.saved_model.load(str(folder), tags=list(meta_graph.meta_info_def.tags))
         function = loaded.signatures[key]
     except (tf.errors.OpError, ValueError, KeyError, OSError) as error:
         raise VerificationError(f"{origin} cannot be loaded by TensorFlow ({error})") from None
-    notes = [
-        f"the reference is the SavedModel's own {key} signature, loaded by TensorFlow's loader (which restores "
-        "variables/ with the SavedModel's own saver); its weights are the exported ones"
-    ]
+    if scaling != InputScaling():
+        low, high = scaling.input_range
+        notes.append(
+            f"the SavedModel scales its input {input_key} by {scaling} before its first convolution "
+            f"({scaling_ops}, read off its graph): it was fed the images mapped from [-1, 1] to [{low:g}, {high:g}]"
+        )
     # A TF1 SavedModel is one graph: the slim endpoints on the signature's path can be fetched from it.
     inside = [tensor for tensor in missing if node_of(tensor) in forward_nodes]
     if inside and hasattr(loaded, "prune"):
@@ -601,8 +770,24 @@ def _from_saved_model(tf, folder: Path, kind: str, tensors: Sequence[str]) -> Si
         call = pruned
     else:
         call = lambda images: function(**{input_key: images})  # noqa: E731
-    info = ReferenceInfo(SAVED_MODEL, folder.name, "as exported", f"{key}:{input_key}", notes, forward_ops, rest_ops)
-    return SignatureReference(tf, call, shape, outputs, info, missing)
+    info = ReferenceInfo(
+        SAVED_MODEL, folder.name, "as exported", f"{key}:{input_key}", notes, forward_ops, rest_ops,
+        input_range=scaling.input_range,
+    )  # fmt: skip
+    return SignatureReference(tf, call, shape, outputs, info, missing, scaling)
+
+
+def _sole_logits_output(signature, key: str, notes: list[str]) -> str | None:
+    """The signature's only output where it is [batch, classes] (TF2 exports name a bare one output_0)."""
+    if len(signature.outputs) != 1:
+        return None
+    ((name, info),) = signature.outputs.items()
+    dims = info.tensor_shape.dim
+    if info.tensor_shape.unknown_rank or len(dims) != 2:
+        return None
+    classes = dims[1].size if dims[1].size >= 0 else "classes"
+    notes.append(f"the {key} signature's only output, {name} ([batch, {classes}]), is taken as the logits")
+    return name
 
 
 # ---------------------------------------------------------------------------------------------- TFLite
@@ -758,9 +943,9 @@ KERAS_ENDPOINT_LAYERS = {"layer_1": "Conv1_relu", "layer_2": "expanded_conv_proj
 class KerasReference(BaseReference):
     """Keras' own model, built from the file, run on NHWC float images at its fixed input size."""
 
-    def __init__(self, model, outputs: dict[str, int], info, missing, fixed_shape, scaling) -> None:
+    def __init__(self, model, outputs: dict[str, int], info, missing, fixed_shape, scaling: InputScaling) -> None:
         self._model, self._outputs, self.info, self.missing = model, outputs, info, missing
-        self._fixed, (self._scale, self._offset) = fixed_shape, scaling
+        self._fixed, self._scaling = fixed_shape, scaling
 
     @property
     def fixed_shape(self) -> tuple[int | None, int | None, int | None]:
@@ -768,8 +953,7 @@ class KerasReference(BaseReference):
 
     def _run(self, images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
         try:
-            scaled = ((images - self._offset) / self._scale).astype(np.float32)
-            results = self._model([scaled], training=False)
+            results = self._model([self._scaling.feed(images)], training=False)
         except (ValueError, TypeError) as error:
             shape = "x".join(map(str, images.shape))
             raise VerificationError(f"Keras' model failed on a {shape} input ({error})") from None
@@ -892,21 +1076,21 @@ def _from_keras(path: Path, kind: str, depth: float, tensors: Sequence[str], siz
     outputs = {tensor: i for i, (tensor, _) in enumerate(wanted)}
     if len(wanted) > 1 or (wanted and wanted[0][1] is not model.layers[-1]):
         model = keras.Model(model.inputs, [layer.output for _, layer in wanted])
-    info = ReferenceInfo(KERAS, path.name, "raw", "input", notes)
+    info = ReferenceInfo(KERAS, path.name, "raw", "input", notes, input_range=scaling.input_range)
     return KerasReference(model, outputs, info, missing, fixed, scaling)
 
 
-def _input_scaling(model, notes: list[str]) -> tuple[float, float]:
-    """(scale, offset) of a Rescaling layer the model applies to its input (the fine-tuning recipe's
-    x / 127.5 - 1); images in [-1, 1] are fed as (x - offset) / scale so that it gets them back."""
+def _input_scaling(model, notes: list[str]) -> InputScaling:
+    """The Rescaling layer the model applies to its input (the fine-tuning recipe's x / 127.5 - 1);
+    images in [-1, 1] are fed as (x - offset) / scale so that it gets them back."""
     rescaling = [layer for layer in model.layers if type(layer).__name__ == "Rescaling"]
     if not rescaling:
-        return 1.0, 0.0
+        return InputScaling()
     if len(rescaling) > 1 or np.size(rescaling[0].scale) != 1 or np.size(rescaling[0].offset) != 1:
         raise VerificationError("the Keras model rescales its input more than once or per channel")
-    scale, offset = float(np.ravel(rescaling[0].scale)[0]), float(np.ravel(rescaling[0].offset)[0])
-    notes.append(f"the Keras model rescales its input (x * {scale:g} + {offset:g}): images were fed to it unscaled")
-    return scale, offset
+    scaling = InputScaling(float(np.ravel(rescaling[0].scale)[0]), float(np.ravel(rescaling[0].offset)[0]))
+    notes.append(f"the Keras model rescales its input ({scaling}): images were fed to it unscaled")
+    return scaling
 
 
 def _first_line(error: Exception) -> str:
