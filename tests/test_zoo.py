@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
 import pytest
+from click.testing import CliRunner
 
+from converter.app.cli import convert_main
 from converter.errors import UsageError
+from converter.output import layout
 from converter.zoo import table as zoo
 from fixtures import ZOO_CLASSIFICATION, ZOO_DEEPLAB
+from mobilenet_torch.quantized_files import QUANTIZATION_FILE
 from tests.helpers import SHARED
 
 
@@ -133,3 +138,48 @@ def test_published_for_a_converted_variant():
     assert zoo.published_for("classification", 1.4, 224).top1 == 75.0
     assert zoo.published_for("classification", 1.0, 300) is None
     assert zoo.published_for("deeplab", 0.5, 513).name == "deeplabv3_mnv2_dm05_pascal_trainaug"
+
+
+def test_all_quantized_converts_the_quantized_models_from_a_mirror_of_their_files(tmp_path):
+    """A folder holding google-coral/test_data's files is a mirror: each entry falls through to them, and each
+    file matches the checksums the zoo table records for that source."""
+    models = SHARED / "realdata" / "models"
+    if not models.is_dir():
+        pytest.skip(f"{models} is absent: no copies of the quantized models to mirror")
+    out = tmp_path / "zoo"
+    arguments = ["--all", "--quantized", "--mirror", str(models), "--cache-dir", str(tmp_path / "cache")]
+    result = CliRunner().invoke(convert_main, [*arguments, "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "3 of 3 converted" in result.stdout
+    for entry in zoo.select(quantized=True):
+        folder = out / entry.output_name()
+        record = json.loads((folder / layout.CONVERSION).read_text())
+        served = models / entry.sources()[-1].filename
+        assert record["download"]["source"] == "coral" and record["source"]["format"] == "tflite"
+        assert record["download"]["sha256"] == hashlib.sha256(served.read_bytes()).hexdigest()
+        assert (folder / QUANTIZATION_FILE).is_file()  # the integer model, as the name promises
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--all", "--format", "tflite"], "leave it out with --all"),
+        (["--checkpoint", "model.tflite", "--quantized"], "--quantized and --cache-dir choose what is downloaded"),
+        (["--quantized", "--depth", "0.5"], "no quantized mobilenet_v2 of depth 0.5; depths: 1.0"),
+    ],
+)
+def test_quantized_and_format_flags_are_checked_before_anything_is_downloaded(arguments, message, tmp_path):
+    result = CliRunner().invoke(convert_main, [*arguments, "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 2 and message in result.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_parity_matrix_names_the_quantized_entries_it_leaves_out(tmp_path):
+    from converter.verify.matrix import MatrixRow, left_out, write_summary
+
+    quantized = [entry.name for entry in zoo.select(quantized=True)]
+    assert list(left_out()) == quantized
+    row = MatrixRow("m", "classification", "meta_graph", True, "pass", 0.0, None, "meta", 1.0)
+    write_summary([row], tmp_path, total=1.0, fixtures_seconds=0.0, jobs=1)
+    assert all(f"`{name}`" in (tmp_path / "summary.md").read_text() for name in quantized)
+    assert list(json.loads((tmp_path / "summary.json").read_text())["left_out"]) == quantized
