@@ -151,8 +151,10 @@ def test_the_quantized_model_falls_through_to_the_hosted_archive_and_converts_it
     server.status[served_path(OFFICIAL, env, QUANTIZED)] = 403
     server.serve(served_path(TFLITE, env, QUANTIZED), hosted_quant)
     out = tmp_path / "out"
-    result = run_cli("--depth", "1.0", "--size", "224", "--quantized", "--output", out, env=env)
+    result = run_cli("--depth", "1.0", "--size", "224", "--quantized", "--output", out, "--verify", env=env)
     assert result.returncode == 0, result.stderr
+    # --verify reads the download as it was converted: against the .tflite, run by the interpreter.
+    assert "Parity PASS" in result.stdout and f"(tflite {QUANTIZED.name}.tflite" in result.stdout
     assert f"note: {OFFICIAL} source failed" in result.stderr and "HTTP 403" in result.stderr
     assert f"note: converted {QUANTIZED.name}.tflite (tflite)" in result.stderr
     assert "--format tf-checkpoint" in result.stderr  # the QAT checkpoint next to it, and how to pick it

@@ -23,8 +23,9 @@ from converter.zoo.table import ZooEntry
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
-# verify(folder, tarball) -> None: runs the verifier on a converted folder (writes parity/ there).
-Verifier = Callable[[Path, Path], Any]
+# verify(folder, download, format) -> None: runs the verifier on a converted folder (writes parity/ there),
+# reading the download as the format it was converted from.
+Verifier = Callable[[Path, Path, str | None], Any]
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,8 @@ def convert_all(
             )
             status = "ok"
             if verify is not None:
-                verify(
-                    summary.output, fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False, source=source).path
-                )
+                fetched = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False, source=source)
+                verify(summary.output, fetched.path, fetched.source.format)
                 status = "verified"
         except USER_ERRORS as error:
             return BatchResult(entry.name, output, "failed", time.perf_counter() - started, error=str(error))

@@ -279,7 +279,8 @@ def convert_main(
         if verify:
             from converter.zoo.download import fetch
 
-            source = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False, source=zoo_source).path
+            fetched = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False, source=zoo_source)
+            source, source_format = fetched.path, source_format or fetched.source.format
     else:
         summary = convert_checkpoint(source, output, format=source_format, depth=depth, size=size, **options)
     click.echo(
@@ -295,7 +296,7 @@ def convert_main(
         from converter.output import layout
 
         click.echo(f"ONNX export -> {export_onnx(summary.output, Path(summary.output, layout.ONNX))}")
-    if verify and not _report_parity(source, summary.output, report_dir):
+    if verify and not _report_parity(source, summary.output, report_dir, format=source_format):
         sys.exit(1)  # before any upload
     if push_to_hub:
         from converter.app.hub import push_folder
@@ -374,10 +375,10 @@ def _zoo_verifier(verify: bool = False):
 
     import_tensorflow()  # fail once, before converting anything, when TensorFlow is missing
 
-    def verifier(folder, tarball):
+    def verifier(folder, download, format):
         from converter.verify import check_parity
 
-        return check_parity(tarball, folder)
+        return check_parity(download, folder, format=format)
 
     return verifier
 
@@ -462,16 +463,24 @@ def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
     default=None,
     help="Where parity.{json,md,xml,png} go (default: <model>/parity).",
 )
+@click.option(
+    "--format",
+    "source_format",
+    default=None,
+    metavar="NAME",
+    help="Read --checkpoint as this format, as convert-mobilenet --format did (in a folder or archive holding "
+    "several, the one converted).",
+)
 @click.argument("more_inputs", nargs=-1, type=click.Path(path_type=str), metavar="[IMAGE]...")
 @report_errors
-def verify_main(source, model_dir, inputs, size, atol, rtol, reference_kind, report_dir, more_inputs):
+def verify_main(source, model_dir, inputs, size, atol, rtol, reference_kind, report_dir, source_format, more_inputs):
     """Prove a converted folder matches the original TensorFlow graph, endpoint by endpoint.
 
     Exit codes: 0 parity holds, 1 it does not (the first diverging endpoint and module are named), 2 the
     check cannot be made (TensorFlow missing, graph refused as unsafe, no reference).
     """
     inputs = _all_inputs(inputs, more_inputs)
-    options = dict(inputs=inputs, size=size, atol=atol, rtol=rtol, reference_kind=reference_kind)
+    options = dict(inputs=inputs, size=size, atol=atol, rtol=rtol, reference_kind=reference_kind, format=source_format)
     ok = _report_parity(source, model_dir, report_dir, **options)
     sys.exit(0 if ok else 1)
 

@@ -366,12 +366,14 @@ def verify_model(
     rtol: float | None = None,
     threads: int | None = None,
     reference_kind: str = "auto",
+    format: str | None = None,
 ) -> ParityResult:
     """Compare the model folder with the original it was converted from (see :mod:`.reference`).
 
     Raises VerificationError (exit code 2) when the comparison cannot be made; a failed comparison is a
     result (`ParityResult.passed` false), not an error. `reference_kind`: "auto" (the best there is),
-    "meta_graph", "frozen_graph" or "builder".
+    "meta_graph", "frozen_graph" or "builder"; `format` reads `checkpoint` as that format, as conversion does
+    (where a folder or archive holds several, the one converted).
     """
     started = time.perf_counter()
     model_dir = Path(model_dir)
@@ -397,7 +399,7 @@ def verify_model(
 
         torch.set_num_threads(threads)
     try:
-        with open_reader(checkpoint) as source:
+        with open_reader(checkpoint, format) as source:
             weights = conversion.get("weights") or plan_weights(source.names()).convention
             if "weights" not in conversion:
                 notes.append(f"conversion.json does not say which weights were used: assumed {weights}")
