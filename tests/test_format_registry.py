@@ -135,6 +135,9 @@ def test_beside_a_checkpoint_several_tflite_files_are_named_and_format_tflite_re
     assert "model.tflite, models/variant_1.tflite (--format tflite)" in " ".join(record(out)["notes"])
     with pytest.raises(SourceError, match=r"holds 2 tflite files .*; pass one of them"):
         convert_checkpoint(folder, tmp_path / "other", format="tflite")
+    (folder / "keras.h5").write_bytes(b"\x89HDF\r\n\x1a\n")  # the HDF5 magic: sniffed as a Keras file
+    with pytest.raises(SourceError, match=r"pass one of them, or another format it holds: .*\(--format keras\)"):
+        convert_checkpoint(folder, tmp_path / "other", format="tflite")
 
 
 def test_format_naming_a_file_format_the_folder_lacks_says_what_it_holds(tmp_path):

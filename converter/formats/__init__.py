@@ -146,6 +146,9 @@ def _chosen(path: Path, forced: type[Reader] | None, archive: Path | None, found
         holds = f"; it holds: {_listing(path, found)}" if found else ""
         raise SourceError(f"{where} holds no {reader.format} file ({reader.description}){holds}")
     advice = "extract it and pass one of them" if archive else "pass one of them"
+    others = [candidate for candidate in found if candidate.reader is not reader]
+    if others:
+        advice += f", or another format it holds: {_listing(path, others)}"
     raise SourceError(
         f"{where} holds {len(matches)} {reader.format} files ({', '.join(_relative(path, m) for m in matches)}) "
         f"and nothing says which to convert; {advice}"
@@ -173,8 +176,8 @@ def _others_note(path: Path, archive: Path | None, chosen: _Candidate, others: l
 
 
 def _listing(path: Path, candidates: list[_Candidate]) -> str:
-    """`x.tflite (--format tflite), a tf-checkpoint (--format tf-checkpoint)`, several files of a format
-    together."""
+    """Each format once, after all its files: `a tf-checkpoint (--format tf-checkpoint); model.tflite,
+    models/other.tflite (--format tflite)`."""
     parts = []
     for reader in dict.fromkeys(candidate.reader for candidate in candidates):
         names = [_relative(path, c) for c in candidates if c.reader is reader]
