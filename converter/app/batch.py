@@ -23,9 +23,8 @@ from converter.zoo.table import ZooEntry
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
-# verify(folder, download, format) -> None: runs the verifier on a converted folder (writes parity/ there),
-# reading the download as the format it was converted from.
-Verifier = Callable[[Path, Path, str | None], Any]
+# verify(folder, tarball) -> None: runs the verifier on a converted folder (writes parity/ there).
+Verifier = Callable[[Path, Path], Any]
 
 
 @dataclass(frozen=True)
@@ -135,8 +134,9 @@ def convert_all(
             )
             status = "ok"
             if verify is not None:
-                fetched = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False, source=source)
-                verify(summary.output, fetched.path, fetched.source.format)
+                verify(
+                    summary.output, fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False, source=source).path
+                )
                 status = "verified"
         except USER_ERRORS as error:
             return BatchResult(entry.name, output, "failed", time.perf_counter() - started, error=str(error))

@@ -279,8 +279,7 @@ def convert_main(
         if verify:
             from converter.zoo.download import fetch
 
-            fetched = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False, source=zoo_source)
-            source, source_format = fetched.path, source_format or fetched.source.format
+            source = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False, source=zoo_source).path
     else:
         summary = convert_checkpoint(source, output, format=source_format, depth=depth, size=size, **options)
     click.echo(
@@ -296,7 +295,7 @@ def convert_main(
         from converter.output import layout
 
         click.echo(f"ONNX export -> {export_onnx(summary.output, Path(summary.output, layout.ONNX))}")
-    if verify and not _report_parity(source, summary.output, report_dir, format=source_format):
+    if verify and not _report_parity(source, summary.output, report_dir):
         sys.exit(1)  # before any upload
     if push_to_hub:
         from converter.app.hub import push_folder
@@ -375,10 +374,10 @@ def _zoo_verifier(verify: bool = False):
 
     import_tensorflow()  # fail once, before converting anything, when TensorFlow is missing
 
-    def verifier(folder, download, format):
+    def verifier(folder, tarball):
         from converter.verify import check_parity
 
-        return check_parity(download, folder, format=format)
+        return check_parity(tarball, folder)
 
     return verifier
 
@@ -468,8 +467,8 @@ def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
     "source_format",
     default=None,
     metavar="NAME",
-    help="Read --checkpoint as this format, as convert-mobilenet --format did (in a folder or archive holding "
-    "several, the one converted).",
+    help="Read --checkpoint as this format (default: as the conversion did, when it is the very file "
+    "conversion.json records, else recognised).",
 )
 @click.argument("more_inputs", nargs=-1, type=click.Path(path_type=str), metavar="[IMAGE]...")
 @report_errors
