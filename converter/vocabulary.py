@@ -29,10 +29,14 @@ def kind_of_architecture(architectures: list[str] | None) -> str:
     return CLASSIFICATION
 
 
-def folder_name(kind: str, depth: float, size: int, output_stride: int = 32, trainval: bool = False) -> str:
-    """The default output folder of a converted model, e.g. `mobilenet_v2_1.0_224`."""
+def folder_name(
+    kind: str, depth: float, size: int, output_stride: int = 32, trainval: bool = False, quantized: bool = False
+) -> str:
+    """The default output folder of a converted model, e.g. `mobilenet_v2_1.0_224` (`..._quant` for the
+    zoo's quantized forms)."""
     if kind == DEEPLAB:
         name = f"deeplabv3_mobilenet_v2_{depth}_{size}_os{output_stride}"
-        return f"{name}_trainval" if trainval else name
-    suffix = "_backbone" if kind == BACKBONE else ""
-    return f"mobilenet_v2_{depth}_{size}{suffix}"
+        name = f"{name}_trainval" if trainval else name
+    else:
+        name = f"mobilenet_v2_{depth}_{size}" + ("_backbone" if kind == BACKBONE else "")
+    return f"{name}_quant" if quantized else name

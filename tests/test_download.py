@@ -386,7 +386,7 @@ def test_all_converts_the_whole_zoo(zoo_server: ZooServer, tmp_path):
     for variant in ZOO_CLASSIFICATION:
         per_depth.setdefault(variant.depth, ensure_fixture(variant.name).tarball)
     deeplab = {variant.depth: ensure_fixture(variant.name).tarball for variant in ZOO_DEEPLAB}
-    for entry in zoo.entries():
+    for entry in zoo.select():
         zoo_server.serve(entry.filename, deeplab[entry.depth] if entry.is_deeplab else per_depth[entry.depth])
     out = tmp_path / "zoo"
     result = _run_cli(
@@ -395,7 +395,7 @@ def test_all_converts_the_whole_zoo(zoo_server: ZooServer, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "26 of 26 converted" in result.stdout
     assert len(os.listdir(out)) == 26
-    for entry in zoo.entries():
+    for entry in zoo.select():
         assert (out / entry.output_name() / "README.md").is_file()
 
 

@@ -1,31 +1,39 @@
 """A zoo with several sources per model: the official tarball (HTTP 403 since 2025), then the TF Hub /
 Kaggle SavedModel of the same weights (served in Kaggle's form: images in [0, 1], scaled inside), then
-others; each source's base URL is overridden to a server on 127.0.0.1 that the test starts, so nothing ever
-leaves this machine."""
+others; for the quantized model, the TFLite hosted archive (converted through its .tflite) and
+google-coral/test_data. Each source's base URL is overridden to a server on 127.0.0.1 that the test
+starts, so nothing ever leaves this machine."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow")  # the SavedModel source is written by TensorFlow
+tf = pytest.importorskip("tensorflow")  # the SavedModel source is written by TensorFlow
 
 import torch  # noqa: E402
 
 from converter.zoo import download  # noqa: E402
-from converter.zoo.table import lookup, source_base_env  # noqa: E402
+from converter.zoo.table import entries, lookup, source_base_env  # noqa: E402
 from fixtures.cache import ensure_fixture  # noqa: E402
+from fixtures.qat_builder import hosted_quant_archive  # noqa: E402
 from fixtures.savedmodel_builder import kaggle_archive, run_saved_model, write_saved_model  # noqa: E402
 from mobilenet_torch import MobileNetV2ForImageClassification  # noqa: E402
-from tests.helpers import REPO, logit_tolerance, random_images  # noqa: E402
+from mobilenet_torch.quantized_files import FAKE_QUANTIZATION_FILE  # noqa: E402
+from tests.helpers import REPO, SHARED, logit_tolerance, random_images  # noqa: E402
 from tests.zoo_server import running_zoo_server  # noqa: E402
 
 ENTRY = lookup("mobilenet_v2", 1.0, 224)
 OFFICIAL, TFHUB, TFLITE = (source.name for source in ENTRY.sources())
+QUANTIZED = lookup("mobilenet_v2", 1.0, 224, quantized=True)
+CORAL = QUANTIZED.sources()[-1].name
+REAL_TFLITE = SHARED / "realdata" / "models" / f"{QUANTIZED.name}.tflite"
 
 
 @pytest.fixture(scope="module")
@@ -46,20 +54,22 @@ def server():
 def sources_env(server, tmp_path) -> dict[str, str]:
     """Every source served from the local server (base URL overrides), no mirror, a private cache."""
     env = {key: value for key, value in __import__("os").environ.items() if not key.startswith("MOBILENET_CONVERT")}
-    env.update({source_base_env(source.name): f"{server.url}/{source.name}" for source in ENTRY.sources()})
+    names = {source.name for entry in entries() for source in entry.sources()}
+    env.update({source_base_env(name): f"{server.url}/{name}" for name in names})
     env.update({download.CACHE_ENV: str(tmp_path / "cache"), download.ATTEMPTS_ENV: "2"})
     env[download.RETRY_DELAY_ENV] = "0.01"
     return env
 
 
-def served_path(source_name: str, env: dict[str, str]) -> str:
+def served_path(source_name: str, env: dict[str, str], entry=ENTRY) -> str:
     """The path a source's URL has on the local server (its URL minus the server's address)."""
     import os
 
     saved = dict(os.environ)
     os.environ.update(env)
     try:
-        url = next(s.url for s in lookup("mobilenet_v2", 1.0, 224).sources() if s.name == source_name)
+        url = next(s.url for s in lookup(entry.model, entry.depth, entry.size, quantized=entry.quantized).sources()
+                   if s.name == source_name)  # fmt: skip
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -133,3 +143,78 @@ def sources_env_offline(tmp_path) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("MOBILENET_CONVERT")}
     env[download.CACHE_ENV] = str(tmp_path / "cache")
     return env
+
+
+# ------------------------------------------------------------------------------------------ quantized
+@pytest.fixture(scope="module")
+def hosted_quant(tmp_path_factory):
+    """An archive built like TFLite's hosted mobilenet_v2_1.0_224_quant.tgz, holding the real uint8 .tflite."""
+    if not REAL_TFLITE.is_file():
+        pytest.skip(f"{REAL_TFLITE} is absent: no real quantized .tflite to put in the archive")
+    archive = tmp_path_factory.mktemp("hosted") / f"{QUANTIZED.name}.tgz"
+    return hosted_quant_archive(ENTRY.name, REAL_TFLITE, archive)
+
+
+def test_the_quantized_model_falls_through_to_the_hosted_archive_and_converts_its_tflite(
+    server, hosted_quant, tmp_path
+):
+    from mobilenet_torch.quantized import QuantizedMobileNetV2
+    from tests.realdata_tflite import IMAGES, interpreter, pixel_values, quantized_image
+
+    env = sources_env(server, tmp_path)
+    server.status[served_path(OFFICIAL, env, QUANTIZED)] = 403
+    server.serve(served_path(TFLITE, env, QUANTIZED), hosted_quant)
+    out = tmp_path / "out"
+    result = run_cli("--depth", "1.0", "--size", "224", "--quantized", "--output", out, "--verify", env=env)
+    assert result.returncode == 0, result.stderr
+    # --verify reads the download as it was converted: against the .tflite, run by the interpreter.
+    assert "Parity PASS" in result.stdout and f"(tflite {QUANTIZED.name}.tflite" in result.stdout
+    assert f"note: {OFFICIAL} source failed" in result.stderr and "HTTP 403" in result.stderr
+    assert f"note: converted {QUANTIZED.name}.tflite (tflite)" in result.stderr
+    assert "--format tf-checkpoint" in result.stderr  # the QAT checkpoint next to it, and how to pick it
+    record = json.loads((out / "conversion.json").read_text())
+    assert record["download"]["source"] == TFLITE and record["source"]["format"] == "tflite"
+    assert record["download"]["sha256"] == hashlib.sha256(hosted_quant.read_bytes()).hexdigest()
+    assert any("--format tf-checkpoint" in note for note in record["notes"])
+    # The folder is the .tflite's integer model: it reproduces TFLite's reference kernels on a real image.
+    model = QuantizedMobileNetV2.from_pretrained(out)
+    interp = interpreter(REAL_TFLITE, reference_kernels=True)
+    image = quantized_image(IMAGES / "cat.bmp", 224)
+    interp.set_tensor(interp.get_input_details()[0]["index"], image)
+    interp.invoke()
+    output = interp.get_output_details()[0]
+    theirs = interp.get_tensor(output["index"])[0] * output["quantization"][0]
+    ours = model(pixel_values(image)).probabilities[0].numpy()
+    assert np.mean(np.abs(ours - theirs) <= output["quantization"][0] + 1e-6) >= 0.99
+    assert ours.argmax() == theirs.argmax()
+
+
+def test_format_tf_checkpoint_converts_the_qat_checkpoint_of_the_same_download(server, hosted_quant, tmp_path):
+    env = sources_env(server, tmp_path)
+    server.serve(served_path(TFLITE, env, QUANTIZED), hosted_quant)
+    out = tmp_path / "out"
+    result = run_cli(
+        "--depth", "1.0", "--quantized", "--source", TFLITE, "--format", "tf-checkpoint", "--output", out, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "conversion.json").read_text())
+    assert record["source"]["format"] == "tf-checkpoint" and record["download"]["source"] == TFLITE
+    assert any(f"{QUANTIZED.name}.tflite (--format tflite)" in note for note in record["notes"])
+    with tarfile.open(hosted_quant) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    stored = [name for name, _ in tf.train.list_variables(str(tmp_path / "unpacked" / f"{QUANTIZED.name}.ckpt"))]
+    quantization = [name for name in stored if "_quant/" in name]
+    assert quantization and record["tensors"]["ignored"]["quantization"] == len(quantization)
+    assert (out / FAKE_QUANTIZATION_FILE).is_file()
+
+
+def test_a_download_that_differs_from_the_recorded_checksum_is_refused(server, tmp_path):
+    entry = lookup("deeplabv3", 0.5, quantized=True)
+    (coral,) = entry.sources()
+    env = sources_env(server, tmp_path)
+    server.serve(served_path(CORAL, env, entry), b"\0" * coral.bytes)  # the right size, other bytes
+    result = run_cli("--model", "deeplabv3", "--depth", "0.5", "--quantized", "--output", tmp_path / "out", env=env)
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert f"the zoo table says {coral.sha256}" in error and "--checkpoint" in error
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "cache").iterdir())

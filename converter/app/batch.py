@@ -44,7 +44,7 @@ class BatchResult:
 
 
 def default_output(entry: ZooEntry, output_stride: int | None = None, size: int | None = None) -> Path:
-    return Path(entry.output_name(output_stride or 8, size if entry.is_deeplab else None))
+    return Path(entry.output_name(output_stride, size if entry.is_deeplab else None))
 
 
 def convert_entry(
@@ -58,10 +58,12 @@ def convert_entry(
     output_stride: int | None = None,
     size: int | None = None,
     source: str | None = None,
+    format: str | None = None,
     **convert_kwargs: Any,
 ):
-    """Fetch `entry` through the cache (from `source`, else its first source that works) and convert it;
-    returns the `ConversionSummary`."""
+    """Fetch `entry` through the cache (from `source`, else its first source that works) and convert it,
+    reading the download as `format`, else as its source says (see `ZooSource.format`); returns the
+    `ConversionSummary`."""
     from converter.pipeline.convert import convert_checkpoint
 
     output = Path(output) if output is not None else default_output(entry, output_stride, size)
@@ -79,6 +81,7 @@ def convert_entry(
     return convert_checkpoint(
         fetched.path,
         output,
+        format=format or fetched.source.format,
         depth=entry.depth,
         size=size if entry.is_deeplab else entry.size,
         output_stride=output_stride if entry.is_deeplab else None,

@@ -89,17 +89,25 @@ def _silence_stdout() -> None:
     "source_format",
     default=None,
     metavar="NAME",
-    help="With --checkpoint: read it as this format instead of recognising it (tf-checkpoint, saved-model, "
-    "tf-hub-module, ...).",
+    help="Read --checkpoint (or the download) as this format instead of recognising it (tf-checkpoint, "
+    "saved-model, tf-hub-module, keras, tflite); in a folder or archive holding several, it picks one.",
 )
 @click.option(
     "--source",
     "zoo_source",
     default=None,
     metavar="NAME",
-    help="Download from this source only (official, tfhub, tflite-hosted); default: each in turn until one works.",
+    help="Download from this source only (official, tfhub, tflite-hosted, coral); default: each in turn until one "
+    "works.",
 )
 @click.option("--trainval", is_flag=True, help="deeplabv3 only: the checkpoint trained on train + val.")
+@click.option(
+    "--quantized",
+    is_flag=True,
+    help="The quantized form of the model: its integer TFLite export, converted to the emulated-integer folder "
+    "(mobilenet_v2 1.0/224, deeplabv3 1.0 and 0.5); with --format tf-checkpoint, the quantization-aware "
+    "checkpoint where the download holds one. With --all: the quantized models instead of the float ones.",
+)
 @click.option(
     "--cache-dir",
     type=click.Path(path_type=str),
@@ -117,7 +125,8 @@ def _silence_stdout() -> None:
     "--all",
     "whole_zoo",
     is_flag=True,
-    help="Convert the whole zoo (narrowed by --model/--depth/--size/--trainval) into --output.",
+    help="Convert the whole float zoo (narrowed by --model/--depth/--size/--trainval; --quantized: the quantized "
+    "models) into --output.",
 )
 @click.option("--jobs", type=click.IntRange(min=1), default=1, help="With --all: conversions run at once.")
 @click.option(
@@ -196,6 +205,7 @@ def convert_main(
     source_format,
     zoo_source,
     trainval,
+    quantized,
     cache_dir,
     mirror,
     whole_zoo,
@@ -232,11 +242,13 @@ def convert_main(
         allow_non_finite=allow_non_finite,
         force=force,
     )
-    zoo_options = dict(model=model, trainval=trainval, cache_dir=cache_dir, mirror=mirror, source=zoo_source)
-    if source_format and source is None:
+    zoo_options = dict(
+        model=model, trainval=trainval, quantized=quantized, cache_dir=cache_dir, mirror=mirror, source=zoo_source
+    )
+    if source_format and whole_zoo:
         from converter.errors import UsageError
 
-        raise UsageError("--format applies to --checkpoint; zoo downloads are recognised by themselves")
+        raise UsageError("--format picks the format of one download; leave it out with --all")
     _check_zoo_flags(source, whole_zoo, jobs, push_to_hub, zoo_options)
     _check_verify_flags(verify, report_dir, whole_zoo)
     if write_onnx:
@@ -252,10 +264,17 @@ def convert_main(
         from converter.zoo.table import lookup
 
         model = model or "mobilenet_v2"
-        entry = lookup(model, depth, size if model == "mobilenet_v2" else None, trainval)
+        entry = lookup(model, depth, size if model == "mobilenet_v2" else None, trainval, quantized)
         size = size if entry.is_deeplab else None
         summary = convert_entry(
-            entry, output, cache_dir=cache_dir, mirror=mirror, size=size, source=zoo_source, **options
+            entry,
+            output,
+            cache_dir=cache_dir,
+            mirror=mirror,
+            size=size,
+            source=zoo_source,
+            format=source_format,
+            **options,
         )
         if verify:
             from converter.zoo.download import fetch
@@ -330,9 +349,9 @@ def _convert_whole_zoo(output, depth, size, jobs, zoo_options, options, verify=F
 
     trainval = zoo_options["trainval"]
     model = zoo_options["model"] or ("deeplabv3" if trainval else None)
-    entries = select(model, depth, size, True if trainval else None)
+    entries = select(model, depth, size, True if trainval else None, zoo_options["quantized"])
     if not entries:
-        raise UsageError("no zoo checkpoint matches --model/--depth/--size/--trainval")
+        raise UsageError("no zoo model matches --model/--depth/--size/--trainval/--quantized")
     results = convert_all(
         entries,
         Path(output or "."),
@@ -443,16 +462,24 @@ def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
     default=None,
     help="Where parity.{json,md,xml,png} go (default: <model>/parity).",
 )
+@click.option(
+    "--format",
+    "source_format",
+    default=None,
+    metavar="NAME",
+    help="Read --checkpoint as this format (default: as the conversion did, when it is the very file "
+    "conversion.json records, else recognised).",
+)
 @click.argument("more_inputs", nargs=-1, type=click.Path(path_type=str), metavar="[IMAGE]...")
 @report_errors
-def verify_main(source, model_dir, inputs, size, atol, rtol, reference_kind, report_dir, more_inputs):
+def verify_main(source, model_dir, inputs, size, atol, rtol, reference_kind, report_dir, source_format, more_inputs):
     """Prove a converted folder matches the original TensorFlow graph, endpoint by endpoint.
 
     Exit codes: 0 parity holds, 1 it does not (the first diverging endpoint and module are named), 2 the
     check cannot be made (TensorFlow missing, graph refused as unsafe, no reference).
     """
     inputs = _all_inputs(inputs, more_inputs)
-    options = dict(inputs=inputs, size=size, atol=atol, rtol=rtol, reference_kind=reference_kind)
+    options = dict(inputs=inputs, size=size, atol=atol, rtol=rtol, reference_kind=reference_kind, format=source_format)
     ok = _report_parity(source, model_dir, report_dir, **options)
     sys.exit(0 if ok else 1)
 

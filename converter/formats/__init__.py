@@ -3,13 +3,21 @@
 `open_reader(path)` finds the format by sniffing (file magic, folder layout), `--format NAME` forces one.
 Archives (.tgz, .tar.gz, .tar) are unpacked safely into a private temporary folder first, whatever
 they hold, so every format can come as a folder or as an archive of it.
+
+A folder (or unpacked archive) is recognised by its layout (a SavedModel, a checkpoint) and searched for
+the single-file formats (`FILE_FORMATS`: a ``.tflite``, a Keras file) up to `SEARCH_LEVELS` deep. When it
+holds several formats, the first in `READERS` order is converted and the reader's notes name the others
+with the `--format` that picks them (the TFLite hosted ``mobilenet_v2_1.0_224_quant.tgz`` holds a
+checkpoint and a ``.tflite``); several files of the chosen format are an error that lists them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from converter.errors import SourceError, UsageError
@@ -18,11 +26,13 @@ from converter.formats.checkpoint import CheckpointReader
 from converter.formats.files import (
     DEFAULT_MAX_EXTRACT_BYTES,
     DEFAULT_MAX_MEMBERS,
+    SEARCH_LEVELS,
     SKIPPED_NAMES,
     extracted,
+    files_under,
     is_archive,
 )
-from converter.formats.keras import KerasReader
+from converter.formats.keras import SHARD_INDEX_SUFFIX, KerasReader
 from converter.formats.savedmodel import HubModuleReader, SavedModelReader
 from converter.formats.tflite import TFLiteReader
 
@@ -37,6 +47,10 @@ READERS: tuple[type[Reader], ...] = (
     KerasReader,
     TFLiteReader,
 )
+#: The formats that are one file, looked for inside folders and archives; the others are folder layouts,
+#: recognised at the folder's root.
+FILE_FORMATS: tuple[type[Reader], ...] = (KerasReader, TFLiteReader)
+_KERAS_SHARD = re.compile(r"(?P<stem>.+)_\d{5}\.weights\.h5")
 
 
 def known_formats() -> str:
@@ -79,23 +93,71 @@ def _forced(format: str | None) -> type[Reader] | None:
     raise UsageError(f"unknown format {format!r}; known formats: {', '.join(r.format for r in READERS)}")
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """A format found at `path` (the folder itself for a layout, a file in it for a single-file format)."""
+
+    reader: type[Reader]
+    path: Path
+
+
 @contextmanager
 def _opened(path: Path, forced: type[Reader] | None, archive: Path | None, backbone_only: bool) -> Iterator[Reader]:
-    cls = forced or _sniff(path, archive)
-    reader = cls(path, archive, backbone_only=backbone_only)
+    found = _candidates(path)
+    chosen = _chosen(path, forced, archive, found)
+    reader = chosen.reader(chosen.path, archive, backbone_only=backbone_only)
     try:
+        others = [candidate for candidate in found if candidate.path != chosen.path]
+        if others:
+            reader.registry_notes = (_others_note(path, archive, chosen, others),)
         yield reader
     finally:
         reader.close()
 
 
-def _recognised(path: Path) -> type[Reader] | None:
-    return next((reader for reader in READERS if reader.sniff(path)), None)
+def _candidates(path: Path) -> list[_Candidate]:
+    """Every format at `path`, in registry order; one per path (a Hub module is also a SavedModel, and a
+    SavedModel holds a checkpoint: the most specific layout names it)."""
+    found = [_Candidate(reader, path) for reader in READERS if reader.sniff(path)]
+    if path.is_dir():
+        files = [file for file in files_under(path, SEARCH_LEVELS) if not _keras_shard(file)]
+        found += [_Candidate(reader, file) for file in files for reader in FILE_FORMATS if reader.sniff(file)]
+    unique: dict[Path, _Candidate] = {}
+    for candidate in found:
+        unique.setdefault(candidate.path, candidate)
+    return sorted(unique.values(), key=lambda candidate: READERS.index(candidate.reader))
 
 
-def _sniff(path: Path, archive: Path | None) -> type[Reader]:
-    if reader := _recognised(path):
-        return reader
+def _keras_shard(file: Path) -> bool:
+    """`<stem>_00000.weights.h5` next to `<stem>.weights.json` is a shard (Keras' names), read through the index."""
+    shard = _KERAS_SHARD.fullmatch(file.name)
+    return shard is not None and (file.parent / f"{shard['stem']}{SHARD_INDEX_SUFFIX}").is_file()
+
+
+def _chosen(path: Path, forced: type[Reader] | None, archive: Path | None, found: list[_Candidate]) -> _Candidate:
+    if forced is not None and not (forced in FILE_FORMATS and path.is_dir()):
+        return _Candidate(forced, path)  # a layout, or a file named directly: the reader says what is wrong
+    reader = forced or _sniff(path, archive, found)
+    matches = [candidate for candidate in found if candidate.reader is reader]
+    if len(matches) == 1:
+        return matches[0]
+    where = f"archive {archive}" if archive else f"folder {path}"
+    if not matches:
+        holds = f"; it holds: {_listing(path, found)}" if found else ""
+        raise SourceError(f"{where} holds no {reader.format} file ({reader.description}){holds}")
+    advice = "extract it and pass one of them" if archive else "pass one of them"
+    others = [candidate for candidate in found if candidate.reader is not reader]
+    if others:
+        advice += f", or another format it holds: {_listing(path, others)}"
+    raise SourceError(
+        f"{where} holds {len(matches)} {reader.format} files ({', '.join(_relative(path, m) for m in matches)}) "
+        f"and nothing says which to convert; {advice}"
+    )
+
+
+def _sniff(path: Path, archive: Path | None, found: list[_Candidate]) -> type[Reader]:
+    if found:
+        return found[0].reader
     if archive is None and not path.exists():
         raise SourceError(
             f"{path} does not exist (nor does {path.name}.index); pass a model file, a folder, a checkpoint "
@@ -105,11 +167,35 @@ def _sniff(path: Path, archive: Path | None) -> type[Reader]:
     raise SourceError(f"{what} is in no format this tool reads; known formats: {known_formats()}")
 
 
+def _others_note(path: Path, archive: Path | None, chosen: _Candidate, others: list[_Candidate]) -> str:
+    where = f"the archive {archive.name}" if archive else f"the folder {path.name}"
+    what = _relative(path, chosen)
+    if chosen.path != path:
+        what += f" ({chosen.reader.format})"
+    return f"converted {what} from {where}, which also holds {_listing(path, others)}"
+
+
+def _listing(path: Path, candidates: list[_Candidate]) -> str:
+    """Each format once, after all its files: `a tf-checkpoint (--format tf-checkpoint); model.tflite,
+    models/other.tflite (--format tflite)`."""
+    parts = []
+    for reader in dict.fromkeys(candidate.reader for candidate in candidates):
+        names = [_relative(path, c) for c in candidates if c.reader is reader]
+        parts.append(f"{', '.join(names)} (--format {reader.format})")
+    return "; ".join(parts)
+
+
+def _relative(path: Path, candidate: _Candidate) -> str:
+    if candidate.path == path:
+        return f"a {candidate.reader.format}"
+    return candidate.path.relative_to(path).as_posix()
+
+
 def _archive_root(folder: Path) -> Path:
     """Where an unpacked archive's content starts: the folder itself, or its one top-level folder."""
     entries = [
         entry for entry in folder.iterdir() if not entry.name.startswith(".") and entry.name not in SKIPPED_NAMES
     ]
-    if len(entries) == 1 and entries[0].is_dir() and _recognised(folder) is None:
+    if len(entries) == 1 and entries[0].is_dir() and not any(reader.sniff(folder) for reader in READERS):
         return entries[0]
     return folder

@@ -71,6 +71,8 @@ class Reader(ABC):
         self.archive = archive  # the archive `path` was unpacked from, if any
         # Only the backbone is wanted: a reader may then skip (and not refuse) a head it cannot map.
         self.backbone_only = backbone_only
+        # What the registry noticed around `path` (the other formats of its folder or archive).
+        self.registry_notes: tuple[str, ...] = ()
 
     @classmethod
     @abstractmethod
@@ -110,6 +112,11 @@ class Reader(ABC):
     @property
     def hints(self) -> Hints:
         return Hints()
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """The reader's own notes (`hints.notes`), then the registry's."""
+        return (*self.hints.notes, *self.registry_notes)
 
     def extra_files(self) -> dict[str, bytes]:
         """Files the output folder carries besides the float model (e.g. quantization parameters)."""

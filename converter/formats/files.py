@@ -137,6 +137,12 @@ def _single_checkpoint_in(folder: Path, described: str, *, example_prefixes: boo
 
 
 def find_index_files(folder: Path, levels: int) -> list[Path]:
+    return [path for path in files_under(folder, levels) if path.name.endswith(".index")]
+
+
+def files_under(folder: Path, levels: int) -> list[Path]:
+    """Every file in `folder` and its subfolders up to `levels` deep, in sorted order, hidden names and
+    macOS resource forks left out."""
     try:
         entries = sorted(folder.iterdir())
     except OSError as err:
@@ -147,8 +153,8 @@ def find_index_files(folder: Path, levels: int) -> list[Path]:
             continue
         if entry.is_dir():
             if levels > 0:
-                found.extend(find_index_files(entry, levels - 1))
-        elif entry.name.endswith(".index") and entry.is_file():
+                found.extend(files_under(entry, levels - 1))
+        elif entry.is_file():
             found.append(entry)
     return found
 

@@ -169,7 +169,7 @@ def _record(
     reader: Reader, variant: Variant, plan: WeightsPlan, background: str | None, download: dict[str, Any] | None
 ) -> ConversionRecord:
     hints = reader.hints
-    notes = list(hints.notes)
+    notes = list(reader.notes)
     if variant.size_from == SIZE_ASSUMED:
         notes.append(
             f"image_size {variant.size} is assumed: neither the source nor its file name says the size the "

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from converter.errors import ConverterError, ImageError, ModelFolderError, VerificationError
+from converter.formats.files import file_sha256
 from converter.images import open_image, preprocess
 from converter.output.records import ConversionRecord
 from converter.output.writer import preprocessor_config
@@ -366,12 +367,15 @@ def verify_model(
     rtol: float | None = None,
     threads: int | None = None,
     reference_kind: str = "auto",
+    format: str | None = None,
 ) -> ParityResult:
     """Compare the model folder with the original it was converted from (see :mod:`.reference`).
 
     Raises VerificationError (exit code 2) when the comparison cannot be made; a failed comparison is a
     result (`ParityResult.passed` false), not an error. `reference_kind`: "auto" (the best there is),
-    "meta_graph", "frozen_graph" or "builder".
+    "meta_graph", "frozen_graph" or "builder". `format` reads `checkpoint` as that format; by default it is
+    read as the conversion read it when it is the very file conversion.json records (an archive holding
+    several formats is then compared with the one converted), else its format is recognised.
     """
     started = time.perf_counter()
     model_dir = Path(model_dir)
@@ -397,7 +401,7 @@ def verify_model(
 
         torch.set_num_threads(threads)
     try:
-        with open_reader(checkpoint) as source:
+        with open_reader(checkpoint, format or _recorded_format(conversion, Path(checkpoint))) as source:
             weights = conversion.get("weights") or plan_weights(source.names()).convention
             if "weights" not in conversion:
                 notes.append(f"conversion.json does not say which weights were used: assumed {weights}")
@@ -708,6 +712,18 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise VerificationError(f"{path} is not readable JSON ({error})") from None
     return data if isinstance(data, dict) else {}
+
+
+def _recorded_format(conversion: dict[str, Any], checkpoint: Path) -> str | None:
+    """The format conversion.json records, when `checkpoint` is the one file it records (same sha256)."""
+    source = conversion.get("source") or {}
+    files = source.get("files") or []
+    if len(files) != 1 or not isinstance(files[0], dict) or not checkpoint.is_file():
+        return None
+    recorded = files[0]
+    if recorded.get("name") != checkpoint.name or recorded.get("bytes") != checkpoint.stat().st_size:
+        return None
+    return source.get("format") if file_sha256(checkpoint) == recorded.get("sha256") else None
 
 
 def _provenance_notes(conversion: dict[str, Any], source) -> list[str]:

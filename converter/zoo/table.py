@@ -1,5 +1,6 @@
 """The original MobileNetV2 model zoo as data (`converter/data/zoo.json`): names, tarball URLs, published
-figures. `lookup` resolves what the user asked for (`--model`, `--depth`, `--size`, `--trainval`)."""
+figures, the places each model can still be downloaded from. `lookup` resolves what the user asked for
+(`--model`, `--depth`, `--size`, `--trainval`, `--quantized`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class ZooSource:
     holds: str  # what the download contains
     bytes: int | None = None
     sha256: str | None = None
+    format: str | None = None  # the format converted from a download holding several (None: the registry's order)
 
 
 def source_base_env(source: str) -> str:
@@ -40,14 +42,16 @@ def source_base_env(source: str) -> str:
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """One tarball of the zoo. `bytes`/`sha256` are None where the real file's are not recorded."""
+    """One model of the zoo. `bytes`/`sha256` are None where the real file's are not recorded."""
 
     name: str
     model: str  # "mobilenet_v2" (slim ImageNet) or "deeplabv3" (PASCAL VOC)
     depth: float
-    url: str
+    url: str | None  # the official tarball; None where none was published
     size: int | None = None  # None for DeepLab
     trainval: bool = False
+    quantized: bool = False  # the quantized form of the model (its integer TFLite export, QAT checkpoint)
+    output_stride: int | None = None  # a DeepLab graph's fixed output stride, where it has one
     bytes: int | None = None
     sha256: str | None = None
     top1: float | None = None
@@ -55,39 +59,55 @@ class ZooEntry:
     params_millions: float | None = None
 
     @property
-    def filename(self) -> str:
-        """The tarball's file name (also its name in the cache and on a mirror)."""
-        return urlsplit(self.url).path.rsplit("/", 1)[-1]
+    def filename(self) -> str | None:
+        """The official tarball's file name (also its name in the cache and on a mirror)."""
+        return urlsplit(self.url).path.rsplit("/", 1)[-1] if self.url else None
 
     def sources(self) -> list[ZooSource]:
         """Every place this model can be downloaded from, in the order they are tried."""
-        official_base, filename = self.url.rsplit("/", 1)
-        official_url = _based(OFFICIAL_SOURCE, official_base, filename)
-        found = [
-            ZooSource(OFFICIAL_SOURCE, official_url, filename, _OFFICIAL_HOLDS[self.model], self.bytes, self.sha256)
-        ]
+        found = []
+        if self.url:
+            official_base, filename = self.url.rsplit("/", 1)
+            official_url = _based(OFFICIAL_SOURCE, official_base, filename)
+            holds = _OFFICIAL_HOLDS[self.model, self.quantized]
+            found.append(ZooSource(OFFICIAL_SOURCE, official_url, filename, holds, self.bytes, self.sha256))
         fields = {"name": self.name, "size": self.size, "depth100": f"{round(self.depth * 100):03d}"}
         for row in _data()["sources"][self.model]:
-            if "names" in row and self.name not in row["names"]:
+            if row.get("quantized", False) != self.quantized or ("names" in row and self.name not in row["names"]):
                 continue
             url = _based(row["name"], row["base"], row["path"].format(**fields))
-            found.append(ZooSource(row["name"], url, row["filename"].format(**fields), row["holds"]))
+            known = row.get("checksums", {}).get(self.name, {})
+            found.append(
+                ZooSource(
+                    row["name"],
+                    url,
+                    row["filename"].format(**fields),
+                    row["holds"],
+                    known.get("bytes"),
+                    known.get("sha256"),
+                    row.get("format"),
+                )
+            )
         return found
 
     @property
     def is_deeplab(self) -> bool:
         return self.model == "deeplabv3"
 
-    def output_name(self, output_stride: int = 8, size: int | None = None) -> str:
-        """Default output folder name: the converter's variant name (plus `_trainval` for those twins)."""
+    def output_name(self, output_stride: int | None = None, size: int | None = None) -> str:
+        """Default output folder name: the converter's variant name (plus `_trainval` for those twins and
+        `_quant` for the quantized forms); DeepLab's output stride defaults to the graph's, else 8."""
         if not self.is_deeplab:
-            return folder_name(CLASSIFICATION, self.depth, self.size)
-        return folder_name(DEEPLAB, self.depth, size or DEEPLAB_CROP, output_stride, self.trainval)
+            return folder_name(CLASSIFICATION, self.depth, self.size, quantized=self.quantized)
+        stride = output_stride or self.output_stride or 8
+        return folder_name(DEEPLAB, self.depth, size or DEEPLAB_CROP, stride, self.trainval, self.quantized)
 
 
 _OFFICIAL_HOLDS = {
-    "mobilenet_v2": "the slim checkpoint with its moving averages, its .meta graph and a frozen graph",
-    "deeplabv3": "the DeepLab checkpoint (no moving averages) and its frozen inference graph",
+    ("mobilenet_v2", False): "the slim checkpoint with its moving averages, its .meta graph and a frozen graph",
+    ("mobilenet_v2", True): "unknown: the quantization-aware checkpoint, by its name; it is gone since 2020 "
+    "(tensorflow/models#8861) and no copy of its contents is recorded",
+    ("deeplabv3", False): "the DeepLab checkpoint (no moving averages) and its frozen inference graph",
 }
 
 
@@ -114,7 +134,7 @@ def entries() -> tuple[ZooEntry, ...]:
 
 
 def find(name: str) -> ZooEntry | None:
-    """The entry with this zoo name or tarball file name, if any."""
+    """The entry with this zoo name or official tarball file name, if any."""
     for entry in entries():
         if name in (entry.name, entry.filename):
             return entry
@@ -122,10 +142,11 @@ def find(name: str) -> ZooEntry | None:
 
 
 def published_for(kind: str, depth: float, size: int) -> ZooEntry | None:
-    """The zoo entry matching a converted variant (kind as in `Variant.kind`), for published figures."""
+    """The float zoo entry matching a converted variant (kind as in `Variant.kind`), for published figures."""
+    floats = [e for e in entries() if not e.quantized]
     if kind == CLASSIFICATION:
-        return next((e for e in entries() if not e.is_deeplab and e.depth == depth and e.size == size), None)
-    return next((e for e in entries() if e.is_deeplab and e.depth == depth and not e.trainval), None)
+        return next((e for e in floats if not e.is_deeplab and e.depth == depth and e.size == size), None)
+    return next((e for e in floats if e.is_deeplab and e.depth == depth and not e.trainval), None)
 
 
 def select(
@@ -133,9 +154,10 @@ def select(
     depth: float | None = None,
     size: int | None = None,
     trainval: bool | None = None,
+    quantized: bool = False,
 ) -> list[ZooEntry]:
-    """Entries matching every filter that is not None (the whole zoo when none is given). DeepLab
-    entries have no size: a `size` filter leaves them out."""
+    """Entries matching every filter that is not None (the whole float zoo when none is given, the
+    quantized entries with `quantized`). DeepLab entries have no size: a `size` filter leaves them out."""
     if model is not None and model not in MODELS:
         raise UsageError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     return [
@@ -145,23 +167,32 @@ def select(
         and (depth is None or e.depth == depth)
         and (size is None or e.size == size)
         and (trainval is None or e.trainval == trainval)
+        and e.quantized == quantized
     ]
 
 
-def lookup(model: str = "mobilenet_v2", depth: float | None = None, size: int | None = None, trainval: bool = False):
-    """The one zoo entry for `model` at `depth` (and `size` for classifiers, default 224).
+def lookup(
+    model: str = "mobilenet_v2",
+    depth: float | None = None,
+    size: int | None = None,
+    trainval: bool = False,
+    quantized: bool = False,
+) -> ZooEntry:
+    """The one zoo entry for `model` at `depth` (and `size` for classifiers, default 224), its quantized
+    form with `quantized`.
 
     Raises:
         UsageError: for a combination the zoo does not have, listing the valid choices.
     """
     if model not in MODELS:
         raise UsageError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
-    family = [e for e in entries() if e.model == model]
+    family = [e for e in entries() if e.model == model and e.quantized == quantized]
     depths = sorted({e.depth for e in family}, reverse=True)
+    described = f"quantized {model}" if quantized else model
     if depth is None:
-        raise UsageError(f"pass --depth to choose a {model} checkpoint: one of {_numbers(depths)}")
+        raise UsageError(f"pass --depth to choose a {described} model: one of {_numbers(depths)}")
     if depth not in depths:
-        raise UsageError(f"the zoo has no {model} of depth {depth}; depths: {_numbers(depths)}")
+        raise UsageError(f"the zoo has no {described} of depth {depth}; depths: {_numbers(depths)}")
     if model == "deeplabv3":
         if size is not None and size != DEEPLAB_CROP:
             raise UsageError(
@@ -170,14 +201,14 @@ def lookup(model: str = "mobilenet_v2", depth: float | None = None, size: int | 
         matches = [e for e in family if e.depth == depth and e.trainval == trainval]
         if not matches:
             kinds = ", ".join(sorted({"trainval" if e.trainval else "trainaug" for e in family if e.depth == depth}))
-            raise UsageError(f"the zoo has no deeplabv3 of depth {depth} trained on that split; it has: {kinds}")
+            raise UsageError(f"the zoo has no {described} of depth {depth} trained on that split; it has: {kinds}")
         return matches[0]
     if trainval:
         raise UsageError("--trainval selects a DeepLab checkpoint; pass --model deeplabv3 with it")
     size = 224 if size is None else size
     sizes = sorted((e.size for e in family if e.depth == depth), reverse=True)
     if size not in sizes:
-        raise UsageError(f"the zoo has no mobilenet_v2_{depth}_{size}; sizes at depth {depth}: {_numbers(sizes)}")
+        raise UsageError(f"the zoo has no {described} {depth}/{size}; sizes at depth {depth}: {_numbers(sizes)}")
     return next(e for e in family if e.depth == depth and e.size == size)
 
 
