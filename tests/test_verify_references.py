@@ -50,12 +50,13 @@ def with_fault(model: Path, folder: Path) -> Path:
 # ------------------------------------------------------------------------------------------ SavedModel
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """style -> (SavedModel written by TF's own writer, the folder converted from it)."""
-    from fixtures.savedmodel_builder import write_saved_model
+    """style -> (SavedModel written by TF's own writer, the folder converted from it): the plain exports
+    taking [-1, 1] and those in TF Hub's form (images in [0, 1], scaled inside)."""
+    from fixtures.savedmodel_builder import STYLES, write_saved_model
 
     root = tmp_path_factory.mktemp("saved_models")
     out = {}
-    for style in ("tf1", "tf2"):
+    for style in STYLES:
         source = write_saved_model(SMALL, root / style, style)
         out[style] = source, convert(source, root / f"{style}-converted")
     return out
@@ -91,24 +92,11 @@ def test_a_planted_fault_fails_at_the_logits_against_a_saved_model(saved_models,
     assert report["first_divergence"]["ratio"] > 1
 
 
-@pytest.fixture(scope="module")
-def hub_saved_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """style -> (a SavedModel in TF Hub's form: images in [0, 1], scaled inside; the folder converted from it)."""
-    from fixtures.savedmodel_builder import HUB_STYLES, write_saved_model
-
-    root = tmp_path_factory.mktemp("hub_saved_models")
-    out = {}
-    for style in HUB_STYLES:
-        source = write_saved_model(SMALL, root / style, style)
-        out[style] = source, convert(source, root / f"{style}-converted")
-    return out
-
-
 @pytest.mark.parametrize("style", ["hub-tf1", "hub-tf2"])
-def test_a_hub_form_saved_model_is_fed_its_own_input_range_and_a_faithful_conversion_passes(hub_saved_models, style):
+def test_a_hub_form_saved_model_is_fed_its_own_input_range_and_a_faithful_conversion_passes(saved_models, style):
     from fixtures.savedmodel_builder import FORMS
 
-    source, model = hub_saved_models[style]
+    source, model = saved_models[style]
     code, output, report = verify("--checkpoint", source, "--model", model)
     assert code == 0, output
     form = FORMS[style]
@@ -124,15 +112,15 @@ def test_a_hub_form_saved_model_is_fed_its_own_input_range_and_a_faithful_conver
 
 
 @pytest.mark.parametrize("style", ["hub-tf1", "hub-tf2"])
-def test_a_planted_fault_fails_against_a_hub_form_saved_model(hub_saved_models, style, tmp_path):
-    source, model = hub_saved_models[style]
+def test_a_planted_fault_fails_against_a_hub_form_saved_model(saved_models, style, tmp_path):
+    source, model = saved_models[style]
     code, output, report = verify("--checkpoint", source, "--model", with_fault(model, tmp_path / "faulty"))
     assert code == 1, output
     assert report["first_divergence"]["endpoint"] == ("layer_9" if style == "hub-tf1" else "logits")
 
 
 @pytest.mark.parametrize("style", ["hub-tf1", "hub-tf2"])
-def test_the_input_scaling_read_off_the_graph_is_what_the_graph_computes(hub_saved_models, saved_models, style):
+def test_the_input_scaling_read_off_the_graph_is_what_the_graph_computes(saved_models, style):
     """The reference fed through the scaling it read off the Hub-form graph gives, on images in [-1, 1],
     the logits that TensorFlow gives for the plain export of the same weights on those images."""
     from converter.formats.base import References
@@ -140,7 +128,7 @@ def test_the_input_scaling_read_off_the_graph_is_what_the_graph_computes(hub_sav
     from fixtures.savedmodel_builder import run_saved_model
     from tests.helpers import logit_tolerance, random_images
 
-    source, _ = hub_saved_models[style]
+    source, _ = saved_models[style]
     images = random_images((96, 96), batch=2, seed=7)
     expected = run_saved_model(saved_models["tf1"][0], images)
     reference = open_reference(
