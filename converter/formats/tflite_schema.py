@@ -48,7 +48,6 @@ BUILTIN_OPERATORS = {
     43: "SQUEEZE",
     53: "CAST",
     56: "ARG_MAX",
-    77: "SHAPE",
     114: "QUANTIZE",
 }
 PADDINGS = {0: "SAME", 1: "VALID"}
