@@ -224,7 +224,8 @@ def test_int8_deeplab_reproduces_the_interpreter(tmp_path):
     labels = model(to_torch(images)).labels[0].numpy()
     equal = float((labels == theirs).mean())
     # The int8 activations of a random-weight model move ~6% of its labels away from any float model's
-    # (the checkpoint's own float model agrees no better), so the dequantized model is held to that.
+    # (the checkpoint's own float model agrees no better), so the dequantized model is held to that; the
+    # issue's 97% bar is held on real weights (tests/test_tflite.py, the ``_int8`` models).
     original = MobileNetV2ForSemanticSegmentation.from_pretrained(_float_checkpoint_folder(tmp_path))
     float_agreement, original_agreement = (
         float((m.predict_labels(to_torch(images))[0].numpy() == theirs).mean()) for m in (model.float_twin(), original)
