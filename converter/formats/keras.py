@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -49,6 +50,10 @@ MAX_DIM = 1 << 17
 MAX_ARCHIVE_MEMBER_BYTES = 1 << 30
 MAX_CONFIG_BYTES = 64 << 20
 MAX_NAMES = 100_000  # layer or weight names in one attribute
+# A global heap collection (HDF5's store of variable-length data): its signature and version, and the
+# smallest size the format allows.
+GLOBAL_HEAP_SIGNATURE = b"GCOL\x01"
+GLOBAL_HEAP_MIN_SIZE = 4096
 # What h5py raises for damaged files (HDF5's errors, mapped onto Python's by kind).
 HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 
@@ -241,6 +246,12 @@ class KerasReader(Reader):
                 f"{label} is not a readable HDF5 file ({_first_line(exc)}); is it truncated or damaged?"
             ) from None
         self._files.append(handle)
+        _, length_size = handle.id.get_create_plist().get_sizes()
+        if isinstance(source, io.BytesIO):
+            _check_global_heaps(source.getvalue(), length_size, label)
+        else:
+            with open(source, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as contents:
+                _check_global_heaps(contents, length_size, label)
         return handle
 
     def _open_archive(self) -> dict:
@@ -388,6 +399,42 @@ def _dataset(group, path: str, where: str):
     if len(node.shape) > 4 or any(d > MAX_DIM for d in node.shape):
         raise KerasFileError(f"{where}: {node.name} claims shape {list(node.shape)}, far beyond any MobileNetV2")
     return node
+
+
+def _check_global_heaps(contents, length_size: int, label: str) -> None:
+    """Refuse a file whose global heap collections (where HDF5 keeps variable-length strings: the layer and
+    weight names, the model config) do not hold together, before h5py reads any of them.
+
+    libhdf5 walks a collection's objects by their declared sizes and, on a size that does not advance
+    the walk, loops forever. A collection is found as libhdf5 recognises one (its signature and version);
+    its objects must then tile it: every object header whole, every step forward, none past its end.
+    Weights hardly ever spell the signature by chance: as float32 it needs a value near 199 or beyond 3e4."""
+    header = len(GLOBAL_HEAP_SIGNATURE) + 3 + length_size  # signature and version, 3 reserved, collection size
+    object_header = 8 + length_size  # index, reference count, 4 reserved, object size
+    start = contents.find(GLOBAL_HEAP_SIGNATURE)
+    while start >= 0:
+        size = int.from_bytes(contents[start + header - length_size : start + header], "little")
+        end = start + size
+        problem = None
+        if size < GLOBAL_HEAP_MIN_SIZE or end > len(contents):
+            problem = f"it claims {size} bytes, not between {GLOBAL_HEAP_MIN_SIZE} and the end of the file"
+        position = start + header
+        while problem is None and position + object_header <= end:
+            index = int.from_bytes(contents[position : position + 2], "little")
+            declared = int.from_bytes(contents[position + 8 : position + object_header], "little")
+            # The free-space object (index 0) counts its own header; the others are padded to 8 bytes.
+            step = object_header + -(-declared // 8) * 8 if index else declared
+            if step < object_header or position + step > end:
+                problem = (
+                    f"object {index} at byte {position} declares {declared} bytes, below its header or past the end"
+                )
+            position += step
+        if problem:
+            raise KerasFileError(
+                f"{label} is damaged: the global heap collection at byte {start} (its variable-length strings) "
+                f"is inconsistent: {problem}; the file cannot be read safely, re-save or re-download it"
+            )
+        start = contents.find(GLOBAL_HEAP_SIGNATURE, start + 1)
 
 
 def _attribute(attrs, name: str, where: str):
