@@ -34,13 +34,25 @@ def test_cli_fuzzes_keras_files(capsys):
     assert "failure: 0" in output and f"{VALUES_CHANGED}: " in output
 
 
-def test_zeroed_global_heap_objects_are_refused_not_looped_on(tmp_path):
-    """Seed 1, case 792: zeros spliced over the global heap holding layer_names leave an object of size 0,
-    on which libhdf5 walks the heap forever. Run isolated first, so that a regression fails instead of hanging."""
-    report = run_keras_fuzz(cases=0, seed=1, workdir=tmp_path, only_case=792)
+@pytest.mark.parametrize(
+    ("seed", "case", "message"),
+    [
+        # Zeros spliced over the global heap holding layer_names leave an object of size 0, on which
+        # libhdf5 walks the heap forever.
+        (1, 792, "the global heap collection at byte 3400 .* is inconsistent"),
+        # A flipped byte in a link name ('add_8' -> 'ad*_8') leaves it listed but out of the sorted order
+        # that lookups by name rely on.
+        (3, 966, "/layers/ad.*_8 is listed but cannot be opened by its name"),
+        # The predictions layer's weight_names attribute message lost its type: the head vanished silently.
+        (3, 1625, "layer predictions has no weight_names attribute"),
+    ],
+)
+def test_damage_found_by_the_fuzzer_gives_a_clear_error(tmp_path, seed, case, message):
+    """Each case runs isolated first, so that a regression to a hang fails instead of stopping the tests."""
+    report = run_keras_fuzz(cases=0, seed=seed, workdir=tmp_path, only_case=case)
     assert report.failures == [] and report.errors == {"KerasFileError": 1}
-    name, damaged, _ = keras_case(build_keras_corpus(), seed=1, case=792)
+    name, damaged, _ = keras_case(build_keras_corpus(), seed=seed, case=case)
     path = tmp_path / name
     path.write_bytes(damaged)
-    with pytest.raises(KerasFileError, match=f"{name} is damaged: the global heap collection at byte"):
+    with pytest.raises(KerasFileError, match=message):
         KerasReader(path)

@@ -487,7 +487,9 @@ def _legacy_layers(group, where: str) -> list[Layer]:
     layers = []
     for layer_name in _strings(group.attrs, "layer_names", where) or []:
         layer_group = _child(group, layer_name, where)
-        weight_names = _strings(layer_group.attrs, "weight_names", where) or []
+        weight_names = _strings(layer_group.attrs, "weight_names", where)
+        if weight_names is None:  # Keras writes it for every layer, empty for one without weights
+            raise KerasFileError(f"{where}: layer {layer_name} has no weight_names attribute; the file is damaged")
         by_prefix: dict[str, dict[str, Any]] = {}
         for weight_name in weight_names:
             prefix, _, role = weight_name.removesuffix(":0").rpartition("/")
@@ -552,6 +554,8 @@ def _keras3_layers(container: _Merged, config: dict | None = None) -> list[Layer
     for key in layers_group.keys():
         group = layers_group.child(key)
         where = f"{container.path}/layers/{key}"
+        if group is None:  # listed, yet not found by name: the group's index of names is damaged
+            raise KerasFileError(f"{where} is listed but cannot be opened by its name; the file is damaged")
         if group.child("layers") is not None:
             found.append((_split_key(key), _keras3_layers(group, names.get(key, (None, None))[1])))
             continue
