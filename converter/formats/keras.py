@@ -21,7 +21,8 @@ checked link by link, and names, where the file has them, must not contradict th
 (``include_top=False``), or one Dense layer (the ImageNet classifier, or a fine-tuned one).
 
 Everything is treated as hostile: links other than hard links, external or virtual datasets, non-float
-dtypes and shapes that do not chain are refused before any value is read.
+dtypes and shapes that do not chain are refused before any value is read, and global heap collections
+(HDF5's store of the names) that do not hold together before any name is read.
 """
 
 from __future__ import annotations
