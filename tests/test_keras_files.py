@@ -188,6 +188,23 @@ def test_inconsistent_global_heap_is_refused_before_h5py_reads_it(small, tmp_pat
     refused(path, f"{path.name} is damaged: the global heap collection at byte \\d+ .* is inconsistent")
 
 
+def test_archive_whose_weights_lost_the_classifier_its_config_has(small, tmp_path):
+    path = tmp_path / "no_head.keras"
+    with zipfile.ZipFile(small.file("keras3_archive")) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "model.weights.h5":
+                inner = tmp_path / "inner.h5"
+                inner.write_bytes(data)
+                with h5py.File(inner, "r+") as f:
+                    del f["layers/dense"]
+                data = inner.read_bytes()
+            dst.writestr(info, data)
+    refused(path, "its model config has predictions after the backbone, but the weights hold no such layer")
+    backbone = KerasReader(small.file("keras3_archive"), backbone_only=True).names()
+    assert KerasReader(path, backbone_only=True).names() == backbone  # dropping the head is then asked for
+
+
 def test_archive_without_weights_and_corrupt_config(tmp_path):
     archive = tmp_path / "broken.keras"
     with zipfile.ZipFile(archive, "w") as zf:

@@ -322,6 +322,11 @@ class KerasReader(Reader):
                 )
             return None
         if not head:
+            if facts.head_layers:
+                raise KerasFileError(
+                    f"{self.path.name}: its model config has {', '.join(map(str, facts.head_layers))} after the "
+                    "backbone, but the weights hold no such layer; the file is damaged"
+                )
             return None
         offer = "; convert the backbone alone instead (backbone_only, the --backbone-only option)"
         if len(head) > 1 or head[0].keras_class != DENSE:
@@ -717,6 +722,7 @@ class _ConfigFacts:
         self.head_problem: str | None = None
         self.model_name: str | None = None
         self.class_names: list[str] | None = None
+        self.head_layers: list[str] = []  # the weighted layers the config has after the backbone
         if not isinstance(config, dict):
             return
         leaves, containers = [], []
@@ -729,6 +735,7 @@ class _ConfigFacts:
         if len(weighted) < len(BACKBONE):
             return
         first, last = weighted[0], weighted[len(BACKBONE) - 1]
+        self.head_layers = [leaves[i][1] for i in weighted[len(BACKBONE) :]]
         self._inputs(leaves[:first])
         self._head(leaves[last + 1 :])
 
