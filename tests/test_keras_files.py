@@ -163,7 +163,7 @@ def test_names_attribute_of_the_wrong_type(small, tmp_path):
     path = copy(small, LEGACY, tmp_path)
     with h5py.File(path, "r+") as f:
         f.attrs["layer_names"] = np.arange(5)
-    refused(path, "holds int values, not names")
+    refused(path, "attribute layer_names holds int64 values, not text")
 
 
 @pytest.mark.parametrize(

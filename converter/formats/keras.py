@@ -444,10 +444,17 @@ def _check_global_heaps(contents, length_size: int, label: str) -> None:
 
 
 def _attribute(attrs, name: str, where: str):
-    """One attribute, its size checked before it is read (a damaged header can claim billions of values)."""
-    shape = attrs.get_id(name).shape or ()
+    """One text attribute (every one the reader reads holds names or JSON), its size and type checked before
+    it is read: a damaged header can claim billions of values, or turn a string into a variable-length
+    sequence, which h5py crashes on. Keras stores an empty list as an empty float array."""
+    import h5py
+
+    attribute = attrs.get_id(name)
+    shape = attribute.shape or ()
     if len(shape) > 1 or int(np.prod(shape)) > MAX_NAMES:
         raise KerasFileError(f"{where}: attribute {name} claims shape {list(shape)}; the file is damaged")
+    if int(np.prod(shape)) and not isinstance(attribute.get_type(), h5py.h5t.TypeStringID):
+        raise KerasFileError(f"{where}: attribute {name} holds {attribute.dtype} values, not text")
     return attrs[name]
 
 
