@@ -163,7 +163,46 @@ def test_names_attribute_of_the_wrong_type(small, tmp_path):
     path = copy(small, LEGACY, tmp_path)
     with h5py.File(path, "r+") as f:
         f.attrs["layer_names"] = np.arange(5)
-    refused(path, "holds int values, not names")
+    refused(path, "attribute layer_names holds int64 values, not text")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        # The string's size and bytes zeroed: the next object header reads as a free-space object of 0
+        # bytes, on which libhdf5's walk of the collection never advances.
+        lambda data, at: data[:at] + bytes(8 + 24) + data[at + 32 :],
+        # A size past the collection's end: its objects must lie inside it.
+        lambda data, at: data[:at] + (2**64 - 8).to_bytes(8, "little") + data[at + 8 :],
+    ],
+    ids=["zero-size-free-object", "size-past-the-end"],
+)
+def test_inconsistent_global_heap_is_refused_before_h5py_reads_it(small, tmp_path, damage):
+    path = copy(small, LEGACY, tmp_path)
+    data = path.read_bytes()
+    # The layer names are variable-length strings in a global heap collection: each object's 8-byte size
+    # right before its bytes (group link names live in local heaps, with no size in front).
+    name = b"block_10_project_BN"
+    at = data.index(len(name).to_bytes(8, "little") + name)
+    path.write_bytes(damage(data, at))
+    refused(path, f"{path.name} is damaged: the global heap collection at byte \\d+ .* is inconsistent")
+
+
+def test_archive_whose_weights_lost_the_classifier_its_config_has(small, tmp_path):
+    path = tmp_path / "no_head.keras"
+    with zipfile.ZipFile(small.file("keras3_archive")) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "model.weights.h5":
+                inner = tmp_path / "inner.h5"
+                inner.write_bytes(data)
+                with h5py.File(inner, "r+") as f:
+                    del f["layers/dense"]
+                data = inner.read_bytes()
+            dst.writestr(info, data)
+    refused(path, "its model config has predictions after the backbone, but the weights hold no such layer")
+    backbone = KerasReader(small.file("keras3_archive"), backbone_only=True).names()
+    assert KerasReader(path, backbone_only=True).names() == backbone  # dropping the head is then asked for
 
 
 def test_archive_without_weights_and_corrupt_config(tmp_path):

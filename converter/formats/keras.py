@@ -21,13 +21,15 @@ checked link by link, and names, where the file has them, must not contradict th
 (``include_top=False``), or one Dense layer (the ImageNet classifier, or a fine-tuned one).
 
 Everything is treated as hostile: links other than hard links, external or virtual datasets, non-float
-dtypes and shapes that do not chain are refused before any value is read.
+dtypes and shapes that do not chain are refused before any value is read, and global heap collections
+(HDF5's store of the names) that do not hold together before any name is read.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import mmap
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -49,6 +51,10 @@ MAX_DIM = 1 << 17
 MAX_ARCHIVE_MEMBER_BYTES = 1 << 30
 MAX_CONFIG_BYTES = 64 << 20
 MAX_NAMES = 100_000  # layer or weight names in one attribute
+# A global heap collection (HDF5's store of variable-length data): its signature and version, and the
+# smallest size the format allows.
+GLOBAL_HEAP_SIGNATURE = b"GCOL\x01"
+GLOBAL_HEAP_MIN_SIZE = 4096
 # What h5py raises for damaged files (HDF5's errors, mapped onto Python's by kind).
 HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 
@@ -241,6 +247,12 @@ class KerasReader(Reader):
                 f"{label} is not a readable HDF5 file ({_first_line(exc)}); is it truncated or damaged?"
             ) from None
         self._files.append(handle)
+        _, length_size = handle.id.get_create_plist().get_sizes()
+        if isinstance(source, io.BytesIO):
+            _check_global_heaps(source.getvalue(), length_size, label)
+        else:
+            with open(source, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as contents:
+                _check_global_heaps(contents, length_size, label)
         return handle
 
     def _open_archive(self) -> dict:
@@ -310,6 +322,11 @@ class KerasReader(Reader):
                 )
             return None
         if not head:
+            if facts.head_layers:
+                raise KerasFileError(
+                    f"{self.path.name}: its model config has {', '.join(map(str, facts.head_layers))} after the "
+                    "backbone, but the weights hold no such layer; the file is damaged"
+                )
             return None
         offer = "; convert the backbone alone instead (backbone_only, the --backbone-only option)"
         if len(head) > 1 or head[0].keras_class != DENSE:
@@ -390,11 +407,54 @@ def _dataset(group, path: str, where: str):
     return node
 
 
+def _check_global_heaps(contents, length_size: int, label: str) -> None:
+    """Refuse a file whose global heap collections (where HDF5 keeps variable-length strings: the layer and
+    weight names, the model config) do not hold together, before h5py reads any of them.
+
+    libhdf5 walks a collection's objects by their declared sizes and, on a size that does not advance
+    the walk, loops forever. A collection is found as libhdf5 recognises one (its signature and version);
+    its objects must then tile it: every object header whole, every step forward, none past its end.
+    Weights hardly ever spell the signature by chance: as float32 it needs a value near 199 or beyond 3e4."""
+    header = len(GLOBAL_HEAP_SIGNATURE) + 3 + length_size  # signature and version, 3 reserved, collection size
+    object_header = 8 + length_size  # index, reference count, 4 reserved, object size
+    start = contents.find(GLOBAL_HEAP_SIGNATURE)
+    while start >= 0:
+        size = int.from_bytes(contents[start + header - length_size : start + header], "little")
+        end = start + size
+        problem = None
+        if size < GLOBAL_HEAP_MIN_SIZE or end > len(contents):
+            problem = f"it claims {size} bytes, not between {GLOBAL_HEAP_MIN_SIZE} and the end of the file"
+        position = start + header
+        while problem is None and position + object_header <= end:
+            index = int.from_bytes(contents[position : position + 2], "little")
+            declared = int.from_bytes(contents[position + 8 : position + object_header], "little")
+            # The free-space object (index 0) counts its own header; the others are padded to 8 bytes.
+            step = object_header + -(-declared // 8) * 8 if index else declared
+            if step < object_header or position + step > end:
+                problem = (
+                    f"object {index} at byte {position} declares {declared} bytes, below its header or past the end"
+                )
+            position += step
+        if problem:
+            raise KerasFileError(
+                f"{label} is damaged: the global heap collection at byte {start} (its variable-length strings) "
+                f"is inconsistent: {problem}; the file cannot be read safely, re-save or re-download it"
+            )
+        start = contents.find(GLOBAL_HEAP_SIGNATURE, start + 1)
+
+
 def _attribute(attrs, name: str, where: str):
-    """One attribute, its size checked before it is read (a damaged header can claim billions of values)."""
-    shape = attrs.get_id(name).shape or ()
+    """One text attribute (every one the reader reads holds names or JSON), its size and type checked before
+    it is read: a damaged header can claim billions of values, or turn a string into a variable-length
+    sequence, which h5py crashes on. Keras stores an empty list as an empty float array."""
+    import h5py
+
+    attribute = attrs.get_id(name)
+    shape = attribute.shape or ()
     if len(shape) > 1 or int(np.prod(shape)) > MAX_NAMES:
         raise KerasFileError(f"{where}: attribute {name} claims shape {list(shape)}; the file is damaged")
+    if int(np.prod(shape)) and not isinstance(attribute.get_type(), h5py.h5t.TypeStringID):
+        raise KerasFileError(f"{where}: attribute {name} holds {attribute.dtype} values, not text")
     return attrs[name]
 
 
@@ -440,7 +500,9 @@ def _legacy_layers(group, where: str) -> list[Layer]:
     layers = []
     for layer_name in _strings(group.attrs, "layer_names", where) or []:
         layer_group = _child(group, layer_name, where)
-        weight_names = _strings(layer_group.attrs, "weight_names", where) or []
+        weight_names = _strings(layer_group.attrs, "weight_names", where)
+        if weight_names is None:  # Keras writes it for every layer, empty for one without weights
+            raise KerasFileError(f"{where}: layer {layer_name} has no weight_names attribute; the file is damaged")
         by_prefix: dict[str, dict[str, Any]] = {}
         for weight_name in weight_names:
             prefix, _, role = weight_name.removesuffix(":0").rpartition("/")
@@ -505,6 +567,8 @@ def _keras3_layers(container: _Merged, config: dict | None = None) -> list[Layer
     for key in layers_group.keys():
         group = layers_group.child(key)
         where = f"{container.path}/layers/{key}"
+        if group is None:  # listed, yet not found by name: the group's index of names is damaged
+            raise KerasFileError(f"{where} is listed but cannot be opened by its name; the file is damaged")
         if group.child("layers") is not None:
             found.append((_split_key(key), _keras3_layers(group, names.get(key, (None, None))[1])))
             continue
@@ -665,6 +729,7 @@ class _ConfigFacts:
         self.head_problem: str | None = None
         self.model_name: str | None = None
         self.class_names: list[str] | None = None
+        self.head_layers: list[str] = []  # the weighted layers the config has after the backbone
         if not isinstance(config, dict):
             return
         leaves, containers = [], []
@@ -677,6 +742,7 @@ class _ConfigFacts:
         if len(weighted) < len(BACKBONE):
             return
         first, last = weighted[0], weighted[len(BACKBONE) - 1]
+        self.head_layers = [leaves[i][1] for i in weighted[len(BACKBONE) :]]
         self._inputs(leaves[:first])
         self._head(leaves[last + 1 :])
 
