@@ -37,6 +37,21 @@ def copy(small, kind, tmp_path):
     return target
 
 
+def edit_archive_weights(source, target, edit):
+    """`source` (a .keras zip) copied to `target` with `edit(h5py.File)` applied to its model.weights.h5."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "model.weights.h5":
+                inner = target.with_name(target.name + ".weights.h5")
+                inner.write_bytes(data)
+                with h5py.File(inner, "r+") as f:
+                    edit(f)
+                data = inner.read_bytes()
+                inner.unlink()
+            dst.writestr(info, data)
+
+
 def refused(path, match, error=KerasFileError, **options):
     with pytest.raises(error, match=match) as caught:
         reader = KerasReader(path, **options)
@@ -190,16 +205,7 @@ def test_inconsistent_global_heap_is_refused_before_h5py_reads_it(small, tmp_pat
 
 def test_archive_whose_weights_lost_the_classifier_its_config_has(small, tmp_path):
     path = tmp_path / "no_head.keras"
-    with zipfile.ZipFile(small.file("keras3_archive")) as src, zipfile.ZipFile(path, "w") as dst:
-        for info in src.infolist():
-            data = src.read(info)
-            if info.filename == "model.weights.h5":
-                inner = tmp_path / "inner.h5"
-                inner.write_bytes(data)
-                with h5py.File(inner, "r+") as f:
-                    del f["layers/dense"]
-                data = inner.read_bytes()
-            dst.writestr(info, data)
+    edit_archive_weights(small.file("keras3_archive"), path, lambda f: f.__delitem__("layers/dense"))
     refused(path, "its model config has predictions after the backbone, but the weights hold no such layer")
     backbone = KerasReader(small.file("keras3_archive"), backbone_only=True).names()
     assert KerasReader(path, backbone_only=True).names() == backbone  # dropping the head is then asked for
@@ -314,15 +320,10 @@ def test_keras3_files_without_name_attributes(small, tmp_path, kind):
         with h5py.File(path, "r+") as f:
             f.visititems(lambda _, node: node.attrs.__delitem__("name") if "name" in node.attrs else None)
     else:
-        with zipfile.ZipFile(small.file(kind)) as src, zipfile.ZipFile(path, "w") as dst:
-            for info in src.infolist():
-                data = src.read(info)
-                if info.filename == "model.weights.h5":
-                    inner = tmp_path / "inner.h5"
-                    inner.write_bytes(data)
-                    with h5py.File(inner, "r+") as f:
-                        f.visititems(lambda _, node: node.attrs.__delitem__("name") if "name" in node.attrs else None)
-                    data = inner.read_bytes()
-                dst.writestr(info, data)
+        edit_archive_weights(
+            small.file(kind),
+            path,
+            lambda f: f.visititems(lambda _, node: node.attrs.__delitem__("name") if "name" in node.attrs else None),
+        )
     clean = tensors(small.file(kind))
     assert {n: a.tobytes() for n, a in tensors(path).items()} == {n: a.tobytes() for n, a in clean.items()}
