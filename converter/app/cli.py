@@ -32,6 +32,8 @@ def report_errors(command):
             return command(*args, **kwargs)
         except USER_ERRORS as error:
             if debug:
+                for line in getattr(error, "detail", ()):  # what a one-line summary left out
+                    click.echo(f"detail: {line}", err=True)
                 raise
             click.echo(f"error: {error}", err=True)
             sys.exit(getattr(error, "exit_code", 1))
@@ -47,7 +49,9 @@ def report_errors(command):
             click.echo(f"internal error: {type(error).__name__}: {error} (rerun with --debug)", err=True)
             sys.exit(1)
 
-    with_debug = click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
+    with_debug = click.option(
+        "--debug", is_flag=True, help="Show the full traceback on errors, and each download source's failure."
+    )(wrapper)
     return click.version_option(__version__, "--version", message="%(prog)s %(version)s")(with_debug)
 
 
