@@ -374,9 +374,6 @@ def _zoo_verifier(verify: bool = False):
     """What --all runs on each converted folder after converting it (None: nothing)."""
     if not verify:
         return None
-    from converter.verify.reference import import_tensorflow
-
-    import_tensorflow()  # fail once, before converting anything, when TensorFlow is missing
 
     def verifier(folder, tarball):
         from converter.verify import check_parity
@@ -393,6 +390,10 @@ def _check_verify_flags(verify: bool, report_dir, whole_zoo: bool) -> None:
         raise UsageError("--report-dir applies to --verify")
     if report_dir is not None and whole_zoo:
         raise UsageError("--report-dir names one folder; with --all each model's reports go to <model>/parity")
+    if verify:
+        from converter.verify.reference import import_tensorflow
+
+        import_tensorflow()  # fail before downloading or converting anything when TensorFlow is missing
 
 
 def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
