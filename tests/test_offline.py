@@ -67,8 +67,10 @@ def test_an_unreachable_host_ends_its_source_after_one_attempt(attempts, tmp_pat
         fetch(ENTRY, source="official", cache_dir=tmp_path, mirror=f"http://{host}", retry=SLOW_RETRIES)
     assert attempts == [f"http://{host}/{ENTRY.filename}"]
     message = str(caught.value)
-    assert message.startswith(f"cannot download http://{host}/{ENTRY.filename}: cannot reach {host} (")
+    assert message.startswith(f"cannot download {ENTRY.name}: no network ({host} unreachable)")
     assert "--checkpoint FILE" in message and "\n" not in message
+    (detail,) = caught.value.detail
+    assert detail.startswith(f"official: cannot download http://{host}/{ENTRY.filename}: cannot reach {host} (")
     assert not list(tmp_path.iterdir())
 
 

@@ -129,8 +129,8 @@ def fetch(
 
     Raises:
         UsageError: `source` is not one of the entry's.
-        DownloadError: every source failed; one source's own error, or for several a short line naming the
-            model, with each source's full error in `detail`.
+        DownloadError: every source failed; offline or for several sources, a short line naming the model
+            with each source's full error in `detail`, else the one source's own error.
     """
     sources = entry.sources()
     if source is not None:
@@ -153,15 +153,14 @@ def fetch(
         for name, error in failures:
             print(f"note: {name} source failed ({error.reason}); downloaded from {candidate.name}", file=sys.stderr)
         return Download(path, candidate, recorded_sha256(path))
-    if len(failures) == 1:
-        raise failures[0][1]
     raise _every_source_failed(entry, failures, unreachable)
 
 
 def _every_source_failed(
     entry: ZooEntry, failures: list[tuple[str, DownloadError]], unreachable: dict[str, str]
 ) -> DownloadError:
-    """One short line for the user; each source's full error goes into `detail`."""
+    """Offline, or several sources failed: one short line naming the model, each source's full error in
+    `detail`. One source failing otherwise: its own error, which names the URL and what to check."""
     detail = tuple(f"{name}: {error}" for name, error in failures)
     offline = [error.reason for _, error in failures if error.reason in unreachable.values()]
     if len(offline) == len(failures):
@@ -171,6 +170,8 @@ def _every_source_failed(
             "--checkpoint FILE with a local copy (--debug shows each source's failure)",
             detail=detail,
         )
+    if len(failures) == 1:
+        return failures[0][1]
     reasons = "; ".join(f"{name}: {error.reason}" for name, error in failures)
     return DownloadError(
         f"cannot download {entry.name} ({reasons}); pass --checkpoint FILE with a local copy, or --mirror BASE "
