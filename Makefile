@@ -2,28 +2,34 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+DEMO_INSTALL := $(VENV)/.installed-demo
+TEST_INSTALL := $(VENV)/.installed-test
 DEMO := out/demo
 TORCH := torch==2.13.0
 export MOBILENET_FIXTURES ?= $(CURDIR)/.cache/fixtures
 
 .PHONY: install fixtures demo test lint fuzz parity bench clean
 
-install: $(STAMP)
+install: $(TEST_INSTALL)
 
-# torch first, at the version CI tests (pyproject.toml accepts a range, so an existing CPU or CUDA build
-# is kept elsewhere); then the project (editable) with its test extras.
-$(STAMP): pyproject.toml
+# What the demo needs: torch first, at the version CI tests (pyproject.toml accepts a range, so an existing
+# CPU or CUDA build is kept elsewhere); then the project (editable) with the [verify] extra, as the demo verifies.
+$(DEMO_INSTALL): pyproject.toml
 	"$(PYTHON)" -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[verify]'
+	touch $@
+
+# Everything else the tests, lint, fuzzing, parity matrix and benchmarks use: the [test] extras.
+$(TEST_INSTALL): $(DEMO_INSTALL)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $@
 
 fixtures: install
 	$(BIN)/python -m fixtures build --all
 
-demo: install
+demo: $(DEMO_INSTALL)
 	$(BIN)/python -m fixtures build --name mobilenet_v2_1.0_224
 	$(BIN)/convert-mobilenet --depth 1.0 --size 224 --force --verify \
 		--checkpoint "$(MOBILENET_FIXTURES)/mobilenet_v2_1.0_224/mobilenet_v2_1.0_224.tgz" \

@@ -86,7 +86,15 @@ class VerificationError(ConverterError):
 
 
 class DownloadError(ConverterError):
-    """A zoo tarball cannot be fetched (offline, not found, server errors, retries exhausted)."""
+    """A zoo tarball cannot be fetched (offline, not found, server errors, retries exhausted).
+
+    `reason` is the failure in a few words, for a summary over several sources; `detail` holds one full
+    line per source tried, which the CLI shows under --debug."""
+
+    def __init__(self, message: str, *, reason: str | None = None, detail: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.reason = reason or message
+        self.detail = detail
 
 
 class PublishError(ConverterError):

@@ -175,9 +175,9 @@ def test_offline_is_a_clear_error(tmp_path):
     url = f"http://127.0.0.1:{closed_port()}"
     with pytest.raises(DownloadError) as caught:
         fetch(ENTRY, source=OFFICIAL, cache_dir=tmp_path, mirror=url, retry=FAST)
-    message = str(caught.value)
-    assert f"{url}/{ENTRY.filename}" in message and "refused" in message.lower()
-    assert "--mirror" in message and "--checkpoint" in message
+    message, (detail,) = str(caught.value), caught.value.detail
+    assert message.startswith(f"cannot download {ENTRY.name}: no network (") and "--checkpoint FILE" in message
+    assert f"{url}/{ENTRY.filename}" in detail and "refused" in detail.lower() and "--mirror" in detail
     assert _cache_files(tmp_path) == []
 
 

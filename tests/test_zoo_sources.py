@@ -125,11 +125,17 @@ def test_when_every_source_fails_one_error_lists_them_all(server, tmp_path):
     server.status[served_path(OFFICIAL, env)] = 403
     result = run_cli("--depth", "1.0", "--size", "224", "--output", tmp_path / "out", env=env)
     assert result.returncode == 1
-    error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith(f"error: every source of {ENTRY.name} failed")
-    assert all(f"{name}: cannot download" in error for name in (OFFICIAL, TFHUB, TFLITE))
-    assert "HTTP 403" in error and "HTTP 404" in error and "--checkpoint" in error and "--mirror" in error
+    (error,) = result.stderr.strip().splitlines()
+    assert error.startswith(f"error: cannot download {ENTRY.name} ({OFFICIAL}: HTTP 403 Forbidden; ")
+    assert f"{TFHUB}: HTTP 404" in error and f"{TFLITE}: HTTP 404" in error
+    assert "--checkpoint FILE" in error and "--mirror" in error and "--debug" in error
     assert not (tmp_path / "out").exists()
+    # --debug adds each source's full error, naming the URL it asked for
+    result = run_cli("--depth", "1.0", "--size", "224", "--output", tmp_path / "out", "--debug", env=env)
+    details = [line for line in result.stderr.splitlines() if line.startswith("detail: ")]
+    assert len(details) == 3
+    for source, line in zip(ENTRY.sources(), details, strict=True):
+        assert line.startswith(f"detail: {source.name}: cannot download {server.url}/{served_path(source.name, env)}")
 
 
 def test_an_unknown_source_is_a_usage_error(tmp_path):

@@ -59,17 +59,20 @@ def convert_entry(
     size: int | None = None,
     source: str | None = None,
     format: str | None = None,
+    unreachable: dict[str, str] | None = None,
     **convert_kwargs: Any,
 ):
-    """Fetch `entry` through the cache (from `source`, else its first source that works) and convert it,
-    reading the download as `format`, else as its source says (see `ZooSource.format`); returns the
-    `ConversionSummary`."""
+    """Fetch `entry` through the cache (from `source`, else its first source that works; hosts in
+    `unreachable` are skipped, see `fetch`) and convert it, reading the download as `format`, else as its
+    source says (see `ZooSource.format`); returns the `ConversionSummary`."""
     from converter.pipeline.convert import convert_checkpoint
 
     output = Path(output) if output is not None else default_output(entry, output_stride, size)
     check_output(output, force)  # before a download that could take minutes
     mirror = mirror if mirror is not None else (os.environ.get(MIRROR_ENV) or None)
-    fetched = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=progress, source=source)
+    fetched = fetch(
+        entry, cache_dir=cache_dir, mirror=mirror, progress=progress, source=source, unreachable=unreachable
+    )
     download = {
         "zoo_name": entry.name,
         "source": fetched.source.name,
@@ -108,10 +111,12 @@ def convert_all(
 ) -> list[BatchResult]:
     """Convert (and verify, when `verify` is given) every entry into `parent/<name>`, continuing past
     failures. Classifier-only options (`drop_background`, `avg_pool`) skip the DeepLab entries and
-    `output_stride` the classifiers. Results come back in the order of `entries`."""
+    `output_stride` the classifiers. Results come back in the order of `entries`. A host found unreachable
+    is not tried again by the other entries, so that a whole zoo fails fast offline."""
     from tqdm import tqdm
 
     parent.mkdir(parents=True, exist_ok=True)
+    unreachable: dict[str, str] = {}  # shared by the threads: dict updates are atomic
 
     def one(entry: ZooEntry) -> BatchResult:
         started = time.perf_counter()
@@ -130,6 +135,7 @@ def convert_all(
                 force=force,
                 output_stride=output_stride,
                 drop_background=drop_background and not entry.is_deeplab,
+                unreachable=unreachable,
                 **options,
             )
             status = "ok"

@@ -32,6 +32,8 @@ def report_errors(command):
             return command(*args, **kwargs)
         except USER_ERRORS as error:
             if debug:
+                for line in getattr(error, "detail", ()):  # what a one-line summary left out
+                    click.echo(f"detail: {line}", err=True)
                 raise
             click.echo(f"error: {error}", err=True)
             sys.exit(getattr(error, "exit_code", 1))
@@ -47,7 +49,9 @@ def report_errors(command):
             click.echo(f"internal error: {type(error).__name__}: {error} (rerun with --debug)", err=True)
             sys.exit(1)
 
-    with_debug = click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
+    with_debug = click.option(
+        "--debug", is_flag=True, help="Show the full traceback on errors, and each download source's failure."
+    )(wrapper)
     return click.version_option(__version__, "--version", message="%(prog)s %(version)s")(with_debug)
 
 
@@ -370,9 +374,6 @@ def _zoo_verifier(verify: bool = False):
     """What --all runs on each converted folder after converting it (None: nothing)."""
     if not verify:
         return None
-    from converter.verify.reference import import_tensorflow
-
-    import_tensorflow()  # fail once, before converting anything, when TensorFlow is missing
 
     def verifier(folder, tarball):
         from converter.verify import check_parity
@@ -389,6 +390,10 @@ def _check_verify_flags(verify: bool, report_dir, whole_zoo: bool) -> None:
         raise UsageError("--report-dir applies to --verify")
     if report_dir is not None and whole_zoo:
         raise UsageError("--report-dir names one folder; with --all each model's reports go to <model>/parity")
+    if verify:
+        from converter.verify.reference import import_tensorflow
+
+        import_tensorflow()  # fail before downloading or converting anything when TensorFlow is missing
 
 
 def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:

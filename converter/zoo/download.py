@@ -4,7 +4,11 @@ The cache folder is `--cache-dir`, else `$MOBILENET_CONVERT_CACHE`, else
 `$XDG_CACHE_HOME/mobilenet-convert`, else `~/.cache/mobilenet-convert`. A tarball is downloaded into
 `<file>.part` (resumed with an HTTP Range request when one is left from an interrupted run), checked
 against the announced size, renamed into place and given a `<file>.sha256` sidecar (`sha256sum` format).
-A file found in the cache is reused without any network access.
+A file found in the cache, from any of a model's sources, is reused before any network access.
+
+Server trouble (a 5xx answer, a broken connection, a timeout) is retried. A host that cannot be reached
+at all (no DNS answer, connection refused, no route) is not: retrying cannot help offline, so the source
+fails at once, and the host is remembered so that later downloads of the same run skip it.
 
 `--mirror BASE` (or `$MOBILENET_CONVERT_MIRROR`) replaces the official location: `BASE/<file name>`,
 where BASE is an http(s) URL, a `file://` URL or a local folder (air-gapped sites).
@@ -12,10 +16,12 @@ where BASE is an http(s) URL, a `file://` URL or a local folder (air-gapped site
 
 from __future__ import annotations
 
+import errno
 import http.client
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +45,7 @@ SHA256_SUFFIX = ".sha256"
 _CHUNK = 1 << 16
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _RETRIED_STATUS = (408, 429)  # and every 5xx
+_UNREACHABLE_ERRNOS = (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH)
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,10 @@ class RetryPolicy:
 
 class _Transient(Exception):
     """A failure worth another attempt (connection trouble, a short body, a 5xx answer)."""
+
+
+class _Unreachable(Exception):
+    """The host cannot be reached at all (no DNS answer, connection refused, no route): not worth retrying."""
 
 
 def default_cache_dir() -> Path:
@@ -109,13 +120,17 @@ def fetch(
     *,
     source: str | None = None,
     retry: RetryPolicy | None = None,
+    unreachable: dict[str, str] | None = None,
 ) -> Download:
-    """`entry`'s download in the cache, fetched first if it is not there: from each of its sources in
-    turn (or only from `source`), moving on with a one-line note on stderr when one fails.
+    """`entry`'s download in the cache: the first of its sources (or only `source`) already there, else
+    fetched from each source in turn until one works, with a one-line note on stderr for each that failed
+    before it. `unreachable` (host -> why) remembers the hosts found unreachable; pass one dict to every
+    call of a run so that each host is tried once.
 
     Raises:
         UsageError: `source` is not one of the entry's.
-        DownloadError: every source failed; the message lists what was tried and how each failed.
+        DownloadError: every source failed; offline or for several sources, a short line naming the model
+            with each source's full error in `detail`, else the one source's own error.
     """
     sources = entry.sources()
     if source is not None:
@@ -123,22 +138,45 @@ def fetch(
         if source not in names:
             raise UsageError(f"{entry.name} has no source {source!r}; its sources: {', '.join(names)}")
         sources = [candidate for candidate in sources if candidate.name == source]
+    for candidate in sources:  # a checked download in the cache beats any network source
+        path = cached_path(candidate, cache_dir)
+        if path.is_file() and _reusable(path, candidate):
+            return Download(path, candidate, recorded_sha256(path))
+    unreachable = {} if unreachable is None else unreachable
     failures: list[tuple[str, DownloadError]] = []
     for candidate in sources:
         try:
-            path = fetch_source(candidate, cache_dir, mirror, progress, retry=retry)
+            path = fetch_source(candidate, cache_dir, mirror, progress, retry=retry, unreachable=unreachable)
         except DownloadError as error:
             failures.append((candidate.name, error))
-            if candidate is not sources[-1]:
-                print(f"note: {candidate.name} source failed, trying the next: {error}", file=sys.stderr)
             continue
+        for name, error in failures:
+            print(f"note: {name} source failed ({error.reason}); downloaded from {candidate.name}", file=sys.stderr)
         return Download(path, candidate, recorded_sha256(path))
+    raise _every_source_failed(entry, failures, unreachable)
+
+
+def _every_source_failed(
+    entry: ZooEntry, failures: list[tuple[str, DownloadError]], unreachable: dict[str, str]
+) -> DownloadError:
+    """Offline, or several sources failed: one short line naming the model, each source's full error in
+    `detail`. One source failing otherwise: its own error, which names the URL and what to check."""
+    detail = tuple(f"{name}: {error}" for name, error in failures)
+    offline = [error.reason for _, error in failures if error.reason in unreachable.values()]
+    if len(offline) == len(failures):
+        hosts = ", ".join(sorted({host for host, why in unreachable.items() if why in offline}))
+        return DownloadError(
+            f"cannot download {entry.name}: no network ({hosts} unreachable); to convert offline, pass "
+            "--checkpoint FILE with a local copy (--debug shows each source's failure)",
+            detail=detail,
+        )
     if len(failures) == 1:
-        raise failures[0][1]
-    tried = "; ".join(f"{name}: {error}" for name, error in failures)
-    raise DownloadError(
-        f"every source of {entry.name} failed ({tried}); pass --checkpoint with a local copy, or "
-        "--mirror BASE (a server or folder holding one of those files)"
+        return failures[0][1]
+    reasons = "; ".join(f"{name}: {error.reason}" for name, error in failures)
+    return DownloadError(
+        f"cannot download {entry.name} ({reasons}); pass --checkpoint FILE with a local copy, or --mirror BASE "
+        "(a server or folder holding one of its files); --debug shows each URL",
+        detail=detail,
     )
 
 
@@ -149,8 +187,10 @@ def fetch_source(
     progress: bool = True,
     *,
     retry: RetryPolicy | None = None,
+    unreachable: dict[str, str] | None = None,
 ) -> Path:
     """Return the path of one source's download in the cache, downloading it first if it is not there.
+    A host in `unreachable` (host -> why) is not contacted; one found unreachable is added to it.
 
     Raises:
         DownloadError: offline, not found, server errors or retries exhausted, a size or checksum that
@@ -164,7 +204,8 @@ def fetch_source(
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DownloadError(
-            f"cannot create the cache folder {target.parent} ({error.strerror}); choose another with --cache-dir"
+            f"cannot create the cache folder {target.parent} ({error.strerror}); choose another with --cache-dir",
+            reason=f"cannot create the cache folder ({error.strerror})",
         ) from None
     part = Path(f"{target}{PART_SUFFIX}")
     location = source_location(source, mirror)
@@ -172,19 +213,24 @@ def fetch_source(
         _copy_local(location, part, mirror)
         where = str(location)
     else:
-        _download(location, part, source, retry or RetryPolicy.from_env(), progress)
+        policy = retry or RetryPolicy.from_env()
+        _download(location, part, source, policy, progress, {} if unreachable is None else unreachable)
         where = location
     digest = file_sha256(part)
     if source.sha256 and digest != source.sha256:
         part.unlink(missing_ok=True)
         raise DownloadError(
             f"{where} has sha256 {digest}, but the zoo table says {source.sha256}: the file is not the "
-            "published one; pass --checkpoint with a trusted copy"
+            "published one; pass --checkpoint with a trusted copy",
+            reason="not the published file (its sha256 differs from the zoo table's)",
         )
     if source.bytes is not None and part.stat().st_size != source.bytes:
         size = part.stat().st_size
         part.unlink(missing_ok=True)
-        raise DownloadError(f"{where} is {size} bytes, but the zoo table says {source.bytes}; try again or --mirror")
+        raise DownloadError(
+            f"{where} is {size} bytes, but the zoo table says {source.bytes}; try again or --mirror",
+            reason=f"{size} bytes, not the zoo table's {source.bytes}",
+        )
     os.replace(part, target)
     _write_sidecar(target, digest)
     return target
@@ -198,7 +244,10 @@ def source_location(source: ZooSource, mirror: str | None) -> str | Path:
         return f"{mirror.rstrip('/')}/{source.filename}"
     folder = Path(unquote(urlsplit(mirror).path)) if mirror.startswith("file://") else Path(mirror).expanduser()
     if not folder.is_dir():
-        raise DownloadError(f"the mirror {mirror} is neither an http(s) URL nor an existing folder")
+        raise DownloadError(
+            f"the mirror {mirror} is neither an http(s) URL nor an existing folder",
+            reason="the mirror is not a folder",
+        )
     return folder / source.filename
 
 
@@ -221,18 +270,26 @@ def _reusable(target: Path, source: ZooSource) -> bool:
 def _copy_local(source: Path, part: Path, mirror: str) -> None:
     if not source.is_file():
         raise DownloadError(
-            f"{source.name} is not in the mirror {mirror}; put it there or pass --checkpoint with a local copy"
+            f"{source.name} is not in the mirror {mirror}; put it there or pass --checkpoint with a local copy",
+            reason=f"{source.name} is not in the mirror",
         )
     try:
         shutil.copyfile(source, part)
     except OSError as error:
         part.unlink(missing_ok=True)
-        raise DownloadError(f"cannot copy {source} into the cache ({error.strerror})") from None
+        raise DownloadError(
+            f"cannot copy {source} into the cache ({error.strerror})", reason=f"cannot copy ({error.strerror})"
+        ) from None
 
 
-def _download(url: str, part: Path, source: ZooSource, policy: RetryPolicy, progress: bool) -> None:
+def _download(
+    url: str, part: Path, source: ZooSource, policy: RetryPolicy, progress: bool, unreachable: dict[str, str]
+) -> None:
+    host = urlsplit(url).netloc
     last = "no attempt made"
     for attempt in range(policy.attempts):
+        if host in unreachable:
+            break
         if attempt:
             time.sleep(policy.delay(attempt - 1))
         try:
@@ -240,9 +297,18 @@ def _download(url: str, part: Path, source: ZooSource, policy: RetryPolicy, prog
             return
         except _Transient as error:
             last = str(error)
+        except _Unreachable as error:
+            unreachable.setdefault(host, f"cannot reach {host} ({error})")
+    if host in unreachable:
+        raise DownloadError(
+            f"cannot download {url}: {unreachable[host]}; to convert offline, pass --checkpoint FILE with a local "
+            f"copy, or --mirror BASE (a server or folder holding {source.filename})",
+            reason=unreachable[host],
+        )
     raise DownloadError(
         f"cannot download {url}: {last} (gave up after {policy.attempts} attempts); check the network, "
-        f"or pass --mirror BASE (a server or folder holding {source.filename}) or --checkpoint with a local copy"
+        f"or pass --mirror BASE (a server or folder holding {source.filename}) or --checkpoint with a local copy",
+        reason=f"{last} (after {policy.attempts} attempts)",
     )
 
 
@@ -262,12 +328,13 @@ def _attempt(url: str, part: Path, source: ZooSource, policy: RetryPolicy, progr
             raise _Transient(f"HTTP {error.code} {error.reason}") from None
         hint = "check --depth/--size/--mirror" if error.code == 404 else "check the URL or --mirror"
         raise DownloadError(
-            f"cannot download {url}: HTTP {error.code} {error.reason}; {hint}, or pass --checkpoint with a local copy"
+            f"cannot download {url}: HTTP {error.code} {error.reason}; {hint}, or pass --checkpoint with a local copy",
+            reason=f"HTTP {error.code} {error.reason}",
         ) from None
     except URLError as error:
-        raise _Transient(_reason(error.reason)) from None
+        raise _failure(error.reason) from None
     except (OSError, http.client.HTTPException) as error:
-        raise _Transient(_reason(error)) from None
+        raise _failure(error) from None
 
     with response:
         total = _announced_total(response)
@@ -285,7 +352,8 @@ def _attempt(url: str, part: Path, source: ZooSource, policy: RetryPolicy, progr
         if source.bytes is not None and total is not None and total != source.bytes:
             raise DownloadError(
                 f"{url} is {total} bytes, but the zoo table says {source.bytes}: not the published file; "
-                "check --mirror or pass --checkpoint"
+                "check --mirror or pass --checkpoint",
+                reason=f"{total} bytes, not the zoo table's {source.bytes}",
             )
         expected = total if total is not None else source.bytes
         _receive(response, part, mode, offset, expected, source.filename, progress)
@@ -335,6 +403,13 @@ def _announced_total(response) -> int | None:
 def _range_start(response) -> int | None:
     match = _CONTENT_RANGE.fullmatch((response.headers.get("Content-Range") or "").strip())
     return int(match[1]) if match else None
+
+
+def _failure(error) -> Exception:
+    """A connection that could not be opened: unreachable (final) or transient (worth retrying)."""
+    if isinstance(error, socket.gaierror) or getattr(error, "errno", None) in _UNREACHABLE_ERRNOS:
+        return _Unreachable(_reason(error))
+    return _Transient(_reason(error))
 
 
 def _reason(error) -> str:
