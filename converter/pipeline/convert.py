@@ -21,8 +21,8 @@ from converter.output.records import ConversionRecord
 from converter.output.writer import check_output, staged_output, write_model_folder
 from converter.pipeline.conventions import WeightsPlan, plan_weights
 from converter.pipeline.fake_quantization import fake_quantization_files
-from converter.pipeline.table import apply_rules, rules_for
-from converter.pipeline.variants import SIZE_ASSUMED, Variant, detect_variant, expected_shapes
+from converter.pipeline.table import apply_rules
+from converter.slim import SIZE_ASSUMED, Variant, detect_variant, expected_shapes, rules_for
 from converter.vocabulary import CLASSIFICATION, DEEPLAB
 from mobilenet_torch.architecture import PLACEHOLDER_PREFIX, placeholder_arrays
 
