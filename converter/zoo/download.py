@@ -26,7 +26,7 @@ from urllib.request import Request, urlopen
 
 from converter import __version__
 from converter.errors import DownloadError, UsageError
-from converter.formats.files import file_sha256
+from converter.hashing import file_sha256
 from converter.zoo.table import ZooEntry, ZooSource
 
 CACHE_ENV = "MOBILENET_CONVERT_CACHE"
