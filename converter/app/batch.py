@@ -18,7 +18,7 @@ from converter.output import layout
 from converter.output.records import ParityRecord
 from converter.output.writer import check_output
 from converter.zoo.download import MIRROR_ENV, fetch
-from converter.zoo.table import ZooEntry
+from converter.zoo_catalog import ZooEntry
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

@@ -15,7 +15,7 @@ import click
 from converter import __version__
 from converter.verify import REFERENCE_KINDS
 from converter.vocabulary import CONVENTIONS
-from converter.zoo.table import MODELS as ZOO_MODELS
+from converter.zoo_catalog import MODELS as ZOO_MODELS
 
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, the status of a program the signal ends
 

@@ -27,7 +27,7 @@ from urllib.request import Request, urlopen
 from converter import __version__
 from converter.errors import DownloadError, UsageError
 from converter.hashing import file_sha256
-from converter.zoo.table import ZooEntry, ZooSource
+from converter.zoo_catalog import ZooEntry, ZooSource
 
 CACHE_ENV = "MOBILENET_CONVERT_CACHE"
 MIRROR_ENV = "MOBILENET_CONVERT_MIRROR"
