@@ -12,8 +12,8 @@ import sys
 
 import click
 
-from converter import __version__
 from converter.verify import REFERENCE_KINDS
+from converter.version import __version__
 from converter.vocabulary import CONVENTIONS
 from converter.zoo_catalog import MODELS as ZOO_MODELS
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from converter import __version__
 from converter.errors import NonFiniteWeightsError, UsageError
 from converter.formats import Reader, open_reader
 from converter.output.records import ConversionRecord
@@ -23,6 +22,7 @@ from converter.pipeline.conventions import WeightsPlan, plan_weights
 from converter.pipeline.fake_quantization import fake_quantization_files
 from converter.pipeline.table import apply_rules
 from converter.slim import SIZE_ASSUMED, Variant, detect_variant, expected_shapes, rules_for
+from converter.version import __version__
 from converter.vocabulary import CLASSIFICATION, DEEPLAB
 from mobilenet_torch.architecture import PLACEHOLDER_PREFIX, placeholder_arrays
 
