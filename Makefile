@@ -46,6 +46,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # Convert and verify every fixture zoo model against its original TF graph; reports in reports/.
 parity: install

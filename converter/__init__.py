@@ -4,7 +4,8 @@
 does not pay for importing torch.
 """
 
-__version__ = "0.1.0"
+from converter.version import __version__
+
 __all__ = ["__version__", "convert_checkpoint"]
 
 

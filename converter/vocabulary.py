@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
-# Model kinds: what a source holds, and the model class a converted folder is loaded with.
+# Model kinds: what a source holds.
 CLASSIFICATION = "classification"  # slim ImageNet classifier (or a fine-tuned one)
 DEEPLAB = "deeplab"  # DeepLab v3 on MobileNetV2 (PASCAL VOC)
 BACKBONE = "backbone"  # the backbone alone (Keras include_top=False, ..._no_top files)
 KINDS = (CLASSIFICATION, DEEPLAB, BACKBONE)
-ARCHITECTURES = {
+# The model class a converted folder of each kind is loaded with (config.json's `architectures`).
+ARCHITECTURE_OF_KIND = {
     CLASSIFICATION: "MobileNetV2ForImageClassification",
     DEEPLAB: "MobileNetV2ForSemanticSegmentation",
     BACKBONE: "MobileNetV2Model",
@@ -23,7 +24,7 @@ CONVENTIONS = (EMA, RAW, EMA_ALL)
 
 def kind_of_architecture(architectures: list[str] | None) -> str:
     """The kind of a converted folder, from `config.json`'s `architectures`."""
-    for kind, name in ARCHITECTURES.items():
+    for kind, name in ARCHITECTURE_OF_KIND.items():
         if architectures and name in architectures:
             return kind
     return CLASSIFICATION

@@ -2,7 +2,7 @@
 
 The TFLite files in ../shared/realdata are uint8 per-tensor quantized, with BatchNorm folded into
 each conv's weights and bias and ReLU6 fused. Every conv op is matched to a slim scope from the
-converter's own table (`converter.pipeline.table.conv_layers`) by the scope names kept in its weight
+converter's own table (`converter.slim.conv_layers`) by the scope names kept in its weight
 tensor's name, so a wrong row in that table or a layer our model lacks fails loudly here. The
 weights are dequantized (real = scale * (q - zero_point)) and written into the fused model.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converter.pipeline.table import HEADS, conv_layers
+from converter.slim import HEADS, conv_layers
 from mobilenet_torch.layers import ConvLayer
 from tests.helpers import SHARED
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from converter.output.card import render_card, write_model_card
+from converter.output.records import ConversionRecord
 
 NAME = "mobilenet_v2_0.35_96"
 
@@ -19,6 +20,11 @@ NAME = "mobilenet_v2_0.35_96"
 def _front_matter(text: str) -> str:
     assert text.startswith("---\n")
     return text[4 : text.index("\n---\n", 4) + 1]
+
+
+def card_of(conversion: dict, config: dict) -> str:
+    """The card of a conversion record given as `conversion.json` holds it."""
+    return render_card(ConversionRecord.from_json(conversion), config)
 
 
 def _python_blocks(text: str) -> list[str]:
@@ -68,14 +74,14 @@ def test_deeplab_card(segmenter_folder: Path):
 def test_trainval_and_drop_background_notes(segmenter_folder: Path, classifier_folder: Path):
     conversion = json.loads((segmenter_folder / "conversion.json").read_text())
     conversion["source"]["name"] = "deeplabv3_mnv2_pascal_trainval_2018_01_29.tar.gz"
-    text = render_card(conversion, json.loads((segmenter_folder / "config.json").read_text()))
+    text = card_of(conversion, json.loads((segmenter_folder / "config.json").read_text()))
     assert "train + val" in text and "do not evaluate it on VOC val" in text
 
     conversion = json.loads((classifier_folder / "conversion.json").read_text())
     conversion["drop_background"] = True
     config = json.loads((classifier_folder / "config.json").read_text())
     config["id2label"] = {str(i): f"c{i}" for i in range(1000)}
-    assert "1000: the ImageNet classes (the background class was dropped)" in render_card(conversion, config)
+    assert "1000: the ImageNet classes (the background class was dropped)" in card_of(conversion, config)
 
 
 def test_a_fixture_with_a_zoo_name_gets_no_published_accuracy(classifier_folder: Path):
@@ -95,37 +101,37 @@ def _zoo_conversion(classifier_folder: Path, **download) -> dict:
 
 
 def test_published_accuracy_only_for_a_file_known_to_be_the_zoos(classifier_folder: Path, monkeypatch):
-    from converter.zoo import table as zoo
+    from converter import zoo_catalog as zoo
 
     entry = zoo.find(NAME)
     figure = "ImageNet top-1 **45.5%** at 96x96: the published figure of the original `mobilenet_v2_0.35_96.tgz`"
     config = json.loads((classifier_folder / "config.json").read_text())
     # Downloaded under its zoo name from the zoo's own URL: known by name.
-    assert figure in render_card(_zoo_conversion(classifier_folder, url=entry.url), config)
+    assert figure in card_of(_zoo_conversion(classifier_folder, url=entry.url), config)
     # Through a mirror, or from another URL, the bytes may be anything.
     mirrored = _zoo_conversion(classifier_folder, url=entry.url, mirror="http://127.0.0.1:1")
-    assert "%" not in render_card(mirrored, config).split("## Published accuracy")[1].split("##")[0]
-    assert figure not in render_card(_zoo_conversion(classifier_folder, url="https://example.com/x.tgz"), config)
+    assert "%" not in card_of(mirrored, config).split("## Published accuracy")[1].split("##")[0]
+    assert figure not in card_of(_zoo_conversion(classifier_folder, url="https://example.com/x.tgz"), config)
     # A renamed checkpoint, or a local file with a zoo-like name: nothing known.
     conversion = json.loads((classifier_folder / "conversion.json").read_text())
-    assert figure not in render_card(conversion, config)
+    assert figure not in card_of(conversion, config)
     conversion["source"]["name"] = "my_model.ckpt"
-    assert figure not in render_card(conversion, config)
+    assert figure not in card_of(conversion, config)
     # Known by sha256 where the zoo table records it, whatever the file is called.
     digest = conversion["source"]["files"][0]["sha256"]
     known = tuple(replace(e, sha256=digest) if e.name == NAME else e for e in zoo.entries())
     monkeypatch.setattr(zoo, "entries", lambda: known)
-    assert figure in render_card(conversion, config)
+    assert figure in card_of(conversion, config)
 
 
 def test_a_known_file_without_a_published_figure_says_so(classifier_folder: Path):
-    from converter.zoo import table as zoo
+    from converter import zoo_catalog as zoo
 
     entry = zoo.find("mobilenet_v2_1.0_160")
     conversion = _zoo_conversion(classifier_folder, url=entry.url)
     conversion["download"]["zoo_name"] = entry.name
     conversion["variant"].update(depth=1.0, size=160)
-    text = render_card(conversion, {})
+    text = card_of(conversion, {})
     assert "The authors publish no top-1 figure for the original `mobilenet_v2_1.0_160.tgz`." in text
     assert "%" not in text.split("## Published accuracy")[1].split("##")[0]
     assert "3.47 M parameters" in text and "multiply-adds" not in text

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from converter import zoo_catalog
 from converter.app.cli import convert_main
 from converter.zoo import download
 from converter.zoo import table as zoo
@@ -27,7 +28,7 @@ FAST = RetryPolicy(attempts=3, base_delay=0.01, timeout=10)
 FAST_ENV = {download.ATTEMPTS_ENV: "3", download.RETRY_DELAY_ENV: "0.01", download.TIMEOUT_ENV: "10"}
 NAME = "mobilenet_v2_0.35_96"
 ENTRY = zoo.lookup("mobilenet_v2", 0.35, 96)
-OFFICIAL = zoo.OFFICIAL_SOURCE
+OFFICIAL = zoo_catalog.OFFICIAL_SOURCE
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes: enough for several read chunks
 
 

@@ -12,7 +12,7 @@ import torch
 
 from converter import convert_checkpoint
 from converter.output.records import ConversionRecord
-from converter.pipeline.variants import class_names
+from converter.slim import class_names
 from converter.vocabulary import CLASSIFICATION
 from fixtures.keras_builder import ALPHAS, FINE_TUNED_ALPHA, FINE_TUNED_CLASSES, IMAGENET_KINDS, ensure_keras_fixture
 from mobilenet_torch import MobileNetV2ForImageClassification, MobileNetV2Model

@@ -9,6 +9,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
+from converter import zoo_catalog
 from converter.app.cli import convert_main
 from converter.errors import UsageError
 from converter.output import layout
@@ -33,7 +34,7 @@ def test_deeplab_tarballs_match_the_fixture_archive_names():
     entries = zoo.select("deeplabv3")
     assert {(e.depth, e.trainval) for e in entries} == {(1.0, False), (0.5, False), (1.0, True), (0.5, True)}
     for variant in ZOO_DEEPLAB:
-        entry = zoo.find(variant.tarball_name)
+        entry = zoo_catalog.find(variant.tarball_name)
         assert entry is not None and entry.name == variant.name and entry.depth == variant.depth
     for e in entries:
         assert re.fullmatch(
@@ -131,13 +132,13 @@ def test_quantized_entries_and_where_they_live():
             assert (source.bytes, source.sha256) == (real.stat().st_size, hashlib.sha256(real.read_bytes()).hexdigest())
         else:
             assert source.bytes and re.fullmatch(r"[0-9a-f]{64}", source.sha256)
-    assert zoo.published_for("classification", 1.0, 224).name == "mobilenet_v2_1.0_224"
+    assert zoo_catalog.published_for("classification", 1.0, 224).name == "mobilenet_v2_1.0_224"
 
 
 def test_published_for_a_converted_variant():
-    assert zoo.published_for("classification", 1.4, 224).top1 == 75.0
-    assert zoo.published_for("classification", 1.0, 300) is None
-    assert zoo.published_for("deeplab", 0.5, 513).name == "deeplabv3_mnv2_dm05_pascal_trainaug"
+    assert zoo_catalog.published_for("classification", 1.4, 224).top1 == 75.0
+    assert zoo_catalog.published_for("classification", 1.0, 300) is None
+    assert zoo_catalog.published_for("deeplab", 0.5, 513).name == "deeplabv3_mnv2_dm05_pascal_trainaug"
 
 
 def test_all_quantized_converts_the_quantized_models_from_a_mirror_of_their_files(tmp_path):

@@ -20,7 +20,8 @@ tf = pytest.importorskip("tensorflow")  # the SavedModel source is written by Te
 import torch  # noqa: E402
 
 from converter.zoo import download  # noqa: E402
-from converter.zoo.table import entries, lookup, source_base_env  # noqa: E402
+from converter.zoo.table import lookup  # noqa: E402
+from converter.zoo_catalog import entries, source_base_env  # noqa: E402
 from fixtures.cache import ensure_fixture  # noqa: E402
 from fixtures.qat_builder import hosted_quant_archive  # noqa: E402
 from fixtures.savedmodel_builder import kaggle_archive, run_saved_model, write_saved_model  # noqa: E402

@@ -9,16 +9,19 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from converter.errors import USER_ERRORS
 from converter.output import layout
 from converter.output.records import ParityRecord
 from converter.output.writer import check_output
 from converter.zoo.download import MIRROR_ENV, fetch
-from converter.zoo.table import ZooEntry
+from converter.zoo_catalog import ZooEntry
+
+if TYPE_CHECKING:  # the pipeline is imported when a conversion runs, not when the command line starts
+    from converter.pipeline.convert import ConversionOptions
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -49,26 +52,23 @@ def default_output(entry: ZooEntry, output_stride: int | None = None, size: int 
 
 def convert_entry(
     entry: ZooEntry,
-    output: Path | None = None,
+    output: Path | None,
+    options: ConversionOptions,
     *,
     cache_dir: str | None = None,
     mirror: str | None = None,
     progress: bool = True,
-    force: bool = False,
-    output_stride: int | None = None,
-    size: int | None = None,
     source: str | None = None,
-    format: str | None = None,
     unreachable: dict[str, str] | None = None,
-    **convert_kwargs: Any,
 ):
     """Fetch `entry` through the cache (from `source`, else its first source that works; hosts in
-    `unreachable` are skipped, see `fetch`) and convert it, reading the download as `format`, else as its
-    source says (see `ZooSource.format`); returns the `ConversionSummary`."""
+    `unreachable` are skipped, see `fetch`) and convert it, reading the download as `options.format`, else
+    as its source says (see `ZooSource.format`); the entry fixes depth and a classifier's size, and a
+    DeepLab entry alone takes `options.output_stride`. Returns the `ConversionSummary`."""
     from converter.pipeline.convert import convert_checkpoint
 
-    output = Path(output) if output is not None else default_output(entry, output_stride, size)
-    check_output(output, force)  # before a download that could take minutes
+    output = Path(output) if output is not None else default_output(entry, options.output_stride, options.size)
+    check_output(output, options.force)  # before a download that could take minutes
     mirror = mirror if mirror is not None else (os.environ.get(MIRROR_ENV) or None)
     fetched = fetch(
         entry, cache_dir=cache_dir, mirror=mirror, progress=progress, source=source, unreachable=unreachable
@@ -84,30 +84,28 @@ def convert_entry(
     return convert_checkpoint(
         fetched.path,
         output,
-        format=format or fetched.source.format,
-        depth=entry.depth,
-        size=size if entry.is_deeplab else entry.size,
-        output_stride=output_stride if entry.is_deeplab else None,
-        force=force,
+        replace(
+            options,
+            format=options.format or fetched.source.format,
+            depth=entry.depth,
+            size=options.size if entry.is_deeplab else entry.size,
+            output_stride=options.output_stride if entry.is_deeplab else None,
+        ),
         download=download,
-        **convert_kwargs,
     )
 
 
 def convert_all(
     entries: Sequence[ZooEntry],
     parent: Path,
+    options: ConversionOptions,
     *,
     jobs: int = 1,
     verify: Verifier | None = None,
     cache_dir: str | None = None,
     mirror: str | None = None,
     source: str | None = None,
-    force: bool = False,
-    output_stride: int | None = None,
-    drop_background: bool = False,
     progress: bool = True,
-    **convert_kwargs: Any,
 ) -> list[BatchResult]:
     """Convert (and verify, when `verify` is given) every entry into `parent/<name>`, continuing past
     failures. Classifier-only options (`drop_background`, `avg_pool`) skip the DeepLab entries and
@@ -120,23 +118,19 @@ def convert_all(
 
     def one(entry: ZooEntry) -> BatchResult:
         started = time.perf_counter()
-        output = parent / default_output(entry, output_stride)
-        options = dict(convert_kwargs)
-        if entry.is_deeplab:  # classifier-only options apply to the classifiers of the batch
-            options.pop("avg_pool", None)
+        output = parent / default_output(entry, options.output_stride)
+        # Classifier-only options apply to the classifiers of the batch.
+        chosen = replace(options, avg_pool="global", drop_background=False) if entry.is_deeplab else options
         try:
             summary = convert_entry(
                 entry,
                 output,
+                chosen,
                 cache_dir=cache_dir,
                 mirror=mirror,
                 source=source,
                 progress=False,
-                force=force,
-                output_stride=output_stride,
-                drop_background=drop_background and not entry.is_deeplab,
                 unreachable=unreachable,
-                **options,
             )
             status = "ok"
             if verify is not None:

@@ -12,10 +12,10 @@ import sys
 
 import click
 
-from converter import __version__
 from converter.verify import REFERENCE_KINDS
+from converter.version import __version__
 from converter.vocabulary import CONVENTIONS
-from converter.zoo.table import MODELS as ZOO_MODELS
+from converter.zoo_catalog import MODELS as ZOO_MODELS
 
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, the status of a program the signal ends
 
@@ -234,9 +234,12 @@ def convert_main(
     Without --checkpoint, downloads (and caches) the zoo tarball named by --model, --depth and --size;
     with --all, converts the whole zoo.
     """
-    from converter.pipeline.convert import convert_checkpoint
+    from converter.pipeline.convert import ConversionOptions, convert_checkpoint
 
-    options = dict(
+    options = ConversionOptions(
+        format=source_format,
+        depth=depth,
+        size=size,
         weights=weights,
         output_stride=int(output_stride) if output_stride else None,
         drop_background=drop_background,
@@ -262,30 +265,20 @@ def convert_main(
 
         check_hub_ready()  # before any download or conversion
     if whole_zoo:
-        sys.exit(_convert_whole_zoo(output, depth, size, jobs, zoo_options, options, verify))
+        sys.exit(_convert_whole_zoo(output, jobs, zoo_options, options, verify))
     if source is None:
         from converter.app.batch import convert_entry
         from converter.zoo.table import lookup
 
         model = model or "mobilenet_v2"
         entry = lookup(model, depth, size if model == "mobilenet_v2" else None, trainval, quantized)
-        size = size if entry.is_deeplab else None
-        summary = convert_entry(
-            entry,
-            output,
-            cache_dir=cache_dir,
-            mirror=mirror,
-            size=size,
-            source=zoo_source,
-            format=source_format,
-            **options,
-        )
+        summary = convert_entry(entry, output, options, cache_dir=cache_dir, mirror=mirror, source=zoo_source)
         if verify:
             from converter.zoo.download import fetch
 
             source = fetch(entry, cache_dir=cache_dir, mirror=mirror, progress=False, source=zoo_source).path
     else:
-        summary = convert_checkpoint(source, output, format=source_format, depth=depth, size=size, **options)
+        summary = convert_checkpoint(source, output, options)
     click.echo(
         f"converted {summary.variant.name} ({summary.weights} weights, {summary.mapped} tensors mapped, "
         f"{summary.ignored} ignored by rule) -> {summary.output} in {summary.seconds:.2f} s"
@@ -343,7 +336,7 @@ def _check_onnx_ready(whole_zoo: bool) -> None:
         raise UsageError(f"--onnx needs {' and '.join(missing)}: pip install onnx onnxscript")
 
 
-def _convert_whole_zoo(output, depth, size, jobs, zoo_options, options, verify=False) -> int:
+def _convert_whole_zoo(output, jobs, zoo_options, options, verify=False) -> int:
     """--all: convert every matching zoo entry and print the summary table; returns the exit code."""
     from pathlib import Path
 
@@ -353,18 +346,18 @@ def _convert_whole_zoo(output, depth, size, jobs, zoo_options, options, verify=F
 
     trainval = zoo_options["trainval"]
     model = zoo_options["model"] or ("deeplabv3" if trainval else None)
-    entries = select(model, depth, size, True if trainval else None, zoo_options["quantized"])
+    entries = select(model, options.depth, options.size, True if trainval else None, zoo_options["quantized"])
     if not entries:
         raise UsageError("no zoo model matches --model/--depth/--size/--trainval/--quantized")
     results = convert_all(
         entries,
         Path(output or "."),
+        options,
         jobs=jobs,
         verify=_zoo_verifier(verify),
         cache_dir=zoo_options["cache_dir"],
         mirror=zoo_options["mirror"],
         source=zoo_options["source"],
-        **options,
     )
     click.echo(summary_table(results))
     return 1 if any(result.failed for result in results) else 0

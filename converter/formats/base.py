@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from converter.formats.files import file_sha256
+from converter.hashing import file_sha256
 
 
 @dataclass(frozen=True)

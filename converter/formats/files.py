@@ -10,7 +10,6 @@ extraction filter guards the extraction itself.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import re
 import shutil
@@ -335,12 +334,3 @@ def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
         raise UnsafeArchiveError(f"{archive}: member {name!r} would escape the extraction folder; refused")
     if member.size < 0:
         raise SourceError(f"{archive}: member {name!r} declares a negative size (corrupted archive?)")
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (provenance of sources and downloads)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -40,7 +40,7 @@ import numpy as np
 
 from converter.errors import KerasFileError, KerasHeadError
 from converter.formats.base import Hints, Reader, References
-from converter.pipeline.table import HEADS, LAYER_PARAMS, NUM_BLOCKS
+from converter.slim import HEADS, LAYER_PARAMS, NUM_BLOCKS, class_names
 from converter.vocabulary import CLASSIFICATION
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -704,8 +704,6 @@ def _slim_tensors(backbone: list[Layer], head: Layer | None) -> dict[str, tuple[
 
 
 def _labels(count: int, configured: list[str] | None) -> tuple[str, ...]:
-    from converter.pipeline.variants import class_names
-
     if configured is not None and len(configured) == count:
         return tuple(configured)
     imagenet = class_names(CLASSIFICATION, 1001)

@@ -37,8 +37,8 @@ import numpy as np
 from converter.errors import MappingError, TFLiteFormatError
 from converter.formats.base import Hints, Reader, References
 from converter.formats.tflite_schema import Model, Operator, Tensor, has_identifier, parse_model
-from converter.pipeline.table import CLASSIFICATION, DEEPLAB, HEADS, NUM_BLOCKS, conv_layers
-from converter.pipeline.variants import detect_variant
+from converter.slim import HEADS, NUM_BLOCKS, conv_layers, detect_variant
+from converter.vocabulary import CLASSIFICATION, DEEPLAB
 from mobilenet_torch.architecture import block_channels, block_schedule
 from mobilenet_torch.quantized_files import INTEGER_WEIGHTS_FILE, QUANTIZATION_FILE, QUANTIZATION_FORMAT
 

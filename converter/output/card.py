@@ -8,9 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from converter import zoo_catalog
 from converter.output import layout
 from converter.output.records import ConversionRecord, ParityRecord
-from converter.zoo import table as zoo
+
+# What a card says where the folder holds no conversion record of this toolkit.
+UNRECORDED = ConversionRecord(toolkit="", source={}, variant={}, weights="?")
 
 WEIGHT_MEANINGS = {
     "ema": "trainable variables restored from their exponential moving averages, BatchNorm moving "
@@ -24,26 +27,27 @@ def write_model_card(folder: Path) -> None:
     """Render `folder/README.md` from the folder's `conversion.json`, `config.json` and parity report."""
     folder = Path(folder)
     record = ConversionRecord.read(folder)
-    conversion = record.to_json() if record else {}
     config = _read_json(folder / "config.json") or {}
     parity = ParityRecord.read(folder / layout.PARITY_FOLDER)
-    (folder / layout.CARD).write_text(render_card(conversion, config, parity))
+    (folder / layout.CARD).write_text(render_card(record, config, parity))
 
 
-def render_card(conversion: dict[str, Any], config: dict[str, Any], parity: ParityRecord | None = None) -> str:
-    variant = conversion.get("variant") or {}
+def render_card(record: ConversionRecord | None, config: dict[str, Any], parity: ParityRecord | None = None) -> str:
+    """The card of a folder converted as `record` says (None: a folder without one, described from its
+    config alone)."""
+    record = record or UNRECORDED
+    variant = record.variant
     kind = variant.get("kind", "classification")
     segmentation = kind != "classification"
     depth = variant.get("depth", config.get("depth_multiplier"))
     size = variant.get("size", config.get("image_size"))
     name = variant.get("name") or "mobilenet_v2"
-    source = conversion.get("source") or {}
-    trainval = "trainval" in str(source.get("name", ""))
+    trainval = "trainval" in str(record.source.get("name", ""))
     parts = [
         _front_matter(segmentation),
         _title(segmentation, depth, size, variant, trainval),
-        _provenance(conversion, config, segmentation, trainval),
-        _published(conversion, kind, depth, size, segmentation),
+        _provenance(record, config, segmentation, trainval),
+        _published(record, kind, depth, size, segmentation),
         _parity(parity),
         _usage(name, segmentation, size or (513 if segmentation else 224)),
         _upload(name),
@@ -89,18 +93,18 @@ def _title(segmentation: bool, depth, size, variant: dict[str, Any], trainval: b
     )
 
 
-def _provenance(conversion: dict[str, Any], config: dict[str, Any], segmentation: bool, trainval: bool) -> str:
-    source = conversion.get("source") or {}
+def _provenance(record: ConversionRecord, config: dict[str, Any], segmentation: bool, trainval: bool) -> str:
+    source = record.source
     files = source.get("files") or []
-    download = conversion.get("download") or {}
-    weights = conversion.get("weights", "?")
+    download = record.download or {}
+    weights = record.weights
     rows = [f"| source | `{source.get('name', '?')}` |"]
     if download.get("url"):
         rows.append(f"| published at | {download['url']} |")
     for item in files:
         rows.append(f"| sha256 of `{item.get('name')}` | `{item.get('sha256')}` ({item.get('bytes')} bytes) |")
     rows.append(f"| weights convention | `{weights}`: {WEIGHT_MEANINGS.get(weights, 'see conversion.json')} |")
-    tensors = conversion.get("tensors") or {}
+    tensors = record.tensors
     if tensors:
         ignored = ", ".join(
             f"{count} {reason.replace('_', ' ')}"
@@ -111,14 +115,14 @@ def _provenance(conversion: dict[str, Any], config: dict[str, Any], segmentation
     labels = config.get("id2label") or {}
     if segmentation:
         rows.append(f"| classes | {len(labels) or 21}: PASCAL VOC, 0 = background |")
-    elif conversion.get("drop_background"):
+    elif record.drop_background:
         rows.append(f"| classes | {len(labels)}: the ImageNet classes (the background class was dropped) |")
     else:
         rows.append(f"| classes | {len(labels) or 1001}: index 0 is `background`, then the 1000 ImageNet classes |")
     if config.get("avg_pool") == "fixed7x7":
         rows.append("| pooling | slim's fixed 7x7 window (mobilenet_torch; transformers always pools globally) |")
-    if conversion.get("toolkit"):
-        rows.append(f"| converted with | {conversion['toolkit']} |")
+    if record.toolkit:
+        rows.append(f"| converted with | {record.toolkit} |")
     notes = [
         "The weights are the original float32 values, renamed and transposed to PyTorch layouts; nothing "
         "was retrained or re-quantized. Full provenance is in `conversion.json`."
@@ -133,19 +137,18 @@ def _provenance(conversion: dict[str, Any], config: dict[str, Any], segmentation
     return "## Provenance\n\n| | |\n| --- | --- |\n" + "\n".join(rows) + "\n\n" + " ".join(notes) + "\n"
 
 
-def zoo_file(conversion: dict[str, Any]) -> zoo.ZooEntry | None:
+def zoo_file(record: ConversionRecord) -> zoo_catalog.ZooEntry | None:
     """The zoo entry whose very file was converted, or None where that is not known.
 
     Known by sha256 where the zoo table records the file's, or by name where the tool downloaded it under
     its zoo name from the zoo's own URL (not a mirror). A local file named like a zoo tarball proves
     nothing: fixtures and renamed or fine-tuned checkpoints carry such names too."""
-    source = conversion.get("source") or {}
-    digests = {item.get("sha256") for item in source.get("files") or [] if isinstance(item, dict)} - {None}
-    for entry in zoo.entries():
+    digests = {item.get("sha256") for item in record.source.get("files") or [] if isinstance(item, dict)} - {None}
+    for entry in zoo_catalog.entries():
         if entry.sha256 and entry.sha256 in digests:
             return entry
-    download = conversion.get("download") or {}
-    entry = zoo.find(str(download.get("zoo_name", "")))
+    download = record.download or {}
+    entry = zoo_catalog.find(str(download.get("zoo_name", "")))
     if entry is None or download.get("mirror") or download.get("url") != entry.url:
         return None
     if download.get("sha256") not in digests or entry.sha256 not in (None, download.get("sha256")):
@@ -153,13 +156,13 @@ def zoo_file(conversion: dict[str, Any]) -> zoo.ZooEntry | None:
     return entry
 
 
-def _published(conversion: dict[str, Any], kind: str, depth, size, segmentation: bool) -> str:
+def _published(record: ConversionRecord, kind: str, depth, size, segmentation: bool) -> str:
     if segmentation:
         return (
             "## Published accuracy\n\nThis project carries no published mIOU for this checkpoint; see the "
             "DeepLab model zoo (tensorflow/models research/deeplab/g3doc/model_zoo.md).\n"
         )
-    original = zoo_file(conversion)
+    original = zoo_file(record)
     if original is None:
         lines = [
             "None shown: this conversion cannot tell that its source is a file of the original model zoo (it "
@@ -173,8 +176,8 @@ def _published(conversion: dict[str, Any], kind: str, depth, size, segmentation:
         ]
     else:
         lines = [f"The authors publish no top-1 figure for the original `{original.filename}`."]
-    entry = zoo.published_for(kind, depth, size) if depth is not None and size is not None else None
-    reference = entry or (zoo.published_for(kind, depth, 224) if depth is not None else None)
+    entry = zoo_catalog.published_for(kind, depth, size) if depth is not None and size is not None else None
+    reference = entry or (zoo_catalog.published_for(kind, depth, 224) if depth is not None else None)
     facts = []
     if reference is not None and reference.params_millions is not None:
         facts.append(f"{reference.params_millions} M parameters (BatchNorm scale/offset not counted)")

@@ -39,6 +39,11 @@ class ConversionRecord:
             return None
         if not isinstance(data, dict) or not str(data.get("toolkit", "")).startswith(layout.TOOLKIT_PREFIX):
             return None
+        return cls.from_json(data)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ConversionRecord | None:
+        """The record `data` (what `to_json` gave) holds, or None where it lacks a field the record needs."""
         known = {f.name for f in fields(cls)}
         try:
             return cls(**{key: value for key, value in data.items() if key in known})

@@ -14,15 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from converter import __version__
 from converter.errors import NonFiniteWeightsError, UsageError
 from converter.formats import Reader, open_reader
 from converter.output.records import ConversionRecord
 from converter.output.writer import check_output, staged_output, write_model_folder
 from converter.pipeline.conventions import WeightsPlan, plan_weights
 from converter.pipeline.fake_quantization import fake_quantization_files
-from converter.pipeline.table import apply_rules, rules_for
-from converter.pipeline.variants import SIZE_ASSUMED, Variant, detect_variant, expected_shapes
+from converter.pipeline.table import apply_rules
+from converter.slim import SIZE_ASSUMED, Variant, detect_variant, expected_shapes, rules_for
+from converter.version import __version__
 from converter.vocabulary import CLASSIFICATION, DEEPLAB
 from mobilenet_torch.architecture import PLACEHOLDER_PREFIX, placeholder_arrays
 
@@ -42,69 +42,76 @@ class ConversionSummary:
     notes: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class ConversionOptions:
+    """Every choice a conversion offers, defined once: the command line, the zoo batch and the Python API
+    pass this one object through."""
+
+    format: str | None = None  # force a format by its registry name instead of recognising it
+    # Checked against the source (size sets `image_size`; inferred where the source says).
+    depth: float | None = None
+    size: int | None = None
+    weights: str | None = None  # "ema", "raw" or "ema-all"; default "ema" where the source has shadows, else "raw"
+    output_stride: int | None = None  # DeepLab only, 8 or 16 (default 8, as the zoo's frozen graphs)
+    drop_background: bool = False  # write a 1000-class head without the background class
+    # Give a 1000-class head (Keras') the background class at index 0, with zero weights and a bias of
+    # -10000 so that it never wins (`table.BACKGROUND_BIAS`).
+    add_background: bool = False
+    backbone_only: bool = False  # convert the backbone alone (a MobileNetV2Model folder), setting the head aside
+    # "global" (transformers' pooling) or "fixed7x7" (slim's fixed 7x7 window, giving a logits map for inputs
+    # larger than the native size; transformers ignores this option).
+    avg_pool: str = "global"
+    allow_non_finite: bool = False  # accept NaN/Inf weights instead of refusing them
+    # Replace an output folder this toolkit wrote (atomically); never one holding other files or the source.
+    force: bool = False
+
+
 def convert_checkpoint(
     src: str | os.PathLike,
     output: str | os.PathLike | None = None,
+    options: ConversionOptions | None = None,
     *,
-    format: str | None = None,
-    depth: float | None = None,
-    size: int | None = None,
-    weights: str | None = None,
-    output_stride: int | None = None,
-    drop_background: bool = False,
-    add_background: bool = False,
-    backbone_only: bool = False,
-    avg_pool: str = "global",
-    allow_non_finite: bool = False,
-    force: bool = False,
     download: dict[str, Any] | None = None,
+    **choices: Any,
 ) -> ConversionSummary:
     """Convert a MobileNetV2 source (checkpoint, zoo archive, SavedModel, ...) into a model folder.
 
     Args:
         src: a checkpoint prefix, a folder, a model file or an archive of them (see `converter.formats`).
         output: folder to write; defaults to the variant's name in the current folder.
-        format: force a format by its registry name instead of recognising it.
-        depth, size: checked against the source (size sets `image_size`; inferred where the source says).
-        weights: "ema", "raw" or "ema-all"; default "ema" when the checkpoint has shadows, else "raw".
-        output_stride: DeepLab only, 8 or 16 (default 8, as the zoo's frozen graphs).
-        drop_background: write a 1000-class head without the background class.
-        add_background: give a 1000-class head (Keras') the background class at index 0, with zero weights
-            and a bias of -10000 so that it never wins (`table.BACKGROUND_BIAS`).
-        backbone_only: convert the backbone alone (a MobileNetV2Model folder), setting the head aside.
-        avg_pool: "global" (transformers' pooling) or "fixed7x7" (slim's fixed 7x7 window, giving a logits
-            map for inputs larger than the native size; transformers ignores this option).
-        allow_non_finite: accept NaN/Inf weights instead of refusing them.
-        force: replace an output folder this toolkit wrote (atomically); never one holding other files
-            or the source.
+        options: how to convert (`ConversionOptions`); `choices` (its field names, e.g. `weights="raw"`)
+            override single fields.
         download: where the source came from (zoo source, URL, sha256), recorded in conversion.json.
 
     Raises:
         converter.errors.ConverterError: for every problem with the inputs, with a message saying what to do.
     """
     started = time.perf_counter()
+    options = replace(options or ConversionOptions(), **choices)
     if output is not None:
-        check_output(Path(output), force, [Path(src)])
-    with open_reader(src, format, backbone_only=backbone_only) as reader:
-        names, head = _set_head_aside(reader.names(), backbone_only)
+        check_output(Path(output), options.force, [Path(src)])
+    with open_reader(src, options.format, backbone_only=options.backbone_only) as reader:
+        names, head = _set_head_aside(reader.names(), options.backbone_only)
         variant = detect_variant(
             {name: reader.shape(name) for name in names},
-            depth=depth,
-            size=size,
-            output_stride=output_stride or reader.hints.output_stride,
+            depth=options.depth,
+            size=options.size,
+            output_stride=options.output_stride or reader.hints.output_stride,
             source_name=reader.source_name,
             source_size=reader.hints.image_size,
         )
-        if variant.kind != CLASSIFICATION and (drop_background or add_background or avg_pool != "global"):
+        if variant.kind != CLASSIFICATION and (
+            options.drop_background or options.add_background or options.avg_pool != "global"
+        ):
             raise UsageError("--drop-background, --add-background and --avg-pool apply to classifiers only")
-        background = _background_edit(variant, drop_background, add_background)
-        plan = plan_weights(names, weights)
+        background = _background_edit(variant, options.drop_background, options.add_background)
+        plan = plan_weights(names, options.weights)
         if head:
             plan.ignored["head_set_aside"] = head
         variables = {variable: reader.read(tensor) for variable, tensor in plan.sources.items()}
-        if not allow_non_finite:
+        if not options.allow_non_finite:
             _check_finite(variables)
-        config = variant.config(background, avg_pool, reader.hints.labels)
+        config = variant.config(background, options.avg_pool, reader.hints.labels)
         state = apply_rules(variables, variant.kind, expected_shapes(variant, background), background)
         if variant.kind == DEEPLAB:
             state.update(placeholder_arrays(config))
@@ -121,7 +128,7 @@ def convert_checkpoint(
             0.0,
             tuple(record.notes),
         )
-        with staged_output(output, force, [Path(src), *reader.source_files()]) as staging:
+        with staged_output(output, options.force, [Path(src), *reader.source_files()]) as staging:
             extra_files = {**reader.extra_files(), **fake_quantization}
             write_model_folder(
                 staging, state, config, variant.architecture, record, extra_files, reader.hints.preprocessing

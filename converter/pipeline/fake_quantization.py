@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from converter.pipeline.table import HEADS, conv_layers
+from converter.slim import HEADS, conv_layers
 from mobilenet_torch.quantized_files import FAKE_QUANTIZATION_FILE, FAKE_QUANTIZATION_FORMAT
 
 BITS = 8

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from converter.errors import ConverterError, ImageError, ModelFolderError, VerificationError
-from converter.formats.files import file_sha256
+from converter.hashing import file_sha256
 from converter.images import open_image, preprocess
 from converter.output.records import ConversionRecord
 from converter.output.writer import preprocessor_config

@@ -39,7 +39,7 @@ QUANTIZED_LEFT_OUT = (
 
 def left_out() -> dict[str, str]:
     """Zoo entries the matrix does not run, with the reason."""
-    from converter.zoo.table import entries
+    from converter.zoo_catalog import entries
 
     return {entry.name: QUANTIZED_LEFT_OUT for entry in entries() if entry.quantized}
 

@@ -30,10 +30,10 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlsplit
 from urllib.request import Request, urlopen
 
-from converter import __version__
 from converter.errors import DownloadError, UsageError
-from converter.formats.files import file_sha256
-from converter.zoo.table import ZooEntry, ZooSource
+from converter.hashing import file_sha256
+from converter.version import __version__
+from converter.zoo_catalog import ZooEntry, ZooSource
 
 CACHE_ENV = "MOBILENET_CONVERT_CACHE"
 MIRROR_ENV = "MOBILENET_CONVERT_MIRROR"

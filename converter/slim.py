@@ -1,20 +1,113 @@
-"""Which model a source holds (kind, depth multiplier, classes), inferred from its tensors and checked
-against what the user said (--depth, --size), the zoo file name and what the source itself says."""
+"""The slim MobileNetV2 as every reader yields it, defined once: its conv layers (TF scope, PyTorch module,
+weight variable, layout transform), their BatchNorm variables, the heads, and `detect_variant`, which tells
+from tensor shapes which model a source holds (kind, depth multiplier, classes), checked against what the
+user said (--depth, --size), the zoo file name and what the source itself says.
+
+`rules_for(kind)` expands the rows into flat `Rule`s; `converter.pipeline.table` applies them.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
 
 from converter.errors import VariantError
-from converter.pipeline.table import TRANSFORMS, rules_for
-from converter.vocabulary import ARCHITECTURES, BACKBONE, CLASSIFICATION, DEEPLAB, folder_name
+from converter.vocabulary import ARCHITECTURE_OF_KIND, BACKBONE, CLASSIFICATION, DEEPLAB, folder_name
+from mobilenet_torch.architecture import ARCHITECTURES as MODEL_LAYOUTS
 from mobilenet_torch.architecture import state_shapes
 from mobilenet_torch.configuration import MobileNetV2Config
+
+NUM_BLOCKS = 16
+# The backbone rows name modules as the classification and segmentation models hold them; a backbone
+# model (MobileNetV2Model) holds them at its top level, without this prefix.
+BACKBONE_MODULE_PREFIX = "mobilenet_v2."
+BACKBONE_KINDS = (CLASSIFICATION, DEEPLAB, BACKBONE)
+
+# Layout changes, one small function per case.
+TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "conv": lambda a: a.transpose(3, 2, 0, 1),  # [h, w, in, out] -> [out, in, h, w]
+    "depthwise": lambda a: a.transpose(2, 3, 0, 1),  # [h, w, in, 1] -> [in, 1, h, w]
+    "linear": lambda a: a.reshape(a.shape[-2:]).T,  # 1x1 conv [1, 1, in, out] -> Linear [out, in]
+    "copy": lambda a: a,
+}
+
+# (TF scope, PyTorch module, weight variable, transform, model kinds). "{k}" runs over blocks 1..16
+# and "{i}" is k - 1, transformers' index of that block.
+LAYERS: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
+    ("MobilenetV2/Conv", "mobilenet_v2.conv_stem.first_conv", "weights", "conv", BACKBONE_KINDS),
+    ("MobilenetV2/expanded_conv/depthwise", "mobilenet_v2.conv_stem.conv_3x3", "depthwise_weights", "depthwise", BACKBONE_KINDS),
+    ("MobilenetV2/expanded_conv/project", "mobilenet_v2.conv_stem.reduce_1x1", "weights", "conv", BACKBONE_KINDS),
+    ("MobilenetV2/expanded_conv_{k}/expand", "mobilenet_v2.layer.{i}.expand_1x1", "weights", "conv", BACKBONE_KINDS),
+    ("MobilenetV2/expanded_conv_{k}/depthwise", "mobilenet_v2.layer.{i}.conv_3x3", "depthwise_weights", "depthwise", BACKBONE_KINDS),
+    ("MobilenetV2/expanded_conv_{k}/project", "mobilenet_v2.layer.{i}.reduce_1x1", "weights", "conv", BACKBONE_KINDS),
+    ("MobilenetV2/Conv_1", "mobilenet_v2.conv_1x1", "weights", "conv", (CLASSIFICATION, BACKBONE)),
+    ("image_pooling", "segmentation_head.conv_pool", "weights", "conv", (DEEPLAB,)),
+    ("aspp0", "segmentation_head.conv_aspp", "weights", "conv", (DEEPLAB,)),
+    ("concat_projection", "segmentation_head.conv_projection", "weights", "conv", (DEEPLAB,)),
+)  # fmt: skip
+
+# The variables of a conv + BatchNorm layer besides its weights: (TF suffix, PyTorch suffix).
+LAYER_PARAMS = (
+    ("BatchNorm/gamma", "normalization.weight"),
+    ("BatchNorm/beta", "normalization.bias"),
+    ("BatchNorm/moving_mean", "normalization.running_mean"),
+    ("BatchNorm/moving_variance", "normalization.running_var"),
+)
+# Classifiers: (TF variable, PyTorch tensor, transform, kind). Their class axis is axis 0 after the
+# transform, which is where --drop-background removes the background class.
+HEADS = (
+    ("MobilenetV2/Logits/Conv2d_1c_1x1/weights", "classifier.weight", "linear", CLASSIFICATION),
+    ("MobilenetV2/Logits/Conv2d_1c_1x1/biases", "classifier.bias", "copy", CLASSIFICATION),
+    ("logits/semantic/weights", "segmentation_head.classifier.convolution.weight", "conv", DEEPLAB),
+    ("logits/semantic/biases", "segmentation_head.classifier.convolution.bias", "copy", DEEPLAB),
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    tf_name: str
+    torch_name: str
+    transform: str
+    is_classifier: bool = False
+
+
+def expand_blocks(template: str) -> list[dict[str, int]]:
+    """Substitutions for a template: every block if it names one, else none."""
+    if "{k}" not in template:
+        return [{}]
+    return [{"k": k, "i": k - 1, "n": k + 2} for k in range(1, NUM_BLOCKS + 1)]
+
+
+def conv_layers(kind: str) -> list[tuple[str, str, str, str]]:
+    """(TF scope, PyTorch module, weight variable, transform) of every conv + BatchNorm layer."""
+    return [
+        (scope.format(**values), module_path(kind, module.format(**values)), weight, transform)
+        for scope, module, weight, transform, kinds in LAYERS
+        if kind in kinds
+        for values in expand_blocks(scope)
+    ]
+
+
+def module_path(kind: str, module: str) -> str:
+    """`module` as the model class of `kind` names it (a backbone model has no `mobilenet_v2.` prefix)."""
+    if not module.startswith(BACKBONE_MODULE_PREFIX):
+        return module
+    return MODEL_LAYOUTS[ARCHITECTURE_OF_KIND[kind]][0] + module.removeprefix(BACKBONE_MODULE_PREFIX)
+
+
+def rules_for(kind: str) -> list[Rule]:
+    """The flat table for one model kind."""
+    rules = []
+    for tf_scope, torch_module, weight, transform in conv_layers(kind):
+        rules.append(Rule(f"{tf_scope}/{weight}", f"{torch_module}.convolution.weight", transform))
+        rules += [Rule(f"{tf_scope}/{tf}", f"{torch_module}.{pt}", "copy") for tf, pt in LAYER_PARAMS]
+    rules += [Rule(tf, pt, transform, is_classifier=True) for tf, pt, transform, k in HEADS if k == kind]
+    return rules
+
 
 DEPTHS = {CLASSIFICATION: (1.4, 1.3, 1.0, 0.75, 0.5, 0.35), DEEPLAB: (1.0, 0.5)}
 DEPTHS[BACKBONE] = DEPTHS[CLASSIFICATION]
@@ -53,13 +146,13 @@ class Variant:
 
     @property
     def architecture(self) -> str:
-        return ARCHITECTURES[self.kind]
+        return ARCHITECTURE_OF_KIND[self.kind]
 
     def config(
         self, background: str | None = None, avg_pool: str = "global", labels: tuple[str, ...] | None = None
     ) -> MobileNetV2Config:
         """The transformers-compatible config of this variant (class names from `labels` if given), with
-        the background class dropped or added (`background`, see `table.edit_background`)."""
+        the background class dropped or added (`background`, see `converter.pipeline.table.edit_background`)."""
         names = list(labels) if labels is not None else class_names(self.kind, self.num_labels)
         names = names[1:] if background == "drop" else ["background", *names] if background == "add" else names
         # DeepLab's depth-0.5 model rounds channels to multiples of 1, not 8.

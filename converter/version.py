@@ -1,0 +1,4 @@
+"""The toolkit's version, in a module of its own so that any layer can read it without importing the package's
+public entry points (which sit above every layer)."""
+
+__version__ = "0.1.0"
