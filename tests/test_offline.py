@@ -17,7 +17,8 @@ from converter.app.cli import convert_main
 from converter.errors import DownloadError
 from converter.zoo import download
 from converter.zoo.download import RetryPolicy, fetch
-from converter.zoo.table import entries, lookup, source_base_env
+from converter.zoo.table import lookup
+from converter.zoo_catalog import entries, source_base_env
 from tests.helpers import SHARED
 from tests.zoo_server import ZooServer, closed_port, running_zoo_server
 
