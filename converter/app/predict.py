@@ -1,14 +1,14 @@
 """`predict-mobilenet IMAGE... --model DIR`: run a converted folder on images (a folder among the images
 stands for the images it holds).
 
-A folder converted from a quantized TFLite model holds two models: the integer one, computing what
-TFLite computes, runs by default; `--float` runs its float (dequantized) twin. Which one ran is said on
-stderr. Classifiers print the top-k labels with probabilities for each image. DeepLab models write two PNGs per
+Classifiers print the top-k labels with probabilities for each image. DeepLab models write two PNGs per
 image, `<image stem>_labels.png` (the raw label map: a palette image whose pixel values are the class ids,
 coloured with the PASCAL VOC colour map) and `<image stem>_overlay.png` (the classes blended over the
-image), and print the label histogram. Every image is processed; those that cannot be read are reported
-at the end and make the exit code 1. The PNGs are written whether or not anyone still reads stdout
-(`... | head -n 1`).
+image), and print the label histogram. The PNGs are written whether or not anyone still reads stdout
+(`... | head -n 1`). Every image is processed; those that cannot be read are reported at the end and make
+the exit code 1.
+A folder converted from a quantized TFLite model holds two models: the integer one, which computes what
+TFLite computes, runs by default; `--float` runs its float (dequantized) twin. stderr says which one ran.
 Images are prepared as transformers' `MobileNetV2ImageProcessor` prepares them, from the folder's
 `preprocessor_config.json`: RGB, shortest edge resized, center crop, scaled to [-1, 1]. DeepLab is fully
 convolutional, so segmentation skips the crop and labels the whole (resized) picture.
