@@ -17,8 +17,15 @@ _EXPORTS = {
     "MobileNetV2Model": "modeling",
     "MobileNetV2PreTrainedModel": "modeling",
     "load_pretrained": "modeling",
+    "QuantizedMobileNetV2": "quantized",
+    "FakeQuantMobileNetV2": "fakequant",
 }
 __all__ = sorted(_EXPORTS)
+
+
+def __dir__() -> list[str]:
+    """The public names too, which `dir()` and tab completion cannot find in a lazy module's namespace."""
+    return sorted({*globals(), *__all__})
 
 
 def __getattr__(name: str):
