@@ -16,6 +16,7 @@ from mobilenet_torch import (
     MobileNetV2ForImageClassification,
     MobileNetV2ForSemanticSegmentation,
     ModelFolderError,
+    UnsupportedConfigError,
     load_pretrained,
 )
 from mobilenet_torch.configuration import ACTIVATIONS
@@ -169,7 +170,7 @@ def test_a_new_head_is_initialised_with_initializer_range(tmp_path):
     ],
 )
 def test_a_value_not_computed_is_refused_by_name(field, value, tmp_path):
-    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+    with pytest.raises(UnsupportedConfigError, match=f"{field}={value!r}"):
         MobileNetV2Config(**{field: value})
     config = MobileNetV2Config().to_dict()
     (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
