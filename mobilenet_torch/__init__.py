@@ -9,6 +9,7 @@ from importlib import import_module
 _EXPORTS = {
     "MobileNetV2Config": "configuration",
     "ModelFolderError": "errors",
+    "UnsupportedConfigError": "errors",
     "ENDPOINTS": "modeling",
     "FeatureInfo": "modeling",
     "MobileNetV2Backbone": "modeling",

@@ -4,6 +4,8 @@ importing torch; a test proves it equals the models' own state dicts)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .configuration import MobileNetV2Config, expanded_channels, scaled_channels
@@ -14,7 +16,8 @@ LAST_CHANNELS = 1280
 HEAD_CHANNELS = 256
 HEAD_NORM_EPS = 1e-5
 
-# slim's V2_DEF after the stem: (expansion, output channels, stride) for expanded_conv_1..16.
+# slim's V2_DEF after the stem: (expansion, output channels, stride) for expanded_conv_1..16. The models
+# expand every block by `config.expand_ratio`, as transformers does (6, slim's expansion, by default).
 BLOCKS: tuple[tuple[int, int, int], ...] = (
     (6, 24, 2), (6, 24, 1),
     (6, 32, 2), (6, 32, 1), (6, 32, 1),
@@ -24,12 +27,42 @@ BLOCKS: tuple[tuple[int, int, int], ...] = (
     (6, 320, 1),
 )  # fmt: skip
 
+BACKBONE_PREFIX = "mobilenet_v2."  # where the wrapper models keep the backbone
 # Model class -> (prefix of the backbone's tensors, has the final 1x1 conv, head).
 ARCHITECTURES = {
     "MobileNetV2Model": ("", True, None),
-    "MobileNetV2ForImageClassification": ("mobilenet_v2.", True, "classifier"),
-    "MobileNetV2ForSemanticSegmentation": ("mobilenet_v2.", False, "deeplab"),
+    "MobileNetV2ForImageClassification": (BACKBONE_PREFIX, True, "classifier"),
+    "MobileNetV2ForSemanticSegmentation": (BACKBONE_PREFIX, False, "deeplab"),
 }
+
+
+class Step(NamedTuple):
+    """One step of the walk of the backbone: its module (path inside the backbone, transformers' names),
+    whether it is an inverted residual block (expand, depthwise, project) or a lone conv, and the slim
+    endpoints of its output and, for the 16 blocks, of its expansion."""
+
+    module: str
+    block: bool
+    endpoint: str
+    expansion_endpoint: str | None = None
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Its endpoints in network order."""
+        return (self.expansion_endpoint, self.endpoint) if self.expansion_endpoint else (self.endpoint,)
+
+
+def backbone_steps(final_conv: bool = True) -> tuple[Step, ...]:
+    """The one walk of the network that every model (float, integer, fake-quant) and the shape table
+    follow: the stem conv (layer_1), the stem block (layer_2), the 16 blocks (layer_3..layer_18) and,
+    unless excluded (DeepLab has none), the final 1x1 conv (layer_19)."""
+    steps = [Step("conv_stem.first_conv", False, "layer_1"), Step("conv_stem", True, "layer_2")]
+    for i in range(len(BLOCKS)):
+        endpoint = f"layer_{i + 3}"
+        steps.append(Step(f"layer.{i}", True, endpoint, f"{endpoint}/expansion_output"))
+    if final_conv:
+        steps.append(Step("conv_1x1", False, "layer_19"))
+    return tuple(steps)
 
 
 def final_conv_channels(config: MobileNetV2Config) -> int:
@@ -53,15 +86,21 @@ def block_schedule(config: MobileNetV2Config) -> list[tuple[int, int]]:
 
 
 def block_channels(config: MobileNetV2Config) -> list[tuple[int, int, int]]:
-    """(in, expanded, out) channels of the stem block and the 16 blocks after it."""
+    """(in, expanded, out) channels of the stem block and the 16 blocks after it. The stem block expands
+    (by a 1x1 conv keeping its width) only when `config.first_layer_is_expansion` is false; every other
+    block always expands, even to its own width, as in transformers."""
     stem = scaled_channels(config, STEM_CHANNELS)
     rows = [(stem, stem, scaled_channels(config, STEM_OUT_CHANNELS))]
-    for expansion, out_channels, _ in BLOCKS:
+    for _, out_channels, _ in BLOCKS:
         in_channels = rows[-1][2]
-        rows.append(
-            (in_channels, expanded_channels(config, in_channels, expansion), scaled_channels(config, out_channels))
-        )
+        expanded = expanded_channels(config, in_channels, config.expand_ratio)
+        rows.append((in_channels, expanded, scaled_channels(config, out_channels)))
     return rows
+
+
+def block_expands(config: MobileNetV2Config, step: Step) -> bool:
+    """Whether the block `step` has an expansion conv (see `block_channels`)."""
+    return step.module != "conv_stem" or not config.first_layer_is_expansion
 
 
 def _conv_layer(module: str, in_channels: int, out_channels: int, kernel: int, depthwise: bool = False):
@@ -78,9 +117,10 @@ def state_shapes(config: MobileNetV2Config, architecture: str) -> dict[str, tupl
     rows = block_channels(config)
     stem = rows[0][0]
     shapes = _conv_layer(f"{prefix}conv_stem.first_conv", config.num_channels, stem, 3)
-    modules = [f"{prefix}conv_stem"] + [f"{prefix}layer.{i}" for i in range(len(BLOCKS))]
-    for module, (in_channels, expanded, out_channels) in zip(modules, rows, strict=True):
-        if expanded != in_channels:
+    blocks = [step for step in backbone_steps(final_conv) if step.block]
+    for step, (in_channels, expanded, out_channels) in zip(blocks, rows, strict=True):
+        module = prefix + step.module
+        if block_expands(config, step):
             shapes.update(_conv_layer(f"{module}.expand_1x1", in_channels, expanded, 1))
         shapes.update(_conv_layer(f"{module}.conv_3x3", expanded, expanded, 3, depthwise=True))
         shapes.update(_conv_layer(f"{module}.reduce_1x1", expanded, out_channels, 1))
@@ -101,7 +141,7 @@ def state_shapes(config: MobileNetV2Config, architecture: str) -> dict[str, tupl
 
 
 # transformers' segmentation model builds (and runs, uselessly) a final 1x1 conv that DeepLab lacks.
-PLACEHOLDER_PREFIX = "mobilenet_v2.conv_1x1."
+PLACEHOLDER_PREFIX = f"{BACKBONE_PREFIX}conv_1x1."
 _PLACEHOLDER_FILL = {"normalization.weight": 1.0, "normalization.running_var": 1.0}
 
 

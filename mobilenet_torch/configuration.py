@@ -14,13 +14,30 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 DEFAULT_NUM_LABELS = 1001  # ImageNet with background, the original checkpoints' head
 FILE_DEFAULT_NUM_LABELS = 2  # what transformers assumes for a config.json that names no labels
 LABEL_KEYS = ("id2label", "label2id", "num_labels")
+# transformers' `hidden_act` names that this model computes, as the torch.nn module (and its arguments)
+# that gives transformers' result; the rest of its ACT2FN is refused.
+ACTIVATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "relu6": ("ReLU6", {"inplace": True}),
+    "relu": ("ReLU", {"inplace": True}),
+    "gelu": ("GELU", {}),
+    "gelu_pytorch_tanh": ("GELU", {"approximate": "tanh"}),
+    "silu": ("SiLU", {"inplace": True}),
+    "swish": ("SiLU", {"inplace": True}),
+    "hardswish": ("Hardswish", {"inplace": True}),
+    "mish": ("Mish", {"inplace": True}),
+    "leaky_relu": ("LeakyReLU", {"inplace": True}),
+    "tanh": ("Tanh", {}),
+    "sigmoid": ("Sigmoid", {}),
+    "linear": ("Identity", {}),
+}
 
 
 @dataclass
 class MobileNetV2Config:
     """Hyper-parameters of MobileNetV2, named as transformers names them so `config.json` loads there.
 
-    Only `avg_pool` is ours: transformers always pools globally (see the README for what it ignores).
+    Only `avg_pool` is ours: transformers always pools globally. Every other field computes what it
+    computes in transformers; a value this model cannot compute is refused (`UnsupportedConfigError`).
     Labels are given as transformers takes them: `id2label`, `label2id` or `num_labels` (generic names
     `LABEL_i`); `num_labels` and `label2id` are always derived from `id2label`, as in transformers.
     """
@@ -70,8 +87,7 @@ class MobileNetV2Config:
             raise ValueError(f"problem_type must be one of {PROBLEM_TYPES} or None, got {self.problem_type!r}")
         if self.avg_pool not in POOLING_MODES:
             raise ValueError(f"avg_pool must be one of {POOLING_MODES}, got {self.avg_pool!r}")
-        if self.output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
+        _refuse_unsupported(self)
 
     def to_dict(self) -> dict[str, Any]:
         data = {key: value for key, value in asdict(self).items() if key != "extra"}
@@ -111,17 +127,42 @@ class MobileNetV2Config:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_options: Any) -> MobileNetV2Config:
         """The config of a model folder or Hub id (`hub_options` as `resolve_folder` takes them)."""
-        from .errors import ModelFolderError
+        from .errors import ModelFolderError, UnsupportedConfigError
         from .loading import resolve_folder
 
         path = resolve_folder(name_or_path, **hub_options) / CONFIG_NAME
         try:
             return cls.from_dict(json.loads(path.read_text()))
+        except UnsupportedConfigError as error:
+            raise UnsupportedConfigError(f"{path}: {error}") from None
         except (OSError, ValueError) as error:
             reason = getattr(error, "strerror", None) or error
             raise ModelFolderError(
                 f"cannot read {path} ({reason}): pass a folder written by convert-mobilenet"
             ) from None
+
+
+def _refuse_unsupported(config: MobileNetV2Config) -> None:
+    from .architecture import STEM_CHANNELS, STEM_OUT_CHANNELS
+    from .errors import UnsupportedConfigError
+
+    if config.hidden_act not in ACTIVATIONS:
+        raise UnsupportedConfigError(
+            f"hidden_act={config.hidden_act!r} is not computed by mobilenet_torch; use one of {', '.join(ACTIVATIONS)}"
+        )
+    if not config.depth_multiplier > 0:
+        raise UnsupportedConfigError(f"depth_multiplier={config.depth_multiplier} must be greater than zero")
+    for name in ("depth_divisible_by", "min_depth", "num_channels"):
+        if not getattr(config, name) >= 1:
+            raise UnsupportedConfigError(f"{name}={getattr(config, name)} must be a positive integer")
+    stem, stem_out = scaled_channels(config, STEM_CHANNELS), scaled_channels(config, STEM_OUT_CHANNELS)
+    if stem == stem_out:
+        # slim and Keras add a residual around such a stem block, transformers does not.
+        raise UnsupportedConfigError(
+            f"depth_multiplier={config.depth_multiplier}, min_depth={config.min_depth} give the stem block "
+            f"equal input and output widths ({stem}), which slim and transformers compute differently; "
+            "choose a larger depth_multiplier or a smaller min_depth"
+        )
 
 
 def _num_labels(config: MobileNetV2Config) -> int:

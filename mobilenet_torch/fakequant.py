@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .architecture import BACKBONE_PREFIX
 from .errors import ModelFolderError
 from .layers import ConvLayer
 from .quantized_files import FAKE_QUANTIZATION_FILE, FAKE_QUANTIZATION_FORMAT
@@ -111,11 +112,14 @@ class FakeQuantMobileNetV2(nn.Module):
 
     def _expected_steps(self) -> list[str]:
         """Every conv layer, the classifier and every residual add, by step name."""
-        modules = self.backbone.named_modules(prefix="mobilenet_v2")
+        modules = self.backbone.named_modules(prefix=BACKBONE_PREFIX.rstrip("."))
         names = [name for name, module in modules if isinstance(module, ConvLayer)] + ["classifier"]
-        blocks = [("mobilenet_v2.conv_stem", self.backbone.conv_stem)]
-        blocks += [(f"mobilenet_v2.layer.{i}", block) for i, block in enumerate(self.backbone.layer)]
-        return names + [f"{name}.add" for name, block in blocks if block.use_residual]
+        adds = [
+            f"{BACKBONE_PREFIX}{step.module}.add"
+            for step in self.backbone.steps
+            if step.block and self.backbone.get_submodule(step.module).use_residual
+        ]
+        return names + adds
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> FakeQuantMobileNetV2:
@@ -140,12 +144,13 @@ class FakeQuantMobileNetV2(nn.Module):
         (step name -> tensor) replaces those steps' outputs for what follows, as a TF session's feed
         does: fed every step of a reference, each step is computed from the reference's inputs alone."""
         out: dict[str, torch.Tensor] = {}
-        feed = feed or {}
-        x = self._step("mobilenet_v2.conv_stem.first_conv", pixel_values, out, feed)
-        x = self._block("mobilenet_v2.conv_stem", self.backbone.conv_stem, x, out, feed)
-        for i, block in enumerate(self.backbone.layer):
-            x = self._block(f"mobilenet_v2.layer.{i}", block, x, out, feed)
-        x = self._step("mobilenet_v2.conv_1x1", x, out, feed)
+        feed, x = feed or {}, pixel_values
+        for step in self.backbone.steps:
+            name = BACKBONE_PREFIX + step.module
+            if step.block:
+                x = self._block(name, self.backbone.get_submodule(step.module), x, out, feed)
+            else:
+                x = self._step(name, x, out, feed)
         self._step("classifier", x.mean(dim=(-2, -1)), out, feed)
         return out
 

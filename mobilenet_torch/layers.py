@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU}
+from .configuration import ACTIVATIONS
+
 DEFAULT_MEMORY_FORMAT = torch.channels_last
 
 
@@ -36,6 +37,12 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
     return total // 2, total - total // 2
 
 
+def activation_module(name: str) -> nn.Module:
+    """The torch module computing transformers' activation `name` (one of `configuration.ACTIVATIONS`)."""
+    cls, options = ACTIVATIONS[name]
+    return getattr(nn, cls)(**options)
+
+
 def keep_weight_layout(layer: ConvLayer, state_dict: dict, prefix: str, *_) -> None:
     """Load-state-dict pre-hook: loaded weights take the layer's layout (`assign=True` would impose theirs)."""
     key = prefix + "convolution.weight"
@@ -44,7 +51,8 @@ def keep_weight_layout(layer: ConvLayer, state_dict: dict, prefix: str, *_) -> N
 
 
 class ConvLayer(nn.Module):
-    """Conv2d (+ BatchNorm) (+ activation) with TensorFlow 'SAME' padding at any input size.
+    """Conv2d (+ BatchNorm) (+ activation) with TensorFlow 'SAME' padding at any input size, or (with
+    `tf_padding=False`) PyTorch's fixed symmetric padding of (kernel - 1) / 2 x dilation, as transformers.
 
     With stride 1 TF's padding is symmetric and independent of the input size, so it lives inside the
     convolution. With stride 2 it depends on the input size, so it is decided per call from the shape:
@@ -67,17 +75,20 @@ class ConvLayer(nn.Module):
         bias: bool = False,
         norm_eps: float | None = 1e-3,
         activation: str | None = "relu6",
+        tf_padding: bool = True,
     ) -> None:
         super().__init__()
         if stride > 1 and dilation > 1:
             raise ValueError("a convolution cannot be both strided and dilated (TensorFlow refuses it too)")
         self.stride = stride
+        # Only a strided TF 'SAME' conv pads by the input size; any other pads as at stride 1.
+        self.pads_by_input_size = tf_padding and stride > 1
         self.convolution = nn.Conv2d(
             in_channels,
             out_channels,
             kernel_size,
             stride=stride,
-            padding=same_padding(1, kernel_size, 1, dilation)[0] if stride == 1 else 0,
+            padding=0 if self.pads_by_input_size else same_padding(1, kernel_size, 1, dilation)[0],
             dilation=dilation,
             groups=groups,
             bias=bias,
@@ -87,12 +98,12 @@ class ConvLayer(nn.Module):
         self.normalization = (
             nn.BatchNorm2d(out_channels, eps=norm_eps, momentum=0.003) if norm_eps is not None else None
         )
-        self.activation = ACTIVATIONS[activation](inplace=True) if activation else None
+        self.activation = activation_module(activation) if activation else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sets_layout:
             x = x.contiguous(memory_format=memory_format_of(self.convolution.weight))
-        x = self.convolution(x) if self.stride == 1 else self._strided_convolution(x)
+        x = self._strided_convolution(x) if self.pads_by_input_size else self.convolution(x)
         if self.normalization is not None:
             x = self.normalization(x)
         if self.activation is not None:
@@ -137,13 +148,15 @@ class InvertedResidual(nn.Module):
         stride: int = 1,
         dilation: int = 1,
         norm_eps: float = 1e-3,
+        expand: bool = True,
+        activation: str = "relu6",
+        tf_padding: bool = True,
     ) -> None:
         super().__init__()
         self.use_residual = stride == 1 and in_channels == out_channels
+        layer = dict(norm_eps=norm_eps, tf_padding=tf_padding)
         self.expand_1x1 = (
-            ConvLayer(in_channels, expanded_channels, 1, norm_eps=norm_eps)
-            if expanded_channels != in_channels
-            else None
+            ConvLayer(in_channels, expanded_channels, 1, activation=activation, **layer) if expand else None
         )
         self.conv_3x3 = ConvLayer(
             expanded_channels,
@@ -152,9 +165,10 @@ class InvertedResidual(nn.Module):
             stride=stride,
             groups=expanded_channels,
             dilation=dilation,
-            norm_eps=norm_eps,
+            activation=activation,
+            **layer,
         )
-        self.reduce_1x1 = ConvLayer(expanded_channels, out_channels, 1, norm_eps=norm_eps, activation=None)
+        self.reduce_1x1 = ConvLayer(expanded_channels, out_channels, 1, activation=None, **layer)
 
     def expand(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.expand_1x1 is None else self.expand_1x1(x)

@@ -13,13 +13,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .architecture import PLACEHOLDER_PREFIX
+from .architecture import BACKBONE_PREFIX, PLACEHOLDER_PREFIX
 from .configuration import CONFIG_NAME, LABEL_KEYS, MobileNetV2Config
 from .errors import ModelFolderError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 WEIGHTS_NAME = "model.safetensors"
-BACKBONE_PREFIX = "mobilenet_v2."
 SEGMENTATION_HEAD_PREFIX = "segmentation_head."
 # A Hub id as huggingface_hub accepts it: "name" or "owner/name", no leading dot, no "..".
 HUB_ID = re.compile(r"(?!\.)(?!.*\.\.)[\w.-]{1,96}(/(?!\.)[\w.-]{1,96})?")
@@ -150,12 +149,21 @@ def _matched(name: str, weights: Path, state: dict, expected: dict, ignore_misma
 
 
 def _initialise_missing(model, device) -> None:
-    """Modules left on the meta device (a head the folder lacks) get storage and their default init."""
+    """Modules left on the meta device (a head the folder lacks) get storage and transformers' init:
+    weights of convolutions and linear layers drawn from N(0, initializer_range), biases zero,
+    BatchNorm as identity."""
+    import torch
+
+    std = model.config.initializer_range or 0.02  # transformers' fallback for 0
     for module in model.modules():
         own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         if any(tensor.is_meta for tensor in own):
             module.to_empty(device=device, recurse=False)
             module.reset_parameters()
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+                torch.nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
 
 
 def _torch_dtype(dtype):

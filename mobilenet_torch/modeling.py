@@ -1,14 +1,15 @@
 """MobileNetV2 for PyTorch with TensorFlow-exact semantics, laid out like transformers' port.
 
-The architecture is a table (`architecture.BLOCKS`), walked once by `MobileNetV2Model.features`; classification,
-segmentation, `extract_features` and the backbone wrapper are all consumers of that one walk.
+The architecture is a table (`architecture.BLOCKS`); its one walk (`architecture.backbone_steps`) is run by
+`MobileNetV2Model.forward_intermediates`, which forward, hidden states, `extract_features` and the
+backbone wrapper all call (the integer and fake-quant models follow the same steps).
 Forward signatures, outputs and losses are transformers' (`labels`, `output_hidden_states`, `return_dict`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -17,26 +18,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architecture import (
-    BLOCKS,
     HEAD_CHANNELS,
     HEAD_NORM_EPS,
+    backbone_steps,
     block_channels,
+    block_expands,
     block_schedule,
     final_conv_channels,
     placeholder_arrays,
 )
 from .configuration import MobileNetV2Config
+from .errors import UnsupportedConfigError
 from .layers import ConvLayer, InvertedResidual
 from .loading import HUB_OPTIONS, WEIGHTS_NAME, load_folder, resolve_folder
 
-# Slim endpoint names in network order: layer_1 is the stem conv, layer_2 the stem block,
-# layer_3..layer_18 the 16 blocks, layer_19 the final 1x1 conv.
-BLOCK_ENDPOINTS = tuple(f"layer_{i}" for i in range(3, 3 + len(BLOCKS)))
-ENDPOINTS = (
-    ("layer_1", "layer_2")
-    + tuple(name for block in BLOCK_ENDPOINTS for name in (f"{block}/expansion_output", block))
-    + ("layer_19", "global_pool", "logits")
-)
+# Slim endpoint names in network order (see `backbone_steps`), then the pool and the logits. The 16
+# blocks' outputs are transformers' hidden states.
+BLOCK_ENDPOINTS = tuple(step.endpoint for step in backbone_steps() if step.expansion_endpoint is not None)
+ENDPOINTS = tuple(name for step in backbone_steps() for name in step.endpoints) + ("global_pool", "logits")
 
 
 # Outputs are named tuples: read by name as transformers' (`.logits`, `.loss`, `.hidden_states`; None
@@ -68,12 +67,13 @@ class FeatureInfo(NamedTuple):
     reduction: int
 
 
-def as_output(output: NamedTuple, return_dict: bool | None):
-    """The named tuple, or (return_dict=False, or unset while tracing, which takes tensors and tuples of
-    them only) the plain tuple of its computed fields, as transformers' `to_tuple` gives it."""
-    if return_dict is False or (return_dict is None and torch.jit.is_tracing()):
-        return tuple(value for value in output if value is not None)
-    return output
+def as_output(output: NamedTuple, return_dict: bool | None, config: MobileNetV2Config):
+    """The named tuple, or the plain tuple of its computed fields, as transformers' `to_tuple` gives it:
+    when `return_dict` is False, or is unset while config.json says `"return_dict": false` or while
+    tracing (which takes tensors and tuples of them only)."""
+    if return_dict is None:
+        return_dict = config.extra.get("return_dict", True) and not torch.jit.is_tracing()
+    return output if return_dict else tuple(value for value in output if value is not None)
 
 
 class MobileNetV2PreTrainedModel(nn.Module):
@@ -162,19 +162,24 @@ class MobileNetV2Model(MobileNetV2PreTrainedModel):
 
     def __init__(self, config: MobileNetV2Config, add_pooling_layer: bool = True, final_conv: bool = True):
         super().__init__(config)
-        eps = config.layer_norm_eps
+        self.steps = backbone_steps(final_conv)
+        layer = dict(norm_eps=config.layer_norm_eps, activation=config.hidden_act, tf_padding=config.tf_padding)
         (stem_channels, _, stem_out), *blocks = block_channels(config)
-        self.conv_stem = MobileNetV2Stem(config.num_channels, stem_channels, stem_out, eps)
+        stem_step, *block_steps = (step for step in self.steps if step.block)
+        expand = block_expands(config, stem_step)
+        self.conv_stem = MobileNetV2Stem(config.num_channels, stem_channels, stem_out, expand=expand, **layer)
         self.layer = nn.ModuleList(
-            InvertedResidual(in_channels, expanded, out_channels, stride, dilation, eps)
-            for (in_channels, expanded, out_channels), (stride, dilation) in zip(
-                blocks, block_schedule(config), strict=True
+            InvertedResidual(
+                in_channels, expanded, out_channels, stride, dilation, expand=block_expands(config, step), **layer
+            )
+            for step, (in_channels, expanded, out_channels), (stride, dilation) in zip(
+                block_steps, blocks, block_schedule(config), strict=True
             )
         )
         self.out_channels = blocks[-1][2]
         self.conv_1x1 = None
         if final_conv:
-            self.conv_1x1 = ConvLayer(self.out_channels, final_conv_channels(config), 1, norm_eps=eps)
+            self.conv_1x1 = ConvLayer(self.out_channels, final_conv_channels(config), 1, **layer)
             self.out_channels = final_conv_channels(config)
         self.pool = add_pooling_layer
 
@@ -184,20 +189,41 @@ class MobileNetV2Model(MobileNetV2PreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> BaseModelOutputWithPooling:
-        """`pooler_output` is [N, C] as transformers' (a map with `avg_pool="fixed7x7"` on large inputs)."""
-        x = self.conv_stem(pixel_values)
-        hidden_states = [] if output_hidden_states else None  # kept only when asked: they hold memory
-        for block in self.layer:
-            x = block(x)
-            if hidden_states is not None:
-                hidden_states.append(x)
-        if self.conv_1x1 is not None:
-            x = self.conv_1x1(x)
+        """`pooler_output` is [N, C] as transformers' (a map with `avg_pool="fixed7x7"` on large inputs).
+        `output_hidden_states` unset takes config.json's (transformers' generic field; false by default)."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.extra.get("output_hidden_states", False)
+        # Hidden states are kept only when asked: they hold memory.
+        x, hidden_states = self.forward_intermediates(pixel_values, BLOCK_ENDPOINTS if output_hidden_states else ())
         pooled = pool_features(x, self.config.avg_pool) if self.pool else None
         if pooled is not None and pooled.shape[-2:] == (1, 1):
             pooled = pooled.flatten(1)
-        output = BaseModelOutputWithPooling(x, pooled, tuple(hidden_states) if hidden_states is not None else None)
-        return as_output(output, return_dict)
+        output = BaseModelOutputWithPooling(x, pooled, tuple(hidden_states.values()) if output_hidden_states else None)
+        return as_output(output, return_dict, self.config)
+
+    def forward_intermediates(
+        self, pixel_values: torch.Tensor, keep: Collection[str] = (), last: str | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The one walk of the network (`architecture.backbone_steps`), as timm's `forward_intermediates`:
+        run the backbone up to the endpoint `last` (all of it when None) and return the last tensor and
+        those of the endpoints in `keep`, in network order."""
+        x, kept = pixel_values, {}
+        for step in self.steps:
+            module = self.get_submodule(step.module)
+            if step.block:
+                expanded = module.expand(x)
+                if step.expansion_endpoint in keep:
+                    kept[step.expansion_endpoint] = expanded
+                if last is not None and last == step.expansion_endpoint:
+                    return expanded, kept
+                x = module.project(expanded, x)
+            else:
+                x = module(x)
+            if step.endpoint in keep:
+                kept[step.endpoint] = x
+            if last == step.endpoint:
+                break
+        return x, kept
 
     def extract_features(self, pixel_values: torch.Tensor, names: str | Sequence[str]):
         """Named slim endpoints (NCHW), computing nothing past the deepest one requested: a dict by name
@@ -213,74 +239,45 @@ class MobileNetV2Model(MobileNetV2PreTrainedModel):
         if unknown:
             raise ValueError(f"unknown endpoints {sorted(unknown)}; choose from {self.endpoint_names()}")
         deepest = max(ENDPOINTS.index(name) for name in wanted)
-        found: dict[str, torch.Tensor] = {}
-        for name, tensor in self._walk(pixel_values, ENDPOINTS[deepest]):
-            if name in wanted:
-                found[name] = tensor
+        last = ENDPOINTS[deepest] if "global_pool" not in wanted else None
+        x, found = self.forward_intermediates(pixel_values, wanted, last)
+        if "global_pool" in wanted:
+            found["global_pool"] = pool_features(x, self.config.avg_pool)
         return {name: found[name] for name in names}
 
     def endpoint_names(self) -> list[str]:
-        last = "layer_19" if self.conv_1x1 is not None else BLOCK_ENDPOINTS[-1]
-        names = list(ENDPOINTS[: ENDPOINTS.index(last) + 1])
+        names = [name for step in self.steps for name in step.endpoints]
         return names + ["global_pool"] if self.conv_1x1 is not None else names
 
     def feature_info(self) -> dict[str, FeatureInfo]:
         """Channels and reduction of every feature map endpoint (all but `global_pool`), read from the
         layers. A map is ceil(input size / reduction) on a side."""
-        first_conv = self.conv_stem.first_conv
-        reduction = first_conv.stride
-        info = {
-            "layer_1": FeatureInfo(first_conv.convolution.out_channels, reduction),
-            "layer_2": FeatureInfo(self.conv_stem.reduce_1x1.convolution.out_channels, reduction),
-        }
-        for name, block in zip(BLOCK_ENDPOINTS, self.layer, strict=True):
-            info[f"{name}/expansion_output"] = FeatureInfo(block.conv_3x3.convolution.in_channels, reduction)
-            reduction *= block.conv_3x3.stride
-            info[name] = FeatureInfo(block.reduce_1x1.convolution.out_channels, reduction)
-        if self.conv_1x1 is not None:
-            info["layer_19"] = FeatureInfo(self.conv_1x1.convolution.out_channels, reduction)
+        info, reduction = {}, 1
+        for step in self.steps:
+            module = self.get_submodule(step.module)
+            if step.block:
+                if step.expansion_endpoint is not None:
+                    info[step.expansion_endpoint] = FeatureInfo(module.conv_3x3.convolution.in_channels, reduction)
+                reduction *= module.conv_3x3.stride
+                info[step.endpoint] = FeatureInfo(module.reduce_1x1.convolution.out_channels, reduction)
+            else:
+                reduction *= module.stride
+                info[step.endpoint] = FeatureInfo(module.convolution.out_channels, reduction)
         return info
-
-    def _walk(self, x: torch.Tensor, last: str):
-        """Yield (endpoint, tensor) in network order, stopping after `last`."""
-        x = self.conv_stem.first_conv(x)
-        yield "layer_1", x
-        if last == "layer_1":
-            return
-        x = self.conv_stem.block(x)
-        yield "layer_2", x
-        for name, block in zip(BLOCK_ENDPOINTS, self.layer, strict=True):
-            if last == "layer_2":
-                return
-            expanded = block.expand(x)
-            yield f"{name}/expansion_output", expanded
-            if last == f"{name}/expansion_output":
-                return
-            x = block.project(expanded, x)
-            yield name, x
-            if last == name:
-                return
-        if self.conv_1x1 is None:
-            return
-        x = self.conv_1x1(x)
-        yield "layer_19", x
-        if last != "layer_19":
-            yield "global_pool", pool_features(x, self.config.avg_pool)
 
 
 class MobileNetV2Stem(InvertedResidual):
-    """`Conv` (3x3, stride 2) followed by `expanded_conv`, the block without an expansion layer."""
+    """`Conv` (3x3, stride 2) followed by `expanded_conv`, the block that by default has no expansion
+    layer (`first_layer_is_expansion`)."""
 
-    def __init__(self, in_channels: int, stem_channels: int, out_channels: int, norm_eps: float) -> None:
-        super().__init__(stem_channels, stem_channels, out_channels, norm_eps=norm_eps)
-        self.first_conv = ConvLayer(in_channels, stem_channels, 3, stride=2, norm_eps=norm_eps)
+    def __init__(self, in_channels: int, stem_channels: int, out_channels: int, **block: Any) -> None:
+        super().__init__(stem_channels, stem_channels, out_channels, **block)
+        first_conv = {key: value for key, value in block.items() if key != "expand"}
+        self.first_conv = ConvLayer(in_channels, stem_channels, 3, stride=2, **first_conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(self.first_conv(x))
-
-    def block(self, x: torch.Tensor) -> torch.Tensor:
-        """`expanded_conv` alone (slim's layer_2), without the stem conv."""
-        return super().forward(x)
+        x = self.first_conv(x)
+        return self.project(self.expand(x), x)
 
 
 def pool_features(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -297,6 +294,10 @@ class MobileNetV2ForImageClassification(MobileNetV2PreTrainedModel):
 
     def __init__(self, config: MobileNetV2Config) -> None:
         super().__init__(config)
+        if config.num_labels == 0:
+            raise UnsupportedConfigError(
+                "num_labels=0 (transformers' classifier without a head) is not built; use MobileNetV2Model"
+            )
         self.mobilenet_v2 = MobileNetV2Model(config)
         self.dropout = nn.Dropout(config.classifier_dropout_prob)
         self.classifier = nn.Linear(self.mobilenet_v2.out_channels, config.num_labels)
@@ -312,7 +313,7 @@ class MobileNetV2ForImageClassification(MobileNetV2PreTrainedModel):
         backbone = self.mobilenet_v2(pixel_values, output_hidden_states, return_dict=True)
         logits = self.classify(backbone.pooler_output)
         loss = classification_loss(logits, labels, self.config) if labels is not None else None
-        return as_output(ImageClassifierOutput(logits, loss, backbone.hidden_states), return_dict)
+        return as_output(ImageClassifierOutput(logits, loss, backbone.hidden_states), return_dict, self.config)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """The 1x1 logits conv of the original, applied to pooled features ([N, C], or a [N, C, h, w] map)."""
@@ -407,7 +408,7 @@ class MobileNetV2ForSemanticSegmentation(MobileNetV2PreTrainedModel):
         if labels is not None:
             resized = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
             loss = F.cross_entropy(resized, labels, ignore_index=self.config.semantic_loss_ignore_index)
-        return as_output(SemanticSegmenterOutput(logits, loss, backbone.hidden_states), return_dict)
+        return as_output(SemanticSegmenterOutput(logits, loss, backbone.hidden_states), return_dict, self.config)
 
     @torch.no_grad()
     def predict_labels(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .architecture import BACKBONE_PREFIX, backbone_steps
 from .configuration import MobileNetV2Config
 from .errors import ModelFolderError
 from .layers import ConvLayer
@@ -408,11 +409,11 @@ class QuantizedMobileNetV2(nn.Module):
     @torch.no_grad()
     def run(self, pixel_values: torch.Tensor) -> dict[str, QTensor]:
         """The output of every step (NCHW), by step name, as `quantization.json` names them."""
-        out: dict[str, QTensor] = {"input": self.quantize_input(pixel_values)}
-        x = self._conv("mobilenet_v2.conv_stem.first_conv", out["input"], out)
-        x = self._block("mobilenet_v2.conv_stem", x, out)
-        for i in range(len(self.config_blocks())):
-            x = self._block(f"mobilenet_v2.layer.{i}", x, out)
+        x = self.quantize_input(pixel_values)
+        out: dict[str, QTensor] = {"input": x}
+        for step in backbone_steps(final_conv=self.kind != "deeplab"):
+            name = BACKBONE_PREFIX + step.module
+            x = self._block(name, x, out) if step.block else self._conv(name, x, out)
         if self.kind == "deeplab":
             self._deeplab_head(x, pixel_values.shape[-2:], out)
         else:
@@ -422,9 +423,6 @@ class QuantizedMobileNetV2(nn.Module):
     def _resize(self, x: QTensor, size: tuple[int, int], record: dict[str, Any]) -> QTensor:
         """uint8 models resize in float (the reference kernel's uint8 path), int8 in fixed point."""
         return _resize_for(self.dtype)(x, size, record)
-
-    def config_blocks(self) -> list[str]:
-        return sorted({name.split(".")[2] for name in self.records if name.startswith("mobilenet_v2.layer.")}, key=int)
 
     def _conv(self, name: str, x: QTensor, out: dict[str, QTensor]) -> QTensor:
         out[name] = self.convs[_key(name)](x)
@@ -445,7 +443,6 @@ class QuantizedMobileNetV2(nn.Module):
         return x
 
     def _classification_head(self, x: QTensor, out: dict[str, QTensor]) -> None:
-        x = self._conv("mobilenet_v2.conv_1x1", x, out)
         out["mobilenet_v2.pool"] = quantized_pool(x, self.records["mobilenet_v2.pool"], self.dtype)
         logits = self._conv("classifier", out["mobilenet_v2.pool"], out)
         if "softmax" in self.records:
