@@ -106,7 +106,7 @@ class Graph:
         """The constant operand of a per-channel MUL / ADD whose other operand is `x`."""
         others = [tensor for tensor in op.inputs if tensor != x]
         values = self.model.data(self.stored(others[0])) if len(others) == 1 else None
-        if values is None or values.ndim != 1:
+        if values is None:
             raise MappingError(f"{scope}: op {op.index} ({op.op}) is not by a per-channel constant")
         return others[0]
 
