@@ -22,8 +22,9 @@ against them:
   before dividing in double, int8 per-channel ones in double; FULLY_CONNECTED rounds the product
   once where convs round twice (both as measured against the interpreter);
 - fused ReLU / ReLU6 as clamps of the quantized range;
-- residual ADDs rescaled through TFLite's 20-bit left shift, and the per-channel MUL and ADD of a
-  BatchNorm the converter left unfolded (after a space-to-batch dilated conv);
+- residual ADDs rescaled through TFLite's 20-bit left shift, and the per-channel MUL and / or ADD of a
+  BatchNorm the converter left unfolded (after a space-to-batch dilated conv), each its own
+  requantization, as is a separate RELU6 op (rescaled, then clamped);
 - the average pool's rounded integer mean; MEAN with the division folded into its multiplier;
 - bilinear resizes (uint8: interpolated in float32 and rounded half up; int8: in 1/1024 fixed point),
   requantizations and concatenations; the ARG_MAX of DeepLab's labels (ties to the first class);
@@ -300,12 +301,13 @@ def quantized_pool(x: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
     return QTensor((mean + out_zero).clamp(*DTYPE_RANGES[dtype]), out_scale, out_zero)
 
 
-def quantized_requantize(x: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
-    """QUANTIZE from one 8-bit scale to another."""
+def quantized_requantize(x: QTensor, record: dict[str, Any], dtype: str, activation: str | None = None) -> QTensor:
+    """QUANTIZE from one 8-bit scale to another; with an activation, RELU / RELU6 (TFLite's ReluX: the
+    same rescaling, clamped to the activation's quantized range)."""
     out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
     multiplier, shift = _multipliers([x.scale / out_scale])
     out = multiply_by_quantized_multiplier(x.values - x.zero_point, multiplier, shift) + out_zero
-    return QTensor(out.clamp(*DTYPE_RANGES[dtype]), out_scale, out_zero)
+    return QTensor(out.clamp(*activation_range(activation, out_scale, out_zero, dtype)), out_scale, out_zero)
 
 
 def quantized_concat(parts: list[QTensor], record: dict[str, Any], dtype: str) -> QTensor:
@@ -360,6 +362,12 @@ class QuantizedMobileNetV2(nn.Module):
             for name, record in self.records.items()
             if "constant" in record
         }
+        # The ops the converter kept after a conv (``<conv>.mul``, ``<conv>.bias_add``, ``<conv>.relu6``), in
+        # the graph's order: each is its own requantization.
+        self.after_conv: dict[str, list[str]] = {name: [] for name, r in self.records.items() if "weight_scale" in r}
+        for name in self.records:
+            if name.rpartition(".")[0] in self.after_conv:
+                self.after_conv[name.rpartition(".")[0]].append(name)
         for name, record in self.records.items():
             if "weight_scale" in record:
                 module = layout.get_submodule(name)
@@ -428,15 +436,23 @@ class QuantizedMobileNetV2(nn.Module):
         out[name] = self.convs[_key(name)](x)
         return out[name]
 
+    def _after_conv(self, name: str, x: QTensor) -> QTensor:
+        record = self.records[name]
+        if record["op"] == "MUL":
+            return quantized_mul(x, self.constants[name], record, self.dtype)
+        if record["op"] == "ADD":
+            return quantized_add(x, self.constants[name], record, self.dtype)
+        if record["op"] == "RELU6":
+            return quantized_requantize(x, record, self.dtype, "relu6")
+        raise ModelFolderError(f"{QUANTIZATION_FILE}: step {name} ({record['op']}) after a conv is not emulated")
+
     def _block(self, name: str, x: QTensor, out: dict[str, QTensor]) -> QTensor:
         block_input = x
         if f"{name}.expand_1x1" in self.records:
             x = self._conv(f"{name}.expand_1x1", x, out)
         x = self._conv(f"{name}.conv_3x3", x, out)
-        if f"{name}.conv_3x3.mul" in self.records:  # a BatchNorm the converter left unfolded
-            mul, bias_add = f"{name}.conv_3x3.mul", f"{name}.conv_3x3.bias_add"
-            x = out[mul] = quantized_mul(x, self.constants[mul], self.records[mul], self.dtype)
-            x = out[bias_add] = quantized_add(x, self.constants[bias_add], self.records[bias_add], self.dtype)
+        for step in self.after_conv[f"{name}.conv_3x3"]:  # a BatchNorm the converter left unfolded, a RELU6
+            x = out[step] = self._after_conv(step, x)
         x = self._conv(f"{name}.reduce_1x1", x, out)
         if f"{name}.add" in self.records:
             x = out[f"{name}.add"] = quantized_add(block_input, x, self.records[f"{name}.add"], self.dtype)

@@ -6,11 +6,15 @@ Tensor names differ between converters, so ops are matched to slim scopes by the
 starting at the input, each conv must consume the previous layer's output, and its kind (dense or
 depthwise), kernel, stride, dilation, padding, activation and channels are checked against the
 architecture that the variant implies. Residual ADDs must join a block's input and its projection.
+The walk sees the graph in canonical form (:mod:`converter.formats.tflite_graph`): a converter's other
+forms of a layer (a space-to-batch dilated depthwise conv, with its BatchNorm folded or not) arrive as
+the one op it stands for, with the ops the file runs kept as steps.
 
 TFLite folds each BatchNorm into its conv. The reader writes the folded (dequantized) weights with an
 identity BatchNorm: gamma 1, beta = folded bias, moving mean 0, moving variance 1 - eps, so that the
 mapping table and the model take them unchanged and ``(x - 0) / sqrt(1 - eps + eps) * 1 + beta`` adds
-the bias back.
+the bias back. A per-channel MUL or ADD the converter left after the conv is folded in there: gamma the
+MUL's constant, beta the bias times gamma plus the ADD's constant.
 
 The TFLite converter's float16 models store the weights as float16 constants that DEQUANTIZE ops widen
 to float32 (exactly) ahead of float kernels; its dynamic-range models store most weights as int8
@@ -36,6 +40,7 @@ import numpy as np
 
 from converter.errors import MappingError, TFLiteFormatError
 from converter.formats.base import Hints, Reader, References
+from converter.formats.tflite_graph import Graph
 from converter.formats.tflite_schema import Model, Operator, Tensor, has_identifier, parse_model
 from converter.slim import HEADS, NUM_BLOCKS, conv_layers, detect_variant
 from converter.vocabulary import CLASSIFICATION, DEEPLAB
@@ -326,10 +331,9 @@ class TFLiteReader(Reader):
                 continue
             variable = "depthwise_weights" if step.op.op == "DEPTHWISE_CONV_2D" else "weights"
             eps = HEAD_EPS if step.scope in HEAD_SCOPES else BACKBONE_EPS
-            gamma = np.ones_like(bias)
-            if f"{step.name}.mul" in constants:  # an unfolded BatchNorm: (conv + bias) * gamma + beta
-                gamma = constants[f"{step.name}.mul"]
-                bias = bias * gamma + constants[f"{step.name}.bias_add"]
+            # A BatchNorm the converter left unfolded, in part or whole: (conv + bias) * gamma + beta.
+            gamma = constants.get(f"{step.name}.mul", np.ones_like(bias))
+            bias = bias * gamma + constants.get(f"{step.name}.bias_add", np.zeros_like(bias))
             tensors[f"{step.scope}/{variable}"] = weight
             tensors[f"{step.scope}/BatchNorm/gamma"] = gamma
             tensors[f"{step.scope}/BatchNorm/beta"] = bias
@@ -343,22 +347,10 @@ class _Walk:
 
     def __init__(self, model: Model) -> None:
         self.model = model
-        self.consumers: dict[int, list[Operator]] = {}
-        for op in model.operators:
-            for tensor in op.inputs:
-                self.consumers.setdefault(tensor, []).append(op)
-        # A constant that a DEQUANTIZE op widens for a float kernel (float16 weights, or int8 ones where
-        # the kernel has no hybrid form): its output tensor -> the tensor holding the data.
-        self._dequantized = {
-            op.outputs[0]: model.tensors[op.inputs[0]]
-            for op in model.operators
-            if op.op == "DEQUANTIZE" and model.data(model.tensors[op.inputs[0]]) is not None
-        }
+        self.graph = Graph(model)
+        self.consumers = self.graph.consumers
+        self.stored = self.graph.stored
         self.steps: list[Step] = []
-
-    def stored(self, tensor: int) -> Tensor:
-        """The tensor holding the data of a constant operand: the DEQUANTIZE op's input where one feeds it."""
-        return self._dequantized.get(tensor, self.model.tensors[tensor])
 
     def run(self) -> tuple[list[Step], str]:
         if len(self.model.inputs) != 1 or len(self.model.outputs) != 1:
@@ -395,7 +387,7 @@ class _Walk:
         block_input = x
         if expand:
             x = self._conv(x, f"{scope}/expand", "CONV_2D", "relu6")
-        x = self._depthwise(x, f"{scope}/depthwise")
+        x = self._conv(x, f"{scope}/depthwise", "DEPTHWISE_CONV_2D", "relu6")
         x = self._conv(x, f"{scope}/project", "CONV_2D", None)
         # The residual joins this projection and the block's input (the next block's ADD takes it too).
         adds = [op for op in self.consumers.get(x, []) if op.op == "ADD" and block_input in op.inputs]
@@ -495,34 +487,10 @@ class _Walk:
         module = self.modules.get(scope) or HEAD_MODULES.get(scope)
         if module is None:
             raise MappingError(f"{scope} has no place in the model table")
-        self.steps.append(Step(module, op, scope))
+        conv, *after = self.graph.parts(op)
+        self.steps.append(Step(module, conv.op, scope, output=conv.output, dilation=conv.dilation))
+        self.steps += [Step(f"{module}.{part.suffix}", part.op, constant=part.constant) for part in after]
         return op.outputs[0]
-
-    def _depthwise(self, x: int, scope: str) -> int:
-        """A depthwise conv; a dilated one may come as SPACE_TO_BATCH_ND -> VALID depthwise ->
-        BATCH_TO_SPACE_ND with its BatchNorm left unfolded as a per-channel MUL and ADD (the current
-        converter's form of TF1's atrous convolution), which is the dilated SAME conv and BatchNorm."""
-        to_batch = self._optional(x, ("SPACE_TO_BATCH_ND",))
-        if to_batch is None:
-            return self._conv(x, scope, "DEPTHWISE_CONV_2D", "relu6")
-        block = self.model.data(self.model.tensors[to_batch.inputs[1]])
-        rate = int(block[0]) if block is not None and len(set(block.tolist())) == 1 else 0
-        op = self._optional(to_batch.outputs[0], ("DEPTHWISE_CONV_2D",))
-        to_space = op and self._optional(op.outputs[0], ("BATCH_TO_SPACE_ND",))
-        mul = to_space and self._optional(to_space.outputs[0], ("MUL",))
-        add = mul and self._optional(mul.outputs[0], ("ADD",))
-        if not (rate and add and op.options["padding"] == "VALID" and op.options["activation"] is None):
-            raise MappingError(f"{scope}: a SPACE_TO_BATCH_ND that does not start a dilated depthwise conv")
-        if mul.options["activation"] is not None or add.options["activation"] != "relu6":
-            raise MappingError(f"{scope}: the BatchNorm after the dilated depthwise conv is not MUL, ADD + ReLU6")
-        module = self.modules[scope]
-        self.steps.append(Step(module, op, scope, output=to_space.outputs[0], dilation=rate))
-        for name, step_op in ((f"{module}.mul", mul), (f"{module}.bias_add", add)):
-            others = [t for t in step_op.inputs if t != step_op.inputs[0]]
-            if len(others) != 1 or self.model.data(self.stored(others[0])) is None:
-                raise MappingError(f"{scope}: op {step_op.index} ({step_op.op}) is not by a per-channel constant")
-            self.steps.append(Step(name, step_op, constant=others[0]))
-        return add.outputs[0]
 
     def _end(self, x: int) -> None:
         while (op := self._optional(x, ("DEQUANTIZE", "CAST"))) is not None:

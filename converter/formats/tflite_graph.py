@@ -1,0 +1,142 @@
+"""Graph normalisation for TFLite files: each producer's form of a layer rewritten into one canonical op.
+
+Converters write the same layer in several forms; the topology walk in :mod:`converter.formats.tflite`
+knows only the canonical one. Each form is a rule: a function registered with :func:`rule` for the op
+type that starts the form, returning a :class:`Rewrite` (or None where the form does not apply). Rules
+run in registration order, each over the graph the earlier ones left, so a later rule sees canonical ops.
+
+A rewritten op keeps its arithmetic: its :class:`Part` list holds the ops the file really runs (the conv
+first, then the per-channel MUL / ADD of an unfolded BatchNorm, a separate RELU6), so that the float
+reader folds them and the integer model reproduces each one as TFLite computes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from converter.errors import MappingError
+from converter.formats.tflite_schema import Model, Operator, Tensor
+
+# The per-channel ops of a BatchNorm a converter leaves after a conv, in the order it writes them, by the
+# step-name suffix the integer model knows them by.
+BATCH_NORM_OPS = (("mul", "MUL"), ("bias_add", "ADD"))
+RELU6_SUFFIX = "relu6"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One op the file runs inside a canonical op."""
+
+    suffix: str | None  # None for the conv itself; else the step-name suffix after the conv's module
+    op: Operator
+    output: int  # the tensor the part yields (a space-to-batch conv's: after BATCH_TO_SPACE_ND)
+    constant: int | None = None  # the constant operand of a per-channel MUL / ADD
+    dilation: int | None = None  # a dilation the op does not carry itself (a space-to-batch conv)
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    op: Operator  # the canonical op, as if the converter had written one
+    parts: tuple[Part, ...]
+    replaced: tuple[Operator, ...]  # the ops it stands for
+
+
+Rule = Callable[["Graph", Operator], Rewrite | None]
+RULES: list[tuple[str, Rule]] = []
+
+
+def rule(op_type: str) -> Callable[[Rule], Rule]:
+    """Register a normalisation for forms that start with an op of `op_type`."""
+
+    def register(function: Rule) -> Rule:
+        RULES.append((op_type, function))
+        return function
+
+    return register
+
+
+class Graph:
+    """The operators of a model in canonical form, with each tensor's consumers."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        # A constant that a DEQUANTIZE op widens for a float kernel (float16 weights, or int8 ones where
+        # the kernel has no hybrid form): its output tensor -> the tensor holding the data.
+        self._dequantized = {
+            op.outputs[0]: model.tensors[op.inputs[0]]
+            for op in model.operators
+            if op.op == "DEQUANTIZE" and model.data(model.tensors[op.inputs[0]]) is not None
+        }
+        self.operators = list(model.operators)
+        self._parts: dict[int, tuple[Part, ...]] = {}
+        for op_type, normalise in RULES:
+            for op in [op for op in self.operators if op.op == op_type]:
+                self._index()
+                if op in self.operators and (rewrite := normalise(self, op)) is not None:
+                    self._apply(rewrite)
+        self._index()
+
+    def _index(self) -> None:
+        self.consumers: dict[int, list[Operator]] = {}
+        for op in self.operators:
+            for tensor in op.inputs:
+                self.consumers.setdefault(tensor, []).append(op)
+
+    def _apply(self, rewrite: Rewrite) -> None:
+        position = min(self.operators.index(op) for op in rewrite.replaced)
+        self.operators = [op for op in self.operators if op not in rewrite.replaced]
+        self.operators.insert(position, rewrite.op)
+        self._parts[rewrite.op.index] = rewrite.parts
+
+    def stored(self, tensor: int) -> Tensor:
+        """The tensor holding the data of a constant operand: the DEQUANTIZE op's input where one feeds it."""
+        return self._dequantized.get(tensor, self.model.tensors[tensor])
+
+    def parts(self, op: Operator) -> tuple[Part, ...]:
+        """The ops that `op` stands for: itself, unless a rule rewrote them."""
+        return self._parts.get(op.index, (Part(None, op, op.outputs[0]),))
+
+    def only_consumer(self, tensor: int, op_type: str) -> Operator | None:
+        """The op of `op_type` that is the one consumer of `tensor`, if that is what consumes it."""
+        found = self.consumers.get(tensor, [])
+        return found[0] if len(found) == 1 and found[0].op == op_type else None
+
+    def per_channel_constant(self, op: Operator, x: int, scope: str) -> int:
+        """The constant operand of a per-channel MUL / ADD whose other operand is `x`."""
+        others = [tensor for tensor in op.inputs if tensor != x]
+        values = self.model.data(self.stored(others[0])) if len(others) == 1 else None
+        if values is None:
+            raise MappingError(f"{scope}: op {op.index} ({op.op}) is not by a per-channel constant")
+        return others[0]
+
+
+@rule("SPACE_TO_BATCH_ND")
+def dilated_depthwise(graph: Graph, to_batch: Operator) -> Rewrite | None:
+    """TF1's atrous depthwise conv: SPACE_TO_BATCH_ND -> VALID DEPTHWISE_CONV_2D -> BATCH_TO_SPACE_ND, its
+    BatchNorm folded into the conv or left as a per-channel MUL, ADD or both, its ReLU6 fused into the
+    last op or a RELU6 op of its own: the SAME depthwise conv dilated by the block size."""
+    scope = f"op {to_batch.index}"
+    block = graph.model.data(graph.model.tensors[to_batch.inputs[1]])
+    rate = int(block[0]) if block is not None and len(set(block.tolist())) == 1 else 0
+    conv = graph.only_consumer(to_batch.outputs[0], "DEPTHWISE_CONV_2D")
+    to_space = conv and graph.only_consumer(conv.outputs[0], "BATCH_TO_SPACE_ND")
+    if not (rate and to_space and conv.options["padding"] == "VALID"):
+        return None  # not this form: the walk reports the op where it expects a conv
+    parts = [Part(None, conv, to_space.outputs[0], dilation=rate)]
+    x, activation = to_space.outputs[0], conv.options["activation"]
+    for suffix, op_type in BATCH_NORM_OPS:
+        op = graph.only_consumer(x, op_type)
+        if op is None:
+            continue
+        if activation is not None:
+            raise MappingError(f"{scope}: the dilated depthwise conv's {op_type} follows its activation")
+        parts.append(Part(suffix, op, op.outputs[0], constant=graph.per_channel_constant(op, x, scope)))
+        x, activation = op.outputs[0], op.options["activation"]
+    relu6 = graph.only_consumer(x, "RELU6")
+    if relu6 is not None and activation is None:
+        parts.append(Part(RELU6_SUFFIX, relu6, relu6.outputs[0]))
+        x, activation = relu6.outputs[0], "relu6"
+    options = {**conv.options, "padding": "SAME", "dilation_h": rate, "dilation_w": rate, "activation": activation}
+    canonical = replace(conv, inputs=(to_batch.inputs[0], *conv.inputs[1:]), outputs=(x,), options=options)
+    return Rewrite(canonical, tuple(parts), (to_batch, to_space, *(part.op for part in parts)))
