@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,13 @@ def run_cli(*args, env: dict[str, str] | None = None, cwd: Path = REPO) -> subpr
     (default: this one's)."""
     command = [sys.executable, "-c", "from converter.app.cli import convert_main; convert_main()", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def python_blocks(markdown: str) -> list[tuple[int, str, str]]:
+    """Each ```python block of a Markdown text: (line number of its opening fence, what follows `python`
+    on that line, the code)."""
+    fences = re.finditer(r"^```python([^\n]*)\n(.*?)^```", markdown, flags=re.S | re.M)
+    return [(markdown.count("\n", 0, m.start()) + 1, m.group(1).strip(), m.group(2)) for m in fences]
 
 
 def logit_tolerance(reference: np.ndarray) -> float:

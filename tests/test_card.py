@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from converter.output.card import render_card, write_model_card
-from tests.helpers import SMALL
+from tests.helpers import SMALL, python_blocks
 
 
 def _front_matter(text: str) -> str:
@@ -21,7 +21,7 @@ def _front_matter(text: str) -> str:
 
 
 def _python_blocks(text: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return [code for _, _, code in python_blocks(text)]
 
 
 def test_every_converted_folder_gets_a_card(classifier_folder: Path):
