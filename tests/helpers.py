@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+SMALL = "mobilenet_v2_0.35_96"  # the smallest zoo classifier: the fixture of every test that any model serves
+
+
+def run_cli(*args, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`convert-mobilenet ARGS` in a fresh interpreter, as a user runs it. `env` is the whole environment
+    (default: this one's)."""
+    command = [sys.executable, "-c", "from converter.app.cli import convert_main; convert_main()", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def python_blocks(markdown: str) -> list[tuple[int, str, str]]:
+    """Each ```python block of a Markdown text: (line number of its opening fence, what follows `python`
+    on that line, the code)."""
+    fences = re.finditer(r"^```python([^\n]*)\n(.*?)^```", markdown, flags=re.S | re.M)
+    return [(markdown.count("\n", 0, m.start()) + 1, m.group(1).strip(), m.group(2)) for m in fences]
 
 
 def logit_tolerance(reference: np.ndarray) -> float:

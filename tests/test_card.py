@@ -13,8 +13,7 @@ import pytest
 
 from converter.output.card import render_card, write_model_card
 from converter.output.records import ConversionRecord
-
-NAME = "mobilenet_v2_0.35_96"
+from tests.helpers import SMALL, python_blocks
 
 
 def _front_matter(text: str) -> str:
@@ -28,7 +27,7 @@ def card_of(conversion: dict, config: dict) -> str:
 
 
 def _python_blocks(text: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return [code for _, _, code in python_blocks(text)]
 
 
 def test_every_converted_folder_gets_a_card(classifier_folder: Path):
@@ -53,7 +52,7 @@ def test_card_snippets_run(classifier_folder: Path, tmp_path, monkeypatch):
     from PIL import Image
 
     Image.new("RGB", (130, 100), (200, 30, 60)).save(tmp_path / "image.jpg")
-    shutil.copytree(classifier_folder, tmp_path / NAME)
+    shutil.copytree(classifier_folder, tmp_path / SMALL)
     monkeypatch.chdir(tmp_path)  # the snippets name the folder as the variant, relative
     blocks = _python_blocks((classifier_folder / "README.md").read_text())
     assert len(blocks) == 3  # mobilenet_torch, transformers, upload (not run: it would contact the Hub)
@@ -96,14 +95,14 @@ def _zoo_conversion(classifier_folder: Path, **download) -> dict:
     """The fixture's conversion record, as if it had been downloaded from the zoo (how is in `download`)."""
     conversion = json.loads((classifier_folder / "conversion.json").read_text())
     digest = conversion["source"]["files"][0]["sha256"]
-    conversion["download"] = {"zoo_name": NAME, "sha256": digest, **download}
+    conversion["download"] = {"zoo_name": SMALL, "sha256": digest, **download}
     return conversion
 
 
 def test_published_accuracy_only_for_a_file_known_to_be_the_zoos(classifier_folder: Path, monkeypatch):
     from converter import zoo_catalog as zoo
 
-    entry = zoo.find(NAME)
+    entry = zoo.find(SMALL)
     figure = "ImageNet top-1 **45.5%** at 96x96: the published figure of the original `mobilenet_v2_0.35_96.tgz`"
     config = json.loads((classifier_folder / "config.json").read_text())
     # Downloaded under its zoo name from the zoo's own URL: known by name.
@@ -119,7 +118,7 @@ def test_published_accuracy_only_for_a_file_known_to_be_the_zoos(classifier_fold
     assert figure not in card_of(conversion, config)
     # Known by sha256 where the zoo table records it, whatever the file is called.
     digest = conversion["source"]["files"][0]["sha256"]
-    known = tuple(replace(e, sha256=digest) if e.name == NAME else e for e in zoo.entries())
+    known = tuple(replace(e, sha256=digest) if e.name == SMALL else e for e in zoo.entries())
     monkeypatch.setattr(zoo, "entries", lambda: known)
     assert figure in card_of(conversion, config)
 
@@ -208,7 +207,7 @@ def test_the_verifier_refreshes_the_card(classifier_folder: Path, tmp_path):
 
     folder = tmp_path / "model"
     shutil.copytree(classifier_folder, folder)
-    check = check_parity(ensure_fixture(NAME).tarball, folder)
+    check = check_parity(ensure_fixture(SMALL).tarball, folder)
     assert check.result.passed
     text = (folder / "README.md").read_text()
     assert "| **PASS** |" in text and re.search(r"\| logits \| [0-9.e+-]+ \| [0-9.e+-]+ \| yes \|", text)

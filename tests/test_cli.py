@@ -13,15 +13,9 @@ import pytest
 
 from fixtures.cache import ensure_fixture
 from fixtures.spec import make_weights
-from tests.helpers import REPO
+from tests.helpers import REPO, SMALL, run_cli
 
-SMALL = "mobilenet_v2_0.35_96"
 EXPECTED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "conversion.json"}
-
-
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", "from converter.app.cli import convert_main; convert_main()", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
@@ -30,11 +24,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def small():
-    return ensure_fixture(SMALL)
 
 
 def test_converts_a_zoo_tarball(small, tmp_path):

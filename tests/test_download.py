@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +20,11 @@ from converter.app.cli import convert_main
 from converter.zoo import download
 from converter.zoo import table as zoo
 from converter.zoo.download import DownloadError, RetryPolicy, fetch
-from tests.helpers import REPO
+from tests.helpers import REPO, SMALL, run_cli
 from tests.zoo_server import ZooServer, closed_port, running_zoo_server
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, timeout=10)
 FAST_ENV = {download.ATTEMPTS_ENV: "3", download.RETRY_DELAY_ENV: "0.01", download.TIMEOUT_ENV: "10"}
-NAME = "mobilenet_v2_0.35_96"
 ENTRY = zoo.lookup("mobilenet_v2", 0.35, 96)
 OFFICIAL = zoo_catalog.OFFICIAL_SOURCE
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes: enough for several read chunks
@@ -51,7 +49,7 @@ def _never_the_real_zoo(monkeypatch, tmp_path):
 def fixture_tarball() -> Path:
     from fixtures import ensure_fixture
 
-    return ensure_fixture(NAME).tarball
+    return ensure_fixture(SMALL).tarball
 
 
 def _sha(data: bytes) -> str:
@@ -222,15 +220,9 @@ def test_sizes_and_checksums_known_to_the_table_are_enforced(zoo_server: ZooServ
 
 
 # --------------------------------------------------------------------------------- convert-mobilenet
-def _run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
-    return subprocess.run(
-        [sys.executable, "-c", "from converter.app.cli import convert_main; convert_main()", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO), **FAST_ENV, **(env or {})},
-        cwd=cwd,
-        timeout=600,
-    )
+def cli_env() -> dict[str, str]:
+    """The environment as the test has set it (read at call time), with quick retries."""
+    return {**os.environ, "PYTHONPATH": str(REPO), **FAST_ENV}
 
 
 def _front_matter(text: str) -> dict[str, object]:
@@ -253,9 +245,9 @@ def test_convert_from_the_zoo_end_to_end(zoo_server: ZooServer, fixture_tarball,
     zoo_server.serve(ENTRY.filename, fixture_tarball)
     cache, out = tmp_path / "cache", tmp_path / "out"
     args = ["--depth", "0.35", "--size", "96", "--mirror", zoo_server.url, "--cache-dir", str(cache)]
-    result = _run_cli(*args, "--output", str(out))
+    result = run_cli(*args, "--output", str(out), env=cli_env())
     assert result.returncode == 0, result.stderr
-    assert f"converted {NAME}" in result.stdout
+    assert f"converted {SMALL}" in result.stdout
     assert {"README.md", "config.json", "model.safetensors", "conversion.json"} <= set(os.listdir(out))
 
     readme = (out / "README.md").read_text()
@@ -274,16 +266,16 @@ def test_convert_from_the_zoo_end_to_end(zoo_server: ZooServer, fixture_tarball,
         assert yaml.safe_load(readme.split("---\n")[1]) == {**front}
 
     conversion = json.loads((out / "conversion.json").read_text())
-    expected = {"zoo_name": NAME, "source": OFFICIAL, "url": ENTRY.url, "sha256": digest, "mirror": zoo_server.url}
+    expected = {"zoo_name": SMALL, "source": OFFICIAL, "url": ENTRY.url, "sha256": digest, "mirror": zoo_server.url}
     assert conversion["download"] == expected
     assert conversion["source"]["files"][0]["sha256"] == digest
     assert download.recorded_sha256(cache / ENTRY.filename) == digest
     assert zoo_server.count() == 1
 
     # Second run: from the cache, no request; default output folder = the variant's name.
-    result = _run_cli(*args, cwd=tmp_path)
+    result = run_cli(*args, env=cli_env(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / NAME / "README.md").is_file() and zoo_server.count() == 1
+    assert (tmp_path / SMALL / "README.md").is_file() and zoo_server.count() == 1
 
 
 def test_convert_deeplab_trainval_from_a_local_mirror(tmp_path, monkeypatch):
@@ -346,9 +338,9 @@ def test_all_converts_a_selection_and_reports_failures(zoo_server: ZooServer, fi
         zoo_server.serve(f"{name}.tgz", fixture_tarball)
     zoo_server.status["mobilenet_v2_0.35_128.tgz"] = 404
     out = tmp_path / "zoo"
-    result = _run_cli(
+    result = run_cli(
         "--all", "--depth", "0.35", "--jobs", "2", "--mirror", zoo_server.url,
-        "--cache-dir", str(tmp_path / "cache"), "--output", str(out),
+        "--cache-dir", str(tmp_path / "cache"), "--output", str(out), env=cli_env(),
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
     table = result.stdout.splitlines()
@@ -367,15 +359,15 @@ def test_all_with_verify_reports_the_parity(zoo_server: ZooServer, fixture_tarba
     pytest.importorskip("tensorflow")
     zoo_server.serve(ENTRY.filename, fixture_tarball)
     out = tmp_path / "zoo"
-    result = _run_cli(
+    result = run_cli(
         "--all", "--depth", "0.35", "--size", "96", "--verify", "--mirror", zoo_server.url,
-        "--cache-dir", str(tmp_path / "cache"), "--output", str(out),
+        "--cache-dir", str(tmp_path / "cache"), "--output", str(out), env=cli_env(),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     row = result.stdout.splitlines()[2].split()
-    assert row[:2] == [NAME, "verified"] and float(row[2]) < 1e-3
-    assert (out / NAME / "parity" / "parity.json").is_file()
-    assert "| **PASS** |" in (out / NAME / "README.md").read_text()
+    assert row[:2] == [SMALL, "verified"] and float(row[2]) < 1e-3
+    assert (out / SMALL / "parity" / "parity.json").is_file()
+    assert "| **PASS** |" in (out / SMALL / "README.md").read_text()
 
 
 @pytest.mark.slow
@@ -390,9 +382,10 @@ def test_all_converts_the_whole_zoo(zoo_server: ZooServer, tmp_path):
     for entry in zoo.select():
         zoo_server.serve(entry.filename, deeplab[entry.depth] if entry.is_deeplab else per_depth[entry.depth])
     out = tmp_path / "zoo"
-    result = _run_cli(
-        "--all", "--jobs", "2", "--mirror", zoo_server.url, "--cache-dir", str(tmp_path / "cache"), "--output", str(out)
-    )
+    result = run_cli(
+        "--all", "--jobs", "2", "--mirror", zoo_server.url, "--cache-dir", str(tmp_path / "cache"),
+        "--output", str(out), env=cli_env(),
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "26 of 26 converted" in result.stdout
     assert len(os.listdir(out)) == 26

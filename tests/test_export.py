@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mobilenet_torch import MobileNetV2Config, MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation
-from tests.helpers import with_random_batchnorm
+from tests.helpers import SMALL, with_random_batchnorm
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -111,7 +111,7 @@ def test_torch_compile_equals_eager(kind):
 def test_convert_with_onnx_writes_a_runnable_model(tmp_path):
     from fixtures.cache import ensure_fixture
 
-    small = ensure_fixture("mobilenet_v2_0.35_96")
+    small = ensure_fixture(SMALL)
     out = tmp_path / "model"
     command = [sys.executable, "-c", "from converter.app.cli import convert_main; convert_main()"]
     args = ["--checkpoint", str(small.tarball), "--output", str(out), "--onnx"]

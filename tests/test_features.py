@@ -11,7 +11,7 @@ from converter import convert_checkpoint
 from converter.pipeline.table import endpoints_for
 from fixtures.cache import ensure_fixture
 from mobilenet_torch import ENDPOINTS, MobileNetV2Backbone, MobileNetV2ForImageClassification
-from tests.helpers import logit_tolerance, random_images, to_nhwc, to_torch
+from tests.helpers import SMALL, logit_tolerance, random_images, to_nhwc, to_torch
 
 pytest.importorskip("tensorflow")
 from fixtures.tf_builder import TENSOR_NAMES, GraphRunner  # noqa: E402
@@ -119,7 +119,7 @@ def test_fixed_7x7_pooling_matches_slim(size, tmp_path):
 
 
 def test_drop_background_keeps_the_1000_imagenet_classes(tmp_path):
-    fixture = ensure_fixture("mobilenet_v2_0.35_96")
+    fixture = ensure_fixture(SMALL)
     convert_checkpoint(fixture.tarball, tmp_path / "model", drop_background=True)
     model = MobileNetV2ForImageClassification.from_pretrained(tmp_path / "model")
     assert model.config.num_labels == 1000

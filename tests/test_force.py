@@ -11,7 +11,8 @@ import pytest
 from converter import convert_checkpoint
 from converter.errors import OutputError
 from fixtures.cache import ensure_fixture
-from tests.test_cli import SMALL, assert_one_line_error, run_cli
+from tests.helpers import SMALL, run_cli
+from tests.test_cli import assert_one_line_error
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,8 @@ from converter.errors import SourceError
 from converter.output import layout
 from fixtures import ensure_fixture
 from mobilenet_torch.quantized_files import INTEGER_WEIGHTS_FILE
-from tests.helpers import SHARED
+from tests.helpers import SHARED, SMALL
 
-CHECKPOINT = "mobilenet_v2_0.35_96"
 REAL_TFLITE = SHARED / "realdata" / "models" / "mobilenet_v2_1.0_224_quant.tflite"
 
 
@@ -36,7 +35,7 @@ def tflite_file() -> Path:
     pytest.importorskip("tensorflow", reason=f"{REAL_TFLITE} is absent and TensorFlow is needed to build one")
     from fixtures.tflite_builder import build_tflite
 
-    return build_tflite(CHECKPOINT, "int8")
+    return build_tflite(SMALL, "int8")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +50,7 @@ def folder_of(tmp_path: Path, *, checkpoint: bool = False, tflites: tuple[Path, 
     folder = tmp_path / name
     folder.mkdir()
     if checkpoint:
-        for path in ensure_fixture(CHECKPOINT).files.iterdir():
+        for path in ensure_fixture(SMALL).files.iterdir():
             shutil.copyfile(path, folder / path.name)
     for i, tflite in enumerate(tflites):
         target = folder / ("model.tflite" if i == 0 else f"models/variant_{i}.tflite")
@@ -101,7 +100,7 @@ def test_with_a_checkpoint_beside_it_the_registry_order_decides_and_the_note_say
     assert "which also holds model.tflite (--format tflite)" in " ".join(record(first)["notes"])
     # The checkpoint itself, converted as the zoo's tarball is: the same folder.
     plain = tmp_path / "plain"
-    convert_checkpoint(ensure_fixture(CHECKPOINT).tarball, plain)
+    convert_checkpoint(ensure_fixture(SMALL).tarball, plain)
     assert (first / layout.WEIGHTS).read_bytes() == (plain / layout.WEIGHTS).read_bytes()
 
     convert_checkpoint(archive, second, format="tflite")

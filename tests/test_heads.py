@@ -14,9 +14,7 @@ from converter.errors import UsageError
 from fixtures.cache import ensure_fixture
 from fixtures.spec import make_weights
 from mobilenet_torch import MobileNetV2ForImageClassification, MobileNetV2Model
-from tests.helpers import logit_tolerance, random_images
-
-NAME = "mobilenet_v2_0.35_96"
+from tests.helpers import SMALL, logit_tolerance, random_images
 
 
 def nchw(images: np.ndarray) -> torch.Tensor:
@@ -26,7 +24,7 @@ def nchw(images: np.ndarray) -> torch.Tensor:
 def test_backbone_only_gives_the_classifiers_features_and_loads_in_transformers(classifier_folder, tmp_path):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "backbone"
-    summary = convert_checkpoint(ensure_fixture(NAME).tarball, out, backbone_only=True)
+    summary = convert_checkpoint(ensure_fixture(SMALL).tarball, out, backbone_only=True)
     record = json.loads((out / "conversion.json").read_text())
     assert summary.variant.kind == "backbone" and record["tensors"]["ignored"]["head_set_aside"] == 4
     assert json.loads((out / "config.json").read_text())["architectures"] == ["MobileNetV2Model"]
@@ -46,7 +44,7 @@ def thousand_class_checkpoint(tmp_path_factory):
     pytest.importorskip("tensorflow")
     from fixtures.tf_builder import save_tensors
 
-    weights = make_weights(NAME)
+    weights = make_weights(SMALL)
     for name in list(weights):
         if name.startswith("MobilenetV2/Logits/Conv2d_1c_1x1/"):
             weights[name] = weights[name][..., 1:]
@@ -61,7 +59,7 @@ def test_add_background_prepends_a_class_that_never_wins(thousand_class_checkpoi
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"]["0"] == "background" and config["id2label"]["1"].startswith("tench")
     images = random_images((96, 96), batch=2, seed=2)
-    expected = run_graph(NAME, images, convention="ema")["Logits"]  # the original 1001-class graph
+    expected = run_graph(SMALL, images, convention="ema")["Logits"]  # the original 1001-class graph
     with torch.inference_mode():
         ours = MobileNetV2ForImageClassification.from_pretrained(out)(nchw(images)).logits.numpy()
     assert ours.shape == (2, 1001)
@@ -87,9 +85,9 @@ def test_a_renamed_checkpoint_gets_no_silent_image_size(tmp_path):
     import subprocess
     import sys
 
-    files = ensure_fixture(NAME).root / "files"
-    for path in files.glob(f"{NAME}.ckpt.*"):
-        shutil.copy(path, tmp_path / path.name.replace(NAME, "my_model"))
+    files = ensure_fixture(SMALL).root / "files"
+    for path in files.glob(f"{SMALL}.ckpt.*"):
+        shutil.copy(path, tmp_path / path.name.replace(SMALL, "my_model"))
     command = [sys.executable, "-c", "from converter.app.cli import convert_main; convert_main()"]
     args = ["--checkpoint", str(tmp_path / "my_model.ckpt"), "--output", str(tmp_path / "out")]
     result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)

@@ -16,7 +16,7 @@ from fixtures.spec import checkpoint_inventory, get_variant
 from mobilenet_torch import MobileNetV2ForImageClassification
 from mobilenet_torch.errors import ModelFolderError
 from mobilenet_torch.fakequant import FakeQuantMobileNetV2, nudged_range
-from tests.helpers import logit_tolerance, random_images, to_nhwc, to_torch
+from tests.helpers import SMALL, logit_tolerance, random_images, to_nhwc, to_torch
 
 tf = pytest.importorskip("tensorflow")
 from fixtures.qat_builder import (  # noqa: E402
@@ -28,7 +28,7 @@ from fixtures.qat_builder import (  # noqa: E402
 )
 from fixtures.tf_builder import GraphRunner  # noqa: E402
 
-VARIANT = get_variant("mobilenet_v2_0.35_96")
+VARIANT = get_variant(SMALL)
 
 
 @pytest.fixture(scope="module")

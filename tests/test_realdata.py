@@ -47,14 +47,7 @@ UNIFORM_OR_SUIT = {"military uniform", "suit, suit of clothes", "Windsor tie", "
 DOMESTIC_CATS = {"tabby, tabby cat", "tiger cat", "Persian cat", "Siamese cat, Siamese", "Egyptian cat"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread per forward: on a shared, loaded machine torch's spinning workers cost far more
-    than they win (a 224 forward took ~1.4 s on 2 threads and ~0.2 s on 1)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def check_structure(model, interp, convs, shapes) -> None:

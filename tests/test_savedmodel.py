@@ -26,9 +26,8 @@ from fixtures.savedmodel_builder import (  # noqa: E402
     write_saved_model,
 )
 from mobilenet_torch import MobileNetV2ForImageClassification  # noqa: E402
-from tests.helpers import REPO, logit_tolerance, random_images  # noqa: E402
+from tests.helpers import REPO, SMALL, logit_tolerance, random_images  # noqa: E402
 
-NAME = "mobilenet_v2_0.35_96"
 SIZES = [(96, 96), (97, 97), (80, 112)]
 
 
@@ -36,7 +35,7 @@ SIZES = [(96, 96), (97, 97), (80, 112)]
 def saved_models(tmp_path_factory):
     """style -> SavedModel folder of the 0.35_96 fixture weights (ema convention)."""
     root = tmp_path_factory.mktemp("saved_models")
-    return {style: write_saved_model(NAME, root / style, style) for style in ("tf1", "tf2")}
+    return {style: write_saved_model(SMALL, root / style, style) for style in ("tf1", "tf2")}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +71,7 @@ def test_saved_models_convert_to_their_own_logits(saved_models, expected_logits,
 
 
 def test_a_scope_in_front_of_the_slim_names_is_removed(tmp_path):
-    folder = write_saved_model(NAME, tmp_path / "scoped", "tf2", scope="module/")
+    folder = write_saved_model(SMALL, tmp_path / "scoped", "tf2", scope="module/")
     with open_reader(folder) as reader:
         assert "MobilenetV2/Conv/weights" in reader.names()
         assert not [name for name in reader.names() if name.startswith("module/")]
@@ -98,7 +97,7 @@ def test_a_tf1_hub_module_is_recognised_and_converts(saved_models, expected_logi
 def test_hub_form_exports_taking_zero_to_one_convert_exactly_to_a_model_taking_minus_one_to_one(style, tmp_path):
     """TF Hub's form: images in [0, 1], scaled to [-1, 1] inside the graph. The converted model takes [-1, 1]
     (what its preprocessor_config.json prepares) and gives the export's own logits for the same images."""
-    source = write_saved_model(NAME, tmp_path / style, style)
+    source = write_saved_model(SMALL, tmp_path / style, style)
     if style == "hub-tf2":  # Kaggle serves the TF2 export as an archive
         source = kaggle_archive(source, tmp_path / "kaggle.tar.gz")
     out = tmp_path / "converted"

@@ -75,12 +75,7 @@ def tflite_path(name: str):
     return build_int8_from_tflite(MODELS / f"{name.removesuffix(INT8)}.tflite", calibration)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,11 @@ from converter.formats.tflite import TFLiteReader
 from mobilenet_torch import MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation
 from mobilenet_torch.quantized import QuantizedMobileNetV2
 from mobilenet_torch.quantized_files import QUANTIZATION_FILE
-from tests.helpers import logit_tolerance, random_images, to_torch
+from tests.helpers import SMALL, logit_tolerance, random_images, to_torch
 from tests.realdata_tflite import interpreter
 
 tf = pytest.importorskip("tensorflow", reason="TensorFlow builds the TFLite fixtures and runs the interpreter")
 
-VARIANT = "mobilenet_v2_0.35_96"
 SIZE = 96
 DEEPLAB_VARIANT = "deeplabv3_mnv2_dm05_pascal_trainaug"
 DEEPLAB_SIZE = 97  # odd, as DeepLab crops are; small to keep the test fast
@@ -48,7 +47,7 @@ def tflite_file():
     """The int8 classifier."""
     from fixtures.tflite_builder import build_tflite
 
-    return build_tflite(VARIANT, "int8")
+    return build_tflite(SMALL, "int8")
 
 
 def invoke(interp, images: np.ndarray) -> np.ndarray:
@@ -131,7 +130,7 @@ def logits_of(model, images: np.ndarray, like: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ["float", "float16"])
 @pytest.mark.parametrize(
-    ("variant", "size"), [(VARIANT, SIZE), (DEEPLAB_VARIANT, DEEPLAB_SIZE)], ids=["classification", "deeplab"]
+    ("variant", "size"), [(SMALL, SIZE), (DEEPLAB_VARIANT, DEEPLAB_SIZE)], ids=["classification", "deeplab"]
 )
 def test_float_tflite_converts_to_the_interpreter_logits(tmp_path, variant, size, mode):
     """The interpreter widens float16 weights to float32 before its float kernels, so a float16 file
@@ -160,7 +159,7 @@ def test_float_tflite_converts_to_the_interpreter_logits(tmp_path, variant, size
 
 @pytest.mark.parametrize(
     ("variant", "size"),
-    [(VARIANT, SIZE), ("mobilenet_v2_1.3_224", SIZE), (DEEPLAB_VARIANT, DEEPLAB_SIZE)],
+    [(SMALL, SIZE), ("mobilenet_v2_1.3_224", SIZE), (DEEPLAB_VARIANT, DEEPLAB_SIZE)],
     ids=["classification", "classification-int8-stem", "deeplab"],
 )
 def test_dynamic_range_tflite_converts_to_its_dequantized_float_model(tmp_path, variant, size):

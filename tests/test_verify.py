@@ -15,20 +15,12 @@ import pytest
 from click.testing import CliRunner
 
 from converter.pipeline.table import endpoints_for
-from tests.helpers import REPO, copied_frozen_graph
+from tests.helpers import REPO, SMALL, copied_frozen_graph
 
 pytest.importorskip("tensorflow")
 
-SMALL = "mobilenet_v2_0.35_96"
 DEEPLAB = "deeplabv3_mnv2_dm05_pascal_trainaug"
 REPORTS = ("parity.json", "parity.md", "parity.xml", "parity.png")
-
-
-@pytest.fixture(scope="module")
-def small():
-    from fixtures import ensure_fixture
-
-    return ensure_fixture(SMALL)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from tests.helpers import SMALL
+
 pytest.importorskip("tensorflow")
 
-SMALL = "mobilenet_v2_0.35_96"
 FAULTY_BIAS = "mobilenet_v2.layer.6.reduce_1x1.normalization.bias"
 
 

@@ -13,11 +13,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests.helpers import copied_frozen_graph
+from tests.helpers import SMALL, copied_frozen_graph
 
 pytest.importorskip("tensorflow")
 
-SMALL = "mobilenet_v2_0.35_96"
 DEEPLAB = "deeplabv3_mnv2_dm05_pascal_trainaug"
 BLOCK_7 = "mobilenet_v2.layer.6"  # expanded_conv_7: layer_9
 
@@ -31,13 +30,6 @@ def verify(*args) -> tuple[int, str]:
 
 def parity(folder: Path) -> dict:
     return json.loads((folder / "parity.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def small():
-    from fixtures import ensure_fixture
-
-    return ensure_fixture(SMALL)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from fixtures.qat_builder import hosted_quant_archive  # noqa: E402
 from fixtures.savedmodel_builder import kaggle_archive, run_saved_model, write_saved_model  # noqa: E402
 from mobilenet_torch import MobileNetV2ForImageClassification  # noqa: E402
 from mobilenet_torch.quantized_files import FAKE_QUANTIZATION_FILE  # noqa: E402
-from tests.helpers import REPO, SHARED, logit_tolerance, random_images  # noqa: E402
+from tests.helpers import REPO, SHARED, logit_tolerance, random_images, run_cli  # noqa: E402
 from tests.zoo_server import running_zoo_server  # noqa: E402
 
 ENTRY = lookup("mobilenet_v2", 1.0, 224)
@@ -75,11 +75,6 @@ def served_path(source_name: str, env: dict[str, str], entry=ENTRY) -> str:
         os.environ.clear()
         os.environ.update(saved)
     return url.split("/", 3)[3]
-
-
-def run_cli(*args, env):
-    command = [sys.executable, "-c", "from converter.app.cli import convert_main; convert_main()", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
 
 def test_a_403_on_the_official_tarball_falls_through_to_the_saved_model(server, saved_model, tmp_path):
