@@ -370,7 +370,7 @@ def _zoo_verifier(verify: bool = False):
     """What --all runs on each converted folder after converting it (None: nothing)."""
     if not verify:
         return None
-    from converter.verify.reference import import_tensorflow
+    from converter.verify.references import import_tensorflow
 
     import_tensorflow()  # fail once, before converting anything, when TensorFlow is missing
 
@@ -453,8 +453,8 @@ def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
     type=click.Choice(REFERENCE_KINDS),
     default="auto",
     show_default=True,
-    help="The graph to compare against: auto takes the checkpoint's .meta, else its frozen graph, else the "
-    "project's builder.",
+    help="The graph to compare against: auto takes the checkpoint's .meta, else its frozen graph (a builder "
+    "graph is for the Python API, which is passed one).",
 )
 @click.option(
     "--report-dir",

@@ -21,7 +21,7 @@ that does not is the first divergence: the fault lies in the module that compute
 endpoint the reference graph does not hold is "not compared", with the reason; shapes that differ fail,
 saying so. A PASS needs the logits compared on every input.
 
-The reference is the source's own original (:mod:`.reference`): a TF graph, a SavedModel's signature,
+The reference is the source's own original (:mod:`.references`): a TF graph, a SavedModel's signature,
 Keras' model or TFLite's interpreter. A quantized ``.tflite`` is an integer model that the float model
 does not equal end to end; there each conv of the float model is compared on the interpreter's own
 input of that layer (`float/<module>` rows, the head's as `logits`) and each step of the integer
@@ -51,6 +51,7 @@ from converter.output.records import ConversionRecord
 from converter.output.writer import preprocessor_config
 from converter.pipeline.conventions import plan_weights
 from converter.pipeline.table import CLASSIFICATION, DEEPLAB, endpoints_for
+from converter.verify.references.base import GraphBuilder
 from converter.vocabulary import kind_of_architecture
 
 #: The fixed rule's defaults, used when only one of --atol / --rtol is given.
@@ -368,19 +369,21 @@ def verify_model(
     threads: int | None = None,
     reference_kind: str = "auto",
     format: str | None = None,
+    graph_builder: GraphBuilder | None = None,
 ) -> ParityResult:
-    """Compare the model folder with the original it was converted from (see :mod:`.reference`).
+    """Compare the model folder with the original it was converted from (see :mod:`.references`).
 
     Raises VerificationError (exit code 2) when the comparison cannot be made; a failed comparison is a
     result (`ParityResult.passed` false), not an error. `reference_kind`: "auto" (the best there is),
-    "meta_graph", "frozen_graph" or "builder". `format` reads `checkpoint` as that format; by default it is
-    read as the conversion read it when it is the very file conversion.json records (an archive holding
-    several formats is then compared with the one converted), else its format is recognised.
+    "meta_graph", "frozen_graph" or "builder" (a graph from `graph_builder`, also the fallback of "auto"
+    where a checkpoint ships no graph; without one that is refused). `format` reads `checkpoint` as that
+    format; by default it is read as the conversion read it when it is the very file conversion.json
+    records (an archive holding several formats is then compared with the one converted), else its format
+    is recognised.
     """
     started = time.perf_counter()
     model_dir = Path(model_dir)
     record = ConversionRecord.read(model_dir)
-    conversion = record.to_json() if record else {}
     preprocessing = _read_json(model_dir / "preprocessor_config.json")
     model = _load_model(model_dir)
     config = model.config
@@ -390,10 +393,10 @@ def verify_model(
     cases = make_inputs(inputs, kind, size, preprocessing)
     endpoints = endpoints_for(kind)
     tensors = [tensor for _, tensor, _ in endpoints]
-    drop_background = bool(conversion.get("drop_background"))
+    drop_background = record is not None and record.drop_background
 
     from converter.formats import open_reader
-    from converter.verify.reference import import_tensorflow, open_reference
+    from converter.verify.references import import_tensorflow, open_reference
 
     tf = import_tensorflow()
     if threads:
@@ -401,16 +404,17 @@ def verify_model(
 
         torch.set_num_threads(threads)
     try:
-        with open_reader(checkpoint, format or _recorded_format(conversion, Path(checkpoint))) as source:
-            weights = conversion.get("weights") or plan_weights(source.names()).convention
-            if "weights" not in conversion:
+        with open_reader(checkpoint, format or _recorded_format(record, Path(checkpoint))) as source:
+            weights = record.weights if record else plan_weights(source.names()).convention
+            if record is None:
                 notes.append(f"conversion.json does not say which weights were used: assumed {weights}")
-            notes += _provenance_notes(conversion, source)
+            notes += _provenance_notes(record, source)
             references = source.references
             stride = config.output_stride if kind == DEEPLAB else None
             reference = open_reference(
                 references, kind=kind, depth=config.depth_multiplier, convention=weights, tensors=tensors,
                 output_stride=stride, threads=threads, prefer=reference_kind, image_size=config.image_size,
+                graph_builder=graph_builder,
             )  # fmt: skip
             with reference:
                 model = _at_reference_stride(model, reference.info.output_stride, notes)
@@ -436,7 +440,7 @@ def verify_model(
     fixed = atol is not None or rtol is not None
     return ParityResult(
         model=model_dir.name,
-        variant=(conversion.get("variant") or {}).get("name") or model_dir.name,
+        variant=(record.variant.get("name") if record else None) or model_dir.name,
         kind=kind,
         checkpoint=Path(checkpoint).name,
         weights=weights,
@@ -714,9 +718,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _recorded_format(conversion: dict[str, Any], checkpoint: Path) -> str | None:
+def _recorded_format(record: ConversionRecord | None, checkpoint: Path) -> str | None:
     """The format conversion.json records, when `checkpoint` is the one file it records (same sha256)."""
-    source = conversion.get("source") or {}
+    source = record.source if record else {}
     files = source.get("files") or []
     if len(files) != 1 or not isinstance(files[0], dict) or not checkpoint.is_file():
         return None
@@ -726,9 +730,10 @@ def _recorded_format(conversion: dict[str, Any], checkpoint: Path) -> str | None
     return source.get("format") if file_sha256(checkpoint) == recorded.get("sha256") else None
 
 
-def _provenance_notes(conversion: dict[str, Any], source) -> list[str]:
+def _provenance_notes(record: ConversionRecord | None, source) -> list[str]:
     """A note when the source is not the one conversion.json records (parity will then fail)."""
-    recorded = {f.get("name"): f.get("sha256") for f in (conversion.get("source") or {}).get("files") or []}
+    files = (record.source.get("files") if record else None) or []
+    recorded = {f.get("name"): f.get("sha256") for f in files}
     if not recorded:
         return []
     for file in source.provenance():
