@@ -310,7 +310,7 @@ def test_missing_tensorflow_says_how_to_install(small, small_model, tmp_path, mo
 def test_image_inputs_are_preprocessed_like_transformers(tmp_path):
     from PIL import Image
 
-    from converter.verify.compare import make_inputs
+    from converter.verify.inputs import make_inputs
 
     rng = np.random.default_rng(0)
     path = tmp_path / "photo.png"

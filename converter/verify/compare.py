@@ -44,13 +44,12 @@ from typing import Any
 
 import numpy as np
 
-from converter.errors import ConverterError, ImageError, ModelFolderError, VerificationError
+from converter.errors import ConverterError, ModelFolderError, VerificationError
 from converter.formats.files import file_sha256
-from converter.images import open_image, preprocess
 from converter.output.records import ConversionRecord
-from converter.output.writer import preprocessor_config
 from converter.pipeline.conventions import plan_weights
-from converter.pipeline.table import CLASSIFICATION, DEEPLAB, endpoints_for
+from converter.pipeline.table import DEEPLAB, endpoints_for
+from converter.verify.inputs import RANDOM, InputCase, fit_to_reference, make_inputs
 from converter.verify.references.base import GraphBuilder
 from converter.vocabulary import kind_of_architecture
 
@@ -61,18 +60,10 @@ DEFAULT_RTOL = 1e-4
 NOISE_FACTOR = 16.0
 NOISE_FLOOR = 16 * float(np.finfo(np.float32).eps)
 MAX_RELATIVE_TOLERANCE = 1e-3
-RANDOM = "random"
-RANDOM_BATCH = 2
-ODD_SIZE = {CLASSIFICATION: 97, DEEPLAB: 129}
-NON_SQUARE = (160, 192)  # (height, width)
 LOGITS = "logits"
-
-
-@dataclass
-class InputCase:
-    name: str
-    description: str
-    pixels: np.ndarray  # NCHW float32 in [-1, 1]
+#: The rows of a quantized reference (see :mod:`.quantized`): each float layer on the interpreter's own
+#: input, and each step of the integer emulation, named by these prefixes.
+FLOAT_STEP, INTEGER_STEP = "float/", "integer/"
 
 
 @dataclass
@@ -278,38 +269,6 @@ def _or_zero(value: float) -> float:
     return value if math.isfinite(value) else 0.0
 
 
-# ---------------------------------------------------------------------------------------------- inputs
-def make_inputs(
-    specs: Sequence[str], kind: str, size: int, preprocessing: dict[str, Any] | None = None
-) -> list[InputCase]:
-    """`random` gives seeded images in [-1, 1]: a batch of 2 at `size`, one at an odd size and one
-    non-square; any other spec is an image file, preprocessed like transformers' MobileNetV2ImageProcessor."""
-    cases: list[InputCase] = []
-    for spec in specs or (RANDOM,):
-        if spec == RANDOM:
-            odd = ODD_SIZE[kind]
-            cases += [
-                random_case(f"random-{size}x{size}", RANDOM_BATCH, size, size, seed=0),
-                random_case(f"random-{odd}x{odd}", 1, odd, odd, seed=1),
-                random_case(f"random-{NON_SQUARE[0]}x{NON_SQUARE[1]}", 1, *NON_SQUARE, seed=2),
-            ]
-        else:
-            path = Path(spec)
-            settings = preprocessing or preprocessor_config(size, segmentation=kind == DEEPLAB)
-            try:
-                pixels = preprocess(open_image(path), settings)
-            except ImageError as error:
-                raise VerificationError(str(error)) from None
-            cases.append(InputCase(f"image-{path.name}", f"{path.name}, preprocessed", pixels[None]))
-    names = [case.name for case in cases]
-    return [case for i, case in enumerate(cases) if case.name not in names[:i]]
-
-
-def random_case(name: str, batch: int, height: int, width: int, seed: int) -> InputCase:
-    pixels = np.random.default_rng(seed).uniform(-1.0, 1.0, (batch, 3, height, width)).astype(np.float32)
-    return InputCase(name, f"uniform [-1, 1], seed {seed}, batch {batch}", pixels)
-
-
 # --------------------------------------------------------------------------------------------- compare
 def compare_arrays(
     ours: np.ndarray, ours64: np.ndarray, reference: np.ndarray, atol: float | None = None, rtol: float | None = None
@@ -419,15 +378,17 @@ def verify_model(
             with reference:
                 model = _at_reference_stride(model, reference.info.output_stride, notes)
                 models = (model, copy.deepcopy(model).double())  # float32 and float64, same weights
-                cases = _fit_to_reference(cases, reference, notes)
+                cases = fit_to_reference(cases, reference, notes)
                 quantized = getattr(reference, "quantized", False)
                 if quantized:
-                    endpoints, emulator = _quantized_endpoints(endpoints, reference, model_dir, notes)
+                    from converter.verify.quantized import compare_quantized, quantized_endpoints
+
+                    endpoints, emulator = quantized_endpoints(endpoints, reference, model_dir, notes)
                 rows = []
                 for case in cases:
                     wanted = _comparable(endpoints, case, config)
                     if quantized:
-                        rows += _compare_quantized(model, emulator, reference, case, endpoints)
+                        rows += compare_quantized(model, emulator, reference, case, endpoints)
                     else:
                         rows += _compare_case(models, reference, case, wanted, drop_background, atol, rtol)
                     rows += _not_compared(endpoints, wanted, case, reference.missing)
@@ -480,105 +441,6 @@ def _compare_case(models, reference, case: InputCase, endpoints, drop_background
             ref = ref[..., 1:]  # the model was written without the background class
         result = compare_arrays(mine, mine64, ref, atol, rtol)
         rows.append(Row(case.name, endpoint, module, tensor, list(ref.shape), **result))
-    return rows
-
-
-#: A quantized reference: each float layer on the interpreter's own input is within one output step of the
-#: interpreter's output (see `_compare_quantized`), as is each step of the integer emulation.
-FLOAT_STEP, INTEGER_STEP = "float/", "integer/"
-#: One output step, plus the float32 rounding of a real value near a step boundary.
-STEP_SLACK = 1.0 + 1e-4
-
-
-def _quantized_endpoints(endpoints, reference, model_dir: Path, notes: list[str]):
-    """The endpoints compared against a quantized `.tflite`: the slim ones (not compared, with the
-    reason, but the logits), every conv of the float model in network order (the head's under the
-    name `logits`), then every step of the integer emulation where the folder carries it; and the
-    emulation (None where the folder has none)."""
-    from mobilenet_torch.errors import ModelFolderError as EmulationError
-    from mobilenet_torch.quantized import QuantizedMobileNetV2
-
-    logits_module = next(module for endpoint, _, module in endpoints if endpoint == LOGITS)
-    slim = [row for row in endpoints if row[0] != LOGITS]
-    tensor_names = {detail["index"]: detail["name"] for detail in reference.interpreter.get_tensor_details()}
-    layers = []
-    for step in _layer_steps(reference):
-        name = LOGITS if step.name == logits_module else FLOAT_STEP + step.name
-        layers.append((name, tensor_names[step.output_tensor], step.name))
-    try:
-        emulator = QuantizedMobileNetV2.from_pretrained(model_dir)
-    except EmulationError as error:
-        notes.append(f"the integer model was not compared: {error}")
-        return slim + layers, None
-    steps = [
-        (INTEGER_STEP + name, tensor_names[record["tensor"]], name)
-        for name, record in emulator.records.items()
-        if record.get("output")
-    ]
-    notes.append(
-        "quantized reference: each conv of the float (dequantized) model is run on the interpreter's own "
-        "input of that layer, clamped to the range its output type holds, and compared with the interpreter's "
-        "output, within one output quantization step: "
-        "the integer kernel computes the same sum exactly and rounds it once to its output step (half a "
-        "step) after a fixed-point multiply; end to end the float model is not the integer model (their "
-        "difference accumulates over the layers, ~10 steps at the logits of a real model), so it is not "
-        "compared end to end. The integer emulation (mobilenet_torch.quantized) is compared step by step, "
-        "within one output step of the interpreter"
-    )
-    return slim + layers + steps, emulator
-
-
-def _layer_steps(reference):
-    """The conv steps whose output is the output of one layer of our float model on the op's input:
-    not those behind a space-to-batch (their op runs on a reshuffled input) nor those whose BatchNorm
-    the converter left as separate ops."""
-    names = {step.name for step in reference.steps}
-    return [
-        step
-        for step in reference.steps
-        if step.scope is not None and step.output is None and f"{step.name}.mul" not in names
-    ]
-
-
-def _compare_quantized(model, emulator, reference, case: InputCase, endpoints) -> list[Row]:
-    """Rows of the float layers and the integer steps on one input (one image at a time: the
-    interpreter's batch is 1); every tolerance is one output quantization step."""
-    import torch
-
-    layers = {module: endpoint for endpoint, _, module in endpoints if endpoint.startswith(FLOAT_STEP)}
-    layers.update({module: endpoint for endpoint, _, module in endpoints if endpoint == LOGITS})
-    found: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {}
-    for image in case.pixels:
-        reference.invoke(np.ascontiguousarray(image[None].transpose(0, 2, 3, 1)))
-        with torch.inference_mode():
-            for step in _layer_steps(reference):
-                layer_input = torch.from_numpy(reference.real(step.op.inputs[0]).transpose(0, 3, 1, 2).copy())
-                layer = model.get_submodule(step.name)
-                ours = layer(layer_input.flatten(1) if isinstance(layer, torch.nn.Linear) else layer_input)
-                # The kernel saturates to what its integer type holds (a projection has no other clamp).
-                ours = np.clip(to_nhwc(ours.numpy()), *reference.representable(step.output_tensor))
-                theirs = reference.real(step.output_tensor).reshape(ours.shape)
-                scale = reference.quantization(step.output_tensor)[0]
-                found.setdefault(layers[step.name], []).append((ours, theirs, scale))
-            if emulator is not None:
-                integers = emulator.run(torch.from_numpy(image[None]))
-                for name, record in emulator.records.items():
-                    if name not in integers:  # a step it does not compute (a reshape): nothing to compare
-                        continue
-                    q = integers[name]
-                    ours = to_nhwc(q.values.numpy()).astype(np.float64)
-                    theirs = reference.integers(record["tensor"]).astype(np.float64).reshape(ours.shape)
-                    step = (ours - q.zero_point) * q.scale, (theirs - q.zero_point) * q.scale, q.scale
-                    found.setdefault(INTEGER_STEP + name, []).append(step)
-    rows = []
-    for endpoint, tensor, module in endpoints:
-        if endpoint not in found:
-            continue
-        ours = np.concatenate([part[0] for part in found[endpoint]])
-        theirs = np.concatenate([part[1] for part in found[endpoint]])
-        scale = found[endpoint][0][2]
-        result = {**compare_arrays(ours, ours, theirs, atol=scale * STEP_SLACK, rtol=0.0), "float64_distance": math.nan}
-        rows.append(Row(case.name, endpoint, module, tensor, list(theirs.shape), **result))
     return rows
 
 
@@ -658,43 +520,6 @@ def _comparable(endpoints, case: InputCase, config):
     if getattr(config, "avg_pool", "global") == "global" or max(-(-height // 32), -(-width // 32)) <= 7:
         return endpoints
     return [row for row in endpoints if row[0] not in ("global_pool", LOGITS)]
-
-
-def _fit_to_reference(cases: list[InputCase], reference, notes: list[str]) -> list[InputCase]:
-    """Inputs as the reference graph takes them: padded to its crop (DeepLab export graphs), or only those
-    of its fixed size; never none."""
-    crop = reference.info.crop_size
-    if crop:
-        return _pad_to_crop(cases, crop, notes)
-    kept = [case for case in cases if reference.accepts(*case.pixels.shape[-2:])]
-    dropped = [case.name for case in cases if case not in kept]
-    if dropped:
-        _, height, width = reference.fixed_shape
-        notes.append(f"the reference graph fixes its input at {height}x{width}: skipped {', '.join(dropped)}")
-    if not kept:
-        _, height, width = reference.fixed_shape
-        kept = [random_case(f"random-{height}x{width}", 1, height, width, seed=3)]
-    return kept
-
-
-def _pad_to_crop(cases: list[InputCase], crop: int, notes: list[str]) -> list[InputCase]:
-    """A graph built with a crop size (DeepLab's export_model.py) pads every image at the bottom and right
-    to the crop with the mean pixel (0 once scaled to [-1, 1]) and pools over the crop's whole feature map
-    with a fixed window, so it only computes on padded images: both models get the padded image."""
-    kept, dropped = [], []
-    for case in cases:
-        height, width = case.pixels.shape[-2:]
-        if height > crop or width > crop:
-            dropped.append(case.name)
-            continue
-        pixels = np.pad(case.pixels, ((0, 0), (0, 0), (0, crop - height), (0, crop - width)))
-        kept.append(InputCase(case.name, f"{case.description}, padded to {crop}x{crop}", pixels))
-    notes.append(
-        f"the reference graph pads every image to its {crop}x{crop} crop with the mean pixel (as DeepLab's "
-        "export_model.py does) and pools with a window fixed by the crop: every input was padded so"
-        + (f"; {', '.join(dropped)} larger than the crop skipped" if dropped else "")
-    )
-    return kept or [random_case(f"random-{crop}x{crop}", 1, crop, crop, seed=3)]
 
 
 def _load_model(model_dir: Path):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from converter.output import layout
 from converter.output.records import ParityRecord
-from converter.verify.compare import RANDOM, ParityResult, verify_model
+from converter.verify.compare import ParityResult, verify_model
+from converter.verify.inputs import RANDOM
 from converter.verify.references.base import GraphBuilder
 
 DEFAULT_REPORT_FOLDER = "parity"
