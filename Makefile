@@ -50,7 +50,7 @@ lint: install
 
 # Convert and verify every fixture zoo model against its original TF graph; reports in reports/.
 parity: install
-	$(BIN)/python -m converter.verify.matrix --out reports --jobs 2
+	$(BIN)/python -m tools.parity_matrix --out reports --jobs 2
 
 # Every speed target of the project in one run (inference, compile, ONNX, conversion); reports/bench.{md,json}.
 bench: install

@@ -219,6 +219,30 @@ def test_forward_pass_must_not_reach_the_saver(small, small_model, tmp_path):
     assert "SaveV2" in result.output and "must not read files" in result.output
 
 
+def test_checkpoint_without_graph_is_verified_against_the_builder_passed_in(small, small_model, tmp_path):
+    """A checkpoint that ships neither a .meta nor a frozen graph: the graph builder the caller passes in
+    (the fixtures', an independent TF model of the original) is its reference; without one, the verifier
+    refuses, saying so, and the CLI (which has none) exits 2 without a traceback."""
+    from converter.errors import VerificationError
+    from converter.verify import check_parity
+    from tools.parity_matrix import fixture_graph
+
+    files = tmp_path / "ckpt"
+    files.mkdir()
+    for part in small.files.glob(f"{SMALL}.ckpt.*"):
+        if part.suffix != ".meta":
+            shutil.copy(part, files / part.name)
+    prefix = files / f"{SMALL}.ckpt"
+    check = check_parity(prefix, small_model, report_dir=tmp_path / "r", graph_builder=fixture_graph)
+    data = parity(tmp_path / "r")
+    assert check.result.passed and data["reference"]["kind"] == "builder" and data["first_divergence"] is None
+    assert all(endpoint["compared"] for endpoint in data["endpoints"])
+    with pytest.raises(VerificationError, match="neither a .meta graph nor a frozen graph.*no graph builder"):
+        check_parity(prefix, small_model, report_dir=tmp_path / "refused")
+    result = verify("--checkpoint", prefix, "--model", small_model, "--report-dir", tmp_path / "cli")
+    assert result.exit_code == 2 and "no graph builder" in result.output and "Traceback" not in result.output
+
+
 def test_deeplab_export_graph_passes_at_513_os8(tmp_path):
     """The export graph as export_model.py writes it: every input is padded to its 513 crop; 513x513 and
     output stride 8, the setting where one fixed tolerance used to fail a faithful conversion."""
@@ -278,7 +302,7 @@ def test_missing_tensorflow_says_how_to_install(small, small_model, tmp_path, mo
 def test_image_inputs_are_preprocessed_like_transformers(tmp_path):
     from PIL import Image
 
-    from converter.verify.compare import make_inputs
+    from converter.verify.inputs import make_inputs
 
     rng = np.random.default_rng(0)
     path = tmp_path / "photo.png"

@@ -118,7 +118,7 @@ def test_the_input_scaling_read_off_the_graph_is_what_the_graph_computes(saved_m
     """The reference fed through the scaling it read off the Hub-form graph gives, on images in [-1, 1],
     the logits that TensorFlow gives for the plain export of the same weights on those images."""
     from converter.formats.base import References
-    from converter.verify.reference import LOGITS_TENSOR, open_reference
+    from converter.verify.references import LOGITS_TENSOR, open_reference
     from fixtures.savedmodel_builder import run_saved_model
     from tests.helpers import logit_tolerance, random_images
 
@@ -175,7 +175,7 @@ def test_the_scaling_is_composed_from_the_ops_in_the_order_they_run(tmp_path, pr
     import tensorflow as tf
 
     from converter.formats.base import References
-    from converter.verify.reference import LOGITS_TENSOR, open_reference
+    from converter.verify.references import LOGITS_TENSOR, open_reference
     from tests.helpers import random_images
 
     images = random_images((16, 16), batch=2, seed=3)

@@ -176,7 +176,7 @@ def test_quantized_and_format_flags_are_checked_before_anything_is_downloaded(ar
 
 
 def test_the_parity_matrix_names_the_quantized_entries_it_leaves_out(tmp_path):
-    from converter.verify.matrix import MatrixRow, left_out, write_summary
+    from tools.parity_matrix import MatrixRow, left_out, write_summary
 
     quantized = [entry.name for entry in zoo.select(quantized=True)]
     assert list(left_out()) == quantized

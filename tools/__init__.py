@@ -1,0 +1,1 @@
+"""Tools of the project (CI runners), run from a clone: not part of the wheel."""

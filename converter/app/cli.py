@@ -384,7 +384,7 @@ def _check_verify_flags(verify: bool, report_dir, whole_zoo: bool) -> None:
     if report_dir is not None and whole_zoo:
         raise UsageError("--report-dir names one folder; with --all each model's reports go to <model>/parity")
     if verify:
-        from converter.verify.reference import import_tensorflow
+        from converter.verify.references import import_tensorflow
 
         import_tensorflow()  # fail before downloading or converting anything when TensorFlow is missing
 
@@ -451,8 +451,8 @@ def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
     type=click.Choice(REFERENCE_KINDS),
     default="auto",
     show_default=True,
-    help="The graph to compare against: auto takes the checkpoint's .meta, else its frozen graph, else the "
-    "project's builder.",
+    help="The graph to compare against: auto takes the checkpoint's .meta, else its frozen graph (a builder "
+    "graph is for the Python API, which is passed one).",
 )
 @click.option(
     "--report-dir",

@@ -49,6 +49,15 @@ def is_ignored_by_rule(name: str) -> bool:
     return name in BOOKKEEPING_NAMES or name.endswith(OPTIMIZER_SLOT_SUFFIXES) or is_quantization_variable(name)
 
 
+def takes_shadow(variable: str, convention: str) -> bool:
+    """Whether `variable` is read from its ExponentialMovingAverage shadow under `convention`: the one rule
+    of the conversion and of the reference graphs the verifier restores. Quantization variables are
+    never (the model has no place for them; a reference graph restores them as stored)."""
+    if is_quantization_variable(variable):
+        return False
+    return convention == "ema-all" or (convention == "ema" and not variable.endswith(NON_TRAINABLE_SUFFIXES))
+
+
 def plan_weights(names: Iterable[str], convention: str | None = None) -> WeightsPlan:
     """Route each model variable to its raw tensor or its shadow; `None` picks ema when shadows exist."""
     names = list(names)
@@ -68,16 +77,13 @@ def plan_weights(names: Iterable[str], convention: str | None = None) -> Weights
             "use --weights raw"
         )
 
-    def wants_shadow(variable: str) -> bool:
-        return convention == "ema-all" or (convention == "ema" and not variable.endswith(NON_TRAINABLE_SUFFIXES))
-
-    lacking = [v for v in variables if wants_shadow(v) and v not in shadows]
+    lacking = [v for v in variables if takes_shadow(v, convention) and v not in shadows]
     if lacking:
         raise WeightsConventionError(
             f"--weights {convention}: {len(lacking)} variables have no shadow, e.g. {', '.join(lacking[:3])}; "
             "use --weights raw"
         )
-    sources = {v: v + EMA_SUFFIX if wants_shadow(v) else v for v in variables}
+    sources = {v: v + EMA_SUFFIX if takes_shadow(v, convention) else v for v in variables}
     # Shadows of variables that do not exist are left for the mapping step to report as unmapped.
     orphan_shadows = sorted(s + EMA_SUFFIX for s in shadows - set(variables))
     sources.update({name: name for name in orphan_shadows})

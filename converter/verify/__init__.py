@@ -10,8 +10,7 @@ from __future__ import annotations
 
 __all__ = ["REFERENCE_KINDS", "ParityResult", "check_parity", "verify_model", "write_reports"]
 
-#: What a comparison can run against: the best there is ("auto"), or one kind of reference graph.
-REFERENCE_KINDS = ("auto", "meta_graph", "frozen_graph", "builder")
+from converter.verify.references.base import REFERENCE_KINDS
 
 
 def __getattr__(name: str):

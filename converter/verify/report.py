@@ -16,7 +16,9 @@ from pathlib import Path
 
 from converter.output import layout
 from converter.output.records import ParityRecord
-from converter.verify.compare import RANDOM, ParityResult, verify_model
+from converter.verify.compare import ParityResult, verify_model
+from converter.verify.inputs import RANDOM
+from converter.verify.references.base import GraphBuilder
 
 DEFAULT_REPORT_FOLDER = "parity"
 
@@ -41,16 +43,17 @@ def check_parity(
     reference_kind: str = "auto",
     update_card: bool = True,
     format: str | None = None,
+    graph_builder: GraphBuilder | None = None,
 ) -> ParityCheck:
     """Verify `model_dir` against `checkpoint`'s original graph and write the reports into `report_dir`
     (default `model_dir/parity`). The model card is re-rendered when the reports land in the folder.
     `atol` / `rtol` replace the calibrated tolerance; `reference_kind` forces a reference (see
-    `verify_model`), `format` the format `checkpoint` is read as."""
+    `verify_model`, which `graph_builder` is passed to), `format` the format `checkpoint` is read as."""
     model_dir = Path(model_dir)
     report_dir = Path(report_dir) if report_dir is not None else model_dir / DEFAULT_REPORT_FOLDER
     result = verify_model(
         checkpoint, model_dir, inputs=inputs, size=size, atol=atol, rtol=rtol, threads=threads,
-        reference_kind=reference_kind, format=format,
+        reference_kind=reference_kind, format=format, graph_builder=graph_builder,
     )  # fmt: skip
     written = write_reports(result, report_dir)
     if update_card and report_dir.resolve() == (model_dir / DEFAULT_REPORT_FOLDER).resolve():

@@ -1,6 +1,6 @@
 """CI parity matrix: convert every fixture zoo tarball and prove it matches its original graphs.
 
-    python -m converter.verify.matrix --out reports [--jobs N] [--only NAME ...] [--kind KIND]
+    python -m tools.parity_matrix --out reports [--jobs N] [--only NAME ...] [--kind KIND]
 
 For the 22 slim classifiers and the DeepLab models of `fixtures` (built on demand into the fixtures cache,
 see `fixtures.cache`), each tarball is converted into a temporary folder and verified against every graph
@@ -8,7 +8,7 @@ family it carries, in the original code's form: a classifier against its trainin
 against its BatchNorm-folded ``_frozen.pb``, a DeepLab model against its export graph (padded to the 513
 crop). The reports go to `<out>/<name>/<family>/parity.{json,md,xml,png}`, with `<out>/summary.md` (fit
 for a CI step summary) and `<out>/summary.json` over all of them. Exit status 1 when any check fails or
-cannot be made.
+cannot be made. A CI tool beside the library (it runs the fixture builders), not part of the wheel.
 
 The quantized zoo entries are left out, each with its reason in both summaries (`left_out`).
 """
@@ -25,11 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from converter.verify.references.base import FROZEN_GRAPH, META_GRAPH
+
 _THREADS: int | None = None
 
 
 #: The graph families each kind of fixture is verified against.
-FAMILIES = {"classification": ("meta_graph", "frozen_graph"), "deeplab": ("frozen_graph",)}
+FAMILIES = {"classification": (META_GRAPH, FROZEN_GRAPH), "deeplab": (FROZEN_GRAPH,)}
 QUANTIZED_LEFT_OUT = (
     "quantized models: their reference is the TFLite interpreter, not the TF graphs this matrix runs, and the "
     "fixtures have no integer model of them; the test suite checks the real files against the interpreter's "
@@ -60,7 +62,7 @@ class MatrixRow:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m converter.verify.matrix", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.parity_matrix", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder (default: reports)")
     parser.add_argument("--jobs", type=int, default=None, help="models verified at once (default: CPU count, max 4)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="zoo names to run (default: all)")
@@ -126,7 +128,13 @@ def _run_one(task: tuple[str, str, str, str, str]) -> MatrixRow:
             folder = Path(tmp) / name
             convert_checkpoint(tarball, folder)
             check = check_parity(
-                tarball, folder, report_dir=report_dir, threads=_THREADS, reference_kind=family, update_card=False
+                tarball,
+                folder,
+                report_dir=report_dir,
+                threads=_THREADS,
+                reference_kind=family,
+                update_card=False,
+                graph_builder=fixture_graph,
             )
     except USER_ERRORS as error:
         seconds = time.perf_counter() - started
@@ -148,6 +156,14 @@ def _run_one(task: tuple[str, str, str, str, str]) -> MatrixRow:
         seconds=time.perf_counter() - started,
         worst_ratio=(result.to_json()["worst"] or {}).get("ratio"),
     )
+
+
+def fixture_graph(kind: str, depth: float, output_stride: int | None):
+    """The fixtures' slim graph of a converted model (a `GraphBuilder`), for checkpoints that ship none."""
+    from fixtures.spec import as_variant
+    from fixtures.tf_builder import build_graph
+
+    return build_graph(as_variant((kind, depth)), output_stride=output_stride).graph
 
 
 def _divergence(divergence: dict[str, Any]) -> str:

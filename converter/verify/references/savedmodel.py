@@ -1,0 +1,230 @@
+"""A SavedModel's or TF1 Hub module's reference: its serving signature, loaded by TensorFlow's SavedModel
+loader after :func:`check_saved_model`. The endpoints are the signature's outputs (and, in a TF1 graph,
+the slim tensors on its path); its images are fed through the input scaling read off its graph
+(:mod:`.scaling`: TF Hub's take [0, 1])."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from converter.errors import VerificationError
+from converter.formats.base import References
+from converter.verify.references.base import (
+    SAVED_MODEL,
+    BaseReference,
+    InputScaling,
+    ReferenceInfo,
+    ReferenceRequest,
+    read_graph_file,
+)
+from converter.verify.references.scaling import CALL_OPS, called_functions, signature_input_scaling
+from converter.verify.safety import COMPUTE_OPS, FILE_OPS, MUTATING_OPS, PYTHON_OPS, check_op, dependencies, node_of
+
+SERVING_SIGNATURES = ("serving_default", "default")  # TF2 / TF1 SavedModels, then TF1 Hub modules
+SAVED_MODEL_INIT_SIGNATURE = "__saved_model_init_op"
+INIT_COLLECTIONS = ("saved_model_main_op", "legacy_init_op")
+#: What a forward pass may run besides COMPUTE_OPS: variable handles and reads, and calls into the
+#: SavedModel's own functions (whose bodies are checked as well).
+VARIABLE_READ_OPS = frozenset({"VariableV2", "VarHandleOp", "ReadVariableOp"})
+#: What a SavedModel holds besides its forward pass: its saver (run by the loader only to restore
+#: variables/, the save half never) and its variables' initial values (never run: they are restored).
+SAVER_OPS = frozenset(
+    {
+        "RestoreV2", "Assign", "AssignVariableOp", "DisableCopyOnRead", "StringJoin", "ShardedFilename",
+        "StaticRegexFullMatch", "SaveV2", "MergeV2Checkpoints",
+        "TruncatedNormal", "RandomUniform", "RandomStandardNormal",
+    }
+)  # fmt: skip
+
+
+class SignatureReference(BaseReference):
+    """A SavedModel loaded by TensorFlow's own loader, run through its serving signature: the endpoints
+    are the signature's outputs (matched by output name or tensor name). Its images are fed through the
+    input scaling read off its graph (a TF Hub model takes [0, 1] and scales inside)."""
+
+    def __init__(self, tf, call, shape, outputs: dict[str, str], info, missing, scaling: InputScaling) -> None:
+        self._tf, self._call, self._shape = tf, call, shape  # call: NHWC images -> {output key: tensor}
+        self._outputs, self.info, self.missing, self._scaling = outputs, info, missing, scaling
+
+    @property
+    def fixed_shape(self) -> tuple[int | None, int | None, int | None]:
+        return self._shape
+
+    def _run(self, images: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        try:
+            results = self._call(self._tf.constant(self._scaling.feed(images)))
+        except (self._tf.errors.OpError, ValueError, TypeError) as error:
+            shape = "x".join(map(str, images.shape))
+            raise VerificationError(f"the SavedModel's signature failed on a {shape} input: {error}") from None
+        return {name: results[self._outputs[name]].numpy() for name in names}
+
+
+def check_saved_model(meta_graph, signature, origin: str) -> tuple[dict[str, int], dict[str, int], set[str]]:
+    """Refuse a SavedModel whose loading or serving could do more than compute. Checked:
+
+    - the forward pass (the nodes the signature's outputs depend on, and the whole body of every
+      function they call, transitively) and the initialization the loader runs (its main / init op):
+      only `COMPUTE_OPS`, variable handles and reads, and calls into the SavedModel's own functions;
+    - everything else it holds, nodes and functions: besides those, only its saver (the restore the
+      loader runs, reading variables/ and assigning what it read; the save half, which nothing runs) and
+      initial values of variables (never run: the variables are restored).
+
+    So no file is read but by the restore, no Python is called, nothing is written and no variable is
+    assigned but by the restore; any other op is refused as unknown. Returns the op counts of the
+    forward pass and of the rest, for the report, and the names of the forward pass's graph nodes."""
+    functions = {function.signature.name: function for function in meta_graph.graph_def.library.function}
+    nodes = {node.name: node for node in meta_graph.graph_def.node}
+    forward_ops = COMPUTE_OPS | VARIABLE_READ_OPS | CALL_OPS
+    outputs = [node_of(info.name) for info in signature.outputs.values()]
+    init = [node_of(name) for key in INIT_COLLECTIONS for name in _collection_nodes(meta_graph, key)]
+    init_signature = meta_graph.signature_def.get(SAVED_MODEL_INIT_SIGNATURE)
+    init += [node_of(info.name) for info in init_signature.outputs.values()] if init_signature else []
+    forward, called = _closure(nodes, functions, outputs + init, origin)
+    counts: dict[str, int] = {}
+    for node in forward:
+        if node.op not in forward_ops:
+            check_op(node.op, node.name, origin)
+        counts[node.op] = counts.get(node.op, 0) + 1
+    rest: dict[str, int] = {}
+    held = [node for node in meta_graph.graph_def.node if node.name not in {n.name for n in forward}]
+    held += [node for name, function in functions.items() if name not in called for node in function.node_def]
+    for node in held:
+        if node.op not in forward_ops | SAVER_OPS:
+            _refuse_held(node.op, node.name, origin)
+        rest[node.op] = rest.get(node.op, 0) + 1
+    return dict(sorted(counts.items())), dict(sorted(rest.items())), {node.name for node in forward}
+
+
+def _collection_nodes(meta_graph, key: str) -> list[str]:
+    collection = meta_graph.collection_def.get(key)
+    return list(collection.node_list.value) if collection is not None else []
+
+
+def _closure(nodes: dict, functions: dict, roots: Sequence[str], origin: str):
+    """The nodes `roots` depend on (data and control inputs) with every node of each function they call,
+    transitively; and the names of those functions."""
+    seen = dependencies(nodes, roots, origin)
+    body: list[Any] = []
+    called: set[str] = set()
+    for node in seen.values():
+        pending = [node]
+        while pending:
+            for function in called_functions(pending.pop(), functions, origin):
+                if function.signature.name not in called:
+                    called.add(function.signature.name)
+                    body += list(function.node_def)
+                    pending += list(function.node_def)
+    return list(seen.values()) + body, called
+
+
+def _refuse_held(op: str, node: str, origin: str) -> None:
+    what = (
+        "reads or writes files" if op in FILE_OPS
+        else "calls Python" if op in PYTHON_OPS
+        else "assigns a variable" if op in MUTATING_OPS
+        else "is not one a MobileNetV2 SavedModel holds"
+    )  # fmt: skip
+    raise VerificationError(
+        f"refusing {origin}: it holds op {op} (node {node!r}), which {what}; TensorFlow's loader would load "
+        "it, so the SavedModel is refused as a whole (see converter/verify/references/savedmodel.py, check_saved_model)"
+    )
+
+
+def open_saved_model(tf, source: References, request: ReferenceRequest) -> SignatureReference:
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from converter.pipeline.table import endpoints_for
+
+    folder, kind, tensors = source.saved_model, request.kind, request.tensors
+    origin = f"the SavedModel {folder.name}"
+    saved_model = saved_model_pb2.SavedModel()
+    try:
+        saved_model.ParseFromString(read_graph_file(folder / "saved_model.pb"))
+    except DecodeError as error:
+        raise VerificationError(f"{origin}: saved_model.pb is not readable ({error})") from None
+    if not saved_model.meta_graphs:
+        raise VerificationError(f"{origin} holds no meta graph")
+    graphs = list(saved_model.meta_graphs)
+    # A TF1 Hub module serves its untagged graph (its "train" one is for fine-tuning).
+    untagged = next((graph for graph in graphs if not graph.meta_info_def.tags), graphs[0])
+    meta_graph = next((graph for graph in graphs if "serve" in graph.meta_info_def.tags), untagged)
+    key = next((key for key in SERVING_SIGNATURES if key in meta_graph.signature_def), None)
+    if key is None:
+        raise VerificationError(
+            f"{origin} has no serving signature ({' or '.join(SERVING_SIGNATURES)}); it has "
+            f"{', '.join(sorted(meta_graph.signature_def)) or 'none'}"
+        )
+    signature = meta_graph.signature_def[key]
+    images = [(name, info) for name, info in signature.inputs.items() if info.dtype == tf.float32.as_datatype_enum]
+    if len(signature.inputs) != 1 or not images:
+        raise VerificationError(f"{origin}: signature {key} must take one float image input, not {len(images)}")
+    forward_ops, rest_ops, forward_nodes = check_saved_model(meta_graph, signature, origin)
+    input_key, input_info = images[0]
+    scaling, scaling_ops = signature_input_scaling(tf, meta_graph, signature, input_key, origin)
+    dims = [None if d.size < 0 else int(d.size) for d in input_info.tensor_shape.dim]
+    shape = (dims[0], dims[1], dims[2]) if len(dims) == 4 else (None, None, None)
+    by_tensor = {info.name: name for name, info in signature.outputs.items()}
+    outputs, missing = {}, {}
+    notes = [
+        f"the reference is the SavedModel's own {key} signature, loaded by TensorFlow's loader (which restores "
+        "variables/ with the SavedModel's own saver); its weights are the exported ones"
+    ]
+    for endpoint, tensor, _ in endpoints_for(kind):
+        if tensor not in tensors:
+            continue
+        aliases = (endpoint, "default") if endpoint == "logits" else (endpoint,)
+        found = by_tensor.get(tensor) or next((a for a in aliases if a in signature.outputs), None)
+        if not found and endpoint == "logits":
+            found = _sole_logits_output(signature, key, notes)
+        if found:
+            outputs[tensor] = found
+        else:
+            missing[tensor] = (
+                f"the SavedModel's {key} signature exposes only {', '.join(sorted(signature.outputs))}, "
+                "and TensorFlow runs it as a whole"
+            )
+    try:  # the exact tags: a Hub module's served graph has none, which the loader would take as "the only one"
+        loaded = tf.saved_model.load(str(folder), tags=list(meta_graph.meta_info_def.tags))
+        function = loaded.signatures[key]
+    except (tf.errors.OpError, ValueError, KeyError, OSError) as error:
+        raise VerificationError(f"{origin} cannot be loaded by TensorFlow ({error})") from None
+    if scaling != InputScaling():
+        low, high = scaling.input_range
+        notes.append(
+            f"the SavedModel scales its input {input_key} by {scaling} before its first convolution "
+            f"({scaling_ops}, read off its graph): it was fed the images mapped from [-1, 1] to [{low:g}, {high:g}]"
+        )
+    # A TF1 SavedModel is one graph: the slim endpoints on the signature's path can be fetched from it.
+    inside = [tensor for tensor in missing if node_of(tensor) in forward_nodes]
+    if inside and hasattr(loaded, "prune"):
+        fetches = {tensor: signature.outputs[output].name for tensor, output in outputs.items()}
+        fetches.update({tensor: tensor for tensor in inside})
+        pruned = loaded.prune(input_info.name, fetches)
+        outputs = {tensor: tensor for tensor in fetches}
+        missing = {tensor: why for tensor, why in missing.items() if tensor not in inside}
+        notes.append(f"{len(inside)} endpoints on the signature's path were fetched from its graph as well")
+        call = pruned
+    else:
+        call = lambda images: function(**{input_key: images})  # noqa: E731
+    info = ReferenceInfo(
+        SAVED_MODEL, folder.name, "as exported", f"{key}:{input_key}", notes, forward_ops, rest_ops,
+        input_range=scaling.input_range,
+    )  # fmt: skip
+    return SignatureReference(tf, call, shape, outputs, info, missing, scaling)
+
+
+def _sole_logits_output(signature, key: str, notes: list[str]) -> str | None:
+    """The signature's only output where it is [batch, classes] (TF2 exports name a bare one output_0)."""
+    if len(signature.outputs) != 1:
+        return None
+    ((name, info),) = signature.outputs.items()
+    dims = info.tensor_shape.dim
+    if info.tensor_shape.unknown_rank or len(dims) != 2:
+        return None
+    classes = dims[1].size if dims[1].size >= 0 else "classes"
+    notes.append(f"the {key} signature's only output, {name} ([batch, {classes}]), is taken as the logits")
+    return name
