@@ -49,13 +49,16 @@ lint: install
 	$(BIN)/lint-imports
 
 # Convert and verify every fixture zoo model against its original TF graph; reports in reports/.
+# The tables in docs/ are filled from reports/ by tools.docs_tables, even when a check failed.
 parity: install
-	$(BIN)/python -m tools.parity_matrix --out reports --jobs 2
+	$(BIN)/python -m tools.parity_matrix --out reports --jobs 2; status=$$?; \
+		$(BIN)/python -m tools.docs_tables reports; exit $$status
 
 # Every speed target of the project in one run (inference, compile, ONNX, conversion); reports/bench.{md,json}.
 bench: install
 	$(BIN)/python -m fixtures build --name mobilenet_v2_1.0_224
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python -m tools.docs_tables reports
 
 fuzz: install
 	$(BIN)/python -m fixtures.fuzz_reader --cases 10000 --seed 1
