@@ -11,6 +11,7 @@ never branches on the format. A new format is one subclass of :class:`Reader`, r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,16 +30,23 @@ class SourceFile:
     bytes: int
 
 
-@dataclass(frozen=True)
-class References:
-    """Originals that the verifier can run on the same inputs, where the source carries them."""
+class References(Mapping[str, Path]):
+    """Originals that the verifier can run on the same inputs, where the source carries them, under the
+    name the reference backend that runs each asks for: ``checkpoint_prefix``, ``meta_graph`` (<prefix>.meta),
+    ``frozen_graph``, ``saved_model``, ``keras_file``, ``tflite_file``. A new format names its own, so it
+    adds nothing here."""
 
-    checkpoint_prefix: Path | None = None  # a TF checkpoint to restore a graph from
-    meta_graph: Path | None = None  # <prefix>.meta
-    frozen_graph: Path | None = None  # *_frozen.pb / frozen_inference_graph.pb
-    saved_model: Path | None = None  # a SavedModel folder (saved_model.pb + variables/)
-    keras_file: Path | None = None  # .h5 / .keras
-    tflite_file: Path | None = None  # .tflite
+    def __init__(self, **originals: Path | None) -> None:
+        self._originals = {name: path for name, path in originals.items() if path is not None}
+
+    def __getitem__(self, name: str) -> Path:
+        return self._originals[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._originals)
+
+    def __len__(self) -> int:
+        return len(self._originals)
 
 
 @dataclass(frozen=True)

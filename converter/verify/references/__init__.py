@@ -1,32 +1,28 @@
 """The reference: the ORIGINAL the model was converted from, run by its own runtime.
 
-One module per backend, found through `REFERENCES`: a row names the reference kind, the field of the
-source's :class:`~converter.formats.base.References` that carries the original, and the function that
-opens it. ``--reference auto`` takes the first row whose original the source carries, so a SavedModel,
-a ``.tflite`` or a Keras file is its own reference, and a TF checkpoint's is its ``.meta`` graph, else its
-frozen graph, else a graph built by the caller's builder (:mod:`.graph`). A named kind takes its row.
+One module per backend. Each declares ``BACKENDS``: the reference kind, the name under which a source's
+:class:`~converter.formats.base.References` carry the original it runs, and the function that opens it.
+`REFERENCES` gathers them from every module of this package, so a new backend is one new module.
+``--reference auto`` takes the first backend whose original the source carries (a source carries one
+kind of original, except a TF checkpoint, whose module orders its ``.meta`` graph, frozen graph and the
+caller's builder, :mod:`.graph`). A named kind takes its backend.
 
 TensorFlow (and Keras) are imported lazily: only when a reference is opened.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import importlib
+import pkgutil
+from collections.abc import Sequence
 
 from converter.errors import VerificationError
 from converter.formats.base import References
-from converter.verify.references import graph, keras, savedmodel, tflite
 from converter.verify.references.base import (
     AUTO,
-    BUILDER,
-    FROZEN_GRAPH,
-    KERAS,
     LOGITS_TENSOR,
-    META_GRAPH,
     REFERENCE_KINDS,
-    SAVED_MODEL,
-    TFLITE,
+    Backend,
     BaseReference,
     GraphBuilder,
     ReferenceRequest,
@@ -44,23 +40,16 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Backend:
-    kind: str  # the ReferenceInfo kind (and --reference's name for a checkpoint's graphs)
-    carried_by: str  # the References field that holds the original
-    open: Callable[..., BaseReference]  # (tf, source References, ReferenceRequest) -> the reference
-    lacking: str  # why there is none when the source does not carry it
+def _declared_backends() -> tuple[Backend, ...]:
+    """Every module's ``BACKENDS``, modules in name order (the shared ones declare none)."""
+    backends: list[Backend] = []
+    for module in sorted(info.name for info in pkgutil.iter_modules(__path__)):
+        backends += getattr(importlib.import_module(f"{__name__}.{module}"), "BACKENDS", ())
+    return tuple(backends)
 
 
-#: Every reference, in the order ``auto`` prefers them.
-REFERENCES: tuple[Backend, ...] = (
-    Backend(SAVED_MODEL, "saved_model", savedmodel.open_saved_model, "the source is not a SavedModel"),
-    Backend(TFLITE, "tflite_file", tflite.open_tflite, "the source is not a .tflite file"),
-    Backend(KERAS, "keras_file", keras.open_keras, "the source is not a Keras file"),
-    Backend(META_GRAPH, "meta_graph", graph.open_meta_graph, "the checkpoint comes without a .meta graph"),
-    Backend(FROZEN_GRAPH, "frozen_graph", graph.open_frozen_graph, "the checkpoint comes without a frozen graph"),
-    Backend(BUILDER, "checkpoint_prefix", graph.open_builder, "the source is not a TF checkpoint"),
-)
+#: Every reference backend.
+REFERENCES: tuple[Backend, ...] = _declared_backends()
 
 
 def open_reference(
@@ -87,13 +76,13 @@ def open_reference(
 
 def _backend(source: References, prefer: str) -> Backend:
     if prefer == AUTO:
-        carried = [backend for backend in REFERENCES if getattr(source, backend.carried_by) is not None]
+        carried = [backend for backend in REFERENCES if backend.carried_by in source]
         if not carried:
             raise VerificationError("no reference: the source carries no original to run; use a TF source")
         return carried[0]
     backend = next((backend for backend in REFERENCES if backend.kind == prefer), None)
     if backend is None:
         raise VerificationError(f"unknown reference {prefer!r}; use one of {', '.join(REFERENCE_KINDS)}")
-    if getattr(source, backend.carried_by) is None:
+    if backend.carried_by not in source:
         raise VerificationError(f"no reference for --reference {prefer}: {backend.lacking}; use --reference auto")
     return backend

@@ -30,6 +30,16 @@ INSTALL_HINT = "pip install -e '.[verify]' (in a clone of the project)"
 GraphBuilder = Callable[[str, float, int | None], Any]
 
 
+@dataclass(frozen=True)
+class Backend:
+    """One reference backend, declared by its module as ``BACKENDS`` (see :mod:`converter.verify.references`)."""
+
+    kind: str  # the ReferenceInfo kind (and --reference's name for a checkpoint's graphs)
+    carried_by: str  # the name under which a reader's References hold the original
+    open: Callable[..., BaseReference]  # (tf, source References, ReferenceRequest) -> the reference
+    lacking: str  # why there is none when the source does not carry it
+
+
 def import_tensorflow():
     """TensorFlow, quietly; a VerificationError saying how to install it when it is missing."""
     import os

@@ -37,6 +37,7 @@ from converter.verify.references.base import (
     FIRST_CONV,
     FROZEN_GRAPH,
     META_GRAPH,
+    Backend,
     BaseReference,
     ReferenceInfo,
     ReferenceRequest,
@@ -78,7 +79,7 @@ class Reference(BaseReference):
 def open_meta_graph(tf, source: References, request: ReferenceRequest) -> Reference:
     from google.protobuf.message import DecodeError
 
-    path = source.meta_graph
+    path = source["meta_graph"]
     meta = tf.compat.v1.MetaGraphDef()
     try:
         meta.ParseFromString(read_graph_file(path))
@@ -92,7 +93,7 @@ def open_frozen_graph(tf, source: References, request: ReferenceRequest) -> Refe
     from google.protobuf.message import DecodeError
 
     v1 = tf.compat.v1
-    path = source.frozen_graph
+    path = source["frozen_graph"]
     graph_def = v1.GraphDef()
     try:
         graph_def.ParseFromString(read_graph_file(path))
@@ -145,7 +146,7 @@ def _restored(
     graph, imported, left_out, missing = _import_needed(tf, graph_def, request.tensors, origin, why)
     variables = {op.name: op.outputs[0] for op in graph.get_operations() if op.type == "VariableV2"}
     session = _session(tf, graph, request.threads)
-    _restore(tf, graph, session, variables, source.checkpoint_prefix, request.convention)
+    _restore(tf, graph, session, variables, source["checkpoint_prefix"], request.convention)
     input_tensor = _first_conv_input(graph, origin)
     info = ReferenceInfo(kind, file, request.convention, input_tensor.name, notes, imported, left_out)
     return _with_geometry(Reference(tf, graph, session, input_tensor, info, missing), request)
@@ -250,3 +251,12 @@ def _read_deeplab_geometry(reference: Reference) -> None:
     if pool.type == "AvgPool" and pool.get_attr("padding") == b"VALID":
         window = pool.get_attr("ksize")[1]
         reference.info.crop_size = (window - 1) * stride + 1
+
+
+#: In the order ``auto`` prefers them: the graph shipped with the checkpoint, else its frozen graph, else
+#: the caller's builder.
+BACKENDS = (
+    Backend(META_GRAPH, "meta_graph", open_meta_graph, "the checkpoint comes without a .meta graph"),
+    Backend(FROZEN_GRAPH, "frozen_graph", open_frozen_graph, "the checkpoint comes without a frozen graph"),
+    Backend(BUILDER, "checkpoint_prefix", open_builder, "the source is not a TF checkpoint"),
+)

@@ -14,6 +14,7 @@ from converter.formats.base import References
 from converter.verify.references.base import (
     INSTALL_HINT,
     KERAS,
+    Backend,
     BaseReference,
     InputScaling,
     ReferenceInfo,
@@ -104,7 +105,7 @@ def check_keras_config(config: dict, origin: str) -> None:
 def open_keras(tf, source: References, request: ReferenceRequest) -> KerasReference:
     import os
 
-    path, depth, size = source.keras_file, request.depth, request.image_size
+    path, depth, size = source["keras_file"], request.depth, request.image_size
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
@@ -205,3 +206,6 @@ def _keras_layer(endpoint: str, layers: dict, pools: list, dense: list):
     if part == "expansion_output":
         return layers.get(f"{block}_expand_relu")
     return layers.get(f"{block}_add") or layers.get(f"{block}_project_BN")
+
+
+BACKENDS = (Backend(KERAS, "keras_file", open_keras, "the source is not a Keras file"),)

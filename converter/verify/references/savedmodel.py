@@ -14,6 +14,7 @@ from converter.errors import VerificationError
 from converter.formats.base import References
 from converter.verify.references.base import (
     SAVED_MODEL,
+    Backend,
     BaseReference,
     InputScaling,
     ReferenceInfo,
@@ -139,7 +140,7 @@ def open_saved_model(tf, source: References, request: ReferenceRequest) -> Signa
 
     from converter.pipeline.table import endpoints_for
 
-    folder, kind, tensors = source.saved_model, request.kind, request.tensors
+    folder, kind, tensors = source["saved_model"], request.kind, request.tensors
     origin = f"the SavedModel {folder.name}"
     saved_model = saved_model_pb2.SavedModel()
     try:
@@ -228,3 +229,6 @@ def _sole_logits_output(signature, key: str, notes: list[str]) -> str | None:
     classes = dims[1].size if dims[1].size >= 0 else "classes"
     notes.append(f"the {key} signature's only output, {name} ([batch, {classes}]), is taken as the logits")
     return name
+
+
+BACKENDS = (Backend(SAVED_MODEL, "saved_model", open_saved_model, "the source is not a SavedModel"),)

@@ -13,6 +13,7 @@ from converter.verify.references.base import (
     DEEPLAB_LOGITS_TENSOR,
     LOGITS_TENSOR,
     TFLITE,
+    Backend,
     BaseReference,
     ReferenceInfo,
     ReferenceRequest,
@@ -97,7 +98,7 @@ def open_tflite(tf, source: References, request: ReferenceRequest) -> TFLiteRefe
     from converter.formats.tflite import TFLiteReader
     from converter.pipeline.table import endpoints_for
 
-    path, tensors = source.tflite_file, request.tensors
+    path, tensors = source["tflite_file"], request.tensors
     reader = TFLiteReader(path)
     unknown = sorted({op.op for op in reader.model.operators} - TFLITE_OPS)
     if unknown:
@@ -145,3 +146,6 @@ def open_tflite(tf, source: References, request: ReferenceRequest) -> TFLiteRefe
         )
         missing = {tensor: why for tensor in tensors if tensor not in (LOGITS_TENSOR, DEEPLAB_LOGITS_TENSOR)}
     return TFLiteReference(interpreter, reader, found, info, missing)
+
+
+BACKENDS = (Backend(TFLITE, "tflite_file", open_tflite, "the source is not a .tflite file"),)
