@@ -2,7 +2,8 @@
 
 Only what MobileNetV2 models use is decoded: tensors (shape, type, buffer, name, quantization), the
 operators of the first subgraph with the options of the ops these models hold, buffers and metadata.
-Field numbers are those of ``schema.fbs`` (they never change: the schema only appends fields).
+Field numbers are those of ``schema.fbs`` (they never change: the schema only appends fields), and of
+``metadata_schema.fbs`` for the label files that the model's metadata names.
 
 Flatbuffer layout in brief: the file starts with a uoffset to the root table; a table starts with a
 soffset back to its vtable, which lists the byte offset of each field inside the table (0: absent,
@@ -23,6 +24,8 @@ import numpy as np
 from converter.errors import TFLiteFormatError
 
 FILE_IDENTIFIER = b"TFL3"
+METADATA_IDENTIFIER = b"M001"  # of the ModelMetadata flatbuffer in the TFLITE_METADATA buffer
+AXIS_LABELS = 2  # AssociatedFileType.TENSOR_AXIS_LABELS: one class name a line
 
 # TensorType -> numpy dtype (the types MobileNetV2 models use).
 TENSOR_TYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 7: "int16", 9: "int8"}
@@ -213,7 +216,10 @@ def parse_model(data: bytes) -> Model:
     """Decode the first subgraph of a .tflite file."""
     if not has_identifier(data):
         raise TFLiteFormatError("not a TFLite model: the file identifier 'TFL3' is missing at bytes 4..8")
-    buf = _Buffer(data)
+    return _parse(_Buffer(data))
+
+
+def _parse(buf: _Buffer) -> Model:
     root = _Table(buf, buf.indirect(0))
     codes = [_operator_name(code) for code in root.tables(1)]
     subgraphs = root.tables(2)
@@ -232,11 +238,47 @@ def parse_model(data: bytes) -> Model:
         if code >= len(codes):
             raise TFLiteFormatError(f"operator {i} names operator code {code} of {len(codes)}: corrupted file")
         operators.append(_operator(i, codes[code], table, len(tensors)))
+    _check_execution_order(operators)
     inputs, outputs = (tuple(int(t) for t in graph.numbers(n, "<i4")) for n in (1, 2))
     for index in inputs + outputs:
         if not 0 <= index < len(tensors):
             raise TFLiteFormatError(f"the graph names tensor {index} of {len(tensors)}: corrupted file")
     return Model(tensors, operators, inputs, outputs, buffers, metadata, root.string(3))
+
+
+def label_file_names(metadata: bytes) -> tuple[str, ...]:
+    """The label files (``TENSOR_AXIS_LABELS``) that a model's ``TFLITE_METADATA`` buffer names, for the
+    model, its subgraphs or their output tensors (``metadata_schema.fbs``)."""
+    if len(metadata) < 8 or metadata[4:8] != METADATA_IDENTIFIER:
+        raise TFLiteFormatError("its TFLITE_METADATA buffer lacks the identifier 'M001'")
+    buf = _Buffer(metadata)
+    root = _Table(buf, buf.indirect(0))
+    files = root.tables(6)
+    for subgraph in root.tables(3):
+        files += subgraph.tables(4)
+        for tensor in subgraph.tables(3):
+            files += tensor.tables(6)
+    return tuple(file.string(0) for file in files if file.scalar(2, "b") == AXIS_LABELS)
+
+
+def _check_execution_order(operators: list[Operator]) -> None:
+    """TFLite stores operators in execution order, each tensor written by one op: an op that reads a
+    tensor written later (or by itself) makes the graph cyclic, and following it would never end."""
+    writers: dict[int, int] = {}
+    for op in operators:
+        for tensor in op.outputs:
+            if tensor in writers:
+                raise TFLiteFormatError(
+                    f"tensor {tensor} is written by operators {writers[tensor]} and {op.index}: corrupted file"
+                )
+            writers[tensor] = op.index
+    for op in operators:
+        for tensor in op.inputs:
+            if writers.get(tensor, -1) >= op.index:
+                raise TFLiteFormatError(
+                    f"operator {op.index} ({op.op}) reads tensor {tensor}, which operator {writers[tensor]} "
+                    "writes only later: corrupted file"
+                )
 
 
 def _operator_name(code: _Table) -> str:
