@@ -12,12 +12,14 @@ import zipfile
 
 import pytest
 
+from converter.formats import tflite_schema
 from fixtures.fuzz_reader import FAILURE, PROJECT_ERROR, main
 from fixtures.fuzz_tflite import CONVERTED, LABELS_NOTED, run_tflite_fuzz
 from tests.helpers import SHARED
 
 MODELS = SHARED / "realdata" / "models"
 INAT = MODELS / "mobilenet_v2_1.0_224_inat_bird_quant.tflite"
+IMAGENET = MODELS / "mobilenet_v2_1.0_224_quant.tflite"
 DEEPLAB = MODELS / "deeplabv3_mnv2_dm05_pascal_quant.tflite"
 LABEL_FILE = "inat_bird_labels.txt"
 # A regression to following a cyclic graph loops while its list of steps grows: bound both.
@@ -117,6 +119,23 @@ def test_an_op_writing_its_own_input_is_refused_not_followed_forever(tmp_path):
     result = convert(damaged, tmp_path / "out")
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("error: tensor 182 is written by operators 68 and 69: corrupted file")
+
+
+def test_an_op_missing_an_input_the_reader_takes_is_refused(tmp_path):
+    """One operator code turned from AVERAGE_POOL_2D (1) into MEAN (40): the pool's one input was then
+    indexed for MEAN's axes, and the conversion ended in 'internal error: IndexError'."""
+    data = bytearray(IMAGENET.read_bytes())
+    buf = tflite_schema._Buffer(bytes(data))
+    for code in tflite_schema._Table(buf, buf.indirect(0)).tables(1):  # the model's operator codes
+        if max(code.scalar(0, "b"), code.scalar(3, "i")) == 1:
+            for field, size in ((0, 1), (3, 4)):  # the deprecated int8 code and the int32 one
+                if (position := code._field(field)) is not None:
+                    data[position : position + size] = (40).to_bytes(size, "little")
+    damaged = tmp_path / IMAGENET.name
+    damaged.write_bytes(bytes(data))
+    result = convert(damaged, tmp_path / "out")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: operator 62 (MEAN) has inputs (168,); it takes 2: corrupted file")
 
 
 def test_a_short_fuzz_run_on_the_real_models(tmp_path):

@@ -15,6 +15,7 @@ here is checked against the file length, so a truncated or hostile file raises
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,13 @@ BUILTIN_OPERATORS = {
     56: "ARG_MAX",
     114: "QUANTIZE",
 }
+# How many leading inputs each op must have (a conv's bias may be omitted, as -1): the reader indexes them.
+REQUIRED_INPUTS = {
+    "ADD": 2, "ARG_MAX": 2, "AVERAGE_POOL_2D": 1, "BATCH_TO_SPACE_ND": 3, "CAST": 1, "CONCATENATION": 1,
+    "CONV_2D": 2, "DEPTHWISE_CONV_2D": 2, "DEQUANTIZE": 1, "FULLY_CONNECTED": 2, "MEAN": 2, "MUL": 2, "PAD": 2,
+    "QUANTIZE": 1, "RELU6": 1, "RESHAPE": 1, "RESIZE_BILINEAR": 2, "SOFTMAX": 1, "SPACE_TO_BATCH_ND": 3,
+    "SQUEEZE": 1,
+}  # fmt: skip
 PADDINGS = {0: "SAME", 1: "VALID"}
 ACTIVATIONS = {0: None, 1: "relu", 2: "relu_n1_to_1", 3: "relu6", 4: "tanh", 5: "sign_bit"}
 
@@ -121,7 +129,7 @@ class Model:
         if not raw:
             return None
         dtype = np.dtype(tensor.dtype).newbyteorder("<")
-        count = int(np.prod(tensor.shape)) if tensor.shape else 1
+        count = math.prod(tensor.shape)  # Python integers: a damaged shape cannot overflow
         if len(raw) != count * dtype.itemsize:
             raise TFLiteFormatError(
                 f"tensor {tensor.name!r}: its buffer holds {len(raw)} bytes, its shape {tensor.shape} needs "
@@ -310,6 +318,8 @@ def _tensor(index: int, table: _Table) -> Tensor:
             zero_point = zero_point if len(zero_point) else np.zeros(len(scale), dtype=np.int64)
             quantization = Quantization(scale, zero_point, params.scalar(6, "i"))
     shape = tuple(int(s) for s in table.numbers(0, "<i4"))
+    if min(shape, default=0) < 0:
+        raise TFLiteFormatError(f"tensor {index} has the shape {shape}: corrupted file")
     return Tensor(index, table.string(3), shape, TENSOR_TYPES[code], table.scalar(2, "I"), quantization)
 
 
@@ -318,6 +328,9 @@ def _operator(index: int, op: str, table: _Table, tensor_count: int) -> Operator
     outputs = tuple(int(t) for t in table.numbers(2, "<i4"))
     if not outputs or min(outputs) < 0:
         raise TFLiteFormatError(f"operator {index} ({op}) has no output tensor: corrupted file")
+    required = REQUIRED_INPUTS.get(op, 0)
+    if len(inputs) < required or min(inputs[:required], default=0) < 0:
+        raise TFLiteFormatError(f"operator {index} ({op}) has inputs {inputs}; it takes {required}: corrupted file")
     for tensor in inputs + outputs:
         if not -1 <= tensor < tensor_count:
             raise TFLiteFormatError(f"operator {index} ({op}) names tensor {tensor} of {tensor_count}: corrupted file")
