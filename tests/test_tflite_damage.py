@@ -4,6 +4,7 @@ fail with a one-line project error; never a traceback, an internal error or a ha
 from __future__ import annotations
 
 import json
+import re
 import resource
 import struct
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from converter.formats import tflite_schema
 from fixtures.fuzz_reader import FAILURE, PROJECT_ERROR, main
-from fixtures.fuzz_tflite import CONVERTED, LABELS_NOTED, run_tflite_fuzz
+from fixtures.fuzz_tflite import CONVERTED, LABELS_NOTED, build_tflite_corpus, run_tflite_fuzz, tflite_case
 from tests.helpers import SHARED
 
 MODELS = SHARED / "realdata" / "models"
@@ -136,6 +137,24 @@ def test_an_op_missing_an_input_the_reader_takes_is_refused(tmp_path):
     result = convert(damaged, tmp_path / "out")
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("error: operator 62 (MEAN) has inputs (168,); it takes 2: corrupted file")
+
+
+@pytest.mark.parametrize(
+    ("seed", "case", "message"),
+    [
+        # A DEPTHWISE_CONV_2D filter's shape vector lost its length (4 -> 0): the channels were read from
+        # its last dimension, an internal IndexError.
+        (3, 328, r"operator 18 \(DEPTHWISE_CONV_2D\) has a filter of shape \(\); it takes 4 dimensions"),
+    ],
+)
+def test_damage_found_by_the_fuzzer_gives_a_clear_error(tmp_path, seed, case, message):
+    report = run_tflite_fuzz(cases=0, seed=seed, workdir=tmp_path, only_case=case, models=MODELS)
+    assert report.failures == [] and report.errors == {"TFLiteFormatError": 1}
+    model, damaged, _ = tflite_case(build_tflite_corpus(MODELS, tmp_path), seed=seed, case=case)
+    (tmp_path / model.name).write_bytes(damaged)
+    result = convert(tmp_path / model.name, tmp_path / "converted")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert re.match(f"error: {message}", result.stderr)
 
 
 def test_a_short_fuzz_run_on_the_real_models(tmp_path):

@@ -61,6 +61,8 @@ REQUIRED_INPUTS = {
     "QUANTIZE": 1, "RELU6": 1, "RESHAPE": 1, "RESIZE_BILINEAR": 2, "SOFTMAX": 1, "SPACE_TO_BATCH_ND": 3,
     "SQUEEZE": 1,
 }  # fmt: skip
+# The rank of a conv's filter (input 1), which the reader reads its channels from.
+FILTER_RANKS = {"CONV_2D": 4, "DEPTHWISE_CONV_2D": 4, "FULLY_CONNECTED": 2}
 PADDINGS = {0: "SAME", 1: "VALID"}
 ACTIVATIONS = {0: None, 1: "relu", 2: "relu_n1_to_1", 3: "relu6", 4: "tanh", 5: "sign_bit"}
 
@@ -247,6 +249,12 @@ def _parse(buf: _Buffer) -> Model:
             raise TFLiteFormatError(f"operator {i} names operator code {code} of {len(codes)}: corrupted file")
         operators.append(_operator(i, codes[code], table, len(tensors)))
     _check_execution_order(operators)
+    for op in operators:
+        if op.op in FILTER_RANKS and len(tensors[op.inputs[1]].shape) != FILTER_RANKS[op.op]:
+            raise TFLiteFormatError(
+                f"operator {op.index} ({op.op}) has a filter of shape {tensors[op.inputs[1]].shape}; it takes "
+                f"{FILTER_RANKS[op.op]} dimensions: corrupted file"
+            )
     inputs, outputs = (tuple(int(t) for t in graph.numbers(n, "<i4")) for n in (1, 2))
     for index in inputs + outputs:
         if not 0 <= index < len(tensors):
