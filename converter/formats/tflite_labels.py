@@ -26,9 +26,8 @@ ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, Value
 
 
 def packed_labels(data: bytes, metadata: dict[str, bytes], count: int) -> tuple[tuple[str, ...] | None, list[str]]:
-    """Class names from a label file packed into the model (TFLite metadata appends a zip archive and names
-    the file), and notes on a label file that is there but cannot be used: the weights are still sound,
-    so a damaged label file costs the names, not the conversion."""
+    """The `count` class names of the packed label file (those the metadata names first), or None; and
+    notes on each label file that is named or packed but cannot be used, saying why."""
     notes, declared = [], ()
     if METADATA_KEY in metadata:
         try:
