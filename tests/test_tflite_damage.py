@@ -142,9 +142,10 @@ def test_an_op_missing_an_input_the_reader_takes_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("seed", "case", "message"),
     [
-        # A DEPTHWISE_CONV_2D filter's shape vector lost its length (4 -> 0): the channels were read from
-        # its last dimension, an internal IndexError.
+        # A DEPTHWISE_CONV_2D filter's shape vector lost its length (4 -> 0), in the DeepLab and the iNat
+        # models: the channels were read from its last dimension, an internal IndexError.
         (3, 328, r"operator 18 \(DEPTHWISE_CONV_2D\) has a filter of shape \(\); it takes 4 dimensions"),
+        (4, 743, r"operator 55 \(DEPTHWISE_CONV_2D\) has a filter of shape \(\); it takes 4 dimensions"),
     ],
 )
 def test_damage_found_by_the_fuzzer_gives_a_clear_error(tmp_path, seed, case, message):
