@@ -29,9 +29,7 @@ arithmetic.
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ import numpy as np
 from converter.errors import MappingError, TFLiteFormatError
 from converter.formats.base import Hints, Reader, References
 from converter.formats.tflite_graph import Graph
+from converter.formats.tflite_labels import packed_labels
 from converter.formats.tflite_schema import Model, Operator, Tensor, has_identifier, parse_model
 from converter.slim import HEADS, NUM_BLOCKS, conv_layers, detect_variant
 from converter.vocabulary import CLASSIFICATION, DEEPLAB
@@ -55,7 +54,6 @@ POOL_OPS = ("AVERAGE_POOL_2D", "MEAN")
 FLOAT_MODEL_WEIGHTS = ("float32", "float16", "int8")  # weight storage on float activations
 # How TFLite turns stored weights into float32 for float (or hybrid) kernels.
 WIDENED = {"float16": "float16 widened exactly", "int8": "int8 as scale * (q - zero_point)"}
-LABEL_FILE_LIMIT = 1 << 20  # an embedded label file is a few tens of KB
 # Classifier scope -> PyTorch module, from the mapping table's heads.
 HEAD_MODULES = {
     tf.rsplit("/", 1)[0]: pt.removesuffix(".weight").removesuffix(".convolution")
@@ -174,13 +172,14 @@ class TFLiteReader(Reader):
         input_quantization = self._input_quantization()
         if input_quantization is not None:
             preprocessing = {"input_quantization": input_quantization}
+        labels, label_notes = packed_labels(self._bytes, self.model.metadata, num_labels)
         return Hints(
             image_size=image.shape[1],
             output_stride=self.output_stride if self.kind == DEEPLAB else None,
-            labels=_embedded_labels(self._bytes, num_labels),
+            labels=labels,
             convention="raw",
             preprocessing=preprocessing,
-            notes=tuple(notes),
+            notes=(*notes, *label_notes),
         )
 
     def extra_files(self) -> dict[str, bytes]:
@@ -556,19 +555,3 @@ def _output_stride(steps: list[Step]) -> int:
         if step.scope is not None and step.scope.startswith("MobilenetV2/"):
             stride *= step.stride_dilation[0]
     return stride
-
-
-def _embedded_labels(data: bytes, count: int) -> tuple[str, ...] | None:
-    """Class names from a label file packed into the model (TFLite metadata appends a zip archive)."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, ValueError):
-        return None
-    with archive:
-        for member in archive.infolist():
-            if not member.filename.endswith(".txt") or member.file_size > LABEL_FILE_LIMIT:
-                continue
-            lines = archive.read(member).decode("utf-8", errors="replace").splitlines()
-            if len(lines) == count:
-                return tuple(lines)
-    return None

@@ -2,7 +2,8 @@
 
 Only what MobileNetV2 models use is decoded: tensors (shape, type, buffer, name, quantization), the
 operators of the first subgraph with the options of the ops these models hold, buffers and metadata.
-Field numbers are those of ``schema.fbs`` (they never change: the schema only appends fields).
+Field numbers are those of ``schema.fbs`` (they never change: the schema only appends fields), and of
+``metadata_schema.fbs`` for the label files that the model's metadata names.
 
 Flatbuffer layout in brief: the file starts with a uoffset to the root table; a table starts with a
 soffset back to its vtable, which lists the byte offset of each field inside the table (0: absent,
@@ -14,6 +15,7 @@ here is checked against the file length, so a truncated or hostile file raises
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,8 @@ import numpy as np
 from converter.errors import TFLiteFormatError
 
 FILE_IDENTIFIER = b"TFL3"
+METADATA_IDENTIFIER = b"M001"  # of the ModelMetadata flatbuffer in the TFLITE_METADATA buffer
+AXIS_LABELS = 2  # AssociatedFileType.TENSOR_AXIS_LABELS: one class name a line
 
 # TensorType -> numpy dtype (the types MobileNetV2 models use).
 TENSOR_TYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 7: "int16", 9: "int8"}
@@ -50,6 +54,15 @@ BUILTIN_OPERATORS = {
     56: "ARG_MAX",
     114: "QUANTIZE",
 }
+# How many leading inputs each op must have (a conv's bias may be omitted, as -1): the reader indexes them.
+REQUIRED_INPUTS = {
+    "ADD": 2, "ARG_MAX": 2, "AVERAGE_POOL_2D": 1, "BATCH_TO_SPACE_ND": 3, "CAST": 1, "CONCATENATION": 1,
+    "CONV_2D": 2, "DEPTHWISE_CONV_2D": 2, "DEQUANTIZE": 1, "FULLY_CONNECTED": 2, "MEAN": 2, "MUL": 2, "PAD": 2,
+    "QUANTIZE": 1, "RELU6": 1, "RESHAPE": 1, "RESIZE_BILINEAR": 2, "SOFTMAX": 1, "SPACE_TO_BATCH_ND": 3,
+    "SQUEEZE": 1,
+}  # fmt: skip
+# The rank of a conv's filter (input 1), which the reader reads its channels from.
+FILTER_RANKS = {"CONV_2D": 4, "DEPTHWISE_CONV_2D": 4, "FULLY_CONNECTED": 2}
 PADDINGS = {0: "SAME", 1: "VALID"}
 ACTIVATIONS = {0: None, 1: "relu", 2: "relu_n1_to_1", 3: "relu6", 4: "tanh", 5: "sign_bit"}
 
@@ -118,7 +131,7 @@ class Model:
         if not raw:
             return None
         dtype = np.dtype(tensor.dtype).newbyteorder("<")
-        count = int(np.prod(tensor.shape)) if tensor.shape else 1
+        count = math.prod(tensor.shape)  # Python integers: a damaged shape cannot overflow
         if len(raw) != count * dtype.itemsize:
             raise TFLiteFormatError(
                 f"tensor {tensor.name!r}: its buffer holds {len(raw)} bytes, its shape {tensor.shape} needs "
@@ -213,7 +226,10 @@ def parse_model(data: bytes) -> Model:
     """Decode the first subgraph of a .tflite file."""
     if not has_identifier(data):
         raise TFLiteFormatError("not a TFLite model: the file identifier 'TFL3' is missing at bytes 4..8")
-    buf = _Buffer(data)
+    return _parse(_Buffer(data))
+
+
+def _parse(buf: _Buffer) -> Model:
     root = _Table(buf, buf.indirect(0))
     codes = [_operator_name(code) for code in root.tables(1)]
     subgraphs = root.tables(2)
@@ -232,11 +248,53 @@ def parse_model(data: bytes) -> Model:
         if code >= len(codes):
             raise TFLiteFormatError(f"operator {i} names operator code {code} of {len(codes)}: corrupted file")
         operators.append(_operator(i, codes[code], table, len(tensors)))
+    _check_execution_order(operators)
+    for op in operators:
+        if op.op in FILTER_RANKS and len(tensors[op.inputs[1]].shape) != FILTER_RANKS[op.op]:
+            raise TFLiteFormatError(
+                f"operator {op.index} ({op.op}) has a filter of shape {tensors[op.inputs[1]].shape}; it takes "
+                f"{FILTER_RANKS[op.op]} dimensions: corrupted file"
+            )
     inputs, outputs = (tuple(int(t) for t in graph.numbers(n, "<i4")) for n in (1, 2))
     for index in inputs + outputs:
         if not 0 <= index < len(tensors):
             raise TFLiteFormatError(f"the graph names tensor {index} of {len(tensors)}: corrupted file")
     return Model(tensors, operators, inputs, outputs, buffers, metadata, root.string(3))
+
+
+def label_file_names(metadata: bytes) -> tuple[str, ...]:
+    """The label files (``TENSOR_AXIS_LABELS``) that a model's ``TFLITE_METADATA`` buffer names, for the
+    model, its subgraphs or their output tensors (``metadata_schema.fbs``)."""
+    if len(metadata) < 8 or metadata[4:8] != METADATA_IDENTIFIER:
+        raise TFLiteFormatError("its TFLITE_METADATA buffer lacks the identifier 'M001'")
+    buf = _Buffer(metadata)
+    root = _Table(buf, buf.indirect(0))
+    files = root.tables(6)
+    for subgraph in root.tables(3):
+        files += subgraph.tables(4)
+        for tensor in subgraph.tables(3):
+            files += tensor.tables(6)
+    return tuple(file.string(0) for file in files if file.scalar(2, "b") == AXIS_LABELS)
+
+
+def _check_execution_order(operators: list[Operator]) -> None:
+    """TFLite stores operators in execution order, each tensor written by one op: an op that reads a
+    tensor written later (or by itself) makes the graph cyclic, and following it would never end."""
+    writers: dict[int, int] = {}
+    for op in operators:
+        for tensor in op.outputs:
+            if tensor in writers:
+                raise TFLiteFormatError(
+                    f"tensor {tensor} is written by operators {writers[tensor]} and {op.index}: corrupted file"
+                )
+            writers[tensor] = op.index
+    for op in operators:
+        for tensor in op.inputs:
+            if writers.get(tensor, -1) >= op.index:
+                raise TFLiteFormatError(
+                    f"operator {op.index} ({op.op}) reads tensor {tensor}, which operator {writers[tensor]} "
+                    "writes only later: corrupted file"
+                )
 
 
 def _operator_name(code: _Table) -> str:
@@ -268,6 +326,8 @@ def _tensor(index: int, table: _Table) -> Tensor:
             zero_point = zero_point if len(zero_point) else np.zeros(len(scale), dtype=np.int64)
             quantization = Quantization(scale, zero_point, params.scalar(6, "i"))
     shape = tuple(int(s) for s in table.numbers(0, "<i4"))
+    if min(shape, default=0) < 0:
+        raise TFLiteFormatError(f"tensor {index} has the shape {shape}: corrupted file")
     return Tensor(index, table.string(3), shape, TENSOR_TYPES[code], table.scalar(2, "I"), quantization)
 
 
@@ -276,6 +336,9 @@ def _operator(index: int, op: str, table: _Table, tensor_count: int) -> Operator
     outputs = tuple(int(t) for t in table.numbers(2, "<i4"))
     if not outputs or min(outputs) < 0:
         raise TFLiteFormatError(f"operator {index} ({op}) has no output tensor: corrupted file")
+    required = REQUIRED_INPUTS.get(op, 0)
+    if len(inputs) < required or min(inputs[:required], default=0) < 0:
+        raise TFLiteFormatError(f"operator {index} ({op}) has inputs {inputs}; it takes {required}: corrupted file")
     for tensor in inputs + outputs:
         if not -1 <= tensor < tensor_count:
             raise TFLiteFormatError(f"operator {index} ({op}) names tensor {tensor} of {tensor_count}: corrupted file")
