@@ -62,6 +62,7 @@ bench: install
 
 fuzz: install
 	$(BIN)/python -m fixtures.fuzz_reader --cases 10000 --seed 1
+	$(BIN)/python -m fixtures.fuzz_reader --format tflite --cases 10000 --seed 1
 
 clean:
 	rm -rf out reports .cache .pytest_cache
