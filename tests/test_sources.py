@@ -124,14 +124,14 @@ def test_training_step_prefix_without_meta_or_frozen_graph(tmp_path):
             "model.ckpt-30000.data-00000-of-00002",
             "model.ckpt-30000.data-00001-of-00002",
         ]
-        assert "meta_graph" not in source and "frozen_graph" not in source
+        assert source.meta_graph is None and source.frozen_graph is None
 
 
 def test_nested_zoo_layout(tmp_path):
     _make_files(tmp_path, DEEPLAB_FILES)
     with open_source(tmp_path) as source:
         assert source.prefix == tmp_path / DEEPLAB_DIR / "model.ckpt-30000"
-        assert source["frozen_graph"] == tmp_path / DEEPLAB_DIR / "frozen_inference_graph.pb"
+        assert source.frozen_graph == tmp_path / DEEPLAB_DIR / "frozen_inference_graph.pb"
         assert source.meta_graph is None
 
 
