@@ -1,6 +1,6 @@
 """The transformers-compatible Python API, with transformers' MobileNetV2 classes loading the same folders
 as the truth: config arguments and round trips, from_pretrained (Hub ids, dtype, device, overrides),
-losses, hidden states, parameter counts, a backbone from any folder, feature info, and torch.hub."""
+losses, hidden states, parameter counts, a backbone model from any folder, and torch.hub."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from mobilenet_torch import (
-    MobileNetV2Backbone,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
     MobileNetV2ForSemanticSegmentation,
@@ -290,47 +289,6 @@ def test_extract_features_takes_a_single_name(classifiers):
     with torch.no_grad():
         assert ours.extract_features(x, "logits").shape == (2, 1001)
         assert list(ours.extract_features(x, ["layer_5"])) == ["layer_5"]
-
-
-def _transformers_maps(model, x: torch.Tensor) -> dict[str, torch.Size]:
-    """Output shapes of transformers' modules at each slim endpoint, caught by forward hooks."""
-    backbone = model.mobilenet_v2
-    modules = {"layer_1": backbone.conv_stem.first_conv, "layer_2": backbone.conv_stem, "layer_19": backbone.conv_1x1}
-    for i, block in enumerate(backbone.layer):
-        modules[f"layer_{i + 3}"] = block
-        if block.expand_1x1 is not None:
-            modules[f"layer_{i + 3}/expansion_output"] = block.expand_1x1
-    shapes: dict[str, torch.Size] = {}
-
-    def recorder(name: str):
-        def record(module, inputs, output) -> None:  # returns None: the output stays as it is
-            shapes[name] = output.shape
-
-        return record
-
-    hooks = [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return shapes
-
-
-@pytest.mark.parametrize("kind", ["classification", "segmentation"])
-def test_backbone_channels_and_reductions_are_those_of_transformers_maps(kind, classifiers, segmenters):
-    ours, theirs = classifiers if kind == "classification" else segmenters
-    size = 96 if kind == "classification" else 64
-    shapes = _transformers_maps(theirs, images(size, batch=1))
-    if kind == "segmentation":
-        del shapes["layer_19"]  # computed by transformers, absent from DeepLab
-    backbone = MobileNetV2Backbone(ours, out_features=list(shapes))
-    assert backbone.channels == [shape[1] for shape in shapes.values()]
-    assert backbone.reductions == [size // shape[-1] for shape in shapes.values()]
-    assert backbone.feature_info[-1]["num_chs"] == backbone.channels[-1]
-    with pytest.raises(ValueError, match="not feature maps"):
-        MobileNetV2Backbone(ours, out_features=["global_pool"])
 
 
 def test_torch_hub_loads_from_a_clone(classifier_folder, segmenter_folder, classifiers):
