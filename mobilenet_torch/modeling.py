@@ -1,9 +1,10 @@
 """MobileNetV2 for PyTorch with TensorFlow-exact semantics, laid out like transformers' port.
 
 The architecture is a table (`architecture.BLOCKS`); its one walk (`architecture.backbone_steps`) is run by
-`MobileNetV2Model.forward_intermediates`, which forward, hidden states, `extract_features` and the
-backbone wrapper all call (the integer and fake-quant models follow the same steps).
-Forward signatures, outputs and losses are transformers' (`labels`, `output_hidden_states`, `return_dict`).
+`walk`, which forward, hidden states and `extract_features` (through `forward_intermediates`) and the
+backbone for heads (`backbone.MobileNetV2Backbone`) all call; the integer and fake-quant models follow
+the same steps. Forward signatures, outputs (`outputs.py`) and losses are transformers' (`labels`,
+`output_hidden_states`, `return_dict`).
 """
 
 from __future__ import annotations
