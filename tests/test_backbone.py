@@ -78,12 +78,13 @@ def test_every_map_is_the_output_of_transformers_module_of_that_name(folder_and_
         assert ours.shape == reference.shape, name
         assert ours.shape[1] == channels and ours.shape[-1] == -(-size // reduction), name
         assert_parity(ours, reference, name)
-    # The 16 block outputs are transformers' hidden states.
-    blocks = [f"layer_{i}" for i in range(3, 19)]
-    for ours, reference in zip(
-        [features[backbone.out_features.index(name)] for name in blocks], theirs["hidden_states"], strict=True
-    ):
+    # The 16 block outputs are the hidden states, transformers' and those of the model it was cut from.
+    blocks = [features[backbone.out_features.index(f"layer_{i}")] for i in range(3, 19)]
+    with torch.no_grad():
+        full = model(x, output_hidden_states=True).hidden_states
+    for ours, reference, whole in zip(blocks, theirs["hidden_states"], full, strict=True):
         assert_parity(ours, reference, "hidden state")
+        assert torch.equal(ours, whole)
 
 
 @pytest.mark.parametrize(
