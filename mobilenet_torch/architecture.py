@@ -4,7 +4,8 @@ importing torch; a test proves it equals the models' own state dicts)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -157,3 +158,44 @@ def placeholder_arrays(config: MobileNetV2Config) -> dict[str, np.ndarray]:
         for name, shape in shapes.items()
         if name.startswith(PLACEHOLDER_PREFIX)
     }
+
+
+class FeatureInfo:
+    """timm's `FeatureInfo`: one dict per feature map of the network, in network order (`num_chs`,
+    `reduction`, `module`, the module whose output it is, and `endpoint`, its slim name), and the
+    `out_indices` of the maps chosen among them (all by default). As in timm, `channels()`,
+    `reduction()` and `module_name()` give the chosen maps' values, or with `idx` those of map `idx`
+    (or of a list of them) among all the maps; `info[i]` is the dict of map i."""
+
+    def __init__(self, info: list[dict[str, Any]], out_indices: Sequence[int] | None = None) -> None:
+        self.info = info
+        self.out_indices = tuple(range(len(info)) if out_indices is None else out_indices)
+
+    @staticmethod
+    def map(endpoint: str, module: str, channels: int, reduction: int) -> dict[str, Any]:
+        return {"num_chs": channels, "reduction": reduction, "module": module, "endpoint": endpoint}
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None):
+        if idx is None:
+            idx = self.out_indices
+        if isinstance(idx, int):
+            return self.info[idx][key]
+        return [self.info[i][key] for i in idx]
+
+    def channels(self, idx: int | Sequence[int] | None = None):
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None):
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | Sequence[int] | None = None):
+        return self.get("module", idx)
+
+    def endpoints(self, idx: int | Sequence[int] | None = None):
+        return self.get("endpoint", idx)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        return self.info[idx]
+
+    def __len__(self) -> int:
+        return len(self.info)

@@ -14,6 +14,9 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 DEFAULT_NUM_LABELS = 1001  # ImageNet with background, the original checkpoints' head
 FILE_DEFAULT_NUM_LABELS = 2  # what transformers assumes for a config.json that names no labels
 LABEL_KEYS = ("id2label", "label2id", "num_labels")
+# transformers' generic config fields that the models honour, with transformers' defaults: hidden states
+# when a call does not say, and dict-like outputs or plain tuples. config.json holds them among `extra`.
+OUTPUT_OPTIONS = {"output_hidden_states": False, "return_dict": True}
 # transformers' `hidden_act` names that this model computes, as the torch.nn module (and its arguments)
 # that gives transformers' result; the rest of its ACT2FN is refused.
 ACTIVATIONS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -110,11 +113,14 @@ class MobileNetV2Config:
         return cls(**kwargs, extra=extra)
 
     def with_overrides(self, **overrides: Any) -> MobileNetV2Config:
-        """A copy with some fields replaced; labels may be given as `num_labels`, `id2label` or `label2id`."""
-        unknown = set(overrides) - {f.name for f in fields(self)} - set(LABEL_KEYS) - {"extra"}
+        """A copy with some fields replaced; labels may be given as `num_labels`, `id2label` or `label2id`,
+        and transformers' `output_hidden_states` and `return_dict` too."""
+        unknown = set(overrides) - {f.name for f in fields(self)} - set(LABEL_KEYS) - set(OUTPUT_OPTIONS) - {"extra"}
         if unknown:
             raise TypeError(f"MobileNetV2Config has no field {', '.join(sorted(unknown))}")
         data = {f.name: getattr(self, f.name) for f in fields(self)}
+        options = {key: overrides.pop(key) for key in OUTPUT_OPTIONS if key in overrides}
+        data["extra"] = {**overrides.pop("extra", data["extra"]), **options}
         if any(key in overrides for key in LABEL_KEYS):
             del data["id2label"]
         return type(self)(**{**data, **overrides})
@@ -182,6 +188,20 @@ def _label2id(config: MobileNetV2Config) -> dict[str, int]:
 # Assigned after the dataclass is built, whose __init__ has already taken the InitVars' defaults.
 MobileNetV2Config.num_labels = property(_num_labels, _set_num_labels, doc="len(id2label)")
 MobileNetV2Config.label2id = property(_label2id, doc="The inverse of id2label.")
+
+
+def _output_option(name: str) -> property:
+    def get(config: MobileNetV2Config) -> bool:
+        return config.extra.get(name, OUTPUT_OPTIONS[name])
+
+    def set_(config: MobileNetV2Config, value: bool) -> None:
+        config.extra[name] = value
+
+    return property(get, set_, doc=f"transformers' generic `{name}` (default {OUTPUT_OPTIONS[name]}).")
+
+
+MobileNetV2Config.output_hidden_states = _output_option("output_hidden_states")
+MobileNetV2Config.return_dict = _output_option("return_dict")
 
 
 def generic_labels(count: int) -> dict[int, str]:

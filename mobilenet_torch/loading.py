@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .architecture import BACKBONE_PREFIX, PLACEHOLDER_PREFIX
-from .configuration import CONFIG_NAME, LABEL_KEYS, MobileNetV2Config
+from .configuration import CONFIG_NAME, LABEL_KEYS, OUTPUT_OPTIONS, MobileNetV2Config
 from .errors import ModelFolderError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -23,6 +23,17 @@ SEGMENTATION_HEAD_PREFIX = "segmentation_head."
 # A Hub id as huggingface_hub accepts it: "name" or "owner/name", no leading dot, no "..".
 HUB_ID = re.compile(r"(?!\.)(?!.*\.\.)[\w.-]{1,96}(/(?!\.)[\w.-]{1,96})?")
 HUB_OPTIONS = ("cache_dir", "revision", "token", "local_files_only")  # resolve_folder's keywords
+# Options of transformers' from_pretrained that mean nothing for this model, with what to do instead.
+UNSUPPORTED_OPTIONS = {
+    "config": "pass config fields as keywords (num_labels=10), or build the model from a MobileNetV2Config",
+    "subfolder": "pass the subfolder's path",
+    "variant": "convert each variant into its own folder",
+    "output_loading_info": "what was dropped or newly initialised is logged (logger 'mobilenet_torch')",
+    "quantization_config": "convert a quantized .tflite and load it with QuantizedMobileNetV2.from_pretrained",
+    "attn_implementation": "MobileNetV2 has no attention layers; drop the argument",
+    "max_memory": "MobileNetV2 runs on one device: pass device_map='auto' or a device",
+    "offload_folder": "MobileNetV2 runs on one device: pass device_map='auto' or a device",
+}
 
 logger = logging.getLogger("mobilenet_torch")
 
@@ -75,14 +86,19 @@ def load_folder(
     folder: Path,
     *,
     dtype: Any = None,
+    torch_dtype: Any = None,
     device: Any = None,
+    device_map: Any = None,
     ignore_mismatched_sizes: bool = False,
     **overrides: Any,
 ):
-    """`cls` built from the folder. `overrides` naming config fields (or labels) replace those of
-    config.json; the others go to the constructor (e.g. `add_pooling_layer=False`)."""
+    """`cls` built from the folder. `overrides` naming config fields (or labels, or transformers'
+    `output_hidden_states` and `return_dict`) replace those of config.json; those naming arguments of
+    the constructor go there (e.g. `add_pooling_layer=False`); any other is refused."""
     import torch
 
+    _refuse_unknown_options(cls, overrides)
+    dtype, device = loading_dtype(dtype, torch_dtype), loading_device(device, device_map)
     if not (folder / CONFIG_NAME).is_file():
         raise ModelFolderError(f"{folder} has no {CONFIG_NAME}: pass a folder written by convert-mobilenet")
     weights = folder / WEIGHTS_NAME
@@ -91,11 +107,10 @@ def load_folder(
         hint = f" (found {', '.join(pickled)}: pickled weights are never loaded)" if pickled else ""
         raise ModelFolderError(f"{folder} has no {WEIGHTS_NAME}{hint}; convert the checkpoint again")
     config = MobileNetV2Config.from_pretrained(folder)
-    config_fields = set(config.to_dict()) | set(LABEL_KEYS)
+    config_fields = set(config.to_dict()) | set(LABEL_KEYS) | set(OUTPUT_OPTIONS)
     config_overrides = {key: overrides.pop(key) for key in list(overrides) if key in config_fields}
     if config_overrides:
         config = config.with_overrides(**config_overrides)
-    device = torch.device(device) if device is not None else torch.device("cpu")
     state = _read_state(weights, device)
     if not any(key.startswith(BACKBONE_PREFIX) for key in state):
         state = {BACKBONE_PREFIX + key: tensor for key, tensor in state.items()}
@@ -111,7 +126,80 @@ def load_folder(
     state = _matched(cls.__name__, weights, state, expected, ignore_mismatched_sizes)
     model.load_state_dict({key[len(prefix) :]: tensor for key, tensor in state.items()}, strict=False, assign=True)
     _initialise_missing(model, device)
-    return model.to(dtype=_torch_dtype(dtype)).eval()
+    return model.to(dtype=dtype).eval()
+
+
+def _refuse_unknown_options(cls, options: dict[str, Any]) -> None:
+    """A keyword that is neither a config field nor a constructor argument gets a one-line reason."""
+    import inspect
+    from dataclasses import fields
+
+    known = {f.name for f in fields(MobileNetV2Config)} | set(LABEL_KEYS) | set(OUTPUT_OPTIONS)
+    known |= set(inspect.signature(cls.__init__).parameters) - {"self", "config"}
+    for key in options:
+        if key in UNSUPPORTED_OPTIONS:
+            raise TypeError(f"from_pretrained() does not take {key}=: {UNSUPPORTED_OPTIONS[key]}")
+        if key not in known:
+            raise TypeError(
+                f"from_pretrained() got an unexpected keyword argument {key!r}: it takes config fields "
+                "(num_labels=10, output_hidden_states=True, ...), dtype, device_map, ignore_mismatched_sizes, "
+                "and for Hub ids cache_dir, revision, token, local_files_only"
+            )
+
+
+def loading_device(device: Any = None, device_map: Any = None):
+    """The one device a model loads onto, from `device` or transformers' `device_map` for one device:
+    "auto" (the first GPU, else Apple's MPS, else the CPU), a device, its name or its CUDA index, or a
+    dict placing every module on the same device ({"": "cuda:0"})."""
+    import torch
+
+    chosen = _device_in_map(device_map) if device_map is not None else device
+    if chosen is None:
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(f"cuda:{chosen}" if isinstance(chosen, int) else chosen)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{chosen!r} is not a device: MobileNetV2 runs on one device; pass device_map='auto', 'cpu', 'cuda:0' "
+            "or a torch.device"
+        ) from None
+    if device is not None and device_map is not None and torch.device(device) != chosen:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} differ; pass one of them")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{chosen} is not available here (no CUDA device); pass device_map='auto' or 'cpu'")
+    return chosen
+
+
+def _device_in_map(device_map: Any):
+    import torch
+
+    if isinstance(device_map, dict):
+        devices = {str(device) for device in device_map.values()}
+        if len(devices) != 1:
+            raise ValueError(
+                f"device_map places modules on {sorted(devices)}; MobileNetV2 runs on one device: pass "
+                "device_map='auto' or a device"
+            )
+        (device_map,) = device_map.values()
+    if device_map == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    return device_map
+
+
+def loading_dtype(dtype: Any = None, torch_dtype: Any = None):
+    """A floating torch dtype, or None ("auto", or nothing given) for the file's own. `torch_dtype` is
+    transformers' older name for `dtype`, which wins when both are given (as in transformers)."""
+    import torch
+
+    dtype = dtype if dtype is not None else torch_dtype
+    if dtype is None or dtype == "auto":
+        return None
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating point torch dtype, its name or 'auto', got {dtype!r}")
+    return resolved
 
 
 def _read_state(weights: Path, device) -> dict:
@@ -164,15 +252,3 @@ def _initialise_missing(model, device) -> None:
                 torch.nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     torch.nn.init.zeros_(module.bias)
-
-
-def _torch_dtype(dtype):
-    """A torch dtype, its name ("float16"), or None/"auto" for the file's own."""
-    import torch
-
-    if dtype is None or dtype == "auto":
-        return None
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"dtype must be a floating point torch dtype or its name, got {dtype!r}")
-    return resolved

@@ -1,9 +1,10 @@
 """MobileNetV2 for PyTorch with TensorFlow-exact semantics, laid out like transformers' port.
 
 The architecture is a table (`architecture.BLOCKS`); its one walk (`architecture.backbone_steps`) is run by
-`MobileNetV2Model.forward_intermediates`, which forward, hidden states, `extract_features` and the
-backbone wrapper all call (the integer and fake-quant models follow the same steps).
-Forward signatures, outputs and losses are transformers' (`labels`, `output_hidden_states`, `return_dict`).
+`walk`, which forward, hidden states and `extract_features` (through `forward_intermediates`) and the
+backbone for heads (`backbone.MobileNetV2Backbone`) all call; the integer and fake-quant models follow
+the same steps. Forward signatures, outputs (`outputs.py`) and losses are transformers' (`labels`,
+`output_hidden_states`, `return_dict`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,8 @@ from torch import nn
 from .architecture import (
     HEAD_CHANNELS,
     HEAD_NORM_EPS,
+    FeatureInfo,
+    Step,
     backbone_steps,
     block_channels,
     block_expands,
@@ -31,49 +34,12 @@ from .configuration import MobileNetV2Config
 from .errors import UnsupportedConfigError
 from .layers import ConvLayer, InvertedResidual
 from .loading import HUB_OPTIONS, WEIGHTS_NAME, load_folder, resolve_folder
+from .outputs import BaseModelOutputWithPooling, ImageClassifierOutput, SemanticSegmenterOutput, as_output
 
 # Slim endpoint names in network order (see `backbone_steps`), then the pool and the logits. The 16
 # blocks' outputs are transformers' hidden states.
 BLOCK_ENDPOINTS = tuple(step.endpoint for step in backbone_steps() if step.expansion_endpoint is not None)
 ENDPOINTS = tuple(name for step in backbone_steps() for name in step.endpoints) + ("global_pool", "logits")
-
-
-# Outputs are named tuples: read by name as transformers' (`.logits`, `.loss`, `.hidden_states`; None
-# when not computed) or by index (`[0]` is always the main tensor), and, being tuples, they pass through
-# torch.export and the ONNX exporter unchanged. torch.jit.trace and `return_dict=False` get the plain
-# tuple of the computed fields (see `as_output`). `hidden_states` are the 16 block outputs, as transformers'.
-class BaseModelOutputWithPooling(NamedTuple):
-    last_hidden_state: torch.Tensor
-    pooler_output: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-
-
-class ImageClassifierOutput(NamedTuple):
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-
-
-class SemanticSegmenterOutput(NamedTuple):
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-
-
-class FeatureInfo(NamedTuple):
-    """What a head built on an endpoint needs: its channels, and its reduction (input size / map size)."""
-
-    channels: int
-    reduction: int
-
-
-def as_output(output: NamedTuple, return_dict: bool | None, config: MobileNetV2Config):
-    """The named tuple, or the plain tuple of its computed fields, as transformers' `to_tuple` gives it:
-    when `return_dict` is False, or is unset while config.json says `"return_dict": false` or while
-    tracing (which takes tensors and tuples of them only)."""
-    if return_dict is None:
-        return_dict = config.extra.get("return_dict", True) and not torch.jit.is_tracing()
-    return output if return_dict else tuple(value for value in output if value is not None)
 
 
 class MobileNetV2PreTrainedModel(nn.Module):
@@ -108,26 +74,39 @@ class MobileNetV2PreTrainedModel(nn.Module):
         name_or_path: str | os.PathLike,
         *,
         dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
+        device_map: torch.device | str | int | dict[str, Any] | None = None,
         ignore_mismatched_sizes: bool = False,
+        use_safetensors: bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
         **overrides: Any,
     ) -> MobileNetV2PreTrainedModel:
-        """Load a folder written by `save_pretrained` (or the converter), or a Hub id (needs huggingface_hub).
-        Reads safetensors only.
+        """Load a folder written by `save_pretrained` (or the converter), or a Hub id (needs huggingface_hub),
+        taking transformers' arguments. Reads safetensors only.
+
+        - `dtype` (or `torch_dtype`, its older name): a floating torch dtype or its name; "auto" or None
+          keep the file's.
+        - `device_map`, as transformers takes it for a model on one device: "auto" (the first GPU, else the
+          CPU), a device, its name or CUDA index, or {"": device}. `device` is the same.
+        - `cache_dir`, `revision`, `token`, `local_files_only` apply to Hub ids; as in transformers, a local
+          folder is read as it is.
+        - Keyword arguments naming config fields (`num_labels=10`, `classifier_dropout_prob=0.1`,
+          `output_hidden_states=True`) override config.json; a head whose shape changes that way needs
+          `ignore_mismatched_sizes=True`. Others go to the constructor (`add_pooling_layer`).
 
         Any folder serves any class: `MobileNetV2Model` drops a head (with a logged warning); a head the
-        folder lacks is newly initialised, with a warning. Keyword arguments naming config fields
-        (`num_labels=10`, `classifier_dropout_prob=0.1`) override config.json; a head whose shape changes
-        that way needs `ignore_mismatched_sizes=True`. Others go to the constructor (`add_pooling_layer`).
+        folder lacks is newly initialised, with a warning.
         """
+        if use_safetensors is False:
+            raise ValueError("use_safetensors=False: only model.safetensors is read, pickled weights never are")
         hub = dict(cache_dir=cache_dir, revision=revision, token=token, local_files_only=local_files_only)
         folder = resolve_folder(name_or_path, **hub)
-        options = dict(dtype=dtype, device=device, ignore_mismatched_sizes=ignore_mismatched_sizes)
-        return load_folder(cls, folder, **options, **overrides)
+        options = dict(dtype=dtype, torch_dtype=torch_dtype, device=device, device_map=device_map)
+        return load_folder(cls, folder, ignore_mismatched_sizes=ignore_mismatched_sizes, **options, **overrides)
 
     @property
     def device(self) -> torch.device:
@@ -192,38 +171,24 @@ class MobileNetV2Model(MobileNetV2PreTrainedModel):
         """`pooler_output` is [N, C] as transformers' (a map with `avg_pool="fixed7x7"` on large inputs).
         `output_hidden_states` unset takes config.json's (transformers' generic field; false by default)."""
         if output_hidden_states is None:
-            output_hidden_states = self.config.extra.get("output_hidden_states", False)
+            output_hidden_states = self.config.output_hidden_states
         # Hidden states are kept only when asked: they hold memory.
         x, hidden_states = self.forward_intermediates(pixel_values, BLOCK_ENDPOINTS if output_hidden_states else ())
         pooled = pool_features(x, self.config.avg_pool) if self.pool else None
         if pooled is not None and pooled.shape[-2:] == (1, 1):
             pooled = pooled.flatten(1)
-        output = BaseModelOutputWithPooling(x, pooled, tuple(hidden_states.values()) if output_hidden_states else None)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=x,
+            pooler_output=pooled,
+            hidden_states=tuple(hidden_states.values()) if output_hidden_states else None,
+        )
         return as_output(output, return_dict, self.config)
 
     def forward_intermediates(
         self, pixel_values: torch.Tensor, keep: Collection[str] = (), last: str | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The one walk of the network (`architecture.backbone_steps`), as timm's `forward_intermediates`:
-        run the backbone up to the endpoint `last` (all of it when None) and return the last tensor and
-        those of the endpoints in `keep`, in network order."""
-        x, kept = pixel_values, {}
-        for step in self.steps:
-            module = self.get_submodule(step.module)
-            if step.block:
-                expanded = module.expand(x)
-                if step.expansion_endpoint in keep:
-                    kept[step.expansion_endpoint] = expanded
-                if last is not None and last == step.expansion_endpoint:
-                    return expanded, kept
-                x = module.project(expanded, x)
-            else:
-                x = module(x)
-            if step.endpoint in keep:
-                kept[step.endpoint] = x
-            if last == step.endpoint:
-                break
-        return x, kept
+        """The one walk of the network (see `walk`) over this model's steps."""
+        return walk(self, self.steps, pixel_values, keep, last)
 
     def extract_features(self, pixel_values: torch.Tensor, names: str | Sequence[str]):
         """Named slim endpoints (NCHW), computing nothing past the deepest one requested: a dict by name
@@ -249,21 +214,55 @@ class MobileNetV2Model(MobileNetV2PreTrainedModel):
         names = [name for step in self.steps for name in step.endpoints]
         return names + ["global_pool"] if self.conv_1x1 is not None else names
 
-    def feature_info(self) -> dict[str, FeatureInfo]:
-        """Channels and reduction of every feature map endpoint (all but `global_pool`), read from the
-        layers. A map is ceil(input size / reduction) on a side."""
-        info, reduction = {}, 1
+    @property
+    def feature_info(self) -> FeatureInfo:
+        """timm's description of every feature map (all endpoints but `global_pool`), read from the
+        layers: channels, reduction (a map is ceil(input size / reduction) on a side), the module whose
+        output it is, and its slim endpoint name."""
+        maps, reduction = [], 1
         for step in self.steps:
             module = self.get_submodule(step.module)
             if step.block:
                 if step.expansion_endpoint is not None:
-                    info[step.expansion_endpoint] = FeatureInfo(module.conv_3x3.convolution.in_channels, reduction)
+                    expanded = module.conv_3x3.convolution.in_channels
+                    module_name = f"{step.module}.expand_1x1"
+                    maps.append(FeatureInfo.map(step.expansion_endpoint, module_name, expanded, reduction))
                 reduction *= module.conv_3x3.stride
-                info[step.endpoint] = FeatureInfo(module.reduce_1x1.convolution.out_channels, reduction)
+                channels = module.reduce_1x1.convolution.out_channels
             else:
                 reduction *= module.stride
-                info[step.endpoint] = FeatureInfo(module.convolution.out_channels, reduction)
-        return info
+                channels = module.convolution.out_channels
+            maps.append(FeatureInfo.map(step.endpoint, step.module, channels, reduction))
+        return FeatureInfo(maps)
+
+
+def walk(
+    root: nn.Module,
+    steps: Sequence[Step],
+    pixel_values: torch.Tensor,
+    keep: Collection[str] = (),
+    last: str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The one walk of the network (`architecture.backbone_steps`), as timm's `forward_intermediates`: run
+    the steps' modules (found in `root` by their paths) up to the endpoint `last` (all of them when None)
+    and return the last tensor and those of the endpoints in `keep`, in network order."""
+    x, kept = pixel_values, {}
+    for step in steps:
+        module = root.get_submodule(step.module)
+        if step.block:
+            expanded = module.expand(x)
+            if step.expansion_endpoint in keep:
+                kept[step.expansion_endpoint] = expanded
+            if last is not None and last == step.expansion_endpoint:
+                return expanded, kept
+            x = module.project(expanded, x)
+        else:
+            x = module(x)
+        if step.endpoint in keep:
+            kept[step.endpoint] = x
+        if last == step.endpoint:
+            break
+    return x, kept
 
 
 class MobileNetV2Stem(InvertedResidual):
@@ -313,7 +312,8 @@ class MobileNetV2ForImageClassification(MobileNetV2PreTrainedModel):
         backbone = self.mobilenet_v2(pixel_values, output_hidden_states, return_dict=True)
         logits = self.classify(backbone.pooler_output)
         loss = classification_loss(logits, labels, self.config) if labels is not None else None
-        return as_output(ImageClassifierOutput(logits, loss, backbone.hidden_states), return_dict, self.config)
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=backbone.hidden_states)
+        return as_output(output, return_dict, self.config)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """The 1x1 logits conv of the original, applied to pooled features ([N, C], or a [N, C, h, w] map)."""
@@ -408,7 +408,8 @@ class MobileNetV2ForSemanticSegmentation(MobileNetV2PreTrainedModel):
         if labels is not None:
             resized = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
             loss = F.cross_entropy(resized, labels, ignore_index=self.config.semantic_loss_ignore_index)
-        return as_output(SemanticSegmenterOutput(logits, loss, backbone.hidden_states), return_dict, self.config)
+        output = SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=backbone.hidden_states)
+        return as_output(output, return_dict, self.config)
 
     @torch.no_grad()
     def predict_labels(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -443,38 +444,6 @@ SEGMENTATION_HEAD_ENDPOINTS = ("image_pooling", "aspp0", "concat_projection", "l
 
 def final_conv_placeholders(config: MobileNetV2Config) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(array) for name, array in placeholder_arrays(config).items()}
-
-
-class MobileNetV2Backbone(nn.Module):
-    """Feature maps at chosen slim endpoints, for detection or segmentation heads.
-
-    >>> backbone = MobileNetV2Backbone(model, out_features=["layer_15/expansion_output", "layer_19"])
-    >>> c4, c5 = backbone(pixel_values)
-    >>> backbone.channels, backbone.reductions  # ([576, 1280], [16, 32]) at depth 1.0
-
-    `channels` as transformers' backbones name it; `feature_info` as timm's (`num_chs`, `reduction`).
-    """
-
-    def __init__(self, model: MobileNetV2PreTrainedModel, out_features: Sequence[str]) -> None:
-        super().__init__()
-        self.model = model
-        self.out_features = [out_features] if isinstance(out_features, str) else list(out_features)
-        backbone = model if isinstance(model, MobileNetV2Model) else model.mobilenet_v2
-        available = backbone.feature_info()
-        unknown = [name for name in self.out_features if name not in available]
-        if unknown:
-            raise ValueError(f"{unknown} are not feature maps of this backbone; choose from {list(available)}")
-        info = [available[name] for name in self.out_features]
-        self.channels = [item.channels for item in info]
-        self.reductions = [item.reduction for item in info]
-        self.feature_info = [
-            {"module": name, "num_chs": item.channels, "reduction": item.reduction}
-            for name, item in zip(self.out_features, info, strict=True)
-        ]
-
-    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        features = self.model.extract_features(pixel_values, self.out_features)
-        return [features[name] for name in self.out_features]
 
 
 ARCHITECTURES = {

@@ -1,6 +1,6 @@
 """The transformers-compatible Python API, with transformers' MobileNetV2 classes loading the same folders
 as the truth: config arguments and round trips, from_pretrained (Hub ids, dtype, device, overrides),
-losses, hidden states, parameter counts, a backbone from any folder, feature info, and torch.hub."""
+losses, hidden states, parameter counts, a backbone model from any folder, and torch.hub."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from mobilenet_torch import (
-    MobileNetV2Backbone,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
     MobileNetV2ForSemanticSegmentation,
@@ -292,47 +291,6 @@ def test_extract_features_takes_a_single_name(classifiers):
         assert list(ours.extract_features(x, ["layer_5"])) == ["layer_5"]
 
 
-def _transformers_maps(model, x: torch.Tensor) -> dict[str, torch.Size]:
-    """Output shapes of transformers' modules at each slim endpoint, caught by forward hooks."""
-    backbone = model.mobilenet_v2
-    modules = {"layer_1": backbone.conv_stem.first_conv, "layer_2": backbone.conv_stem, "layer_19": backbone.conv_1x1}
-    for i, block in enumerate(backbone.layer):
-        modules[f"layer_{i + 3}"] = block
-        if block.expand_1x1 is not None:
-            modules[f"layer_{i + 3}/expansion_output"] = block.expand_1x1
-    shapes: dict[str, torch.Size] = {}
-
-    def recorder(name: str):
-        def record(module, inputs, output) -> None:  # returns None: the output stays as it is
-            shapes[name] = output.shape
-
-        return record
-
-    hooks = [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return shapes
-
-
-@pytest.mark.parametrize("kind", ["classification", "segmentation"])
-def test_backbone_channels_and_reductions_are_those_of_transformers_maps(kind, classifiers, segmenters):
-    ours, theirs = classifiers if kind == "classification" else segmenters
-    size = 96 if kind == "classification" else 64
-    shapes = _transformers_maps(theirs, images(size, batch=1))
-    if kind == "segmentation":
-        del shapes["layer_19"]  # computed by transformers, absent from DeepLab
-    backbone = MobileNetV2Backbone(ours, out_features=list(shapes))
-    assert backbone.channels == [shape[1] for shape in shapes.values()]
-    assert backbone.reductions == [size // shape[-1] for shape in shapes.values()]
-    assert backbone.feature_info[-1]["num_chs"] == backbone.channels[-1]
-    with pytest.raises(ValueError, match="not feature maps"):
-        MobileNetV2Backbone(ours, out_features=["global_pool"])
-
-
 def test_torch_hub_loads_from_a_clone(classifier_folder, segmenter_folder, classifiers):
     hub = dict(repo_or_dir=str(REPO), source="local")
     model = torch.hub.load(model="mobilenet_v2", name_or_path=str(classifier_folder), **hub)
@@ -355,3 +313,76 @@ def test_from_pretrained_reads_the_weights_onto_the_device(classifier_folder, cl
     x = images(96)
     with torch.no_grad():
         assert torch.allclose(ours(x.cuda()).logits.cpu(), classifiers[1](x).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("torch_dtype", [torch.float16, "bfloat16", "auto"])
+def test_from_pretrained_takes_torch_dtype_as_transformers_does(torch_dtype, classifier_folder, tmp_path):
+    """The dtype "auto" keeps the file's: a float16 folder loads as float16."""
+    folder = tmp_path / "half"
+    MobileNetV2ForImageClassification.from_pretrained(classifier_folder, dtype=torch.float16).save_pretrained(folder)
+    ours = MobileNetV2ForImageClassification.from_pretrained(folder, torch_dtype=torch_dtype)
+    theirs = transformers.MobileNetV2ForImageClassification.from_pretrained(folder, torch_dtype=torch_dtype)
+    assert ours.dtype == theirs.dtype
+    theirs_state = theirs.state_dict()
+    for name, tensor in ours.state_dict().items():
+        assert tensor.dtype == theirs_state[name].dtype and torch.equal(tensor, theirs_state[name]), name
+
+
+@pytest.mark.parametrize("device_map", ["auto", "cpu", {"": "cpu"}, torch.device("cpu")], ids=str)
+def test_from_pretrained_takes_a_device_map_for_one_device(device_map, classifier_folder):
+    pytest.importorskip("accelerate")  # transformers' device_map needs it
+    ours = MobileNetV2ForImageClassification.from_pretrained(classifier_folder, device_map=device_map)
+    theirs = transformers.MobileNetV2ForImageClassification.from_pretrained(classifier_folder, device_map=device_map)
+    assert ours.device.type == theirs.device.type
+    assert all(tensor.device == ours.device for tensor in ours.state_dict().values())
+
+
+def test_device_maps_beyond_one_device_are_refused_with_what_to_pass(classifier_folder):
+    with pytest.raises(ValueError, match="runs on one device: pass device_map='auto'"):
+        MobileNetV2ForImageClassification.from_pretrained(
+            classifier_folder, device_map={"mobilenet_v2": "cpu", "classifier": "meta"}
+        )
+    with pytest.raises(ValueError, match="'balanced' is not a device"):
+        MobileNetV2ForImageClassification.from_pretrained(classifier_folder, device_map="balanced")
+    with pytest.raises(ValueError, match="differ; pass one of them"):
+        MobileNetV2ForImageClassification.from_pretrained(classifier_folder, device="meta", device_map="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda:0 is not available here"):
+            MobileNetV2ForImageClassification.from_pretrained(classifier_folder, device_map=0)
+
+
+def test_output_options_passed_to_from_pretrained_are_config_overrides(classifier_folder):
+    """transformers' generic `output_hidden_states` and `return_dict` given to from_pretrained apply to
+    every call, as in transformers."""
+    options = dict(output_hidden_states=True, return_dict=False)
+    ours = MobileNetV2ForImageClassification.from_pretrained(classifier_folder, **options)
+    theirs = transformers.MobileNetV2ForImageClassification.from_pretrained(classifier_folder, **options).eval()
+    assert ours.config.output_hidden_states and not ours.config.return_dict
+    x = images(96)
+    with torch.no_grad():
+        mine, reference = ours(x), theirs(x)
+    assert type(mine) is type(reference) is tuple and len(mine) == len(reference) == 2
+    assert len(mine[1]) == len(reference[1]) == 16 and close(mine[0], reference[0])
+    with torch.no_grad():
+        assert ours(x, output_hidden_states=False, return_dict=True).hidden_states is None
+
+
+def test_hub_options_apply_to_hub_ids_and_a_local_folder_is_read_as_it_is(classifier_folder, tmp_path):
+    _hub_cache(classifier_folder, tmp_path / "cache", "tester/mnv2")
+    hub = dict(cache_dir=tmp_path / "cache", local_files_only=True)
+    from_hub = MobileNetV2ForImageClassification.from_pretrained("tester/mnv2", revision="main", **hub)
+    local = MobileNetV2ForImageClassification.from_pretrained(classifier_folder, revision="v2", cache_dir=tmp_path)
+    for name, tensor in local.state_dict().items():
+        assert torch.equal(tensor, from_hub.state_dict()[name]), name
+    with pytest.raises(ModelFolderError, match="neither a folder nor a model found on the Hub"):
+        MobileNetV2ForImageClassification.from_pretrained("tester/mnv2", revision="v2", **hub)
+
+
+def test_options_with_no_meaning_here_are_refused_with_what_to_do(classifier_folder):
+    with pytest.raises(TypeError, match="does not take subfolder=: pass the subfolder's path"):
+        MobileNetV2ForImageClassification.from_pretrained(classifier_folder, subfolder="model")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'trust_remote_code': it takes config fields"):
+        MobileNetV2ForImageClassification.from_pretrained(classifier_folder, trust_remote_code=True)
+    with pytest.raises(ValueError, match="only model.safetensors is read"):
+        MobileNetV2ForImageClassification.from_pretrained(classifier_folder, use_safetensors=False)
+    assert MobileNetV2ForImageClassification.from_pretrained(classifier_folder, use_safetensors=True) is not None

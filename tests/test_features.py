@@ -77,7 +77,7 @@ def test_backbone_returns_the_requested_maps_in_order(converted):
     backbone = MobileNetV2Backbone(model, out_features=["layer_19", "layer_15/expansion_output"])
     images = torch.from_numpy(random_images((160, 160), seed=3).transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
-        c5, c4 = backbone(images)
+        c5, c4 = backbone(images).feature_maps
         reference = model.extract_features(images, ["layer_19", "layer_15/expansion_output"])
     assert c5.shape == (1, 1280, 5, 5) and c4.shape[-2:] == (10, 10)
     assert torch.equal(c5, reference["layer_19"]) and torch.equal(c4, reference["layer_15/expansion_output"])
