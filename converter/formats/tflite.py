@@ -487,7 +487,8 @@ class _Walk:
         if module is None:
             raise MappingError(f"{scope} has no place in the model table")
         conv, *after = self.graph.parts(op)
-        self.steps.append(Step(module, conv.op, scope, output=conv.output, dilation=conv.dilation))
+        output = None if conv.output == conv.op.outputs[0] else conv.output  # Step.output: only where it differs
+        self.steps.append(Step(module, conv.op, scope, output=output, dilation=conv.dilation))
         self.steps += [Step(f"{module}.{part.suffix}", part.op, constant=part.constant) for part in after]
         return op.outputs[0]
 
