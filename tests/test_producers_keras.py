@@ -6,6 +6,7 @@ same outputs as ours (transformers is the independent truth for that)."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import tarfile
 import zipfile
@@ -21,6 +22,7 @@ from fixtures.keras_builder import (
     PRODUCER_CLASSES,
     PRODUCER_FORMATS,
     PRODUCER_GRID,
+    PRODUCER_MODELS,
     PRODUCERS,
     REAL_IMAGES,
     TM_HIDDEN_UNITS,
@@ -44,6 +46,7 @@ CASES = [
     for fmt in PRODUCER_FORMATS
 ]
 TM = (0.35, 224)  # Teachable Machine's own depth and size
+VERIFIED = (0.35, 97)  # the verifier runs on every file of one depth and size
 TM_LABELS = tuple(f"Class {i + 1}" for i in range(PRODUCER_CLASSES))
 
 
@@ -163,3 +166,29 @@ def test_weights_only_file_with_several_dense_layers_is_refused(teachable_machin
 def test_classifier_layers_it_cannot_compute_are_refused(layers):
     with pytest.raises(UnsupportedConfigError, match="classifier_layers"):
         MobileNetV2Config(classifier_layers=layers)
+
+
+@pytest.mark.parametrize(
+    ("producer", "model", "fmt"),
+    [
+        (producer, model, fmt)
+        for producer in PRODUCERS
+        for model, fmt in itertools.product(PRODUCER_MODELS, PRODUCER_FORMATS)
+    ],
+)
+def test_verify_passes_against_keras_own_model(producer, model, fmt, tmp_path):
+    """The verifier runs Keras' own model from the file (tf_keras for the files tf.keras wrote) and compares
+    every endpoint it can reach: the logits inside Teachable Machine's nested head, the features of a
+    no-top model (which has no logits)."""
+    from converter.verify import verify_model
+
+    fixture = ensure_producer_fixture(*VERIFIED)
+    source = fixture.file(producer, model, fmt)
+    convert_checkpoint(source, tmp_path / "model")
+    result = verify_model(source, tmp_path / "model")
+    assert result.passed, result.first_divergence
+    compared = {row.endpoint for row in result.compared_rows}
+    if model == "no_top":
+        assert "logits" not in compared and "layer_19" in compared
+    else:
+        assert "logits" in compared

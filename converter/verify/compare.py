@@ -51,7 +51,7 @@ from converter.output.records import ConversionRecord
 from converter.output.writer import preprocessor_config
 from converter.pipeline.conventions import plan_weights
 from converter.pipeline.table import CLASSIFICATION, DEEPLAB, endpoints_for
-from converter.vocabulary import kind_of_architecture
+from converter.vocabulary import BACKBONE, kind_of_architecture
 
 #: The fixed rule's defaults, used when only one of --atol / --rtol is given.
 DEFAULT_ATOL = 1e-4
@@ -62,7 +62,7 @@ NOISE_FLOOR = 16 * float(np.finfo(np.float32).eps)
 MAX_RELATIVE_TOLERANCE = 1e-3
 RANDOM = "random"
 RANDOM_BATCH = 2
-ODD_SIZE = {CLASSIFICATION: 97, DEEPLAB: 129}
+ODD_SIZE = {CLASSIFICATION: 97, BACKBONE: 97, DEEPLAB: 129}
 NON_SQUARE = (160, 192)  # (height, width)
 LOGITS = "logits"
 
@@ -146,9 +146,9 @@ class ParityResult:
 
     @property
     def logits_problem(self) -> str | None:
-        """Why the logits were compared on no input (None: they were compared)."""
+        """Why the logits were compared on no input (None: they were compared, or the model has none)."""
         rows = self.endpoint_rows(LOGITS)
-        if any(row.compared for row in rows):
+        if any(row.compared for row in rows) or not any(endpoint == LOGITS for endpoint, _, _ in self.endpoints):
             return None
         return f"the logits could not be compared: {rows[0].error if rows else 'no input reached them'}"
 
