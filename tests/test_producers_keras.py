@@ -192,3 +192,19 @@ def test_verify_passes_against_keras_own_model(producer, model, fmt, tmp_path):
         assert "logits" not in compared and "layer_19" in compared
     else:
         assert "logits" in compared
+
+
+def test_state_shapes_of_a_hidden_head_equal_the_models_state_dict():
+    """The torch-free shapes the converter checks against are the model's own."""
+    from mobilenet_torch import MobileNetV2ForImageClassification
+    from mobilenet_torch.architecture import state_shapes
+
+    config = MobileNetV2Config(
+        depth_multiplier=0.35,
+        num_labels=PRODUCER_CLASSES,
+        classifier_layers=[{"units": TM_HIDDEN_UNITS, "activation": "relu"}, {"units": 7, "activation": "linear"}],
+    )
+    model = MobileNetV2ForImageClassification(config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    assert state_shapes(config, "MobileNetV2ForImageClassification") == shapes
+    assert shapes["classifier_hidden.1.weight"] == (7, TM_HIDDEN_UNITS) and shapes["classifier.weight"] == (3, 7)
