@@ -53,8 +53,8 @@ class KerasFileError(ConverterError):
 
 
 class KerasHeadError(KerasFileError):
-    """A Keras model's classifier is not a single Dense layer on globally averaged features; the backbone
-    alone can still be converted."""
+    """A Keras model's head is not a short stack of Dense layers on globally averaged features whose
+    activations are known; the backbone alone can still be converted."""
 
 
 class NonFiniteWeightsError(ConverterError):

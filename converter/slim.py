@@ -18,7 +18,7 @@ import numpy as np
 from converter.errors import VariantError
 from converter.vocabulary import ARCHITECTURE_OF_KIND, BACKBONE, CLASSIFICATION, DEEPLAB, folder_name
 from mobilenet_torch.architecture import ARCHITECTURES as MODEL_LAYOUTS
-from mobilenet_torch.architecture import state_shapes
+from mobilenet_torch.architecture import HIDDEN_CLASSIFIER, state_shapes
 from mobilenet_torch.configuration import MobileNetV2Config
 
 NUM_BLOCKS = 16
@@ -67,6 +67,15 @@ HEADS = (
 )
 
 
+# The Dense layers a Keras head has ahead of its classifier (`MobileNetV2Config.classifier_layers`), "{j}"
+# running over them: (TF variable, PyTorch tensor, transform). Slim has none; the names follow its 1x1 head.
+HIDDEN_HEADS = (
+    ("MobilenetV2/Logits/Dense_{j}/weights", f"{HIDDEN_CLASSIFIER}.{{j}}.weight", "linear"),
+    ("MobilenetV2/Logits/Dense_{j}/biases", f"{HIDDEN_CLASSIFIER}.{{j}}.bias", "copy"),
+)
+HIDDEN_HEAD_WEIGHTS = re.compile(r"^MobilenetV2/Logits/Dense_(\d+)/weights$")
+
+
 @dataclass(frozen=True)
 class Rule:
     tf_name: str
@@ -99,12 +108,17 @@ def module_path(kind: str, module: str) -> str:
     return MODEL_LAYOUTS[ARCHITECTURE_OF_KIND[kind]][0] + module.removeprefix(BACKBONE_MODULE_PREFIX)
 
 
-def rules_for(kind: str) -> list[Rule]:
-    """The flat table for one model kind."""
+def rules_for(kind: str, hidden_layers: int = 0) -> list[Rule]:
+    """The flat table for one model kind, with `hidden_layers` Dense layers ahead of the classifier."""
     rules = []
     for tf_scope, torch_module, weight, transform in conv_layers(kind):
         rules.append(Rule(f"{tf_scope}/{weight}", f"{torch_module}.convolution.weight", transform))
         rules += [Rule(f"{tf_scope}/{tf}", f"{torch_module}.{pt}", "copy") for tf, pt in LAYER_PARAMS]
+    rules += [
+        Rule(tf.format(j=j), pt.format(j=j), transform)
+        for j in range(hidden_layers)
+        for tf, pt, transform in HIDDEN_HEADS
+    ]
     rules += [Rule(tf, pt, transform, is_classifier=True) for tf, pt, transform, k in HEADS if k == kind]
     return rules
 
@@ -139,6 +153,8 @@ class Variant:
     num_labels: int
     output_stride: int = 32
     size_from: str = SIZE_FROM_FLAG
+    # The Dense layers ahead of the classifier, as (units, activation) (`MobileNetV2Config.classifier_layers`).
+    hidden_layers: tuple[tuple[int, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -166,6 +182,7 @@ class Variant:
             id2label=dict(enumerate(names)),
             classifier_dropout_prob=0.1 if self.kind == DEEPLAB else 0.8,
             avg_pool=avg_pool,
+            classifier_layers=[{"units": u, "activation": a} for u, a in self.hidden_layers] or None,
         )
 
 
@@ -207,10 +224,13 @@ def detect_variant(
     output_stride: int | None = None,
     source_name: str = "",
     source_size: int | None = None,
+    hidden_activations: tuple[str, ...] = (),
 ) -> Variant:
-    """Infer kind, depth and classes from tensor shapes; check them against flags, the file name and the
-    input size the source itself fixes (`source_size`)."""
+    """Infer kind, depth, classes and the Dense layers ahead of the classifier from tensor shapes (their
+    activations, which shapes do not show, from `hidden_activations`); check them against flags, the file
+    name and the input size the source itself fixes (`source_size`)."""
     kind = detect_kind(set(shapes))
+    hidden = _hidden_layers(shapes, hidden_activations)
     head = shapes.get(KIND_MARKERS.get(kind, ""), ())
     num_labels = int(head[-1]) if head else 0
     if output_stride is not None and kind != DEEPLAB and output_stride != 32:
@@ -218,7 +238,9 @@ def detect_variant(
     stride = output_stride or (8 if kind == DEEPLAB else 32)
 
     candidates = DEPTHS[kind]
-    matches = [d for d in candidates if _shapes_match(shapes, Variant(kind, d, 224, num_labels, stride))]
+    matches = [
+        d for d in candidates if _shapes_match(shapes, Variant(kind, d, 224, num_labels, stride, hidden_layers=hidden))
+    ]
     if not matches:
         raise VariantError(
             f"tensor shapes match no {kind} MobileNetV2 of depth {', '.join(map(str, candidates))}; "
@@ -233,7 +255,18 @@ def detect_variant(
     final_size, size_from = _image_size(kind, size, int(from_name["size"]) if from_name else None, source_size)
     if final_size < MIN_SIZE:
         raise VariantError(f"--size {final_size} is too small: MobileNetV2 needs at least {MIN_SIZE} pixels")
-    return Variant(kind, found, final_size, num_labels, stride, size_from)
+    return Variant(kind, found, final_size, num_labels, stride, size_from, hidden)
+
+
+def _hidden_layers(shapes: Mapping[str, tuple[int, ...]], activations: tuple[str, ...]) -> tuple[tuple[int, str], ...]:
+    """(units, activation) of each hidden Dense layer the source holds (`HIDDEN_HEADS`)."""
+    found = sorted(int(m[1]) for name in shapes if (m := HIDDEN_HEAD_WEIGHTS.match(name)))
+    if found != list(range(len(found))) or len(activations) != len(found):
+        raise VariantError(
+            f"the source holds hidden classifier layers {found} with activations {list(activations)}: "
+            "the head's Dense layers must be numbered from 0, each with its activation"
+        )
+    return tuple((int(shapes[HIDDEN_HEADS[0][0].format(j=j)][-1]), activations[j]) for j in found)
 
 
 def _name_depth(match: re.Match) -> float:
@@ -259,7 +292,7 @@ def _image_size(kind: str, flag: int | None, from_name: int | None, from_source:
 
 def _shapes_match(shapes: Mapping[str, tuple[int, ...]], variant: Variant) -> bool:
     expected = expected_shapes(variant)
-    for rule in rules_for(variant.kind):
+    for rule in rules_for(variant.kind, len(variant.hidden_layers)):
         shape = shapes.get(rule.tf_name)
         if shape is None or rule.torch_name not in expected:
             return False

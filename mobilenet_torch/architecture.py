@@ -29,6 +29,7 @@ BLOCKS: tuple[tuple[int, int, int], ...] = (
 )  # fmt: skip
 
 BACKBONE_PREFIX = "mobilenet_v2."  # where the wrapper models keep the backbone
+HIDDEN_CLASSIFIER = "classifier_hidden"  # the module list of Dense layers ahead of `classifier`
 # Model class -> (prefix of the backbone's tensors, has the final 1x1 conv, head).
 ARCHITECTURES = {
     "MobileNetV2Model": ("", True, None),
@@ -104,6 +105,11 @@ def block_expands(config: MobileNetV2Config, step: Step) -> bool:
     return step.module != "conv_stem" or not config.first_layer_is_expansion
 
 
+def hidden_classifier_layers(config: MobileNetV2Config) -> list[tuple[int, str]]:
+    """(units, activation) of the Dense layers ahead of `classifier` (`config.classifier_layers`)."""
+    return [(layer["units"], layer["activation"]) for layer in config.classifier_layers or ()]
+
+
 def _conv_layer(module: str, in_channels: int, out_channels: int, kernel: int, depthwise: bool = False):
     shapes = {f"{module}.convolution.weight": (out_channels, 1 if depthwise else in_channels, kernel, kernel)}
     for name in ("weight", "bias", "running_mean", "running_var"):
@@ -130,6 +136,10 @@ def state_shapes(config: MobileNetV2Config, architecture: str) -> dict[str, tupl
         features, last = final_conv_channels(config), features
         shapes.update(_conv_layer(f"{prefix}conv_1x1", last, features, 1))
     if head == "classifier":
+        for j, (units, _) in enumerate(hidden_classifier_layers(config)):
+            shapes[f"{HIDDEN_CLASSIFIER}.{j}.weight"] = (units, features)
+            shapes[f"{HIDDEN_CLASSIFIER}.{j}.bias"] = (units,)
+            features = units
         shapes["classifier.weight"] = (config.num_labels, features)
         shapes["classifier.bias"] = (config.num_labels,)
     elif head == "deeplab":

@@ -33,6 +33,9 @@ ACTIVATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "sigmoid": ("Sigmoid", {}),
     "linear": ("Identity", {}),
 }
+# The activations a hidden classifier layer may apply (Keras' Dense heads: ReLU or none).
+CLASSIFIER_ACTIVATIONS = ("relu", "linear")
+CLASSIFIER_LAYER_KEYS = {"units", "activation"}
 
 
 @dataclass
@@ -67,6 +70,10 @@ class MobileNetV2Config:
     # "global": average over the whole final feature map (transformers' behaviour);
     # "fixed7x7": slim's fixed 7x7 VALID window (kernel shrunk to smaller maps), giving a logits map.
     avg_pool: str = "global"
+    # Ours too: the Dense layers between the pooling and `classifier`, as [{"units": 100, "activation":
+    # "relu"}, ...] (a Keras head such as Teachable Machine's). None: transformers' single Linear. transformers
+    # ignores the field, so a folder that has it loads there as MobileNetV2Model (the backbone) only.
+    classifier_layers: list[dict[str, Any]] | None = None
     # Keys we do not model (transformers_version, dtype, ...) are kept so a round trip loses nothing.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     # Constructor arguments only: both are read back from `id2label` (properties below the class).
@@ -161,6 +168,7 @@ def _refuse_unsupported(config: MobileNetV2Config) -> None:
     for name in ("depth_divisible_by", "min_depth", "num_channels"):
         if not getattr(config, name) >= 1:
             raise UnsupportedConfigError(f"{name}={getattr(config, name)} must be a positive integer")
+    _refuse_classifier_layers(config.classifier_layers)
     stem, stem_out = scaled_channels(config, STEM_CHANNELS), scaled_channels(config, STEM_OUT_CHANNELS)
     if stem == stem_out:
         # slim and Keras add a residual around such a stem block, transformers does not.
@@ -168,6 +176,26 @@ def _refuse_unsupported(config: MobileNetV2Config) -> None:
             f"depth_multiplier={config.depth_multiplier}, min_depth={config.min_depth} give the stem block "
             f"equal input and output widths ({stem}), which slim and transformers compute differently; "
             "choose a larger depth_multiplier or a smaller min_depth"
+        )
+
+
+def _refuse_classifier_layers(layers: Any) -> None:
+    from .errors import UnsupportedConfigError
+
+    if layers is None:
+        return
+    if not isinstance(layers, list) or not all(
+        isinstance(layer, dict)
+        and set(layer) == CLASSIFIER_LAYER_KEYS
+        and isinstance(layer["units"], int)
+        and not isinstance(layer["units"], bool)
+        and layer["units"] > 0
+        and layer["activation"] in CLASSIFIER_ACTIVATIONS
+        for layer in layers
+    ):
+        raise UnsupportedConfigError(
+            f"classifier_layers={layers!r} is not computed by mobilenet_torch: give a list of "
+            f'{{"units": <positive int>, "activation": one of {", ".join(CLASSIFIER_ACTIVATIONS)}}}, or null'
         )
 
 

@@ -28,6 +28,7 @@ from .architecture import (
     block_expands,
     block_schedule,
     final_conv_channels,
+    hidden_classifier_layers,
     placeholder_arrays,
 )
 from .configuration import MobileNetV2Config
@@ -299,7 +300,15 @@ class MobileNetV2ForImageClassification(MobileNetV2PreTrainedModel):
             )
         self.mobilenet_v2 = MobileNetV2Model(config)
         self.dropout = nn.Dropout(config.classifier_dropout_prob)
-        self.classifier = nn.Linear(self.mobilenet_v2.out_channels, config.num_labels)
+        # A Keras head's Dense layers ahead of the classifier (`config.classifier_layers`; none in transformers).
+        features, hidden, activations = self.mobilenet_v2.out_channels, [], []
+        for units, activation in hidden_classifier_layers(config):
+            hidden.append(nn.Linear(features, units))
+            activations.append(nn.ReLU() if activation == "relu" else nn.Identity())
+            features = units
+        self.classifier_hidden = nn.ModuleList(hidden)
+        self.classifier_activations = nn.ModuleList(activations)
+        self.classifier = nn.Linear(features, config.num_labels)
 
     def forward(
         self,
@@ -320,10 +329,9 @@ class MobileNetV2ForImageClassification(MobileNetV2PreTrainedModel):
         pooled = self.dropout(pooled)
         if pooled.shape[-2:] == (1, 1):
             pooled = pooled.flatten(1)
-        if pooled.ndim == 2:
-            return self.classifier(pooled)
-        weight = self.classifier.weight[:, :, None, None]
-        return F.conv2d(pooled, weight, self.classifier.bias)
+        for dense, activation in zip(self.classifier_hidden, self.classifier_activations, strict=True):
+            pooled = activation(_apply_linear(dense, pooled))
+        return _apply_linear(self.classifier, pooled)
 
     def extract_features(self, pixel_values: torch.Tensor, names: str | Sequence[str]):
         """Like `MobileNetV2Model.extract_features`, plus `logits`."""
@@ -334,6 +342,13 @@ class MobileNetV2ForImageClassification(MobileNetV2PreTrainedModel):
         if "logits" in names:
             features["logits"] = self.classify(features["global_pool"])
         return {name: features[name] for name in names}
+
+
+def _apply_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`linear` on [N, C] features, or as a 1x1 conv on a [N, C, h, w] map."""
+    if x.ndim == 2:
+        return linear(x)
+    return F.conv2d(x, linear.weight[:, :, None, None], linear.bias)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: MobileNetV2Config) -> torch.Tensor:

@@ -17,7 +17,7 @@ import pytest
 from converter.errors import ConverterError, KerasFileError, KerasHeadError
 from converter.formats.keras import KerasReader
 from converter.output.records import ConversionRecord
-from fixtures.keras_builder import FINE_TUNED_ALPHA, ensure_keras_fixture
+from fixtures.keras_builder import FINE_TUNED_ALPHA, FINE_TUNED_CLASSES, ensure_keras_fixture
 
 pytest.importorskip("keras")  # Keras writes the files that get damaged here
 pytest.importorskip("tf_keras")
@@ -230,13 +230,22 @@ def test_shard_index_may_not_point_elsewhere(small, tmp_path):
     refused(index, "not next to it")
 
 
-def test_several_layer_head_names_them_and_offers_the_backbone():
+def test_max_pooled_head_is_refused_and_offers_the_backbone():
     fixture = ensure_keras_fixture(FINE_TUNED_ALPHA)
-    message = refused(fixture.file("two_dense_archive"), "hidden_0.*classifier", KerasHeadError)
+    message = refused(fixture.file("max_pool_archive"), "GlobalMaxPooling2D", KerasHeadError)
     assert "--backbone-only" in message
-    refused(fixture.file("max_pool_archive"), "GlobalMaxPooling2D", KerasHeadError)
-    reader = KerasReader(fixture.file("two_dense_archive"), backbone_only=True)
+    reader = KerasReader(fixture.file("max_pool_archive"), backbone_only=True)
     assert len(reader.names()) == 260 and reader.hints.labels is None
+    reader.close()
+
+
+def test_two_dense_head_is_read_as_it_comes():
+    """Dense(64) -> Dense(5), both linear: the first becomes a hidden layer, the second the classifier."""
+    reader = KerasReader(ensure_keras_fixture(FINE_TUNED_ALPHA).file("two_dense_archive"))
+    assert reader.hints.hidden_activations == ("linear",)
+    assert reader.shape("MobilenetV2/Logits/Dense_0/weights") == (1, 1, 1280, 64)
+    assert reader.shape("MobilenetV2/Logits/Conv2d_1c_1x1/weights") == (1, 1, 64, FINE_TUNED_CLASSES)
+    assert any("Dropout" in note for note in reader.hints.notes)
     reader.close()
 
 
@@ -269,8 +278,10 @@ def test_cli_converts_a_keras_file_and_reports_a_damaged_one_in_one_line(small, 
     damaged.write_bytes(damaged.read_bytes()[:4096])
     assert_one_line_error(run_cli("--checkpoint", damaged, "--output", tmp_path / "out"), 1, damaged.name)
     assert not (tmp_path / "out").exists()
-    head = ensure_keras_fixture(FINE_TUNED_ALPHA).file("two_dense_archive")
-    assert_one_line_error(run_cli("--checkpoint", head, "--output", tmp_path / "out"), 1, "hidden_0", "backbone")
+    head = ensure_keras_fixture(FINE_TUNED_ALPHA).file("max_pool_archive")
+    assert_one_line_error(
+        run_cli("--checkpoint", head, "--output", tmp_path / "out"), 1, "GlobalMaxPooling2D", "backbone"
+    )
 
 
 def test_class_names_in_the_model_config_become_the_labels(tmp_path):

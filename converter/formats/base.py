@@ -58,6 +58,8 @@ class Hints:
     labels: tuple[str, ...] | None = None  # class names in the order of the head's outputs
     convention: str | None = None  # the weights convention of a single-valued export ("raw", ...)
     preprocessing: dict[str, Any] | None = None  # how inputs are scaled, when it differs from [-1, 1]
+    # The activation ("relu", "linear") of each Dense layer a head has ahead of its classifier.
+    hidden_activations: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()  # facts worth recording in conversion.json and the model card
 
 

@@ -23,6 +23,12 @@ checked link by link, and names, where the file has them, must not contradict th
 Everything is treated as hostile: links other than hard links, external or virtual datasets, non-float
 dtypes and shapes that do not chain are refused before any value is read, and global heap collections
 (HDF5's store of the names) that do not hold together before any name is read.
+
+The head is read as it comes: a short stack of Dense layers, with or without biases, on globally averaged
+features, each with the ReLU or linear activation its config gives (Dropout left out, a final softmax
+noted). A Dense without a bias gets a zero one (the same function), so a single Dense stays transformers'
+classifier. Where a weights-only file holds several Dense layers, their activations are unknown and the
+head is refused. Class names come from ``labels.txt`` next to the file (Teachable Machine's export).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import numpy as np
 
 from converter.errors import KerasFileError, KerasHeadError
 from converter.formats.base import Hints, Reader, References
-from converter.slim import HEADS, LAYER_PARAMS, NUM_BLOCKS, class_names
+from converter.slim import HEADS, HIDDEN_HEADS, LAYER_PARAMS, NUM_BLOCKS, class_names
 from converter.vocabulary import CLASSIFICATION
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -69,6 +75,16 @@ ROLES = {
 }
 BN_SUFFIXES = dict(zip(ROLES[BATCHNORM], (tf for tf, _ in LAYER_PARAMS), strict=True))
 HEAD_WEIGHTS, HEAD_BIASES = (tf for tf, _, _, kind in HEADS if kind == CLASSIFICATION)
+HIDDEN_WEIGHTS, HIDDEN_BIASES = (tf for tf, _, _ in HIDDEN_HEADS)
+MAX_HEAD_LAYERS = 8  # "a short stack": more Dense layers are not a MobileNetV2 classifier
+# Activations of a head's Dense layers: the hidden ones may apply these, the last one only "linear" (logits)
+# or "softmax" (noted: the converted model returns logits).
+HIDDEN_ACTIVATIONS = ("relu", "linear")
+# Teachable Machine's class names ("0 Class 1" lines), next to its keras_model.h5.
+LABELS_FILE = "labels.txt"
+LABEL_LINE = re.compile(r"^(?P<index>\d+) (?P<name>.*)$")
+MAX_LABELS_BYTES = 1 << 20
+DEFAULT_SIZE = 224  # what the converter assumes when nothing says the input size
 ZOO_FILE = re.compile(r"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_(?P<alpha>[\d.]+)_(?P<rows>\d+)")
 MODEL_NAME = re.compile(r"mobilenetv2_(?P<alpha>\d+\.\d+)_(?P<rows>\d+)")
 KERAS_INPUT = {
@@ -77,6 +93,7 @@ KERAS_INPUT = {
     "rescale_factor": 1 / 255,
     "do_normalize": True,
 }
+RELU_OPTIONS = ("max_value", "negative_slope", "threshold")  # a ReLU layer with any of these is not a plain ReLU
 # Layers that do nothing at inference (data augmentation, dropout) or that the backbone's ReLU6 already is.
 INERT_LAYERS = re.compile(r"^(Random\w+|Dropout|SpatialDropout2D|GaussianNoise|GaussianDropout|InputLayer)$")
 
@@ -149,6 +166,7 @@ class KerasReader(Reader):
                 layers = self._stored_layers(config)
                 backbone, head = _assign(layers)
                 self._config = _ConfigFacts(config)
+                self._activations: tuple[str, ...] = ()
                 head = self._check_head(head, backbone_only)
                 self._tensors = _slim_tensors(backbone, head)
                 self._hints = self._make_hints(head)
@@ -313,50 +331,82 @@ class KerasReader(Reader):
 
     # --- heads and hints --------------------------------------------------------------------------
 
-    def _check_head(self, head: list[Layer], backbone_only: bool) -> Layer | None:
+    def _check_head(self, head: list[Layer], backbone_only: bool) -> list[Layer]:
+        """The head's Dense layers in order (none for a backbone), checked against the model config."""
         facts = self._config
         if backbone_only:
             if head:
                 self._notes.append(
                     f"Backbone only: the head ({', '.join(layer.name or layer.where for layer in head)}) was dropped."
                 )
-            return None
+            return []
         if not head:
             if facts.head_layers:
                 raise KerasFileError(
                     f"{self.path.name}: its model config has {', '.join(map(str, facts.head_layers))} after the "
                     "backbone, but the weights hold no such layer; the file is damaged"
                 )
-            return None
+            return []
         offer = "; convert the backbone alone instead (backbone_only, the --backbone-only option)"
-        if len(head) > 1 or head[0].keras_class != DENSE:
+        described = "; ".join(layer.describe() for layer in head)
+        if any(layer.keras_class != DENSE for layer in head) or len(head) > MAX_HEAD_LAYERS:
             raise KerasHeadError(
                 f"{self.path.name}: the head after the MobileNetV2 backbone has {len(head)} weighted layers "
-                f"({'; '.join(layer.describe() for layer in head)}); only a single Dense classifier maps onto "
+                f"({described}); only a stack of up to {MAX_HEAD_LAYERS} Dense layers maps onto "
                 f"MobileNetV2ForImageClassification{offer}"
             )
         if facts.head_problem:
             raise KerasHeadError(f"{self.path.name}: {facts.head_problem}{offer}")
-        return head[0]
+        if facts.dense_layers is None:
+            if len(head) > 1:
+                raise KerasHeadError(
+                    f"{self.path.name} holds weights only, with {len(head)} Dense layers after the backbone "
+                    f"({described}): without the model config their activations are unknown; convert a file "
+                    f"saved with its architecture (model.save('model.keras') or model.save('model.h5')){offer}"
+                )
+            self._activations = ("linear",)
+            return head
+        configured = facts.dense_layers
+        if len(configured) != len(head) or any(
+            use_bias != ("bias" in layer.weights) for (_, use_bias), layer in zip(configured, head, strict=False)
+        ):
+            raise KerasFileError(
+                f"{self.path.name}: its model config has {len(configured)} Dense layers after the backbone "
+                f"(use_bias {[b for _, b in configured]}), but the weights hold {described}; the file is damaged"
+            )
+        self._activations = tuple(activation for activation, _ in configured)
+        return head
 
-    def _make_hints(self, head: Layer | None) -> Hints:
+    def _make_hints(self, head: list[Layer]) -> Hints:
         facts = self._config
         notes = ["Keras stores plain (raw, non-EMA) values; Keras MobileNetV2 expects inputs x / 127.5 - 1."]
         notes += facts.notes + self._notes
-        labels = None
-        if head is not None:
-            count = int(head.weights["kernel"].shape[1])
-            labels = _labels(count, facts.class_names)
+        if any("bias" not in layer.weights for layer in head):
+            notes.append("The head's Dense layers without a bias were given a zero bias (the same function).")
         size = facts.image_size
         if size is None and (match := MODEL_NAME.search(facts.model_name or "")):
             size = int(match["rows"])
         if size is None and (match := ZOO_FILE.search(self.path.name)):
             size = int(match["rows"])
+        labels, preprocessing = None, facts.preprocessing
+        if head:
+            count = int(head[-1].weights["kernel"].shape[1])
+            from_file, problem = _labels_file(self.path, count)
+            notes += [problem] if problem else []
+            if from_file is not None:
+                notes.append(
+                    f"The class names were read from {LABELS_FILE} next to the model (Teachable Machine's export); "
+                    "it takes the center square of an image resized to its input size, x / 127.5 - 1."
+                )
+                # Resizing the shorter side to the input size, then cropping the center: that square.
+                preprocessing = {**(preprocessing or {}), "size": {"shortest_edge": size or DEFAULT_SIZE}}
+            labels = from_file or _labels(count, facts.class_names)
         return Hints(
             image_size=size,
             labels=labels,
             convention="raw",
-            preprocessing=facts.preprocessing,
+            preprocessing=preprocessing,
+            hidden_activations=self._activations[:-1],
             notes=tuple(notes),
         )
 
@@ -679,8 +729,9 @@ def _check_chain(backbone: list[Layer]) -> None:
         channels = channels if slot.keras_class == DEPTHWISE else shape[3]
 
 
-def _slim_tensors(backbone: list[Layer], head: Layer | None) -> dict[str, tuple[Any, tuple[int, ...]]]:
-    """slim name -> (dataset, slim shape)."""
+def _slim_tensors(backbone: list[Layer], head: list[Layer]) -> dict[str, tuple[Any, tuple[int, ...]]]:
+    """slim name -> (dataset, slim shape); the head's last Dense is the classifier, those before it hidden
+    layers (`converter.slim.HIDDEN_HEADS`), each Dense kernel a 1x1 conv as in slim's head."""
     tensors = {}
     for slot, layer in zip(BACKBONE, backbone, strict=True):
         if slot.keras_class == BATCHNORM:
@@ -689,18 +740,48 @@ def _slim_tensors(backbone: list[Layer], head: Layer | None) -> dict[str, tuple[
         else:
             variable = "depthwise_weights" if slot.keras_class == DEPTHWISE else "weights"
             tensors[f"{slot.scope}/{variable}"] = (layer.weights["kernel"], tuple(layer.weights["kernel"].shape))
-    if head is not None:
-        kernel, bias = head.weights.get("kernel"), head.weights.get("bias")
-        features = tensors["MobilenetV2/Conv_1/weights"][1][3]
-        if bias is None or kernel.shape[0] != features or tuple(bias.shape) != (kernel.shape[1],):
+    features = tensors["MobilenetV2/Conv_1/weights"][1][3]
+    for j, layer in enumerate(head):
+        kernel, bias = layer.weights["kernel"], layer.weights.get("bias")
+        if (
+            len(kernel.shape) != 2
+            or kernel.shape[0] != features
+            or (bias is not None and bias.shape != kernel.shape[1:])
+        ):
             raise KerasHeadError(
-                f"the classifier {head.describe()} does not fit MobileNetV2's {features} features "
-                "(a Dense kernel [features, classes] and a bias [classes] are needed); convert the backbone "
-                "alone instead (backbone_only, the --backbone-only option)"
+                f"the head's Dense layer {layer.describe()} does not take the {features} features before it "
+                "(a kernel [features, units] and a bias [units] are needed); convert the backbone alone instead "
+                "(backbone_only, the --backbone-only option)"
             )
-        tensors[HEAD_WEIGHTS] = (kernel, (1, 1, *kernel.shape))
-        tensors[HEAD_BIASES] = (bias, tuple(bias.shape))
+        last = j == len(head) - 1
+        weights, biases = (
+            (HEAD_WEIGHTS, HEAD_BIASES) if last else (HIDDEN_WEIGHTS.format(j=j), HIDDEN_BIASES.format(j=j))
+        )
+        tensors[weights] = (kernel, (1, 1, *kernel.shape))
+        tensors[biases] = (
+            bias if bias is not None else np.zeros(kernel.shape[1:], np.float32),
+            tuple(kernel.shape[1:]),
+        )
+        features = kernel.shape[1]
     return tensors
+
+
+def _labels_file(model: Path, count: int) -> tuple[tuple[str, ...] | None, str | None]:
+    """The class names of Teachable Machine's labels.txt next to `model` ("0 Class 1" lines, one per class),
+    and a note when there is one that does not name the head's classes (it is then not used)."""
+    path = model.parent / LABELS_FILE
+    if not path.is_file():
+        return None, None
+    with open(path, "rb") as fh:
+        raw = fh.read(MAX_LABELS_BYTES + 1)
+    lines = raw.decode("utf8", errors="replace").splitlines() if len(raw) <= MAX_LABELS_BYTES else []
+    names = [LABEL_LINE.match(line.strip()) for line in lines if line.strip()]
+    if len(names) != count or any(m is None or int(m["index"]) != i for i, m in enumerate(names)):
+        return None, (
+            f"{LABELS_FILE} next to the model was not used: it does not hold {count} lines '<index> <class name>' "
+            "numbered from 0, one per class of the model."
+        )
+    return tuple(m["name"] for m in names), None
 
 
 def _labels(count: int, configured: list[str] | None) -> tuple[str, ...]:
@@ -728,6 +809,8 @@ class _ConfigFacts:
         self.model_name: str | None = None
         self.class_names: list[str] | None = None
         self.head_layers: list[str] = []  # the weighted layers the config has after the backbone
+        # (activation, use_bias) of each Dense layer after the backbone; None without a config to say.
+        self.dense_layers: list[tuple[str, bool]] | None = None
         if not isinstance(config, dict):
             return
         leaves, containers = [], []
@@ -790,6 +873,8 @@ class _ConfigFacts:
         )
 
     def _head(self, after: list[tuple[str, str, dict]]) -> None:
+        """The pooling ahead of the Dense layers, and each Dense layer's (activation, use_bias), its
+        activation taken from the layer or from a ReLU / Activation / Softmax layer right after it."""
         dense = [i for i, (cls, _, _) in enumerate(after) if cls == "Dense"]
         before_dense = after[: dense[0]] if dense else after
         classes = [cls for cls, _, _ in before_dense]
@@ -803,15 +888,39 @@ class _ConfigFacts:
                 )
             elif "GlobalAveragePooling2D" not in classes:
                 self.head_problem = f"the classifier does not follow global average pooling ({', '.join(classes)})"
-            activation = after[dense[0]][2].get("activation")
-            if activation == "softmax":
-                self.notes.append("The Keras model ends in a softmax; the converted model returns logits.")
-            elif activation not in (None, "linear"):
-                self.head_problem = f"the classifier applies activation {activation!r}, which MobileNetV2 does not"
-        for cls, name, _ in after:
-            if cls not in ("Dense", "ReLU", "Activation", "GlobalAveragePooling2D", "AveragePooling2D", "Flatten",
-                           "Softmax", "GlobalMaxPooling2D") and not INERT_LAYERS.match(cls):  # fmt: skip
+        layers: list[list] = []  # [activation, use_bias] per Dense
+        for cls, name, cfg in after:
+            if cls == "Dense":
+                layers.append([_activation(cfg.get("activation")), cfg.get("use_bias", True) is not False])
+            elif cls in ("ReLU", "Activation", "Softmax") and not layers:
+                continue  # the backbone's final ReLU6 (out_relu)
+            elif cls in ("ReLU", "Activation", "Softmax"):
+                applied = _activation(cfg.get("activation")) if cls == "Activation" else cls.lower()
+                if cls == "ReLU" and any(cfg.get(key) not in (None, 0, 0.0) for key in RELU_OPTIONS):
+                    applied = f"ReLU({', '.join(f'{k}={cfg.get(k)}' for k in RELU_OPTIONS)})"
+                if layers[-1][0] != "linear":
+                    self.head_problem = f"{name} applies {applied} after {layers[-1][0]}, which MobileNetV2 does not"
+                layers[-1][0] = applied
+            elif INERT_LAYERS.match(cls) and cls != "InputLayer":
+                self.notes.append(f"The Keras head's {cls} layer ({name}) is inactive at inference and was left out.")
+            elif cls not in ("GlobalAveragePooling2D", "AveragePooling2D", "Flatten", "GlobalMaxPooling2D"):
                 self.notes.append(f"The Keras model applies {cls} ({name}) after the backbone; the converted does not.")
+        for j, (activation, _) in enumerate(layers):
+            if j == len(layers) - 1 and activation == "softmax":
+                self.notes.append("The Keras model ends in a softmax; the converted model returns logits.")
+            elif j == len(layers) - 1 and activation != "linear":
+                self.head_problem = f"the classifier applies activation {activation!r} to its logits"
+            elif j < len(layers) - 1 and activation not in HIDDEN_ACTIVATIONS:
+                self.head_problem = (
+                    f"the head's Dense layer {j + 1} applies activation {activation!r}; "
+                    f"mobilenet_torch computes {' or '.join(HIDDEN_ACTIVATIONS)} there"
+                )
+        self.dense_layers = [(activation, use_bias) for activation, use_bias in layers]
+
+
+def _activation(value: Any) -> str:
+    """A Keras activation as named in a layer config ("linear" for none)."""
+    return "linear" if value in (None, "linear") else value if isinstance(value, str) else repr(value)
 
 
 def _flatten(entry: Any, leaves: list, containers: list) -> None:

@@ -29,12 +29,18 @@ def write_model_card(folder: Path) -> None:
     record = ConversionRecord.read(folder)
     config = _read_json(folder / "config.json") or {}
     parity = ParityRecord.read(folder / layout.PARITY_FOLDER)
-    (folder / layout.CARD).write_text(render_card(record, config, parity))
+    preprocessor = _read_json(folder / layout.PREPROCESSOR)
+    (folder / layout.CARD).write_text(render_card(record, config, parity, preprocessor))
 
 
-def render_card(record: ConversionRecord | None, config: dict[str, Any], parity: ParityRecord | None = None) -> str:
+def render_card(
+    record: ConversionRecord | None,
+    config: dict[str, Any],
+    parity: ParityRecord | None = None,
+    preprocessor: dict[str, Any] | None = None,
+) -> str:
     """The card of a folder converted as `record` says (None: a folder without one, described from its
-    config alone)."""
+    config alone and, where given, its preprocessor config)."""
     record = record or UNRECORDED
     variant = record.variant
     kind = variant.get("kind", "classification")
@@ -46,7 +52,7 @@ def render_card(record: ConversionRecord | None, config: dict[str, Any], parity:
     parts = [
         _front_matter(segmentation),
         _title(segmentation, depth, size, variant, trainval),
-        _provenance(record, config, segmentation, trainval),
+        _provenance(record, config, segmentation, trainval, preprocessor),
         _published(record, kind, depth, size, segmentation),
         _parity(parity),
         _usage(name, segmentation, size or (513 if segmentation else 224)),
@@ -93,7 +99,13 @@ def _title(segmentation: bool, depth, size, variant: dict[str, Any], trainval: b
     )
 
 
-def _provenance(record: ConversionRecord, config: dict[str, Any], segmentation: bool, trainval: bool) -> str:
+def _provenance(
+    record: ConversionRecord,
+    config: dict[str, Any],
+    segmentation: bool,
+    trainval: bool,
+    preprocessor: dict[str, Any] | None = None,
+) -> str:
     source = record.source
     files = source.get("files") or []
     download = record.download or {}
@@ -117,8 +129,13 @@ def _provenance(record: ConversionRecord, config: dict[str, Any], segmentation: 
         rows.append(f"| classes | {len(labels) or 21}: PASCAL VOC, 0 = background |")
     elif record.drop_background:
         rows.append(f"| classes | {len(labels)}: the ImageNet classes (the background class was dropped) |")
-    else:
+    elif len(labels) in (0, 1001):
         rows.append(f"| classes | {len(labels) or 1001}: index 0 is `background`, then the 1000 ImageNet classes |")
+    else:
+        names = [labels[key] for key in sorted(labels, key=int)]
+        rows.append(f"| classes | {len(names)}: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''} |")
+    if preprocessor:
+        rows.append(f"| preprocessing | {_preprocessing(preprocessor)} |")
     if config.get("avg_pool") == "fixed7x7":
         rows.append("| pooling | slim's fixed 7x7 window (mobilenet_torch; transformers always pools globally) |")
     if record.toolkit:
@@ -134,7 +151,32 @@ def _provenance(record: ConversionRecord, config: dict[str, Any], segmentation: 
         )
     if trainval:
         notes.append("This checkpoint was trained on PASCAL VOC val as well: do not evaluate it on VOC val.")
+    if config.get("classifier_layers"):
+        notes.append(
+            f"The head has {len(config['classifier_layers']) + 1} Dense layers (`classifier_layers`), which "
+            "transformers' single `Linear` cannot hold: transformers loads this folder as `MobileNetV2Model` "
+            "(the backbone) only; `mobilenet_torch` loads it whole."
+        )
     return "## Provenance\n\n| | |\n| --- | --- |\n" + "\n".join(rows) + "\n\n" + " ".join(notes) + "\n"
+
+
+def _preprocessing(settings: dict[str, Any]) -> str:
+    """What preprocessor_config.json does to an image, in words."""
+    crop = settings.get("crop_size") or {}
+    shortest = (settings.get("size") or {}).get("shortest_edge")
+    height, width = crop.get("height"), crop.get("width")
+    if settings.get("do_center_crop") and shortest == height == width:
+        steps = [f"the center square of the image, resized to {height}x{width}"]
+    elif settings.get("do_center_crop"):
+        steps = [f"shorter side resized to {shortest}", f"center crop to {height}x{width}"]
+    else:
+        steps = [f"resized to {shortest or '?'} on the shorter side"]
+    mean, std = settings.get("image_mean"), settings.get("image_std")
+    if mean == [0.5, 0.5, 0.5] and std == [0.5, 0.5, 0.5]:
+        steps.append("RGB scaled as x / 127.5 - 1")
+    else:
+        steps.append(f"RGB scaled as (x / 255 - {mean}) / {std}")
+    return ", ".join(steps) + " (`preprocessor_config.json`)"
 
 
 def zoo_file(record: ConversionRecord) -> zoo_catalog.ZooEntry | None:

@@ -27,6 +27,10 @@ from converter.vocabulary import CLASSIFICATION, DEEPLAB
 from mobilenet_torch.architecture import PLACEHOLDER_PREFIX, placeholder_arrays
 
 IMAGENET_WITH_BACKGROUND = 1001
+HIDDEN_HEAD_NOTE = (
+    "the head has {count} Dense layers (config classifier_layers), which transformers' single Linear cannot "
+    "hold: transformers loads this folder as MobileNetV2Model (the backbone) only; mobilenet_torch loads it whole"
+)
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ def convert_checkpoint(
             output_stride=options.output_stride or reader.hints.output_stride,
             source_name=reader.source_name,
             source_size=reader.hints.image_size,
+            hidden_activations=reader.hints.hidden_activations,
         )
         if variant.kind != CLASSIFICATION and (
             options.drop_background or options.add_background or options.avg_pool != "global"
@@ -112,7 +117,9 @@ def convert_checkpoint(
         if not options.allow_non_finite:
             _check_finite(variables)
         config = variant.config(background, options.avg_pool, reader.hints.labels)
-        state = apply_rules(variables, variant.kind, expected_shapes(variant, background), background)
+        state = apply_rules(
+            variables, variant.kind, expected_shapes(variant, background), background, len(variant.hidden_layers)
+        )
         if variant.kind == DEEPLAB:
             state.update(placeholder_arrays(config))
         output = Path(output) if output is not None else Path(variant.name)
@@ -177,6 +184,8 @@ def _record(
 ) -> ConversionRecord:
     hints = reader.hints
     notes = list(reader.notes)
+    if variant.hidden_layers:
+        notes.append(HIDDEN_HEAD_NOTE.format(count=len(variant.hidden_layers) + 1))
     if variant.size_from == SIZE_ASSUMED:
         notes.append(
             f"image_size {variant.size} is assumed: neither the source nor its file name says the size the "
@@ -193,7 +202,10 @@ def _record(
         weights=hints.convention or plan.convention,
         drop_background=background == "drop",
         add_background=background == "add",
-        tensors={"mapped": len(rules_for(variant.kind)), "ignored": {k: len(v) for k, v in plan.ignored.items()}},
+        tensors={
+            "mapped": len(rules_for(variant.kind, len(variant.hidden_layers))),
+            "ignored": {k: len(v) for k, v in plan.ignored.items()},
+        },
         notes=notes,
         download=dict(download) if download else None,
     )

@@ -83,10 +83,12 @@ def apply_rules(
     kind: str,
     expected_shapes: Mapping[str, tuple[int, ...]],
     background: str | None = None,
+    hidden_layers: int = 0,
 ) -> dict[str, np.ndarray]:
     """Map TF model variables to the PyTorch state dict, proving the correspondence is one to one;
-    `background` ("drop" or "add") edits the classifier's background class."""
-    rules = rules_for(kind)
+    `background` ("drop" or "add") edits the classifier's background class; `hidden_layers` Dense layers
+    precede the classifier."""
+    rules = rules_for(kind, hidden_layers)
     unmapped = sorted(set(variables) - {r.tf_name for r in rules})
     missing = sorted({r.tf_name for r in rules} - set(variables))
     if unmapped or missing:

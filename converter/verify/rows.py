@@ -94,9 +94,9 @@ class ParityResult:
 
     @property
     def logits_problem(self) -> str | None:
-        """Why the logits were compared on no input (None: they were compared)."""
+        """Why the logits were compared on no input (None: they were compared, or the model has none)."""
         rows = self.endpoint_rows(LOGITS)
-        if any(row.compared for row in rows):
+        if any(row.compared for row in rows) or not any(endpoint == LOGITS for endpoint, _, _ in self.endpoints):
             return None
         return f"the logits could not be compared: {rows[0].error if rows else 'no input reached them'}"
 

@@ -4,6 +4,7 @@ by Keras layer name."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,8 @@ KERAS_LAYER_CLASSES = frozenset(
         "RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast", "RandomBrightness",
     }
 )  # fmt: skip
+#: The packages a model config may take its layers from: Keras 3's and tf.keras 2.x's (tf_keras).
+KERAS_MODULES = ("keras", "tf_keras")
 #: Slim endpoint -> the Keras layer (of keras.applications.MobileNetV2) whose output it is.
 KERAS_ENDPOINT_LAYERS = {"layer_1": "Conv1_relu", "layer_2": "expanded_conv_project_BN", "layer_19": "out_relu"}
 
@@ -94,7 +97,7 @@ def check_keras_config(config: dict, origin: str) -> None:
         layer = stack.pop()
         name, module = layer.get("class_name"), layer.get("module")
         custom = layer.get("registered_name") not in (None, name)
-        if name not in KERAS_LAYER_CLASSES or custom or (module and not str(module).startswith("keras")):
+        if name not in KERAS_LAYER_CLASSES or custom or (module and not str(module).startswith(KERAS_MODULES)):
             raise VerificationError(
                 f"refusing {origin}: its model holds a {name} layer ({module or 'no module'}); only the layers "
                 "of keras.applications.MobileNetV2 and a Dense head may be loaded, as others can run the file's code"
@@ -103,25 +106,27 @@ def check_keras_config(config: dict, origin: str) -> None:
 
 
 def open_keras(tf, source: References, request: ReferenceRequest) -> KerasReference:
+    import importlib
     import os
 
     path, depth, size = source["keras_file"], request.depth, request.image_size
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        import keras
-    except ImportError as error:
-        raise VerificationError(f"verifying against a Keras file needs Keras ({error}); {INSTALL_HINT}") from None
     from converter.formats import open_reader
     from converter.pipeline.table import endpoints_for
 
     config = keras_model_config(path)
+    library = _keras_library(path, config)
+    try:
+        keras = importlib.import_module(library)
+    except ImportError as error:
+        raise VerificationError(f"verifying against {path.name} needs {library} ({error}); {INSTALL_HINT}") from None
     notes, model = [], None
     if config is not None:
         check_keras_config(config, path.name)
         try:
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
-            notes.append(f"the reference is Keras' own model loaded from {path.name} (keras.saving.load_model)")
+            notes.append(f"the reference is Keras' own model loaded from {path.name} ({library}.saving.load_model)")
         except Exception as error:  # noqa: BLE001 (Keras raises many kinds; each means it cannot rebuild it)
             if path.suffix != ".h5":
                 raise VerificationError(f"Keras cannot load {path.name} ({_first_line(error)})") from None
@@ -152,17 +157,20 @@ def open_keras(tf, source: References, request: ReferenceRequest) -> KerasRefere
             f"the Keras model takes any input size and then pads stride-2 convolutions (0, 1) at every size, "
             f"which differs from TF's SAME at odd sizes: it is compared at {size}x{size}"
         )
-    dense = [layer for layer in model.layers if type(layer).__name__ == "Dense"]
+    dense = _dense_layers(model)
     if dense and getattr(dense[-1], "activation", None) is not keras.activations.linear:
         dense[-1].activation = keras.activations.linear  # the logits, not the probabilities
         notes.append(f"the classifier's activation was set to linear to compare logits ({dense[-1].name})")
+    # The logits are the model's output when its last layer ends in the classifier (itself, or a nested
+    # head such as Teachable Machine's Sequential).
+    logits = [model.layers[-1]] if dense and _ends_in(model.layers[-1], dense[-1]) else []
     layers = {layer.name: layer for layer in model.layers}
     pools = [layer for layer in model.layers if type(layer).__name__ == "GlobalAveragePooling2D"]
     wanted, missing = [], {}
     for endpoint, tensor, _ in endpoints_for(request.kind):
         if tensor not in request.tensors:
             continue
-        layer = _keras_layer(endpoint, layers, pools, dense if model.layers[-1] in dense else [])
+        layer = _keras_layer(endpoint, layers, pools, logits)
         if layer is None:
             missing[tensor] = (
                 f"Keras' model has no top-level layer named as {endpoint}'s is in keras.applications.MobileNetV2 "
@@ -175,6 +183,34 @@ def open_keras(tf, source: References, request: ReferenceRequest) -> KerasRefere
         model = keras.Model(model.inputs, [layer.output for _, layer in wanted])
     info = ReferenceInfo(KERAS, path.name, "raw", "input", notes, input_range=scaling.input_range)
     return KerasReference(model, outputs, info, missing, fixed, scaling)
+
+
+def _keras_library(path: Path, config: dict | None) -> str:
+    """ "tf_keras" for a file Keras 2 (tf.keras) wrote, whose layer configs Keras 3 does not load (its
+    modules, or a full-model .h5's keras_version 2.x, say so); "keras" otherwise."""
+    if config is not None and '"tf_keras.' in json.dumps(config):
+        return "tf_keras"
+    if path.suffix == ".h5" and config is not None:
+        import h5py
+
+        with h5py.File(path, "r") as handle:
+            version = handle.attrs.get("keras_version", b"")
+        if str(version.decode() if isinstance(version, bytes) else version).startswith("2."):
+            return "tf_keras"
+    return "keras"
+
+
+def _dense_layers(model) -> list:
+    """The Dense layers of a (possibly nested) Keras model, in order."""
+    found = []
+    for layer in model.layers:
+        found += _dense_layers(layer) if hasattr(layer, "layers") else [layer] * (type(layer).__name__ == "Dense")
+    return found
+
+
+def _ends_in(layer, dense) -> bool:
+    """Whether `layer`'s output is `dense`'s: it is `dense`, or a nested model whose last layer ends in it."""
+    return layer is dense or (hasattr(layer, "layers") and bool(layer.layers) and _ends_in(layer.layers[-1], dense))
 
 
 def _input_scaling(model, notes: list[str]) -> InputScaling:
