@@ -73,13 +73,16 @@ def needed_subgraph(graph_def, fetch_nodes: Iterable[str], origin: str):
     return kept, dict(sorted(left_out.items()))
 
 
-def dependencies(nodes: Mapping[str, Any], roots: Iterable[str], origin: str) -> dict[str, Any]:
-    """Name -> node of every node `roots` depend on (data and control inputs), in the order found."""
+def dependencies(
+    nodes: Mapping[str, Any], roots: Iterable[str], origin: str, leaves: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Name -> node of every node `roots` depend on (data and control inputs), in the order found; `leaves`
+    (a function's arguments) are where the walk stops."""
     found: dict[str, Any] = {}
-    stack = list(roots)
+    stack, stops = list(roots), set(leaves)
     while stack:
         name = stack.pop()
-        if name in found:
+        if name in found or name in stops:
             continue
         node = nodes.get(name)
         if node is None:
