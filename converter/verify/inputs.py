@@ -14,10 +14,11 @@ from converter.errors import ImageError, VerificationError
 from converter.images import open_image, preprocess
 from converter.output.writer import preprocessor_config
 from converter.pipeline.table import CLASSIFICATION, DEEPLAB
+from converter.vocabulary import BACKBONE
 
 RANDOM = "random"
 RANDOM_BATCH = 2
-ODD_SIZE = {CLASSIFICATION: 97, DEEPLAB: 129}
+ODD_SIZE = {CLASSIFICATION: 97, DEEPLAB: 129, BACKBONE: 97}
 NON_SQUARE = (160, 192)  # (height, width)
 
 

@@ -30,7 +30,7 @@ COMPUTE_OPS = frozenset(
         "Conv2D", "DepthwiseConv2dNative", "BiasAdd", "BiasAddV1",
         "FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3", "BatchNormWithGlobalNormalization",
         "Relu", "Relu6", "Add", "AddV2", "AddN", "AvgPool", "MaxPool", "Mean", "Sum", "Max", "Min", "Prod",
-        "Squeeze", "Reshape", "Softmax", "ConcatV2", "ArgMax",
+        "Squeeze", "Reshape", "Softmax", "ConcatV2", "ArgMax", "MatMul",
         "Rsqrt", "Sqrt", "Square", "Reciprocal",
         # resizes and dilation (DeepLab)
         "ResizeBilinear", "ResizeNearestNeighbor", "SpaceToBatchND", "BatchToSpaceND",

@@ -5,7 +5,9 @@ the slim tensors on its path); its images are fed through the input scaling read
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,7 @@ import numpy as np
 from converter.errors import VerificationError
 from converter.formats.base import References
 from converter.verify.references.base import (
+    LOGITS_TENSOR,
     SAVED_MODEL,
     BaseReference,
     InputScaling,
@@ -23,6 +26,7 @@ from converter.verify.references.base import (
 from converter.verify.references.scaling import CALL_OPS, called_functions, signature_input_scaling
 from converter.verify.safety import COMPUTE_OPS, FILE_OPS, MUTATING_OPS, PYTHON_OPS, check_op, dependencies, node_of
 
+MAX_OUTPUT_WALK = 64  # identities and calls between a signature's output and the op computing it
 SERVING_SIGNATURES = ("serving_default", "default")  # TF2 / TF1 SavedModels, then TF1 Hub modules
 SAVED_MODEL_INIT_SIGNATURE = "__saved_model_init_op"
 INIT_COLLECTIONS = ("saved_model_main_op", "legacy_init_op")
@@ -188,9 +192,21 @@ def open_saved_model(tf, source: References, request: ReferenceRequest) -> Signa
                 f"the SavedModel's {key} signature exposes only {', '.join(sorted(signature.outputs))}, "
                 "and TensorFlow runs it as a whole"
             )
+    softmax = (
+        _final_softmax(meta_graph, signature.outputs[outputs[LOGITS_TENSOR]]) if LOGITS_TENSOR in outputs else None
+    )
     try:  # the exact tags: a Hub module's served graph has none, which the loader would take as "the only one"
-        loaded = tf.saved_model.load(str(folder), tags=list(meta_graph.meta_info_def.tags))
-        function = loaded.signatures[key]
+        with tempfile.TemporaryDirectory() as scratch:
+            if softmax is not None:  # the same SavedModel, its final Softmax an Identity: it returns the logits
+                _as_identity(*softmax)
+                (Path(scratch) / "saved_model.pb").write_bytes(saved_model.SerializeToString())
+                (Path(scratch) / "variables").symlink_to((folder / "variables").resolve())
+                notes.append(
+                    f"the {key} signature ends in a Softmax ({softmax[1].name}); it was run with that op as an "
+                    "Identity, so that it returns the logits"
+                )
+            loaded = tf.saved_model.load(scratch if softmax else str(folder), tags=list(meta_graph.meta_info_def.tags))
+            function = loaded.signatures[key]
     except (tf.errors.OpError, ValueError, KeyError, OSError) as error:
         raise VerificationError(f"{origin} cannot be loaded by TensorFlow ({error})") from None
     if scaling != InputScaling():
@@ -216,6 +232,53 @@ def open_saved_model(tf, source: References, request: ReferenceRequest) -> Signa
         input_range=scaling.input_range,
     )  # fmt: skip
     return SignatureReference(tf, call, shape, outputs, info, missing, scaling)
+
+
+def _final_softmax(meta_graph, output) -> Any:
+    """The Softmax node that computes the signature output `output` (a TensorInfo), through identities and
+    calls into the SavedModel's functions (as Keras' classifier ends), or None."""
+    functions = {function.signature.name: function for function in meta_graph.graph_def.library.function}
+    body, (name, index) = None, _tensor_parts(output.name, None)
+    for _ in range(MAX_OUTPUT_WALK):
+        nodes = {node.name: node for node in (body.node_def if body else meta_graph.graph_def.node)}
+        node = nodes.get(name)
+        if node is None or not node.input and node.op != "Softmax":
+            return None
+        if node.op == "Softmax":
+            return body, node
+        if node.op in CALL_OPS and "f" in node.attr and node.attr["f"].func.name in functions:
+            body = functions[node.attr["f"].func.name]
+            outputs = body.signature.output_arg
+            if index >= len(outputs) or outputs[index].name not in body.ret:
+                return None
+            name, index = _tensor_parts(body.ret[outputs[index].name], body)
+        elif node.op == "Identity":
+            name, index = _tensor_parts(node.input[0], body)
+        else:
+            return None
+    return None
+
+
+def _as_identity(body, node) -> None:
+    """Make `node` (a Softmax) an Identity, renaming its output where a function body refers to it by name."""
+    node.op = "Identity"
+    if body is None:
+        return
+    old, new = f"{node.name}:softmax:", f"{node.name}:output:"
+    for inner in body.node_def:
+        for i, source in enumerate(inner.input):
+            if source.startswith(old):
+                inner.input[i] = new + source[len(old) :]
+    for key, tensor in body.ret.items():
+        if tensor.startswith(old):
+            body.ret[key] = new + tensor[len(old) :]
+
+
+def _tensor_parts(tensor: str, body) -> tuple[str, int]:
+    """(node name, output index) of a tensor named in the main graph (`node:0`) or in a function body
+    (`node:output:0`)."""
+    parts = tensor.split(":")
+    return parts[0], int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 0
 
 
 def _sole_logits_output(signature, key: str, notes: list[str]) -> str | None:
