@@ -124,3 +124,31 @@ def test_verify_passes_on_a_saved_model_from_training_code_and_reports_what_it_l
     if style == "training-tf1":  # the losses and initializers of slim's training_scope never run
         assert left_out["L2Loss"] > 0 and left_out["TruncatedNormal"] > 0
         assert "L2Loss" not in report["reference"]["imported_ops"]
+
+
+def test_a_saved_model_holding_a_file_write_off_the_signatures_path_is_still_refused(tmp_path):
+    """What never runs is left out, but a file write, even off the path, is refused: the loader would load it."""
+    import tensorflow as tf
+
+    from converter import convert_checkpoint
+
+    source = write_training_saved_model(SMALL, tmp_path / "training", "training-tf1")
+    folder = tmp_path / "converted"
+    convert_checkpoint(source, folder)
+    v1 = tf.compat.v1
+    hostile = tmp_path / "hostile"
+    graph = tf.Graph()
+    with graph.as_default(), v1.Session(graph=graph) as session:
+        images = v1.placeholder(tf.float32, [None, None, None, 3], name="images")
+        weights = v1.get_variable("MobilenetV2/Conv/weights", [3, 3, 3, 16], initializer=v1.zeros_initializer())
+        logits = tf.reduce_mean(tf.nn.conv2d(images, weights, 2, "SAME"), axis=[1, 2])
+        tf.io.write_file(str(tmp_path / "written.txt"), "not by the verifier")
+        session.run(v1.global_variables_initializer())
+        signature = v1.saved_model.predict_signature_def(inputs={"images": images}, outputs={"logits": logits})
+        builder = v1.saved_model.Builder(str(hostile))
+        builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map={"serving_default": signature})
+        builder.save()
+    code, output, _ = verify(hostile, folder)
+    assert code == 2, output
+    assert "WriteFile" in output and "reads or writes files" in output
+    assert not (tmp_path / "written.txt").exists()

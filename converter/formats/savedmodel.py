@@ -7,10 +7,13 @@ A SavedModel keeps its weights in an ordinary tensor bundle, `variables/variable
   `variables/0/.ATTRIBUTES/VARIABLE_VALUE`, and a string tensor `_CHECKPOINTABLE_OBJECT_GRAPH` holds a
   `TrackableObjectGraph` whose `SerializedTensor`s map each checkpoint key to the variable's full name.
 Either way the reader yields the full names, with any scope in front of `MobilenetV2/` (a module's or a
-wrapper's) removed, so the pipeline sees the slim names. The graph itself (`saved_model.pb`) is run only
-by the verifier, which runs the SavedModel's serving signature as the reference; the reader only looks at
-its node names for TF Hub's `hub_input` scope, where a Hub model scales its [0, 1] images to [-1, 1], to
-say so in the record (the converted model takes [-1, 1] itself).
+wrapper's) removed, so the pipeline sees the slim names. A SavedModel Keras wrote (Keras 3's `export()` or
+`tf.saved_model.save`, tf_keras' `save_format="tf"`) has no slim name: its variables are grouped into Keras
+layers through the object graph (:func:`keras_layers`) and mapped as the Keras reader maps an `.h5` file.
+The graph itself (`saved_model.pb`) is run only by the verifier, which runs the SavedModel's serving
+signature as the reference; the reader only looks at its node names for TF Hub's `hub_input` scope, where
+a Hub model scales its [0, 1] images to [-1, 1], to say so in the record (the converted model takes
+[-1, 1] itself).
 """
 
 from __future__ import annotations
@@ -80,9 +83,14 @@ def _graph_node(node: bytes) -> tuple[list[tuple[int, str]], list[tuple[str, str
     children, attributes = [], []
     for child in _submessages(node, 1, "object graph child"):
         values = _fields_of(child, (1, 2))
-        children.append((int(values.get(1, 0)), str(values.get(2, ""))))
+        node_id, local_name = values.get(1, 0), values.get(2, "")
+        if not isinstance(node_id, int) or not isinstance(local_name, str):
+            raise protobuf.MalformedMessage("an object graph child is not a node id and a name")
+        children.append((node_id, local_name))
     for attribute in _submessages(node, 2, "object graph attribute"):
         values = _fields_of(attribute, (1, 2, 3))
+        if not all(isinstance(value, str) for value in values.values()):
+            raise protobuf.MalformedMessage("an object graph attribute holds a number where a name belongs")
         if values.get(1) == VARIABLE_VALUE and values.get(3):
             attributes.append((str(values.get(2, "")), str(values[3])))
     return children, attributes
