@@ -164,11 +164,11 @@ class KerasReader(Reader):
             try:
                 config = self._open()
                 layers = self._stored_layers(config)
-                backbone, head = _assign(layers)
+                backbone, head = assign_layers(layers)
                 self._config = _ConfigFacts(config)
                 self._activations: tuple[str, ...] = ()
                 head = self._check_head(head, backbone_only)
-                self._tensors = _slim_tensors(backbone, head)
+                self._tensors = slim_tensors(backbone, head)
                 self._hints = self._make_hints(head)
             except HDF5_ERRORS as exc:
                 raise KerasFileError(
@@ -560,11 +560,11 @@ def _legacy_layers(group, where: str) -> list[Layer]:
             by_prefix.setdefault(prefix or layer_name, {})[role] = _dataset(layer_group, weight_name, where)
         for prefix, weights in by_prefix.items():
             name = prefix.rpartition("/")[2]
-            layers.append(Layer(name, _class_from_weights(weights), f"{layer_group.name}/{prefix}", weights))
+            layers.append(Layer(name, class_from_weights(weights), f"{layer_group.name}/{prefix}", weights))
     return layers
 
 
-def _class_from_weights(weights: dict[str, Any]) -> str:
+def class_from_weights(weights: dict[str, Any]) -> str:
     roles = set(weights)
     if roles == set(ROLES[BATCHNORM]):
         return BATCHNORM
@@ -680,7 +680,7 @@ def _snake_case(name: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _assign(layers: list[Layer]) -> tuple[list[Layer], list[Layer]]:
+def assign_layers(layers: list[Layer]) -> tuple[list[Layer], list[Layer]]:
     """Fill the backbone slots with the stored layers of each class in order; the rest is the head."""
     queues: dict[str, list[Layer]] = {}
     for layer in layers:
@@ -729,7 +729,7 @@ def _check_chain(backbone: list[Layer]) -> None:
         channels = channels if slot.keras_class == DEPTHWISE else shape[3]
 
 
-def _slim_tensors(backbone: list[Layer], head: list[Layer]) -> dict[str, tuple[Any, tuple[int, ...]]]:
+def slim_tensors(backbone: list[Layer], head: list[Layer]) -> dict[str, tuple[Any, tuple[int, ...]]]:
     """slim name -> (dataset, slim shape); the head's last Dense is the classifier, those before it hidden
     layers (`converter.slim.HIDDEN_HEADS`), each Dense kernel a 1x1 conv as in slim's head."""
     tensors = {}

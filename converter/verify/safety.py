@@ -30,7 +30,7 @@ COMPUTE_OPS = frozenset(
         "Conv2D", "DepthwiseConv2dNative", "BiasAdd", "BiasAddV1",
         "FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3", "BatchNormWithGlobalNormalization",
         "Relu", "Relu6", "Add", "AddV2", "AddN", "AvgPool", "MaxPool", "Mean", "Sum", "Max", "Min", "Prod",
-        "Squeeze", "Reshape", "Softmax", "ConcatV2", "ArgMax",
+        "Squeeze", "Reshape", "Softmax", "ConcatV2", "ArgMax", "MatMul",
         "Rsqrt", "Sqrt", "Square", "Reciprocal",
         # resizes and dilation (DeepLab)
         "ResizeBilinear", "ResizeNearestNeighbor", "SpaceToBatchND", "BatchToSpaceND",
@@ -73,13 +73,16 @@ def needed_subgraph(graph_def, fetch_nodes: Iterable[str], origin: str):
     return kept, dict(sorted(left_out.items()))
 
 
-def dependencies(nodes: Mapping[str, Any], roots: Iterable[str], origin: str) -> dict[str, Any]:
-    """Name -> node of every node `roots` depend on (data and control inputs), in the order found."""
+def dependencies(
+    nodes: Mapping[str, Any], roots: Iterable[str], origin: str, leaves: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Name -> node of every node `roots` depend on (data and control inputs), in the order found; `leaves`
+    (a function's arguments) are where the walk stops."""
     found: dict[str, Any] = {}
-    stack = list(roots)
+    stack, stops = list(roots), set(leaves)
     while stack:
         name = stack.pop()
-        if name in found:
+        if name in found or name in stops:
             continue
         node = nodes.get(name)
         if node is None:

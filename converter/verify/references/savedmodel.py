@@ -5,7 +5,9 @@ the slim tensors on its path); its images are fed through the input scaling read
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,7 @@ import numpy as np
 from converter.errors import VerificationError
 from converter.formats.base import References
 from converter.verify.references.base import (
+    LOGITS_TENSOR,
     SAVED_MODEL,
     Backend,
     BaseReference,
@@ -24,21 +27,16 @@ from converter.verify.references.base import (
 from converter.verify.references.scaling import CALL_OPS, called_functions, signature_input_scaling
 from converter.verify.safety import COMPUTE_OPS, FILE_OPS, MUTATING_OPS, PYTHON_OPS, check_op, dependencies, node_of
 
+MAX_OUTPUT_WALK = 64  # identities and calls between a signature's output and the op computing it
 SERVING_SIGNATURES = ("serving_default", "default")  # TF2 / TF1 SavedModels, then TF1 Hub modules
 SAVED_MODEL_INIT_SIGNATURE = "__saved_model_init_op"
 INIT_COLLECTIONS = ("saved_model_main_op", "legacy_init_op")
 #: What a forward pass may run besides COMPUTE_OPS: variable handles and reads, and calls into the
 #: SavedModel's own functions (whose bodies are checked as well).
 VARIABLE_READ_OPS = frozenset({"VariableV2", "VarHandleOp", "ReadVariableOp"})
-#: What a SavedModel holds besides its forward pass: its saver (run by the loader only to restore
-#: variables/, the save half never) and its variables' initial values (never run: they are restored).
-SAVER_OPS = frozenset(
-    {
-        "RestoreV2", "Assign", "AssignVariableOp", "DisableCopyOnRead", "StringJoin", "ShardedFilename",
-        "StaticRegexFullMatch", "SaveV2", "MergeV2Checkpoints",
-        "TruncatedNormal", "RandomUniform", "RandomStandardNormal",
-    }
-)  # fmt: skip
+#: The file and assignment ops of a SavedModel's saver: its restore, which the loader runs to read variables/
+#: into the variables, and its save half, which nothing runs. Held elsewhere, such ops are refused.
+SAVER_OPS = frozenset({"RestoreV2", "Assign", "AssignVariableOp", "ShardedFilename", "SaveV2", "MergeV2Checkpoints"})
 
 
 class SignatureReference(BaseReference):
@@ -64,18 +62,20 @@ class SignatureReference(BaseReference):
 
 
 def check_saved_model(meta_graph, signature, origin: str) -> tuple[dict[str, int], dict[str, int], set[str]]:
-    """Refuse a SavedModel whose loading or serving could do more than compute. Checked:
+    """Refuse a SavedModel whose loading or serving would do more than compute, by the rule the `.meta`
+    path applies: what runs is checked, what never runs is left out and counted.
 
-    - the forward pass (the nodes the signature's outputs depend on, and the whole body of every
-      function they call, transitively) and the initialization the loader runs (its main / init op):
-      only `COMPUTE_OPS`, variable handles and reads, and calls into the SavedModel's own functions;
-    - everything else it holds, nodes and functions: besides those, only its saver (the restore the
-      loader runs, reading variables/ and assigning what it read; the save half, which nothing runs) and
-      initial values of variables (never run: the variables are restored).
+    - What runs: the nodes the signature's outputs depend on and, in every function they call
+      (transitively), the nodes its outputs and control outputs depend on (TensorFlow runs no other node
+      of a function body), with the initialization the loader runs (its main / init op). Only
+      `COMPUTE_OPS`, variable handles and reads, and calls into the SavedModel's own functions.
+    - Everything else it holds (the training graph's losses, the variables' initializers, its saver, the
+      rest of a function body) never runs but for the saver's restore, which the loader runs to read
+      variables/. It is left out, and refused only where it reads or writes files beyond that restore,
+      calls Python or assigns variables otherwise than the restore does.
 
-    So no file is read but by the restore, no Python is called, nothing is written and no variable is
-    assigned but by the restore; any other op is refused as unknown. Returns the op counts of the
-    forward pass and of the rest, for the report, and the names of the forward pass's graph nodes."""
+    Returns the op counts of what runs and of what was left out, for the report, and the names of the
+    main graph's nodes that run."""
     functions = {function.signature.name: function for function in meta_graph.graph_def.library.function}
     nodes = {node.name: node for node in meta_graph.graph_def.node}
     forward_ops = COMPUTE_OPS | VARIABLE_READ_OPS | CALL_OPS
@@ -83,20 +83,23 @@ def check_saved_model(meta_graph, signature, origin: str) -> tuple[dict[str, int
     init = [node_of(name) for key in INIT_COLLECTIONS for name in _collection_nodes(meta_graph, key)]
     init_signature = meta_graph.signature_def.get(SAVED_MODEL_INIT_SIGNATURE)
     init += [node_of(info.name) for info in init_signature.outputs.values()] if init_signature else []
-    forward, called = _closure(nodes, functions, outputs + init, origin)
+    runs = _closure(nodes, functions, outputs + init, origin)
     counts: dict[str, int] = {}
-    for node in forward:
+    for node in runs.values():
         if node.op not in forward_ops:
             check_op(node.op, node.name, origin)
         counts[node.op] = counts.get(node.op, 0) + 1
-    rest: dict[str, int] = {}
-    held = [node for node in meta_graph.graph_def.node if node.name not in {n.name for n in forward}]
-    held += [node for name, function in functions.items() if name not in called for node in function.node_def]
-    for node in held:
-        if node.op not in forward_ops | SAVER_OPS:
+    left_out: dict[str, int] = {}
+    held = [(None, node) for node in meta_graph.graph_def.node]
+    held += [(name, node) for name, function in functions.items() for node in function.node_def]
+    for scope, node in held:
+        if (scope, node.name) in runs:
+            continue
+        if node.op in FILE_OPS | PYTHON_OPS | MUTATING_OPS and node.op not in SAVER_OPS:
             _refuse_held(node.op, node.name, origin)
-        rest[node.op] = rest.get(node.op, 0) + 1
-    return dict(sorted(counts.items())), dict(sorted(rest.items())), {node.name for node in forward}
+        left_out[node.op] = left_out.get(node.op, 0) + 1
+    main = {name for scope, name in runs if scope is None}
+    return dict(sorted(counts.items())), dict(sorted(left_out.items())), main
 
 
 def _collection_nodes(meta_graph, key: str) -> list[str]:
@@ -104,33 +107,35 @@ def _collection_nodes(meta_graph, key: str) -> list[str]:
     return list(collection.node_list.value) if collection is not None else []
 
 
-def _closure(nodes: dict, functions: dict, roots: Sequence[str], origin: str):
-    """The nodes `roots` depend on (data and control inputs) with every node of each function they call,
-    transitively; and the names of those functions."""
-    seen = dependencies(nodes, roots, origin)
-    body: list[Any] = []
+def _closure(nodes: dict, functions: dict, roots: Sequence[str], origin: str) -> dict[tuple[str | None, str], Any]:
+    """(function name or None for the main graph, node name) -> node, for every node that running `roots`
+    runs: their dependencies (data and control inputs) and, in each function they call, transitively, the
+    dependencies of the function's outputs and control outputs."""
+    runs: dict[tuple[str | None, str], Any] = {}
+    pending = [(None, node) for node in dependencies(nodes, roots, origin).values()]
     called: set[str] = set()
-    for node in seen.values():
-        pending = [node]
-        while pending:
-            for function in called_functions(pending.pop(), functions, origin):
-                if function.signature.name not in called:
-                    called.add(function.signature.name)
-                    body += list(function.node_def)
-                    pending += list(function.node_def)
-    return list(seen.values()) + body, called
+    while pending:
+        scope, node = pending.pop()
+        runs[(scope, node.name)] = node
+        for function in called_functions(node, functions, origin):
+            name = function.signature.name
+            if name in called:
+                continue
+            called.add(name)
+            body = {inner.name: inner for inner in function.node_def}
+            arguments = {argument.name for argument in function.signature.input_arg}
+            ends = [node_of(tensor) for tensor in function.ret.values()] + list(function.control_ret.values())
+            needed = dependencies(body, [end for end in ends if end not in arguments], origin, leaves=arguments)
+            pending += [(name, inner) for inner in needed.values()]
+    return runs
 
 
 def _refuse_held(op: str, node: str, origin: str) -> None:
-    what = (
-        "reads or writes files" if op in FILE_OPS
-        else "calls Python" if op in PYTHON_OPS
-        else "assigns a variable" if op in MUTATING_OPS
-        else "is not one a MobileNetV2 SavedModel holds"
-    )  # fmt: skip
+    what = "reads or writes files" if op in FILE_OPS else "calls Python" if op in PYTHON_OPS else "assigns a variable"
     raise VerificationError(
-        f"refusing {origin}: it holds op {op} (node {node!r}), which {what}; TensorFlow's loader would load "
-        "it, so the SavedModel is refused as a whole (see converter/verify/references/savedmodel.py, check_saved_model)"
+        f"refusing {origin}: it holds op {op} (node {node!r}), which {what} beyond restoring its variables; "
+        "TensorFlow's loader would load it, so the SavedModel is refused as a whole (see "
+        "converter/verify/references/savedmodel.py, check_saved_model)"
     )
 
 
@@ -188,9 +193,21 @@ def open_saved_model(tf, source: References, request: ReferenceRequest) -> Signa
                 f"the SavedModel's {key} signature exposes only {', '.join(sorted(signature.outputs))}, "
                 "and TensorFlow runs it as a whole"
             )
+    softmax = (
+        _final_softmax(meta_graph, signature.outputs[outputs[LOGITS_TENSOR]]) if LOGITS_TENSOR in outputs else None
+    )
     try:  # the exact tags: a Hub module's served graph has none, which the loader would take as "the only one"
-        loaded = tf.saved_model.load(str(folder), tags=list(meta_graph.meta_info_def.tags))
-        function = loaded.signatures[key]
+        with tempfile.TemporaryDirectory() as scratch:
+            if softmax is not None:  # the same SavedModel, its final Softmax an Identity: it returns the logits
+                _as_identity(*softmax)
+                (Path(scratch) / "saved_model.pb").write_bytes(saved_model.SerializeToString())
+                (Path(scratch) / "variables").symlink_to((folder / "variables").resolve())
+                notes.append(
+                    f"the {key} signature ends in a Softmax ({softmax[1].name}); it was run with that op as an "
+                    "Identity, so that it returns the logits"
+                )
+            loaded = tf.saved_model.load(scratch if softmax else str(folder), tags=list(meta_graph.meta_info_def.tags))
+            function = loaded.signatures[key]
     except (tf.errors.OpError, ValueError, KeyError, OSError) as error:
         raise VerificationError(f"{origin} cannot be loaded by TensorFlow ({error})") from None
     if scaling != InputScaling():
@@ -216,6 +233,53 @@ def open_saved_model(tf, source: References, request: ReferenceRequest) -> Signa
         input_range=scaling.input_range,
     )  # fmt: skip
     return SignatureReference(tf, call, shape, outputs, info, missing, scaling)
+
+
+def _final_softmax(meta_graph, output) -> Any:
+    """The Softmax node that computes the signature output `output` (a TensorInfo), through identities and
+    calls into the SavedModel's functions (as Keras' classifier ends), or None."""
+    functions = {function.signature.name: function for function in meta_graph.graph_def.library.function}
+    body, (name, index) = None, _tensor_parts(output.name, None)
+    for _ in range(MAX_OUTPUT_WALK):
+        nodes = {node.name: node for node in (body.node_def if body else meta_graph.graph_def.node)}
+        node = nodes.get(name)
+        if node is None or not node.input and node.op != "Softmax":
+            return None
+        if node.op == "Softmax":
+            return body, node
+        if node.op in CALL_OPS and "f" in node.attr and node.attr["f"].func.name in functions:
+            body = functions[node.attr["f"].func.name]
+            outputs = body.signature.output_arg
+            if index >= len(outputs) or outputs[index].name not in body.ret:
+                return None
+            name, index = _tensor_parts(body.ret[outputs[index].name], body)
+        elif node.op == "Identity":
+            name, index = _tensor_parts(node.input[0], body)
+        else:
+            return None
+    return None
+
+
+def _as_identity(body, node) -> None:
+    """Make `node` (a Softmax) an Identity, renaming its output where a function body refers to it by name."""
+    node.op = "Identity"
+    if body is None:
+        return
+    old, new = f"{node.name}:softmax:", f"{node.name}:output:"
+    for inner in body.node_def:
+        for i, source in enumerate(inner.input):
+            if source.startswith(old):
+                inner.input[i] = new + source[len(old) :]
+    for key, tensor in body.ret.items():
+        if tensor.startswith(old):
+            body.ret[key] = new + tensor[len(old) :]
+
+
+def _tensor_parts(tensor: str, body) -> tuple[str, int]:
+    """(node name, output index) of a tensor named in the main graph (`node:0`) or in a function body
+    (`node:output:0`)."""
+    parts = tensor.split(":")
+    return parts[0], int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 0
 
 
 def _sole_logits_output(signature, key: str, notes: list[str]) -> str | None:

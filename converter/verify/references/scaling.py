@@ -7,6 +7,7 @@ composed into one affine map (a TF Hub module takes [0, 1] and scales inside).""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,9 +88,13 @@ def _scalar_constant(tf, functions: dict, body: _Body, tensor: str, origin: str)
     return float(value.reshape(-1)[0]) if value.size == 1 else None
 
 
+#: Keras' stem convolution: its layer `Conv1`, which a Keras 3 function graph names `Conv1_1`.
+KERAS_FIRST_CONV = re.compile(r"(^|/)Conv1(_\d+)?/")
+
+
 def _first_convolutions(functions: dict, main: _Body, origin: str) -> list[tuple[_Body, Any]]:
-    """Every op named as the slim stem's convolution (any scope in front) in `main` and in the functions it
-    calls, transitively, each with the body it is in."""
+    """Every op named as the slim stem's convolution or as Keras' (layer `Conv1`), any scope in front, in
+    `main` and in the functions it calls, transitively, each with the body it is in."""
     found, pending, visited = [], [main], 0
     while pending:
         body = pending.pop()
@@ -97,7 +102,8 @@ def _first_convolutions(functions: dict, main: _Body, origin: str) -> list[tuple
         if visited > MAX_WALK_STEPS:
             raise VerificationError(f"refusing {origin}: its functions call each other more than a model does")
         for node in body.nodes.values():
-            if node.op == "Conv2D" and (node.name == FIRST_CONV or node.name.endswith("/" + FIRST_CONV)):
+            slim = node.name == FIRST_CONV or node.name.endswith("/" + FIRST_CONV)
+            if node.op == "Conv2D" and (slim or KERAS_FIRST_CONV.search(node.name)):
                 found.append((body, node))
             if node.op in CALL_OPS:
                 pending += [_Body.called(callee, body, node) for callee in called_functions(node, functions, origin)]
