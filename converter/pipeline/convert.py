@@ -118,7 +118,8 @@ def convert_checkpoint(
         output = Path(output) if output is not None else Path(variant.name)
         record = _record(reader, variant, plan, background, download)
         fake_quantization, notes = fake_quantization_files(plan.ignored["quantization"], reader.read, variant.kind)
-        record.notes.extend(notes)
+        extra_files, extra_notes = reader.extra_files(background)
+        record.notes.extend([*notes, *extra_notes])
         summary = ConversionSummary(
             output,
             variant,
@@ -129,9 +130,14 @@ def convert_checkpoint(
             tuple(record.notes),
         )
         with staged_output(output, options.force, [Path(src), *reader.source_files()]) as staging:
-            extra_files = {**reader.extra_files(), **fake_quantization}
             write_model_folder(
-                staging, state, config, variant.architecture, record, extra_files, reader.hints.preprocessing
+                staging,
+                state,
+                config,
+                variant.architecture,
+                record,
+                {**extra_files, **fake_quantization},
+                reader.hints.preprocessing,
             )
     return replace(summary, seconds=time.perf_counter() - started)
 
