@@ -763,10 +763,15 @@ class _ConfigFacts:
         for cls, name, cfg in before:
             if cls == "Rescaling":
                 self._rescaling(name, cfg)
-            elif not INERT_LAYERS.match(cls):
+            elif INERT_LAYERS.match(cls):
+                self._left_out(cls, name)
+            else:
                 self.notes.append(f"The Keras model applies {cls} ({name}) ahead of the backbone; ours does not.")
-            elif cls != "InputLayer":
-                self.notes.append(f"The Keras model's {cls} layer ({name}) is inactive at inference and was left out.")
+
+    def _left_out(self, cls: str, name: str) -> None:
+        """An inert layer (augmentation, dropout: the identity at inference) is noted where the model has it."""
+        if cls != "InputLayer":
+            self.notes.append(f"The Keras model's {cls} layer ({name}) is inactive at inference and was left out.")
 
     def _rescaling(self, name: str, cfg: dict) -> None:
         """Rescaling computes x * scale + offset: the same input the preprocessor must produce from pixels."""
@@ -809,8 +814,10 @@ class _ConfigFacts:
             elif activation not in (None, "linear"):
                 self.head_problem = f"the classifier applies activation {activation!r}, which MobileNetV2 does not"
         for cls, name, _ in after:
-            if cls not in ("Dense", "ReLU", "Activation", "GlobalAveragePooling2D", "AveragePooling2D", "Flatten",
-                           "Softmax", "GlobalMaxPooling2D") and not INERT_LAYERS.match(cls):  # fmt: skip
+            if INERT_LAYERS.match(cls):
+                self._left_out(cls, name)
+            elif cls not in ("Dense", "ReLU", "Activation", "GlobalAveragePooling2D", "AveragePooling2D", "Flatten",
+                             "Softmax", "GlobalMaxPooling2D"):  # fmt: skip
                 self.notes.append(f"The Keras model applies {cls} ({name}) after the backbone; the converted does not.")
 
 

@@ -166,8 +166,6 @@ class TFLiteReader(Reader):
                 "converter and is written as a BatchNorm with mean 0 and variance 1 - eps (gamma 1 where "
                 f"folded into the conv); integer model in {QUANTIZATION_FILE}"
             )
-        if self.kind == DEEPLAB:
-            notes.append(f"output stride {self.output_stride}, read from the dilations")
         preprocessing = None
         input_quantization = self._input_quantization()
         if input_quantization is not None:
