@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from converter import convert_checkpoint
 from converter.app.cli import convert_main, verify_main
 from converter.errors import OutputError, SourceError, UsageError, VariantError
-from fixtures import ensure_fixture
+from tests.helpers import assert_one_line_error, run_cli
 from tests.realdata_tflite import MODELS
 
 IMAGENET = MODELS / "mobilenet_v2_1.0_224_quant.tflite"
@@ -22,17 +22,6 @@ needs_real_models = pytest.mark.skipif(
     not (IMAGENET.is_file() and DEEPLAB.is_file() and DEEPLAB_DM05.is_file()),
     reason=f"{MODELS} is absent: no real .tflite models",
 )
-
-
-def convert_cli(*args) -> tuple[int, str]:
-    result = CliRunner().invoke(convert_main, [str(arg) for arg in args])
-    return result.exit_code, result.output
-
-
-def one_line_error(output: str) -> str:
-    lines = output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in output, output
-    return lines[0]
 
 
 # --- errors -----------------------------------------------------------------------------------------
@@ -48,19 +37,16 @@ def test_a_size_from_the_input_tensor_is_named_so_without_doubled_words(tmp_path
     assert summary.variant.size == 224 and summary.variant.size_from == "source's input shape"
 
 
-def test_a_size_from_the_zoo_file_name_is_named_so(tmp_path):
-    tarball = ensure_fixture("mobilenet_v2_0.35_96").tarball
+def test_a_size_from_the_zoo_file_name_is_named_so(small, tmp_path):
     with pytest.raises(VariantError, match="does not match the zoo file name, which says 96; leave --size out"):
-        convert_checkpoint(tarball, tmp_path / "out", size=128)
+        convert_checkpoint(small.tarball, tmp_path / "out", size=128)
 
 
 @needs_real_models
 def test_format_keras_on_a_tflite_says_what_the_file_is(tmp_path):
-    code, output = convert_cli("--checkpoint", IMAGENET, "--format", "keras", "--output", tmp_path / "out")
-    line = one_line_error(output)
-    assert code == UsageError.exit_code
-    assert "is not a keras file" in line and "TensorFlow Lite flatbuffer" in line and "--format tflite" in line
-    assert "HDF5" not in line and "damaged" not in line
+    result = run_cli("--checkpoint", IMAGENET, "--format", "keras", "--output", tmp_path / "out")
+    assert_one_line_error(result, UsageError.exit_code, "is not a keras file", "TensorFlow Lite", "--format tflite")
+    assert "HDF5" not in result.stderr and "damaged" not in result.stderr
 
 
 def test_an_empty_file_is_called_empty(tmp_path):
@@ -68,27 +54,27 @@ def test_an_empty_file_is_called_empty(tmp_path):
     empty.touch()
     with pytest.raises(SourceError, match="is empty"):
         convert_checkpoint(empty, tmp_path / "out")
-    code, output = convert_cli("--checkpoint", empty, "--output", tmp_path / "out")
-    line = one_line_error(output)
-    assert code == 1 and "is empty (0 bytes)" in line and "known formats" not in line
+    result = run_cli("--checkpoint", empty, "--output", tmp_path / "out")
+    assert_one_line_error(result, 1, "is empty (0 bytes)")
+    assert "known formats" not in result.stderr
 
 
-def test_the_force_message_spells_the_option_as_each_entry_point_takes_it(tmp_path):
+def test_the_force_message_spells_the_option_as_each_entry_point_takes_it(small, tmp_path):
     occupied = tmp_path / "out"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
-    source = ensure_fixture("mobilenet_v2_0.35_96").tarball
+    source = small.tarball
     with pytest.raises(OutputError) as error:
         convert_checkpoint(source, occupied)
     assert "pass force=True" in str(error.value) and "--force" not in str(error.value)
     with pytest.raises(OutputError) as error:
         convert_checkpoint(source, occupied, force=True)
     assert str(error.value).startswith("force=True replaces only") and "--" not in str(error.value)
-    code, output = convert_cli("--checkpoint", source, "--output", occupied)
-    line = one_line_error(output)
-    assert code == 1 and "pass --force to replace it" in line and "force=True" not in line
-    line = one_line_error(convert_cli("--checkpoint", source, "--output", occupied, "--force")[1])
-    assert "--force replaces only" in line and "choose another --output" in line
+    result = run_cli("--checkpoint", source, "--output", occupied)
+    assert_one_line_error(result, 1, "pass --force to replace it")
+    assert "force=True" not in result.stderr
+    result = run_cli("--checkpoint", source, "--output", occupied, "--force")
+    assert_one_line_error(result, 1, "--force replaces only", "choose another --output")
     assert (occupied / "notes.txt").read_text() == "mine"
 
 
@@ -117,8 +103,8 @@ def test_a_file_named_like_a_zoo_file_but_with_other_content_is_noted(tmp_path):
     notes = [note for note in summary.notes if "zoo" in note]
     assert len(notes) == 1 and notes[0].startswith(f"{DEEPLAB.name} is named like the zoo's file but is not it")
     assert notes[0] in json.loads((tmp_path / "impostor" / "conversion.json").read_text())["notes"]
-    code, output = convert_cli("--checkpoint", impostor, "--output", tmp_path / "printed")
-    assert code == 0 and f"note: {notes[0]}" in output
+    result = run_cli("--checkpoint", impostor, "--output", tmp_path / "printed")
+    assert result.returncode == 0 and f"note: {notes[0]}" in result.stderr
     genuine = convert_checkpoint(DEEPLAB, tmp_path / "genuine")
     assert not [note for note in genuine.notes if "zoo" in note]
 

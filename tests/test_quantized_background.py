@@ -26,6 +26,7 @@ if not IMAGENET.is_file():
     pytest.skip(f"{IMAGENET} is absent: no real quantized model to check against", allow_module_level=True)
 pytest.importorskip("tensorflow", reason="TensorFlow (tf.lite) is needed to run the real TFLite model")
 pytest.importorskip("PIL", reason="pillow is needed to read the real images")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
