@@ -10,11 +10,31 @@ from __future__ import annotations
 # Raised by `from_pretrained`; defined there so that mobilenet_torch stays independent of the converter.
 from mobilenet_torch.errors import ModelFolderError
 
+#: The entry points, and how each spells the options a message names by placeholder (``{force}``).
+COMMAND_LINE, PYTHON = "command line", "python"
+OPTION_SPELLINGS = {
+    "force": {COMMAND_LINE: "--force", PYTHON: "force=True"},
+    "output": {COMMAND_LINE: "--output", PYTHON: "output"},
+}
+
 
 class ConverterError(Exception):
-    """Base class: a problem with the user's input or environment, never a bug in the toolkit."""
+    """Base class: a problem with the user's input or environment, never a bug in the toolkit.
+
+    A message names an option by placeholder (``pass {force}``): `str()` spells it as the Python API
+    takes it (``force=True``), `worded(COMMAND_LINE)` as the command line does (``--force``)."""
 
     exit_code = 1
+
+    def __str__(self) -> str:
+        return self.worded(PYTHON)
+
+    def worded(self, entry_point: str) -> str:
+        """The message with each option spelt as `entry_point` (COMMAND_LINE or PYTHON) takes it."""
+        message = super().__str__()
+        for option, spellings in OPTION_SPELLINGS.items():
+            message = message.replace(f"{{{option}}}", spellings[entry_point])
+        return message
 
 
 class UsageError(ConverterError):
@@ -74,7 +94,7 @@ class MappingError(ConverterError):
 
 
 class OutputError(ConverterError):
-    """The output folder cannot be written, or exists and --force was not given."""
+    """The output folder cannot be written, or exists and `force` was not given."""
 
 
 class VerificationError(ConverterError):
@@ -107,3 +127,8 @@ class ImageError(ConverterError):
 
 # Everything the CLI reports as one line instead of a traceback.
 USER_ERRORS = (ConverterError, ModelFolderError)
+
+
+def command_line_message(error: BaseException) -> str:
+    """What the command line prints for a user error: its options spelt as flags."""
+    return error.worded(COMMAND_LINE) if isinstance(error, ConverterError) else str(error)

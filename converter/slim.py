@@ -139,7 +139,7 @@ ZOO_NAME = re.compile(r"mobilenet_v2_(?:(?P<depth>\d\.\d+)|(?P<depth100>\d{3}))_
 SIZE_FROM_FLAG, SIZE_FROM_NAME, SIZE_FROM_SOURCE, SIZE_CROP, SIZE_ASSUMED = (
     "--size",
     "zoo file name",
-    "the source",
+    "source's input shape",
     "DeepLab crop",
     "assumed",
 )
@@ -274,13 +274,14 @@ def _name_depth(match: re.Match) -> float:
 
 
 def _image_size(kind: str, flag: int | None, from_name: int | None, from_source: int | None) -> tuple[int, str]:
-    """The image size and where it came from; sources that disagree are an error."""
+    """The image size and where it came from (the input shape the source fixes before its file name);
+    a --size that disagrees with either is an error."""
     said = [
-        (value, origin) for value, origin in ((from_name, SIZE_FROM_NAME), (from_source, SIZE_FROM_SOURCE)) if value
+        (value, origin) for value, origin in ((from_source, SIZE_FROM_SOURCE), (from_name, SIZE_FROM_NAME)) if value
     ]
     for value, origin in said:
         if flag is not None and flag != value:
-            raise VariantError(f"--size {flag} does not match the source's {origin}, which says {value}")
+            raise VariantError(f"--size {flag} does not match the {origin}, which says {value}; leave --size out")
     if flag is not None:
         return flag, SIZE_FROM_FLAG
     if said:

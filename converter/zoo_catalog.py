@@ -140,6 +140,11 @@ def find(name: str) -> ZooEntry | None:
     return None
 
 
+def recorded_sha256() -> dict[str, str]:
+    """File name -> sha256, for every download whose checksum is recorded."""
+    return {source.filename: source.sha256 for entry in entries() for source in entry.sources() if source.sha256}
+
+
 def published_for(kind: str, depth: float, size: int) -> ZooEntry | None:
     """The float zoo entry matching a converted variant (kind as in `Variant.kind`), for published figures."""
     floats = [e for e in entries() if not e.quantized]

@@ -29,7 +29,9 @@ against them:
 - bilinear resizes (uint8: interpolated in float32 and rounded half up; int8: in 1/1024 fixed point),
   requantizations and concatenations; the ARG_MAX of DeepLab's labels (ties to the first class);
 - the outputs dequantized. The softmax is computed in float on the dequantized logits and quantized
-  to its output scale (TFLite's own table-based softmax lands within one step of it).
+  to its output scale (TFLite's own table-based softmax lands within one step of it). A folder converted
+  with --drop-background has none: its classifier keeps TFLite's logits of the 1000 classes, but the
+  graph's softmax normalises over all 1001 (``probabilities`` is then None).
 
 >>> model = QuantizedMobileNetV2.from_pretrained("out/mobilenet_v2_1.0_224_quant")
 >>> probabilities = model(pixel_values).probabilities   # NCHW in [-1, 1], as the float model takes

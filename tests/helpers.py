@@ -21,6 +21,15 @@ def run_cli(*args, env: dict[str, str] | None = None, cwd: Path = REPO) -> subpr
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
+    """The command failed with `code` and one line on stderr (no traceback) holding every fragment."""
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 def python_blocks(markdown: str) -> list[tuple[int, str, str]]:
     """Each ```python block of a Markdown text: (line number of its opening fence, what follows `python`
     on that line, the code)."""

@@ -13,17 +13,9 @@ import pytest
 
 from fixtures.cache import ensure_fixture
 from fixtures.spec import make_weights
-from tests.helpers import REPO, SMALL, run_cli
+from tests.helpers import REPO, SMALL, assert_one_line_error, run_cli
 
 EXPECTED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "conversion.json"}
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
-    assert result.returncode == code, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_converts_a_zoo_tarball(small, tmp_path):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from converter.errors import USER_ERRORS
+from converter.errors import USER_ERRORS, command_line_message
 from converter.output import layout
 from converter.output.records import ParityRecord
 from converter.output.writer import check_output
@@ -139,7 +139,8 @@ def convert_all(
                 )
                 status = "verified"
         except USER_ERRORS as error:
-            return BatchResult(entry.name, output, "failed", time.perf_counter() - started, error=str(error))
+            message = command_line_message(error)  # the summary table of the --all command
+            return BatchResult(entry.name, output, "failed", time.perf_counter() - started, error=message)
         except Exception as error:  # a bug in one conversion must not stop the others
             message = f"internal error: {type(error).__name__}: {error}"
             return BatchResult(entry.name, output, "failed", time.perf_counter() - started, error=message)

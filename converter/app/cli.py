@@ -26,7 +26,7 @@ def report_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, debug: bool = False, **kwargs):
-        from converter.errors import USER_ERRORS
+        from converter.errors import USER_ERRORS, command_line_message
 
         try:
             return command(*args, **kwargs)
@@ -35,7 +35,7 @@ def report_errors(command):
                 for line in getattr(error, "detail", ()):  # what a one-line summary left out
                     click.echo(f"detail: {line}", err=True)
                 raise
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {command_line_message(error)}", err=True)
             sys.exit(getattr(error, "exit_code", 1))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -72,8 +72,10 @@ def _silence_stdout() -> None:
     "source",
     type=click.Path(path_type=str),
     default=None,
-    help="Checkpoint prefix, a folder holding one checkpoint, or the zoo .tgz as downloaded. Without it, "
-    "the zoo tarball named by --model/--depth/--size is downloaded (and cached).",
+    help="The model to convert, in any supported format: a TF checkpoint prefix, a SavedModel or TF Hub module "
+    "folder, a Keras file (.h5, .keras, .weights.h5, .weights.json) or a .tflite; or a folder or archive (.tgz, "
+    ".tar.gz, .tar) holding one, such as a zoo download. Without it, the zoo download named by "
+    "--model/--depth/--size is fetched (and cached).",
 )
 @click.option(
     "--output",
@@ -149,8 +151,8 @@ def _silence_stdout() -> None:
     "--size",
     type=click.IntRange(min=32),
     default=None,
-    help="Input size for the config (picks the zoo checkpoint, or is checked against its zoo name; "
-    "default 224, DeepLab 513).",
+    help="Input size for the config (picks the zoo download, or is checked against the source's input shape and "
+    "zoo file name; default: what the source says, else 224, DeepLab 513).",
 )
 @click.option(
     "--weights",
@@ -162,7 +164,8 @@ def _silence_stdout() -> None:
     "--output-stride",
     type=click.Choice(["8", "16"]),
     default=None,
-    help="DeepLab only: output stride of the converted model (default 8).",
+    help="DeepLab only: output stride of the converted model (default: the source's own where its graph fixes "
+    "one, as a .tflite does; else 8, as the zoo's frozen graphs).",
 )
 @click.option("--drop-background", is_flag=True, help="Write a 1000-class head without the background class.")
 @click.option(
@@ -229,7 +232,8 @@ def convert_main(
     report_dir,
     write_onnx,
 ):
-    """Convert an original TensorFlow MobileNetV2 checkpoint to a PyTorch / transformers folder.
+    """Convert a TensorFlow MobileNetV2 (checkpoint, SavedModel, Keras or TFLite) to a PyTorch / transformers
+    folder.
 
     Without --checkpoint, downloads (and caches) the zoo tarball named by --model, --depth and --size;
     with --all, converts the whole zoo.
@@ -407,8 +411,10 @@ def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
     "source",
     type=click.Path(path_type=str),
     required=True,
-    help="The checkpoint the model was converted from: prefix, folder or zoo tarball. Its .meta graph "
-    "(or frozen graph) is the reference.",
+    help="The source the model was converted from, in any supported format: a TF checkpoint prefix, a "
+    "SavedModel or TF Hub module folder, a Keras file or a .tflite, or a folder or archive holding one. The "
+    "reference is its own original: the checkpoint's .meta (or frozen) graph, the SavedModel's signature, the "
+    "Keras model or the TFLite interpreter.",
 )
 @click.option(
     "--model",

@@ -75,6 +75,8 @@ def open_reader(
     """
     forced = _forced(format)
     origin = Path(path)
+    if origin.is_file() and origin.stat().st_size == 0:
+        raise SourceError(f"{origin} is empty (0 bytes): it was cut short or never written; pass the whole file")
     if is_archive(origin):
         with extracted(origin, max_extract_bytes, max_members) as folder:
             with _opened(_archive_root(folder), forced, origin, backbone_only) as reader:
@@ -136,6 +138,7 @@ def _keras_shard(file: Path) -> bool:
 
 def _chosen(path: Path, forced: type[Reader] | None, archive: Path | None, found: list[_Candidate]) -> _Candidate:
     if forced is not None and not (forced in FILE_FORMATS and path.is_dir()):
+        _check_not_another_format(path, forced, found)
         return _Candidate(forced, path)  # a layout, or a file named directly: the reader says what is wrong
     reader = forced or _sniff(path, archive, found)
     matches = [candidate for candidate in found if candidate.reader is reader]
@@ -153,6 +156,19 @@ def _chosen(path: Path, forced: type[Reader] | None, archive: Path | None, found
         f"{where} holds {len(matches)} {reader.format} files ({', '.join(_relative(path, m) for m in matches)}) "
         f"and nothing says which to convert; {advice}"
     )
+
+
+def _check_not_another_format(path: Path, forced: type[Reader], found: list[_Candidate]) -> None:
+    """A file --format names as one format that is recognisably another: say so, rather than let the
+    forced reader call it damaged (a file that no format recognises is left to the forced reader)."""
+    others = [c.reader for c in found if c.path == path and c.reader is not forced]
+    if path.is_file() and others and not forced.sniff(path):
+        other = others[0]
+        looks_like = re.split(r" \(|:", other.description, maxsplit=1)[0]  # "TensorFlow Lite flatbuffer"
+        raise UsageError(
+            f"{path.name} is not a {forced.format} file: it looks like a {looks_like}; pass --format "
+            f"{other.format} or leave --format out"
+        )
 
 
 def _sniff(path: Path, archive: Path | None, found: list[_Candidate]) -> type[Reader]:

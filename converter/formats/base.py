@@ -128,9 +128,10 @@ class Reader(ABC):
         """The reader's own notes (`hints.notes`), then the registry's."""
         return (*self.hints.notes, *self.registry_notes)
 
-    def extra_files(self) -> dict[str, bytes]:
-        """Files the output folder carries besides the float model (e.g. quantization parameters)."""
-        return {}
+    def extra_files(self, background: str | None = None) -> tuple[dict[str, bytes], list[str]]:
+        """(files the output folder carries besides the float model, e.g. quantization parameters, and notes
+        about them); `background` ("drop", "add" or None) is the edit the float model's head gets."""
+        return {}, []
 
     def close(self) -> None:  # noqa: B027 (an optional hook: most readers hold nothing open)
         """Release open files; the registry calls it when the reader's context ends."""

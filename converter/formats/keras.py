@@ -846,10 +846,15 @@ class _ConfigFacts:
         for cls, name, cfg in before:
             if cls == "Rescaling":
                 self._rescaling(name, cfg)
-            elif not INERT_LAYERS.match(cls):
+            elif INERT_LAYERS.match(cls):
+                self._left_out(cls, name)
+            else:
                 self.notes.append(f"The Keras model applies {cls} ({name}) ahead of the backbone; ours does not.")
-            elif cls != "InputLayer":
-                self.notes.append(f"The Keras model's {cls} layer ({name}) is inactive at inference and was left out.")
+
+    def _left_out(self, cls: str, name: str) -> None:
+        """An inert layer (augmentation, dropout: the identity at inference) is noted where the model has it."""
+        if cls != "InputLayer":
+            self.notes.append(f"The Keras model's {cls} layer ({name}) is inactive at inference and was left out.")
 
     def _rescaling(self, name: str, cfg: dict) -> None:
         """Rescaling computes x * scale + offset: the same input the preprocessor must produce from pixels."""
@@ -901,8 +906,8 @@ class _ConfigFacts:
                 if layers[-1][0] != "linear":
                     self.head_problem = f"{name} applies {applied} after {layers[-1][0]}, which MobileNetV2 does not"
                 layers[-1][0] = applied
-            elif INERT_LAYERS.match(cls) and cls != "InputLayer":
-                self.notes.append(f"The Keras head's {cls} layer ({name}) is inactive at inference and was left out.")
+            elif INERT_LAYERS.match(cls):
+                self._left_out(cls, name)
             elif cls not in ("GlobalAveragePooling2D", "AveragePooling2D", "Flatten", "GlobalMaxPooling2D"):
                 self.notes.append(f"The Keras model applies {cls} ({name}) after the backbone; the converted does not.")
         for j, (activation, _) in enumerate(layers):

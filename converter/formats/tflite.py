@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from converter.errors import MappingError, TFLiteFormatError
+from converter.errors import MappingError, TFLiteFormatError, UsageError
 from converter.formats.base import Hints, Reader, References
 from converter.formats.tflite_graph import Graph
 from converter.formats.tflite_labels import packed_labels
@@ -166,8 +166,6 @@ class TFLiteReader(Reader):
                 "converter and is written as a BatchNorm with mean 0 and variance 1 - eps (gamma 1 where "
                 f"folded into the conv); integer model in {QUANTIZATION_FILE}"
             )
-        if self.kind == DEEPLAB:
-            notes.append(f"output stride {self.output_stride}, read from the dilations")
         preprocessing = None
         input_quantization = self._input_quantization()
         if input_quantization is not None:
@@ -182,13 +180,19 @@ class TFLiteReader(Reader):
             notes=(*notes, *label_notes),
         )
 
-    def extra_files(self) -> dict[str, bytes]:
-        """`quantization.json` and `quantized.safetensors` for a quantized model, nothing for a float one
-        (nor for a backbone alone: the integer model is the whole graph)."""
+    def extra_files(self, background: str | None = None) -> tuple[dict[str, bytes], list[str]]:
+        """(`quantization.json` and `quantized.safetensors`, notes) for a quantized model, nothing for a float
+        one (nor for a backbone alone: the integer model is the whole graph). With `background` "drop" the
+        integer classifier loses its first output, as the float one does."""
         if not self.quantized or self.backbone_only:
-            return {}
+            return {}, []
         from safetensors.numpy import save
 
+        if background == "add":
+            raise UsageError(
+                "--add-background cannot be given to a full-integer model: its integer classifier has no exact "
+                "class that never wins; convert without it"
+            )
         integers = {}
         for step in self._conv_steps():
             weight, bias = (self.model.tensors[i] for i in step.op.inputs[1:3])
@@ -197,18 +201,23 @@ class TFLiteReader(Reader):
         for step in self.steps:
             if step.constant is not None:
                 integers[f"{step.name}.constant"] = self.model.data(self.model.tensors[step.constant])
+        steps = {step.name: self._describe(step) for step in self.steps}
+        notes = []
+        if background == "drop":
+            notes = _drop_background(steps, integers)
         document = {
             "format": QUANTIZATION_FORMAT,
             "source": self.path.name,
             "scheme": self._scheme(),
             "kind": self.kind,
             "input": self._input_quantization(),
-            "steps": {step.name: self._describe(step) for step in self.steps},
+            "steps": steps,
         }
-        return {
+        files = {
             QUANTIZATION_FILE: (json.dumps(document, indent=1) + "\n").encode(),
             INTEGER_WEIGHTS_FILE: save({k: np.ascontiguousarray(v) for k, v in integers.items()}),
         }
+        return files, notes
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -498,6 +507,27 @@ class _Walk:
             x = op.outputs[0]
         if x != self.model.outputs[0]:
             raise MappingError(f"the walk ended at tensor {x}, but the graph's output is {self.model.outputs[0]}")
+
+
+def _drop_background(steps: dict[str, dict[str, Any]], integers: dict[str, np.ndarray]) -> list[str]:
+    """The integer classifier without its first output (the background class): each output channel is
+    computed and requantized on its own, so the 1000 kept are TFLite's exactly. The softmax and what
+    follows it go: TFLite normalises over all 1001 logits, which the 1000 kept cannot reproduce."""
+    classifier = steps["classifier"]
+    for key in ("weight", "bias"):
+        integers[f"classifier.{key}"] = integers[f"classifier.{key}"][1:]
+    for key in ("weight_scale", "weight_zero_point"):
+        if len(classifier[key]) > 1:  # per channel
+            classifier[key] = classifier[key][1:]
+    if "softmax" not in steps:
+        return []
+    names = list(steps)
+    for name in names[names.index("softmax") :]:
+        del steps[name]
+    return [
+        f"the integer model ({QUANTIZATION_FILE}) keeps TFLite's integer logits of the 1000 classes but not its "
+        "softmax, which normalises over all 1001 and cannot be reproduced without the background class"
+    ]
 
 
 def _head_weight(kind: str) -> str:

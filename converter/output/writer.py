@@ -30,19 +30,19 @@ def check_output(output: Path, force: bool, sources: Iterable[Path] = ()) -> Non
     and it holds nothing but the files the toolkit writes), and never one holding any of `sources`.
     """
     if output.exists() and not output.is_dir():
-        raise OutputError(f"{output} exists and is not a folder; choose another --output")
+        raise OutputError(f"{output} exists and is not a folder; choose another {{output}}")
     _check_not_inside(output, sources)
     if output.is_dir() and any(output.iterdir()):
         if not force:
-            raise OutputError(f"{output} already exists and is not empty; pass --force to replace it")
+            raise OutputError(f"{output} already exists and is not empty; pass {{force}} to replace it")
         _check_replaceable(output)
     parent = output.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise OutputError(f"cannot create the folder {parent} ({error.strerror}); choose another --output") from None
+        raise OutputError(f"cannot create the folder {parent} ({error.strerror}); choose another {{output}}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write in {parent}; choose another --output")
+        raise OutputError(f"cannot write in {parent}; choose another {{output}}")
 
 
 def _check_not_inside(output: Path, sources: Iterable[Path]) -> None:
@@ -51,7 +51,7 @@ def _check_not_inside(output: Path, sources: Iterable[Path]) -> None:
         resolved = Path(source).resolve()
         if resolved == target or target in resolved.parents:
             raise OutputError(
-                f"{output} holds the source {source}: replacing it would delete the source; choose another --output"
+                f"{output} holds the source {source}: replacing it would delete the source; choose another {{output}}"
             )
 
 
@@ -61,8 +61,8 @@ def _check_replaceable(output: Path) -> None:
     if foreign:
         shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
         raise OutputError(
-            f"--force replaces only a folder this tool wrote, but {output} also holds {shown}; move those "
-            "files away or choose another --output"
+            f"{{force}} replaces only a folder this tool wrote, but {output} also holds {shown}; move those "
+            "files away or choose another {output}"
         )
     try:
         record = json.loads((output / layout.CONVERSION).read_text())
@@ -70,8 +70,8 @@ def _check_replaceable(output: Path) -> None:
         record = None
     if not (isinstance(record, dict) and str(record.get("toolkit", "")).startswith(layout.TOOLKIT_PREFIX)):
         raise OutputError(
-            f"--force replaces only a folder this tool wrote, and {output} has no {layout.CONVERSION} of "
-            "mobilenet-convert; choose another --output"
+            f"{{force}} replaces only a folder this tool wrote, and {output} has no {layout.CONVERSION} of "
+            "mobilenet-convert; choose another {output}"
         )
 
 
@@ -128,7 +128,7 @@ def _publish(staging: Path, output: Path, force: bool, sources: tuple[Path, ...]
         if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise OutputError(f"cannot publish {output}: {error.strerror}") from None
         if not force:
-            raise OutputError(f"{output} appeared meanwhile and is not empty; pass --force to replace it") from None
+            raise OutputError(f"{output} appeared meanwhile and is not empty; pass {{force}} to replace it") from None
     # --force over a folder this tool wrote (checked again: it may have changed while converting): swap
     # the two atomically; the old one, now in the staging place, is deleted with it.
     check_output(output, force, sources)

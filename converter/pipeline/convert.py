@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from converter.errors import NonFiniteWeightsError, UsageError
-from converter.formats import Reader, open_reader
+from converter.formats import Reader, SourceFile, open_reader
 from converter.output.records import ConversionRecord
 from converter.output.writer import check_output, staged_output, write_model_folder
 from converter.pipeline.conventions import WeightsPlan, plan_weights
@@ -24,6 +24,7 @@ from converter.pipeline.table import apply_rules
 from converter.slim import SIZE_ASSUMED, Variant, detect_variant, expected_shapes, rules_for
 from converter.version import __version__
 from converter.vocabulary import CLASSIFICATION, DEEPLAB
+from converter.zoo_catalog import recorded_sha256
 from mobilenet_torch.architecture import PLACEHOLDER_PREFIX, placeholder_arrays
 
 IMAGENET_WITH_BACKGROUND = 1001
@@ -56,7 +57,9 @@ class ConversionOptions:
     depth: float | None = None
     size: int | None = None
     weights: str | None = None  # "ema", "raw" or "ema-all"; default "ema" where the source has shadows, else "raw"
-    output_stride: int | None = None  # DeepLab only, 8 or 16 (default 8, as the zoo's frozen graphs)
+    # DeepLab only, 8 or 16; default: the source's own where its graph fixes one (a .tflite), else 8 (the zoo's
+    # frozen graphs).
+    output_stride: int | None = None
     drop_background: bool = False  # write a 1000-class head without the background class
     # Give a 1000-class head (Keras') the background class at index 0, with zero weights and a bias of
     # -10000 so that it never wins (`table.BACKGROUND_BIAS`).
@@ -124,8 +127,10 @@ def convert_checkpoint(
             state.update(placeholder_arrays(config))
         output = Path(output) if output is not None else Path(variant.name)
         record = _record(reader, variant, plan, background, download)
+        record.notes.extend(_output_stride_notes(variant, reader.hints.output_stride))
         fake_quantization, notes = fake_quantization_files(plan.ignored["quantization"], reader.read, variant.kind)
-        record.notes.extend(notes)
+        extra_files, extra_notes = reader.extra_files(background)
+        record.notes.extend([*notes, *extra_notes])
         summary = ConversionSummary(
             output,
             variant,
@@ -136,9 +141,14 @@ def convert_checkpoint(
             tuple(record.notes),
         )
         with staged_output(output, options.force, [Path(src), *reader.source_files()]) as staging:
-            extra_files = {**reader.extra_files(), **fake_quantization}
             write_model_folder(
-                staging, state, config, variant.architecture, record, extra_files, reader.hints.preprocessing
+                staging,
+                state,
+                config,
+                variant.architecture,
+                record,
+                {**extra_files, **fake_quantization},
+                reader.hints.preprocessing,
             )
     return replace(summary, seconds=time.perf_counter() - started)
 
@@ -166,6 +176,30 @@ def _background_edit(variant: Variant, drop: bool, add: bool) -> str | None:
     return "drop" if drop else "add" if add else None
 
 
+def _output_stride_notes(variant: Variant, source_stride: int | None) -> list[str]:
+    """Where the source's graph fixes the output stride: that it was kept, or that the model was re-dilated."""
+    if source_stride is None:
+        return []
+    if variant.output_stride == source_stride:
+        return [f"output stride {source_stride}, as the source's graph fixes it by its dilations"]
+    return [
+        f"output stride {variant.output_stride} as asked: the model was re-dilated from the source's output stride "
+        f"{source_stride} (fixed by its graph's dilations), so its outputs differ from the source graph's"
+    ]
+
+
+def _not_the_zoo_file(files: list[SourceFile]) -> list[str]:
+    """A file named as a zoo download but without its recorded sha256 is not that model, whatever its name
+    says (the name alone would pass it off as the zoo's)."""
+    recorded = recorded_sha256()
+    return [
+        f"{file.name} is named like the zoo's file but is not it: its sha256 is {file.sha256[:16]}..., the zoo "
+        f"records {recorded[file.name][:16]}..."
+        for file in files
+        if file.name in recorded and file.sha256 != recorded[file.name]
+    ]
+
+
 def _count(ignored: dict[str, list[str]]) -> int:
     return sum(len(names) for names in ignored.values())
 
@@ -183,7 +217,8 @@ def _record(
     reader: Reader, variant: Variant, plan: WeightsPlan, background: str | None, download: dict[str, Any] | None
 ) -> ConversionRecord:
     hints = reader.hints
-    notes = list(reader.notes)
+    provenance = reader.provenance()
+    notes = [*reader.notes, *_not_the_zoo_file(provenance)]
     if variant.hidden_layers:
         notes.append(HIDDEN_HEAD_NOTE.format(count=len(variant.hidden_layers) + 1))
     if variant.size_from == SIZE_ASSUMED:
@@ -196,7 +231,7 @@ def _record(
         source={
             "name": reader.source_name,
             "format": reader.format,
-            "files": [asdict(file) for file in reader.provenance()],
+            "files": [asdict(file) for file in provenance],
         },
         variant={**asdict(variant), "name": variant.name},
         weights=hints.convention or plan.convention,

@@ -50,7 +50,16 @@ from converter.pipeline.conventions import plan_weights
 from converter.pipeline.table import DEEPLAB, endpoints_for
 from converter.verify.inputs import RANDOM, InputCase, fit_to_reference, make_inputs
 from converter.verify.references.base import GraphBuilder
-from converter.verify.rows import DEFAULT_ATOL, DEFAULT_RTOL, LOGITS, ParityResult, Row, compare_arrays, to_nhwc
+from converter.verify.rows import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    LOGITS,
+    ParityResult,
+    Row,
+    compare_arrays,
+    to_nhwc,
+    without_background,
+)
 from converter.vocabulary import kind_of_architecture
 
 
@@ -125,7 +134,7 @@ def verify_model(
                 for case in cases:
                     wanted = _comparable(endpoints, case, config)
                     if quantized:
-                        rows += compare_quantized(model, emulator, reference, case, endpoints)
+                        rows += compare_quantized(model, emulator, reference, case, endpoints, drop_background)
                     else:
                         rows += _compare_case(models, reference, case, wanted, drop_background, atol, rtol)
                     rows += _not_compared(endpoints, wanted, case, reference.missing)
@@ -174,8 +183,8 @@ def _compare_case(models, reference, case: InputCase, endpoints, drop_background
     rows = []
     for endpoint, tensor, module in present:
         mine, mine64, ref = to_nhwc(ours[endpoint].numpy()), to_nhwc(ours64[endpoint].numpy()), theirs[tensor]
-        if endpoint == LOGITS and drop_background and ref.shape[-1] == mine.shape[-1] + 1:
-            ref = ref[..., 1:]  # the model was written without the background class
+        if endpoint == LOGITS:
+            ref = without_background(ref, mine.shape, drop_background)
         result = compare_arrays(mine, mine64, ref, atol, rtol)
         rows.append(Row(case.name, endpoint, module, tensor, list(ref.shape), **result))
     return rows

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from converter.verify.inputs import InputCase
-from converter.verify.rows import FLOAT_STEP, INTEGER_STEP, LOGITS, Row, compare_arrays, to_nhwc
+from converter.verify.rows import FLOAT_STEP, INTEGER_STEP, LOGITS, Row, compare_arrays, to_nhwc, without_background
 
 #: One output step, plus the float32 rounding of a real value near a step boundary.
 STEP_SLACK = 1.0 + 1e-4
@@ -63,11 +63,11 @@ def _layer_steps(reference):
     return [
         step
         for step in reference.steps
-        if step.scope is not None and step.output is None and f"{step.name}.mul" not in names
+        if step.scope is not None and step.output_tensor == step.op.outputs[0] and f"{step.name}.mul" not in names
     ]
 
 
-def compare_quantized(model, emulator, reference, case: InputCase, endpoints) -> list[Row]:
+def compare_quantized(model, emulator, reference, case: InputCase, endpoints, drop_background: bool) -> list[Row]:
     """Rows of the float layers and the integer steps on one input (one image at a time: the
     interpreter's batch is 1); every tolerance is one output quantization step."""
     import torch
@@ -84,7 +84,8 @@ def compare_quantized(model, emulator, reference, case: InputCase, endpoints) ->
                 ours = layer(layer_input.flatten(1) if isinstance(layer, torch.nn.Linear) else layer_input)
                 # The kernel saturates to what its integer type holds (a projection has no other clamp).
                 ours = np.clip(to_nhwc(ours.numpy()), *reference.representable(step.output_tensor))
-                theirs = reference.real(step.output_tensor).reshape(ours.shape)
+                theirs = without_background(reference.real(step.output_tensor), ours.shape, drop_background)
+                theirs = theirs.reshape(ours.shape)
                 scale = reference.quantization(step.output_tensor)[0]
                 found.setdefault(layers[step.name], []).append((ours, theirs, scale))
             if emulator is not None:
@@ -94,7 +95,8 @@ def compare_quantized(model, emulator, reference, case: InputCase, endpoints) ->
                         continue
                     q = integers[name]
                     ours = to_nhwc(q.values.numpy()).astype(np.float64)
-                    theirs = reference.integers(record["tensor"]).astype(np.float64).reshape(ours.shape)
+                    theirs = reference.integers(record["tensor"]).astype(np.float64)
+                    theirs = without_background(theirs, ours.shape, drop_background).reshape(ours.shape)
                     step = (ours - q.zero_point) * q.scale, (theirs - q.zero_point) * q.scale, q.scale
                     found.setdefault(INTEGER_STEP + name, []).append(step)
     rows = []

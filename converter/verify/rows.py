@@ -271,3 +271,11 @@ def calibrated_tolerance(float64_distance: float, our_scale: float, reference_sc
 
 def to_nhwc(array: np.ndarray) -> np.ndarray:
     return array.transpose(0, 2, 3, 1) if array.ndim == 4 else array
+
+
+def without_background(logits: np.ndarray, our_shape: tuple[int, ...], drop_background: bool) -> np.ndarray:
+    """The reference's logits without the background class, where the model was written without it (only
+    the logits can have one class more than ours)."""
+    if drop_background and logits.shape[-1] == our_shape[-1] + 1:
+        return logits[..., 1:]
+    return logits
