@@ -47,7 +47,9 @@ BUILTIN_OPERATORS = {
     40: "MEAN",
     43: "SQUEEZE",
     53: "CAST",
+    55: "MAXIMUM",
     56: "ARG_MAX",
+    57: "MINIMUM",
     114: "QUANTIZE",
 }
 PADDINGS = {0: "SAME", 1: "VALID"}
