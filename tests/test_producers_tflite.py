@@ -133,6 +133,13 @@ def test_fine_tuned_head_keeps_its_classes(tmp_path):
     assert difference <= FLOAT_BAR
 
 
+def test_a_stack_of_dense_layers_is_refused_with_the_reason(tmp_path):
+    """Teachable Machine's head, Dense(100, relu) -> Dense(N, no bias), is not read as a one-layer classifier."""
+    path = build_keras_tflite("tf_keras", 0.35, 96, "keras", "float", classes=4, hidden=100)
+    with pytest.raises(MappingError, match="the head is a stack of Dense layers"):
+        convert_checkpoint(path, tmp_path / "out")
+
+
 @pytest.mark.parametrize("producer, depth, size, route, mode", QUANTIZED_CASES)
 def test_quantized_keras_files_match_the_interpreter(tmp_path, producer, depth, size, route, mode):
     path = build_keras_tflite(producer, depth, size, route, mode)

@@ -413,6 +413,12 @@ class _Walk:
     def _classification_head(self, x: int) -> None:
         x = self._conv(x, "MobilenetV2/Conv_1", "CONV_2D", "relu6")
         x = self._pool(x, "mobilenet_v2.pool")
+        dense = self._optional(x, ("FULLY_CONNECTED",))
+        if dense is not None and self._optional(dense.outputs[0], ("FULLY_CONNECTED",)) is not None:
+            raise MappingError(
+                f"op {dense.index}: the head is a stack of Dense layers (FULLY_CONNECTED ops); a TFLite head of one "
+                "Dense layer converts, a deeper one does not yet"
+            )
         x = self._conv(x, "MobilenetV2/Logits/Conv2d_1c_1x1", ("CONV_2D", "FULLY_CONNECTED"), None)
         # Then squeezes and reshapes (no arithmetic) around an optional softmax, which is an output detail.
         reshapes = 0
