@@ -74,6 +74,14 @@ def final_conv_channels(config: MobileNetV2Config) -> int:
     return scaled_channels(config, LAST_CHANNELS)
 
 
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow 'SAME' padding (before, after) along one axis of length `size`."""
+    effective_kernel = (kernel - 1) * dilation + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + effective_kernel - size, 0)
+    return total // 2, total - total // 2
+
+
 def block_schedule(config: MobileNetV2Config) -> list[tuple[int, int]]:
     """(stride, dilation) of each block: stride is traded for dilation past `output_stride`, as slim does."""
     current_stride, rate, schedule = 2, 1, []

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .architecture import same_padding
 from .configuration import ACTIVATIONS
 
 DEFAULT_MEMORY_FORMAT = torch.channels_last
@@ -27,14 +28,6 @@ def memory_format_of(weight: torch.Tensor) -> torch.memory_format:
     if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
-
-
-def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
-    """TensorFlow 'SAME' padding (before, after) along one axis of length `size`."""
-    effective_kernel = (kernel - 1) * dilation + 1
-    out = -(-size // stride)
-    total = max((out - 1) * stride + effective_kernel - size, 0)
-    return total // 2, total - total // 2
 
 
 def activation_module(name: str) -> nn.Module:

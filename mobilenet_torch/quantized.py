@@ -24,7 +24,8 @@ against them:
 - fused ReLU / ReLU6 as clamps of the quantized range;
 - residual ADDs rescaled through TFLite's 20-bit left shift, and the per-channel MUL and / or ADD of a
   BatchNorm the converter left unfolded (after a space-to-batch dilated conv), each its own
-  requantization, as is a separate RELU6 op (rescaled, then clamped);
+  requantization, as is a ReLU6 kept after any conv as an op of its own (RELU6: rescaled, then clamped;
+  a MINIMUM / MAXIMUM clamp, whose kernels keep the scale: clamped);
 - the average pool's rounded integer mean; MEAN with the division folded into its multiplier;
 - bilinear resizes (uint8: interpolated in float32 and rounded half up; int8: in 1/1024 fixed point),
   requantizations and concatenations; the ARG_MAX of DeepLab's labels (ties to the first class);
@@ -56,6 +57,8 @@ from .layers import ConvLayer
 from .quantized_files import INTEGER_WEIGHTS_FILE, QUANTIZATION_FILE, QUANTIZATION_FORMAT
 
 DTYPE_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+# The ops a ReLU6 kept after a conv is written as: a RELU6, or the last op of a MINIMUM / MAXIMUM clamp.
+RELU6_OPS = ("RELU6", "MINIMUM", "MAXIMUM")
 ADD_LEFT_SHIFT = 20  # TFLite's headroom for 8-bit ADD inputs before rescaling
 
 
@@ -435,8 +438,10 @@ class QuantizedMobileNetV2(nn.Module):
         return _resize_for(self.dtype)(x, size, record)
 
     def _conv(self, name: str, x: QTensor, out: dict[str, QTensor]) -> QTensor:
-        out[name] = self.convs[_key(name)](x)
-        return out[name]
+        x = out[name] = self.convs[_key(name)](x)
+        for step in self.after_conv[name]:  # a BatchNorm the converter left unfolded, a separate ReLU6
+            x = out[step] = self._after_conv(step, x)
+        return x
 
     def _after_conv(self, name: str, x: QTensor) -> QTensor:
         record = self.records[name]
@@ -444,7 +449,7 @@ class QuantizedMobileNetV2(nn.Module):
             return quantized_mul(x, self.constants[name], record, self.dtype)
         if record["op"] == "ADD":
             return quantized_add(x, self.constants[name], record, self.dtype)
-        if record["op"] == "RELU6":
+        if record["op"] in RELU6_OPS:
             return quantized_requantize(x, record, self.dtype, "relu6")
         raise ModelFolderError(f"{QUANTIZATION_FILE}: step {name} ({record['op']}) after a conv is not emulated")
 
@@ -453,8 +458,6 @@ class QuantizedMobileNetV2(nn.Module):
         if f"{name}.expand_1x1" in self.records:
             x = self._conv(f"{name}.expand_1x1", x, out)
         x = self._conv(f"{name}.conv_3x3", x, out)
-        for step in self.after_conv[f"{name}.conv_3x3"]:  # a BatchNorm the converter left unfolded, a RELU6
-            x = out[step] = self._after_conv(step, x)
         x = self._conv(f"{name}.reduce_1x1", x, out)
         if f"{name}.add" in self.records:
             x = out[f"{name}.add"] = quantized_add(block_input, x, self.records[f"{name}.add"], self.dtype)

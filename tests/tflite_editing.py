@@ -1,5 +1,6 @@
 """Edits of .tflite files through TensorFlow's flatbuffer object model, for the tests: the forms a converter
-may write for a dilated depthwise conv and its BatchNorm (``tests/test_tflite_forms.py``), and the float
+may write for a dilated depthwise conv and its BatchNorm (``tests/test_tflite_forms.py``), the forms other
+producers write for a conv's padding and ReLU6 (``tests/test_producers_tflite.py``), and the float
 model a quantized file stands for (every constant dequantized, every activation float32), which the
 interpreter then runs in float: the truth for a float model read from a quantized file.
 """
@@ -109,6 +110,20 @@ class TFLiteEditor:
             self.set_values(index, values.astype("<i1"))
         return index
 
+    def plain_tensor(self, shape, name: str, dtype: str, values: np.ndarray | None = None) -> int:
+        """A float32 activation or an int32 / float32 constant (`values`), without quantization."""
+        tensor = schema().TensorT()
+        tensor.shape, tensor.name, tensor.buffer = list(shape), name.encode(), 0
+        tensor.type = {"float32": schema().TensorType.FLOAT32, "int32": schema().TensorType.INT32}[dtype]
+        self.graph.tensors.append(tensor)
+        index = len(self.graph.tensors) - 1
+        if values is not None:
+            self.set_values(index, np.asarray(values, dtype={"float32": "<f4", "int32": "<i4"}[dtype]))
+        return index
+
+    def convs(self, *names: str) -> list:
+        return [op for op in self.graph.operators if self.op_name(op) in names]
+
     # --- ops ---
 
     def new_op(self, name: str, inputs: list[int], output: int, relu6: bool, after):
@@ -208,6 +223,49 @@ class TFLiteEditor:
             inputs = [x] if name == "RELU6" else [x, constants[name]]
             previous = self.new_op(name, inputs, y, relu6=last and name != "RELU6", after=previous)
             x = y
+
+
+def unfuse_relu6(editor: TFLiteEditor, conv, form: str, order: int = 0, widen: float = INTERMEDIATE_RANGE) -> None:
+    """`conv`'s fused ReLU6 as an op of its own: ``"RELU6"``, or ``"clamp"`` (float models: MINIMUM by 6
+    then MAXIMUM by 0, or the other way round for an odd `order`). An int8 conv's own output takes the
+    ReLU6 output's scale times `widen`, around 0 (the RELU6 op rescales it)."""
+    output = conv.outputs[0]
+    quantized = (
+        editor.tensor(output).quantization is not None and editor.tensor(output).type != schema().TensorType.FLOAT32
+    )
+    if quantized:
+        x = editor.new_tensor(output, "unfused/conv", scale=widen * editor.tensor(output).quantization.scale[0])
+    else:
+        x = editor.plain_tensor(editor.tensor(output).shape, "unfused/conv", "float32")
+    conv.outputs, previous = [x], conv
+    conv.builtinOptions.fusedActivationFunction = editor.activation(False)
+    if form == "RELU6":
+        editor.new_op("RELU6", [x], output, relu6=False, after=conv)
+        return
+    bounds = [("MINIMUM", 6.0), ("MAXIMUM", 0.0)][:: -1 if order % 2 else 1]
+    for i, (name, bound) in enumerate(bounds):
+        constant = editor.plain_tensor([], f"unfused/{name.lower()}", "float32", np.float32(bound))
+        y = (
+            output
+            if i == len(bounds) - 1
+            else editor.plain_tensor(editor.tensor(output).shape, "unfused/min", "float32")
+        )
+        previous = editor.new_op(name, [x, constant], y, relu6=False, after=previous)
+        x = y
+
+
+def explicit_pad(editor: TFLiteEditor, conv, amounts: tuple[tuple[int, int], tuple[int, int]]) -> None:
+    """A PAD by `amounts` ((top, bottom), (left, right)) ahead of `conv`, which then pads VALID (a float model)."""
+    source = conv.inputs[0]
+    shape = list(editor.tensor(source).shape)
+    padded = [shape[0], shape[1] + sum(amounts[0]), shape[2] + sum(amounts[1]), shape[3]]
+    paddings = editor.plain_tensor([4, 2], "explicit/paddings", "int32", [[0, 0], *amounts, [0, 0]])
+    x = editor.plain_tensor(padded, "explicit/padded", "float32")
+    pad = editor.new_op("PAD", [source, paddings], x, relu6=False, after=conv)
+    editor.graph.operators.remove(pad)  # the PAD runs first
+    editor.graph.operators.insert(editor.graph.operators.index(conv), pad)
+    conv.inputs = [x, *list(conv.inputs)[1:]]
+    conv.builtinOptions.padding = schema().Padding.VALID
 
 
 def dequantized_copy(source: Path, path: Path) -> Path:

@@ -51,6 +51,14 @@ HEAD_EPS = 1e-5
 HEAD_SCOPES = ("image_pooling", "aspp0", "concat_projection")
 CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 POOL_OPS = ("AVERAGE_POOL_2D", "MEAN")
+KINDS = (CLASSIFICATION, DEEPLAB)
+# What the graph returns, as the conversion notes say it.
+OUTPUT_FORMS = {
+    "softmax": "class probabilities (SOFTMAX)",
+    "logits": "logits",
+    "logits resized": "logits resized to the input (RESIZE_BILINEAR)",
+    "labels": "per-pixel labels (ARG_MAX)",
+}
 FLOAT_MODEL_WEIGHTS = ("float32", "float16", "int8")  # weight storage on float activations
 # How TFLite turns stored weights into float32 for float (or hybrid) kernels.
 WIDENED = {"float16": "float16 widened exactly", "int8": "int8 as scale * (q - zero_point)"}
@@ -101,6 +109,7 @@ class TFLiteReader(Reader):
         walk = _Walk(self.model)
         self.steps, self.kind = walk.run()
         self._stored = walk.stored
+        self.output_form = walk.output_form
         self.output_stride = _output_stride(self.steps) if self.kind == DEEPLAB else 32
         # A full-integer model (integer activations); float16 and dynamic-range models have float ones.
         self.quantized = self._activation_dtype() != "float32"
@@ -166,6 +175,7 @@ class TFLiteReader(Reader):
                 "converter and is written as a BatchNorm with mean 0 and variance 1 - eps (gamma 1 where "
                 f"folded into the conv); integer model in {QUANTIZATION_FILE}"
             )
+        notes.append(f"the source's output: {self.output_form}")
         preprocessing = None
         input_quantization = self._input_quantization()
         if input_quantization is not None:
@@ -195,9 +205,12 @@ class TFLiteReader(Reader):
             )
         integers = {}
         for step in self._conv_steps():
-            weight, bias = (self.model.tensors[i] for i in step.op.inputs[1:3])
-            integers[f"{step.name}.weight"] = _torch_layout(step.op.op, self.model.data(weight))
-            integers[f"{step.name}.bias"] = self.model.data(bias).astype(np.int32)
+            weight = self.model.data(self.model.tensors[step.op.inputs[1]])
+            integers[f"{step.name}.weight"] = _torch_layout(step.op.op, weight)
+            bias = self.model.data(self.model.tensors[step.op.inputs[2]]) if _has_bias(step.op) else None
+            integers[f"{step.name}.bias"] = (
+                np.zeros(weight.shape[0], np.int32) if bias is None else bias.astype(np.int32)
+            )
         for step in self.steps:
             if step.constant is not None:
                 integers[f"{step.name}.constant"] = self.model.data(self.model.tensors[step.constant])
@@ -277,18 +290,20 @@ class TFLiteReader(Reader):
 
     def _check_types(self) -> None:
         for step in self._conv_steps():
-            if self.quantized:
-                weight, bias = (self.model.tensors[i] for i in step.op.inputs[1:3])
-                if weight.dtype not in ("uint8", "int8") or bias.dtype != "int32":
-                    raise TFLiteFormatError(
-                        f"{step.scope}: {weight.dtype} weights with {bias.dtype} biases; full-integer models must "
-                        "use uint8 or int8 weights with int32 biases"
-                    )
-                continue
-            weight, bias = (self._stored(i) for i in step.op.inputs[1:3])
-            if weight.dtype not in FLOAT_MODEL_WEIGHTS or bias.dtype not in ("float32", "float16"):
+            # Full-integer kernels take the constants as stored; float ones may widen them (DEQUANTIZE).
+            tensor = (lambda i: self.model.tensors[i]) if self.quantized else self._stored
+            weight = tensor(step.op.inputs[1])
+            bias = tensor(step.op.inputs[2]).dtype if _has_bias(step.op) else None
+            if self.quantized and (weight.dtype not in ("uint8", "int8") or bias not in ("int32", None)):
                 raise TFLiteFormatError(
-                    f"{step.scope}: {weight.dtype} weights with {bias.dtype} biases on float activations; a float "
+                    f"{step.scope}: {weight.dtype} weights with {bias} biases; full-integer models must "
+                    "use uint8 or int8 weights with int32 biases"
+                )
+            if not self.quantized and (
+                weight.dtype not in FLOAT_MODEL_WEIGHTS or bias not in ("float32", "float16", None)
+            ):
+                raise TFLiteFormatError(
+                    f"{step.scope}: {weight.dtype} weights with {bias} biases on float activations; a float "
                     "model stores float32, float16 or int8 weights and float32 or float16 biases"
                 )
 
@@ -331,9 +346,10 @@ class TFLiteReader(Reader):
             if step.constant is not None
         }
         for step in self._conv_steps():
-            weight_tensor, bias_tensor = (self._stored(i) for i in step.op.inputs[1:3])
-            weight = _slim_layout(step.op.op, _dequantize(self.model, weight_tensor))
-            bias = _dequantize(self.model, bias_tensor)
+            weight = _slim_layout(step.op.op, _dequantize(self.model, self._stored(step.op.inputs[1])))
+            bias = _dequantize(self.model, self._stored(step.op.inputs[2])) if _has_bias(step.op) else None
+            if bias is None:
+                bias = np.zeros(weight.shape[-1], np.float32)
             if step.scope == head:
                 tensors[f"{head}/weights"], tensors[f"{head}/biases"] = weight, bias
                 continue
@@ -359,6 +375,7 @@ class _Walk:
         self.consumers = self.graph.consumers
         self.stored = self.graph.stored
         self.steps: list[Step] = []
+        self.output_form = ""
 
     def run(self) -> tuple[list[Step], str]:
         if len(self.model.inputs) != 1 or len(self.model.outputs) != 1:
@@ -371,25 +388,19 @@ class _Walk:
         if quantize is not None:
             self.steps.append(Step("input", quantize))
             x = quantize.outputs[0]
-        kind = DEEPLAB if self._final_op() == "ARG_MAX" else CLASSIFICATION
-        self.modules = {scope: module for scope, module, _, _ in conv_layers(kind)}
+        # The backbone's modules are those of either kind; the head decides the kind.
+        self.modules = {scope: module for kind in KINDS for scope, module, _, _ in conv_layers(kind)}
         x = self._conv(x, "MobilenetV2/Conv", "CONV_2D", "relu6")
         x = self._block(x, "MobilenetV2/expanded_conv", "mobilenet_v2.conv_stem", expand=False)
         for k in range(1, NUM_BLOCKS + 1):
             x = self._block(x, f"MobilenetV2/expanded_conv_{k}", f"mobilenet_v2.layer.{k - 1}", expand=True)
+        # DeepLab's ASPP pools the features globally beside its 1x1 branch; a classifier runs its final conv.
+        kind = DEEPLAB if self._optional(x, POOL_OPS) is not None else CLASSIFICATION
         if kind == CLASSIFICATION:
             self._classification_head(x)
         else:
             self._deeplab_head(x)
         return self.steps, kind
-
-    def _final_op(self) -> str:
-        """The last op that computes something (a CAST or DEQUANTIZE of the result does not)."""
-        producers = {op.outputs[0]: op for op in self.model.operators}
-        op = producers.get(self.model.outputs[0])
-        while op is not None and op.op in ("CAST", "DEQUANTIZE"):
-            op = producers.get(op.inputs[0])
-        return op.op if op is not None else ""
 
     def _block(self, x: int, scope: str, module: str, expand: bool) -> int:
         block_input = x
@@ -410,8 +421,14 @@ class _Walk:
     def _classification_head(self, x: int) -> None:
         x = self._conv(x, "MobilenetV2/Conv_1", "CONV_2D", "relu6")
         x = self._pool(x, "mobilenet_v2.pool")
+        dense = self._optional(x, ("FULLY_CONNECTED",))
+        if dense is not None and self._optional(dense.outputs[0], ("FULLY_CONNECTED",)) is not None:
+            raise MappingError(
+                f"op {dense.index}: the head is a stack of Dense layers (FULLY_CONNECTED ops); a TFLite head of one "
+                "Dense layer converts, a deeper one does not yet"
+            )
         x = self._conv(x, "MobilenetV2/Logits/Conv2d_1c_1x1", ("CONV_2D", "FULLY_CONNECTED"), None)
-        # Then squeezes and reshapes (no arithmetic) around an optional softmax.
+        # Then squeezes and reshapes (no arithmetic) around an optional softmax, which is an output detail.
         reshapes = 0
         while (op := self._optional(x, ("RESHAPE", "SQUEEZE", "SOFTMAX"))) is not None:
             if op.op == "SOFTMAX" and any(step.name == "softmax" for step in self.steps):
@@ -419,6 +436,7 @@ class _Walk:
             self.steps.append(Step("softmax" if op.op == "SOFTMAX" else f"reshape.{reshapes}", op))
             reshapes += op.op != "SOFTMAX"
             x = op.outputs[0]
+        self.output_form = OUTPUT_FORMS["softmax" if any(step.name == "softmax" for step in self.steps) else "logits"]
         self._end(x)
 
     def _deeplab_head(self, features: int) -> None:
@@ -440,7 +458,11 @@ class _Walk:
         while (op := self._optional(x, ("RESIZE_BILINEAR",))) is not None:
             self.steps.append(Step(f"segmentation_head.logits_resize.{resizes}", op))
             x, resizes = op.outputs[0], resizes + 1
-        x = self._next(x, ("ARG_MAX",), "labels")
+        # The output form is recorded, never used to decide the kind.
+        form = "logits resized" if resizes else "logits"
+        if self._optional(x, ("ARG_MAX",)) is not None:
+            x, form = self._next(x, ("ARG_MAX",), "labels"), "labels"
+        self.output_form = OUTPUT_FORMS[form]
         self._end(x)
 
     def _pool(self, x: int, name: str) -> int:
@@ -449,9 +471,10 @@ class _Walk:
         op, shape = self.steps[-1].op, self.model.tensors[x].shape
         if op.op == "AVERAGE_POOL_2D":
             is_global = (op.options["filter_height"], op.options["filter_width"]) == tuple(shape[1:3])
-        else:
+        else:  # the classifier's may drop h and w (Keras' GlobalAveragePooling2D)
             axes = self.model.data(self.model.tensors[op.inputs[1]])
-            is_global = axes is not None and sorted(axes.reshape(-1).tolist()) == [1, 2] and op.options["keep_dims"]
+            keeps = op.options["keep_dims"] or name == "mobilenet_v2.pool"
+            is_global = axes is not None and sorted(axes.reshape(-1).tolist()) == [1, 2] and keeps
         if not is_global:
             raise MappingError(f"op {op.index} ({op.op}) for {name} does not pool the whole {shape[1:3]} map")
         return pooled
@@ -477,19 +500,27 @@ class _Walk:
             found = sorted(c.op for c in self.consumers.get(x, []))
             raise MappingError(f"expected one {' or '.join(ops)} for {scope} after tensor {x}, found {found}")
         op = candidates[0]
-        if len(op.inputs) < 3 or op.inputs[2] < 0:
+        if (len(op.inputs) < 3 or op.inputs[2] < 0) and op.op != "FULLY_CONNECTED":
             raise MappingError(f"{scope}: op {op.index} ({op.op}) has no bias; TFLite folds BatchNorm into one")
-        if op.options.get("padding", "SAME") != "SAME":
-            raise MappingError(f"{scope}: op {op.index} uses {op.options['padding']} padding; MobileNetV2 uses SAME")
+        padding = op.options.get("padding", "SAME")
+        if padding == "EXPLICIT":
+            size = self.model.tensors[op.inputs[0]].shape[1]
+            raise MappingError(
+                f"{scope}: op {op.index} pads {op.options['explicit_padding'][0]} at size {size}, which is not TF's "
+                "SAME padding there; convert a file made at a size where Keras pads as TF does (any fixed size)"
+            )
+        if padding != "SAME":
+            raise MappingError(f"{scope}: op {op.index} uses {padding} padding; MobileNetV2 uses SAME")
         if op.options.get("activation") != activation:
             raise MappingError(
                 f"{scope}: op {op.index} ({op.op}) has activation {op.options.get('activation')}, expected {activation}"
             )
-        weight, bias = (self.model.tensors[i] for i in op.inputs[1:3])
+        weight = self.model.tensors[op.inputs[1]]
+        bias_shape = self.model.tensors[op.inputs[2]].shape if _has_bias(op) else None
         rank = 2 if op.op == "FULLY_CONNECTED" else 4
         out_channels = weight.shape[-1] if op.op == "DEPTHWISE_CONV_2D" else (weight.shape or (0,))[0]
-        if len(weight.shape) != rank or bias.shape != (out_channels,):
-            raise TFLiteFormatError(f"{scope}: op {op.index} has weights {weight.shape} and bias {bias.shape}")
+        if len(weight.shape) != rank or bias_shape not in (None, (out_channels,)):
+            raise TFLiteFormatError(f"{scope}: op {op.index} has weights {weight.shape} and bias {bias_shape}")
         if op.op == "DEPTHWISE_CONV_2D" and self.model.tensors[op.inputs[1]].shape[0] != 1:
             raise MappingError(f"{scope}: a depthwise conv with a channel multiplier; MobileNetV2 uses 1")
         module = self.modules.get(scope) or HEAD_MODULES.get(scope)
@@ -528,6 +559,11 @@ def _drop_background(steps: dict[str, dict[str, Any]], integers: dict[str, np.nd
         f"the integer model ({QUANTIZATION_FILE}) keeps TFLite's integer logits of the 1000 classes but not its "
         "softmax, which normalises over all 1001 and cannot be reproduced without the background class"
     ]
+
+
+def _has_bias(op: Operator) -> bool:
+    """Whether a conv has a bias operand (a Dense layer's all-zero bias the converter leaves out)."""
+    return len(op.inputs) > 2 and op.inputs[2] >= 0
 
 
 def _head_weight(kind: str) -> str:

@@ -17,11 +17,15 @@ from dataclasses import dataclass, replace
 
 from converter.errors import MappingError
 from converter.formats.tflite_schema import Model, Operator, Tensor
+from mobilenet_torch.architecture import same_padding
 
 # The per-channel ops of a BatchNorm a converter leaves after a conv, in the order it writes them, by the
 # step-name suffix the integer model knows them by.
 BATCH_NORM_OPS = (("mul", "MUL"), ("bias_add", "ADD"))
 RELU6_SUFFIX = "relu6"
+# A ReLU6 written as a clamp: each op -> the other op of the pair, and the bound each op applies.
+CLAMP_PAIR = {"MINIMUM": "MAXIMUM", "MAXIMUM": "MINIMUM"}
+CLAMP_BOUND = {"MINIMUM": 6.0, "MAXIMUM": 0.0}
 
 
 @dataclass(frozen=True)
@@ -140,3 +144,77 @@ def dilated_depthwise(graph: Graph, to_batch: Operator) -> Rewrite | None:
     options = {**conv.options, "padding": "SAME", "dilation_h": rate, "dilation_w": rate, "activation": activation}
     canonical = replace(conv, inputs=(to_batch.inputs[0], *conv.inputs[1:]), outputs=(x,), options=options)
     return Rewrite(canonical, tuple(parts), (to_batch, to_space, *(part.op for part in parts)))
+
+
+@rule("PAD")
+def explicit_padding(graph: Graph, pad: Operator) -> Rewrite | None:
+    """Keras' ZeroPadding2D ahead of a VALID conv (written where the converter could not fold it into the
+    conv): the conv padded by the PAD's amounts, SAME where they are TF's SAME padding at this input size."""
+    conv = graph.only_consumer(pad.outputs[0], "DEPTHWISE_CONV_2D") or graph.only_consumer(pad.outputs[0], "CONV_2D")
+    amounts = graph.model.data(graph.model.tensors[pad.inputs[1]])
+    if conv is None or conv.options["padding"] != "VALID" or amounts is None or amounts.shape != (4, 2):
+        return None
+    if amounts[0].any() or amounts[3].any():
+        raise MappingError(f"op {pad.index} (PAD) pads the batch or channel axis; a conv's padding pads h and w")
+    kernel = graph.model.tensors[conv.inputs[1]].shape[1:3]
+    size = graph.model.tensors[pad.inputs[0]].shape[1:3]
+    padding = tuple(tuple(int(a) for a in amounts[axis]) for axis in (1, 2))
+    same = tuple(
+        same_padding(size[axis], kernel[axis], conv.options[f"stride_{hw}"], conv.options[f"dilation_{hw}"])
+        for axis, hw in enumerate("hw")
+    )
+    options = {**conv.options, "padding": "SAME" if padding == same else "EXPLICIT", "explicit_padding": padding}
+    canonical = replace(conv, inputs=(pad.inputs[0], *conv.inputs[1:]), options=options)
+    return Rewrite(canonical, graph.parts(conv), (pad, conv))
+
+
+@rule("CONV_2D")
+def pointwise_valid(graph: Graph, conv: Operator) -> Rewrite | None:
+    """A 1x1 stride-1 VALID conv (Keras' default padding) pads nothing, as SAME does."""
+    kernel = graph.model.tensors[conv.inputs[1]].shape[1:3]
+    strides = (conv.options["stride_h"], conv.options["stride_w"])
+    if conv.options["padding"] != "VALID" or tuple(kernel) != (1, 1) or strides != (1, 1):
+        return None
+    canonical = replace(conv, options={**conv.options, "padding": "SAME"})
+    return Rewrite(canonical, graph.parts(conv), (conv,))
+
+
+def separate_relu6(graph: Graph, conv: Operator) -> Rewrite | None:
+    """A conv without activation followed by the ReLU6 as an op of its own (RELU6), or as a clamp (MINIMUM
+    by 6 and MAXIMUM by 0, in either order): the conv with the ReLU6 fused, the clamp kept as its step."""
+    if conv.options["activation"] is not None:
+        return None
+    x = conv.outputs[0]
+    relu6 = graph.only_consumer(x, "RELU6")
+    if relu6 is not None:
+        last, replaced = relu6, (relu6,)
+    else:
+        first = graph.only_consumer(x, "MINIMUM") or graph.only_consumer(x, "MAXIMUM")
+        second = first and graph.only_consumer(first.outputs[0], CLAMP_PAIR[first.op])
+        if not (first and second and _clamps_at(graph, first, x) and _clamps_at(graph, second, first.outputs[0])):
+            return None
+        last, replaced = second, (first, second)
+    options = {**conv.options, "activation": "relu6"}
+    canonical = replace(conv, outputs=last.outputs, options=options)
+    parts = (*graph.parts(conv), Part(RELU6_SUFFIX, last, last.outputs[0]))
+    return Rewrite(canonical, parts, (conv, *replaced))
+
+
+for _conv_type in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+    rule(_conv_type)(separate_relu6)
+
+
+def _clamps_at(graph: Graph, op: Operator, x: int) -> bool:
+    """Whether `op` (MINIMUM / MAXIMUM) takes `x` and the scalar constant its ReLU6 bound."""
+    others = [tensor for tensor in op.inputs if tensor != x]
+    if len(others) != 1:
+        return False
+    stored = graph.stored(others[0])
+    values = graph.model.data(stored)
+    if values is None or values.size != 1:
+        return False
+    quantization = stored.quantization
+    bound = float(values.reshape(-1)[0])
+    if quantization is not None and values.dtype != "float32":
+        bound = float(quantization.scale[0]) * (bound - int(quantization.zero_point[0]))
+    return abs(bound - CLAMP_BOUND[op.op]) <= 1e-6 + (float(quantization.scale[0]) if quantization else 0)

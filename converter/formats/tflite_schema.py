@@ -51,7 +51,9 @@ BUILTIN_OPERATORS = {
     40: "MEAN",
     43: "SQUEEZE",
     53: "CAST",
+    55: "MAXIMUM",
     56: "ARG_MAX",
+    57: "MINIMUM",
     114: "QUANTIZE",
 }
 # How many leading inputs each op must have (a conv's bias may be omitted, as -1): the reader indexes them.
