@@ -34,7 +34,6 @@ head is refused. Class names come from ``labels.txt`` next to the file (Teachabl
 from __future__ import annotations
 
 import io
-import json
 import mmap
 import re
 import zipfile
@@ -46,26 +45,40 @@ import numpy as np
 
 from converter.errors import KerasFileError, KerasHeadError
 from converter.formats.base import Hints, Reader, References
-from converter.slim import HEADS, HIDDEN_HEADS, LAYER_PARAMS, NUM_BLOCKS, class_names
+from converter.formats.keras_config import (
+    BATCHNORM,
+    CONV,
+    DENSE,
+    DEPTHWISE,
+    LABELS_FILE,
+    MODEL_NAME,
+    ConfigFacts,
+    class_labels,
+    labels_beside,
+)
+from converter.formats.keras_hdf5 import (
+    MAX_ARCHIVE_MEMBER_BYTES,
+    MAX_CONFIG_BYTES,
+    check_global_heaps,
+    checked_child,
+    checked_dataset,
+    first_line,
+    is_group,
+    parse_json,
+    read_limited,
+    read_member,
+    string_list,
+    text_attribute,
+)
+from converter.slim import HEADS, HIDDEN_HEADS, LAYER_PARAMS, NUM_BLOCKS
 from converter.vocabulary import CLASSIFICATION
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 KERAS_ARCHIVE_MEMBERS = ("config.json", "model.weights.h5")
 SHARD_INDEX_SUFFIX = ".weights.json"
-# Generous limits: the largest MobileNetV2 tensor has ~2M values, the largest .keras file ~30 MB.
-MAX_DIM = 1 << 17
-MAX_ARCHIVE_MEMBER_BYTES = 1 << 30
-MAX_CONFIG_BYTES = 64 << 20
-MAX_NAMES = 100_000  # layer or weight names in one attribute
-# A global heap collection (HDF5's store of variable-length data): its signature and version, and the
-# smallest size the format allows.
-GLOBAL_HEAP_SIGNATURE = b"GCOL\x01"
-GLOBAL_HEAP_MIN_SIZE = 4096
 # What h5py raises for damaged files (HDF5's errors, mapped onto Python's by kind).
 HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 
-CONV, DEPTHWISE, BATCHNORM, DENSE = "conv2d", "depthwise_conv2d", "batch_normalization", "dense"
-CLASS_NAMES = {"Conv2D": CONV, "DepthwiseConv2D": DEPTHWISE, "BatchNormalization": BATCHNORM, "Dense": DENSE}
 # The variables of each layer class, in Keras' order (which is also the order of ``vars/0..``).
 ROLES = {
     CONV: ("kernel",),
@@ -77,25 +90,8 @@ BN_SUFFIXES = dict(zip(ROLES[BATCHNORM], (tf for tf, _ in LAYER_PARAMS), strict=
 HEAD_WEIGHTS, HEAD_BIASES = (tf for tf, _, _, kind in HEADS if kind == CLASSIFICATION)
 HIDDEN_WEIGHTS, HIDDEN_BIASES = (tf for tf, _, _ in HIDDEN_HEADS)
 MAX_HEAD_LAYERS = 8  # "a short stack": more Dense layers are not a MobileNetV2 classifier
-# Activations of a head's Dense layers: the hidden ones may apply these, the last one only "linear" (logits)
-# or "softmax" (noted: the converted model returns logits).
-HIDDEN_ACTIVATIONS = ("relu", "linear")
-# Teachable Machine's class names ("0 Class 1" lines), next to its keras_model.h5.
-LABELS_FILE = "labels.txt"
-LABEL_LINE = re.compile(r"^(?P<index>\d+) (?P<name>.*)$")
-MAX_LABELS_BYTES = 1 << 20
 DEFAULT_SIZE = 224  # what the converter assumes when nothing says the input size
 ZOO_FILE = re.compile(r"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_(?P<alpha>[\d.]+)_(?P<rows>\d+)")
-MODEL_NAME = re.compile(r"mobilenetv2_(?P<alpha>\d+\.\d+)_(?P<rows>\d+)")
-KERAS_INPUT = {
-    "image_processor_type": "MobileNetV2ImageProcessor",
-    "do_rescale": True,
-    "rescale_factor": 1 / 255,
-    "do_normalize": True,
-}
-RELU_OPTIONS = ("max_value", "negative_slope", "threshold")  # a ReLU layer with any of these is not a plain ReLU
-# Layers that do nothing at inference (data augmentation, dropout) or that the backbone's ReLU6 already is.
-INERT_LAYERS = re.compile(r"^(Random\w+|Dropout|SpatialDropout2D|GaussianNoise|GaussianDropout|InputLayer)$")
 
 
 @dataclass(frozen=True)
@@ -165,14 +161,14 @@ class KerasReader(Reader):
                 config = self._open()
                 layers = self._stored_layers(config)
                 backbone, head = assign_layers(layers)
-                self._config = _ConfigFacts(config)
+                self._config = ConfigFacts(config, len(BACKBONE))
                 self._activations: tuple[str, ...] = ()
                 head = self._check_head(head, backbone_only)
                 self._tensors = slim_tensors(backbone, head)
                 self._hints = self._make_hints(head)
             except HDF5_ERRORS as exc:
                 raise KerasFileError(
-                    f"{self.path.name} is damaged: its HDF5 structure cannot be read ({_first_line(exc)})"
+                    f"{self.path.name} is damaged: its HDF5 structure cannot be read ({first_line(exc)})"
                 ) from None
         except BaseException:
             self.close()
@@ -210,7 +206,7 @@ class KerasReader(Reader):
         try:
             values = np.asarray(dataset[()])
         except HDF5_ERRORS as exc:
-            raise KerasFileError(f"{self.path.name}: cannot read {dataset.name} ({_first_line(exc)})") from None
+            raise KerasFileError(f"{self.path.name}: cannot read {dataset.name} ({first_line(exc)})") from None
         if values.size != int(np.prod(shape)):
             raise KerasFileError(f"{self.path.name}: {dataset.name} holds {values.size} values, not {shape}")
         return values.astype(np.float32).reshape(shape)
@@ -252,7 +248,9 @@ class KerasReader(Reader):
         handle = self._h5(self.path)
         if "model_config" not in handle.attrs:
             return None
-        return _parse_json(_attribute(handle.attrs, "model_config", self.path.name), f"{self.path.name}: model_config")
+        return parse_json(
+            text_attribute(handle.attrs, "model_config", self.path.name), f"{self.path.name}: model_config"
+        )
 
     def _h5(self, source, label: str | None = None):
         import h5py
@@ -262,15 +260,15 @@ class KerasReader(Reader):
             handle = h5py.File(source, "r")
         except (OSError, ValueError) as exc:
             raise KerasFileError(
-                f"{label} is not a readable HDF5 file ({_first_line(exc)}); is it truncated or damaged?"
+                f"{label} is not a readable HDF5 file ({first_line(exc)}); is it truncated or damaged?"
             ) from None
         self._files.append(handle)
         _, length_size = handle.id.get_create_plist().get_sizes()
         if isinstance(source, io.BytesIO):
-            _check_global_heaps(source.getvalue(), length_size, label)
+            check_global_heaps(source.getvalue(), length_size, label)
         else:
             with open(source, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as contents:
-                _check_global_heaps(contents, length_size, label)
+                check_global_heaps(contents, length_size, label)
         return handle
 
     def _open_archive(self) -> dict:
@@ -282,17 +280,17 @@ class KerasReader(Reader):
                     raise KerasFileError(
                         f"{self.path.name} is not a Keras 3 model archive: it lacks {', '.join(missing)}"
                     )
-                config = _read_member(archive, members["config.json"], MAX_CONFIG_BYTES, self.path.name)
-                weights = _read_member(archive, members["model.weights.h5"], MAX_ARCHIVE_MEMBER_BYTES, self.path.name)
+                config = read_member(archive, members["config.json"], MAX_CONFIG_BYTES, self.path.name)
+                weights = read_member(archive, members["model.weights.h5"], MAX_ARCHIVE_MEMBER_BYTES, self.path.name)
         except (OSError, zipfile.BadZipFile, EOFError) as exc:
-            raise KerasFileError(f"{self.path.name} is not a readable .keras archive ({_first_line(exc)})") from None
-        config = _parse_json(config, f"{self.path.name}: config.json")
+            raise KerasFileError(f"{self.path.name} is not a readable .keras archive ({first_line(exc)})") from None
+        config = parse_json(config, f"{self.path.name}: config.json")
         self._buffer = io.BytesIO(weights)  # h5py reads it lazily: keep it alive with the reader
         self._h5(self._buffer, f"{self.path.name}: model.weights.h5")
         return config
 
     def _open_shards(self) -> None:
-        index = _parse_json(_read_limited(self.path, MAX_CONFIG_BYTES), self.path.name)
+        index = parse_json(read_limited(self.path, MAX_CONFIG_BYTES), self.path.name)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise KerasFileError(f"{self.path.name} is not a Keras shard index: it has no weight_map")
@@ -320,7 +318,7 @@ class KerasReader(Reader):
         legacy = [_legacy_root(root) for root in roots]
         if len(roots) == 1 and legacy[0] is not None:
             return _legacy_layers(legacy[0], self.path.name)
-        if not all(_is_group(root.get("layers", getlink=True)) for root in roots):
+        if not all(is_group(root.get("layers", getlink=True)) for root in roots):
             raise KerasFileError(
                 f"{self.path.name} holds no Keras weights: neither a layer_names attribute (legacy .h5) nor a "
                 "layers/ group (Keras 3 .weights.h5)"
@@ -391,7 +389,7 @@ class KerasReader(Reader):
         labels, preprocessing = None, facts.preprocessing
         if head:
             count = int(head[-1].weights["kernel"].shape[1])
-            from_file, problem = _labels_file(self.path, count)
+            from_file, problem = labels_beside(self.path, count)
             notes += [problem] if problem else []
             if from_file is not None:
                 notes.append(
@@ -400,7 +398,7 @@ class KerasReader(Reader):
                 )
                 # Resizing the shorter side to the input size, then cropping the center: that square.
                 preprocessing = {**(preprocessing or {}), "size": {"shortest_edge": size or DEFAULT_SIZE}}
-            labels = from_file or _labels(count, facts.class_names)
+            labels = from_file or class_labels(count, facts.class_names)
         return Hints(
             image_size=size,
             labels=labels,
@@ -416,125 +414,11 @@ class KerasReader(Reader):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _is_group(link) -> bool:
-    import h5py
-
-    return isinstance(link, h5py.HardLink)
-
-
-def _child(group, name: str, where: str):
-    """group[name], refusing soft and external links (which h5py would follow silently)."""
-    import h5py
-
-    link = group.get(name, getlink=True)
-    if link is None:
-        raise KerasFileError(f"{where}: {group.name.rstrip('/')}/{name} is missing")
-    if not isinstance(link, h5py.HardLink):
-        raise KerasFileError(
-            f"{where}: {group.name.rstrip('/')}/{name} is a {type(link).__name__}, which is refused: "
-            "a weights file must hold its data itself"
-        )
-    return group[name]
-
-
-def _dataset(group, path: str, where: str):
-    """A dataset reached through hard links only, stored in the file, of a float dtype."""
-    import h5py
-
-    node = group
-    for part in [p for p in path.split("/") if p]:
-        if not isinstance(node, h5py.Group):
-            raise KerasFileError(f"{where}: {node.name} is not a group")
-        node = _child(node, part, where)
-    if not isinstance(node, h5py.Dataset):
-        raise KerasFileError(f"{where}: {node.name} is not a dataset")
-    if node.is_virtual or node.external:
-        raise KerasFileError(f"{where}: {node.name} keeps its data in other files, which is refused")
-    if node.dtype.kind != "f":
-        raise KerasFileError(f"{where}: {node.name} has dtype {node.dtype}, not a float type; the file is not weights")
-    if len(node.shape) > 4 or any(d > MAX_DIM for d in node.shape):
-        raise KerasFileError(f"{where}: {node.name} claims shape {list(node.shape)}, far beyond any MobileNetV2")
-    return node
-
-
-def _check_global_heaps(contents, length_size: int, label: str) -> None:
-    """Refuse a file whose global heap collections (where HDF5 keeps variable-length strings: the layer and
-    weight names, the model config) do not hold together, before h5py reads any of them.
-
-    libhdf5 walks a collection's objects by their declared sizes and, on a size that does not advance
-    the walk, loops forever. A collection is found as libhdf5 recognises one (its signature and version);
-    its objects must then tile it: every object header whole, every step forward, none past its end.
-    Weights hardly ever spell the signature by chance: as float32 it needs a value near 199 or beyond 3e4."""
-    header = len(GLOBAL_HEAP_SIGNATURE) + 3 + length_size  # signature and version, 3 reserved, collection size
-    object_header = 8 + length_size  # index, reference count, 4 reserved, object size
-    start = contents.find(GLOBAL_HEAP_SIGNATURE)
-    while start >= 0:
-        size = int.from_bytes(contents[start + header - length_size : start + header], "little")
-        end = start + size
-        problem = None
-        if size < GLOBAL_HEAP_MIN_SIZE or end > len(contents):
-            problem = f"it claims {size} bytes, not between {GLOBAL_HEAP_MIN_SIZE} and the end of the file"
-        position = start + header
-        while problem is None and position + object_header <= end:
-            index = int.from_bytes(contents[position : position + 2], "little")
-            declared = int.from_bytes(contents[position + 8 : position + object_header], "little")
-            # The free-space object (index 0) counts its own header; the others are padded to 8 bytes.
-            step = object_header + -(-declared // 8) * 8 if index else declared
-            if step < object_header or position + step > end:
-                problem = (
-                    f"object {index} at byte {position} declares {declared} bytes, below its header or past the end"
-                )
-            position += step
-        if problem:
-            raise KerasFileError(
-                f"{label} is damaged: the global heap collection at byte {start} (its variable-length strings) "
-                f"is inconsistent: {problem}; the file cannot be read safely, re-save or re-download it"
-            )
-        start = contents.find(GLOBAL_HEAP_SIGNATURE, start + 1)
-
-
-def _attribute(attrs, name: str, where: str):
-    """One text attribute (every one the reader reads holds names or JSON), its size and type checked before
-    it is read: a damaged header can claim billions of values, or turn a string into a variable-length
-    sequence, which h5py crashes on. Keras stores an empty list as an empty float array."""
-    import h5py
-
-    attribute = attrs.get_id(name)
-    shape = attribute.shape or ()
-    if len(shape) > 1 or int(np.prod(shape)) > MAX_NAMES:
-        raise KerasFileError(f"{where}: attribute {name} claims shape {list(shape)}; the file is damaged")
-    if int(np.prod(shape)) and not isinstance(attribute.get_type(), h5py.h5t.TypeStringID):
-        raise KerasFileError(f"{where}: attribute {name} holds {attribute.dtype} values, not text")
-    return attrs[name]
-
-
-def _strings(attrs, name: str, where: str) -> list[str] | None:
-    """A list-of-names attribute, whole or split into name0, name1, ... (Keras' 64 KB header limit)."""
-    if name in attrs:
-        chunks = [_attribute(attrs, name, where)]
-    elif f"{name}0" in attrs:
-        chunks, i = [], 0
-        while f"{name}{i}" in attrs and i < MAX_NAMES:
-            chunks.append(_attribute(attrs, f"{name}{i}", where))
-            i += 1
-    else:
-        return None
-    values = []
-    for chunk in chunks:
-        for item in np.atleast_1d(np.asarray(chunk)).tolist():
-            if isinstance(item, bytes):
-                item = item.decode("utf8", errors="replace")
-            if not isinstance(item, str):
-                raise KerasFileError(f"{where}: attribute {name} holds {type(item).__name__} values, not names")
-            values.append(item)
-    return values
-
-
 def _legacy_root(root):
     """The group whose layer_names attribute lists the layers (root or model_weights/), or None."""
     if "layer_names" in root.attrs or "layer_names0" in root.attrs:
         return root
-    if _is_group(root.get("model_weights", getlink=True)):
+    if is_group(root.get("model_weights", getlink=True)):
         group = root["model_weights"]
         if "layer_names" in group.attrs or "layer_names0" in group.attrs:
             return group
@@ -548,16 +432,16 @@ def _has_optimizer(root) -> bool:
 def _legacy_layers(group, where: str) -> list[Layer]:
     """Weighted layers in layer_names order; a nested model's group is split by weight-name prefix."""
     layers = []
-    for layer_name in _strings(group.attrs, "layer_names", where) or []:
-        layer_group = _child(group, layer_name, where)
-        weight_names = _strings(layer_group.attrs, "weight_names", where)
+    for layer_name in string_list(group.attrs, "layer_names", where) or []:
+        layer_group = checked_child(group, layer_name, where)
+        weight_names = string_list(layer_group.attrs, "weight_names", where)
         if weight_names is None:  # Keras writes it for every layer, empty for one without weights
             raise KerasFileError(f"{where}: layer {layer_name} has no weight_names attribute; the file is damaged")
         by_prefix: dict[str, dict[str, Any]] = {}
         for weight_name in weight_names:
             prefix, _, role = weight_name.removesuffix(":0").rpartition("/")
             role = "kernel" if role == "depthwise_kernel" else role
-            by_prefix.setdefault(prefix or layer_name, {})[role] = _dataset(layer_group, weight_name, where)
+            by_prefix.setdefault(prefix or layer_name, {})[role] = checked_dataset(layer_group, weight_name, where)
         for prefix, weights in by_prefix.items():
             name = prefix.rpartition("/")[2]
             layers.append(Layer(name, class_from_weights(weights), f"{layer_group.name}/{prefix}", weights))
@@ -590,13 +474,13 @@ class _Merged:
         return names
 
     def child(self, name: str) -> _Merged | None:
-        found = [_child(g, name, self.path or "/") for g in self.groups if name in g]
+        found = [checked_child(g, name, self.path or "/") for g in self.groups if name in g]
         return _Merged(found, f"{self.path}/{name}") if found else None
 
     def attr(self, name: str) -> str | None:
         for group in self.groups:
             if name in group.attrs:
-                value = _attribute(group.attrs, name, self.path)
+                value = text_attribute(group.attrs, name, self.path)
                 return value.decode("utf8", errors="replace") if isinstance(value, bytes) else str(value)
         return None
 
@@ -633,7 +517,7 @@ def _keras3_layers(container: _Merged, config: dict | None = None) -> list[Layer
                 f"{where}: a weighted layer of class {stem} with {len(indices)} variables has no place in MobileNetV2"
             )
         weights = {
-            roles[i]: _dataset(g, f"vars/{i}", where)
+            roles[i]: checked_dataset(g, f"vars/{i}", where)
             for i in indices
             for g in group.groups
             if "vars" in g and str(i) in g["vars"]
@@ -766,214 +650,11 @@ def slim_tensors(backbone: list[Layer], head: list[Layer]) -> dict[str, tuple[An
     return tensors
 
 
-def _labels_file(model: Path, count: int) -> tuple[tuple[str, ...] | None, str | None]:
-    """The class names of Teachable Machine's labels.txt next to `model` ("0 Class 1" lines, one per class),
-    and a note when there is one that does not name the head's classes (it is then not used)."""
-    path = model.parent / LABELS_FILE
-    if not path.is_file():
-        return None, None
-    with open(path, "rb") as fh:
-        raw = fh.read(MAX_LABELS_BYTES + 1)
-    lines = raw.decode("utf8", errors="replace").splitlines() if len(raw) <= MAX_LABELS_BYTES else []
-    names = [LABEL_LINE.match(line.strip()) for line in lines if line.strip()]
-    if len(names) != count or any(m is None or int(m["index"]) != i for i, m in enumerate(names)):
-        return None, (
-            f"{LABELS_FILE} next to the model was not used: it does not hold {count} lines '<index> <class name>' "
-            "numbered from 0, one per class of the model."
-        )
-    return tuple(m["name"] for m in names), None
-
-
-def _labels(count: int, configured: list[str] | None) -> tuple[str, ...]:
-    if configured is not None and len(configured) == count:
-        return tuple(configured)
-    imagenet = class_names(CLASSIFICATION, 1001)
-    if count == len(imagenet) - 1:
-        return tuple(imagenet[1:])  # Keras' ImageNet head has no background class
-    return tuple(class_names(CLASSIFICATION, count))
-
-
 # ---------------------------------------------------------------------------------------------------
 # What the model config says beyond the weights
 # ---------------------------------------------------------------------------------------------------
 
 
-class _ConfigFacts:
-    """Input size, preprocessing layers, pooling and labels, read off a Keras model config."""
-
-    def __init__(self, config: dict | None) -> None:
-        self.notes: list[str] = []
-        self.image_size: int | None = None
-        self.preprocessing: dict[str, Any] | None = None  # None: [-1, 1], as the preprocessor config
-        self.head_problem: str | None = None
-        self.model_name: str | None = None
-        self.class_names: list[str] | None = None
-        self.head_layers: list[str] = []  # the weighted layers the config has after the backbone
-        # (activation, use_bias) of each Dense layer after the backbone; None without a config to say.
-        self.dense_layers: list[tuple[str, bool]] | None = None
-        if not isinstance(config, dict):
-            return
-        leaves, containers = [], []
-        _flatten(config, leaves, containers)
-        self.model_name = next((n for n in containers if MODEL_NAME.search(n or "")), None)
-        names = config.get("class_names") or (config.get("config") or {}).get("class_names")
-        if isinstance(names, list) and all(isinstance(n, str) for n in names):
-            self.class_names = names
-        weighted = [i for i, (cls, _, _) in enumerate(leaves) if cls in CLASS_NAMES]
-        if len(weighted) < len(BACKBONE):
-            return
-        first, last = weighted[0], weighted[len(BACKBONE) - 1]
-        self.head_layers = [leaves[i][1] for i in weighted[len(BACKBONE) :]]
-        self._inputs(leaves[:first])
-        self._head(leaves[last + 1 :])
-
-    def _inputs(self, before: list[tuple[str, str, dict]]) -> None:
-        shapes = [c.get("batch_shape") or c.get("batch_input_shape") for _, _, c in before]
-        shapes = [s for s in shapes if isinstance(s, list) and len(s) == 4]
-        # A base built with input_shape=None fixes its paddings for any size, even when wrapped at a fixed one.
-        if any(None in s[1:3] for s in shapes):
-            self.notes.append(
-                "The Keras backbone was built for inputs of any size (input_shape=None): Keras then pads stride-2 "
-                "layers ((0, 1), (0, 1)) at every size, which differs from TF's SAME padding at odd sizes; the "
-                "converted model uses SAME padding (exact for the original weights at every size)."
-            )
-        if shapes and None not in shapes[0][1:3]:
-            rows, cols = shapes[0][1:3]
-            if rows == cols:
-                self.image_size = int(rows)
-            else:
-                self.notes.append(f"The Keras model's input is {rows}x{cols} (not square).")
-        for cls, name, cfg in before:
-            if cls == "Rescaling":
-                self._rescaling(name, cfg)
-            elif INERT_LAYERS.match(cls):
-                self._left_out(cls, name)
-            else:
-                self.notes.append(f"The Keras model applies {cls} ({name}) ahead of the backbone; ours does not.")
-
-    def _left_out(self, cls: str, name: str) -> None:
-        """An inert layer (augmentation, dropout: the identity at inference) is noted where the model has it."""
-        if cls != "InputLayer":
-            self.notes.append(f"The Keras model's {cls} layer ({name}) is inactive at inference and was left out.")
-
-    def _rescaling(self, name: str, cfg: dict) -> None:
-        """Rescaling computes x * scale + offset: the same input the preprocessor must produce from pixels."""
-        try:
-            scale = np.broadcast_to(np.asarray(cfg.get("scale", 1.0), dtype=np.float64), (3,))
-            offset = np.broadcast_to(np.asarray(cfg.get("offset", 0.0), dtype=np.float64), (3,))
-        except (TypeError, ValueError):
-            self.notes.append(f"The Keras model's Rescaling layer ({name}) has a scale the converter cannot read.")
-            return
-        if not np.all(scale > 0):
-            self.notes.append(f"The Keras model's Rescaling layer ({name}) has a non-positive scale.")
-            return
-        # x * scale + offset == (x / 255 - mean) / std with std = 1 / (255 scale), mean = -offset * std.
-        std = 1 / (255 * scale)
-        mean = -offset * std
-        if not np.allclose([mean, std], 0.5, rtol=1e-6):  # anything but x / 127.5 - 1
-            self.preprocessing = dict(KERAS_INPUT, image_mean=mean.tolist(), image_std=std.tolist())
-        self.notes.append(
-            f"The Keras model rescales its inputs itself (Rescaling {name}: x * {cfg.get('scale')} + "
-            f"{cfg.get('offset', 0.0)}); the converted model leaves that to its preprocessor config."
-        )
-
-    def _head(self, after: list[tuple[str, str, dict]]) -> None:
-        """The pooling ahead of the Dense layers, and each Dense layer's (activation, use_bias), its
-        activation taken from the layer or from a ReLU / Activation / Softmax layer right after it."""
-        dense = [i for i, (cls, _, _) in enumerate(after) if cls == "Dense"]
-        before_dense = after[: dense[0]] if dense else after
-        classes = [cls for cls, _, _ in before_dense]
-        if dense:
-            if "GlobalMaxPooling2D" in classes:
-                self.head_problem = "the classifier follows GlobalMaxPooling2D, but MobileNetV2 pools by average"
-            elif "AveragePooling2D" in classes:
-                self.notes.append(
-                    "The Keras head pools with a fixed AveragePooling2D window (global only at its native size); "
-                    "the converted model pools globally."
-                )
-            elif "GlobalAveragePooling2D" not in classes:
-                self.head_problem = f"the classifier does not follow global average pooling ({', '.join(classes)})"
-        layers: list[list] = []  # [activation, use_bias] per Dense
-        for cls, name, cfg in after:
-            if cls == "Dense":
-                layers.append([_activation(cfg.get("activation")), cfg.get("use_bias", True) is not False])
-            elif cls in ("ReLU", "Activation", "Softmax") and not layers:
-                continue  # the backbone's final ReLU6 (out_relu)
-            elif cls in ("ReLU", "Activation", "Softmax"):
-                applied = _activation(cfg.get("activation")) if cls == "Activation" else cls.lower()
-                if cls == "ReLU" and any(cfg.get(key) not in (None, 0, 0.0) for key in RELU_OPTIONS):
-                    applied = f"ReLU({', '.join(f'{k}={cfg.get(k)}' for k in RELU_OPTIONS)})"
-                if layers[-1][0] != "linear":
-                    self.head_problem = f"{name} applies {applied} after {layers[-1][0]}, which MobileNetV2 does not"
-                layers[-1][0] = applied
-            elif INERT_LAYERS.match(cls):
-                self._left_out(cls, name)
-            elif cls not in ("GlobalAveragePooling2D", "AveragePooling2D", "Flatten", "GlobalMaxPooling2D"):
-                self.notes.append(f"The Keras model applies {cls} ({name}) after the backbone; the converted does not.")
-        for j, (activation, _) in enumerate(layers):
-            if j == len(layers) - 1 and activation == "softmax":
-                self.notes.append("The Keras model ends in a softmax; the converted model returns logits.")
-            elif j == len(layers) - 1 and activation != "linear":
-                self.head_problem = f"the classifier applies activation {activation!r} to its logits"
-            elif j < len(layers) - 1 and activation not in HIDDEN_ACTIVATIONS:
-                self.head_problem = (
-                    f"the head's Dense layer {j + 1} applies activation {activation!r}; "
-                    f"mobilenet_torch computes {' or '.join(HIDDEN_ACTIVATIONS)} there"
-                )
-        self.dense_layers = [(activation, use_bias) for activation, use_bias in layers]
-
-
-def _activation(value: Any) -> str:
-    """A Keras activation as named in a layer config ("linear" for none)."""
-    return "linear" if value in (None, "linear") else value if isinstance(value, str) else repr(value)
-
-
-def _flatten(entry: Any, leaves: list, containers: list) -> None:
-    """Leaf layers of a (possibly nested) model config in order, and the container names."""
-    if not isinstance(entry, dict):
-        return
-    cfg = entry.get("config") if isinstance(entry.get("config"), dict) else {}
-    layers = cfg.get("layers")
-    if isinstance(layers, list):
-        containers.append(cfg.get("name"))
-        for layer in layers:
-            _flatten(layer, leaves, containers)
-    elif isinstance(entry.get("class_name"), str):
-        leaves.append((entry["class_name"], cfg.get("name") or entry.get("name"), cfg))
-
-
 # ---------------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------------
-
-
-def _parse_json(raw: Any, where: str) -> Any:
-    if isinstance(raw, np.ndarray) and raw.shape == ():
-        raw = raw.item()
-    try:
-        return json.loads(raw.decode("utf8") if isinstance(raw, bytes) else raw)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise KerasFileError(f"{where} is not valid JSON ({_first_line(exc)})") from None
-
-
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, where: str) -> bytes:
-    if info.file_size > limit:
-        raise KerasFileError(f"{where}: {info.filename} claims {info.file_size} bytes, more than {limit}")
-    with archive.open(info) as member:
-        data = member.read(limit + 1)
-    if len(data) > limit:
-        raise KerasFileError(f"{where}: {info.filename} expands beyond {limit} bytes")
-    return data
-
-
-def _read_limited(path: Path, limit: int) -> bytes:
-    with open(path, "rb") as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise KerasFileError(f"{path.name} is larger than {limit} bytes: not a Keras shard index")
-    return data
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
