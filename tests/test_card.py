@@ -67,7 +67,8 @@ def test_deeplab_card(segmenter_folder: Path):
     assert "- image-segmentation\n" in front and "- mobilenet_v2\n" in front
     assert "output stride 16" in text and "MobileNetV2ForSemanticSegmentation.from_pretrained" in text
     assert "AutoModelForSemanticSegmentation" in text and "inert (zero) weights" in text
-    assert "`raw`: the variables exactly as stored" in text
+    assert "`raw`: the values exactly as stored" in text
+    assert "trained on PASCAL VOC train_aug (as the source's name says)" in text  # the zoo tarball's name
 
 
 def test_trainval_and_drop_background_notes(segmenter_folder: Path, classifier_folder: Path):
@@ -79,7 +80,8 @@ def test_trainval_and_drop_background_notes(segmenter_folder: Path, classifier_f
     conversion = json.loads((classifier_folder / "conversion.json").read_text())
     conversion["drop_background"] = True
     config = json.loads((classifier_folder / "config.json").read_text())
-    config["id2label"] = {str(i): f"c{i}" for i in range(1000)}
+    imagenet = [config["id2label"][str(i)] for i in range(1, 1001)]  # the fixture's, without its background
+    config["id2label"] = dict(enumerate(imagenet))
     assert "1000: the ImageNet classes (the background class was dropped)" in card_of(conversion, config)
 
 

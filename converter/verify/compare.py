@@ -48,6 +48,7 @@ from converter.hashing import file_sha256
 from converter.output.records import ConversionRecord
 from converter.pipeline.conventions import plan_weights
 from converter.pipeline.table import DEEPLAB, endpoints_for
+from converter.slim import KIND_MARKERS
 from converter.verify.inputs import RANDOM, InputCase, fit_to_reference, make_inputs
 from converter.verify.references.base import GraphBuilder
 from converter.verify.rows import DEFAULT_ATOL, DEFAULT_RTOL, LOGITS, ParityResult, Row, compare_arrays, to_nhwc
@@ -105,6 +106,7 @@ def verify_model(
             if record is None:
                 notes.append(f"conversion.json does not say which weights were used: assumed {weights}")
             notes += _provenance_notes(record, source)
+            _check_classes(source, kind, config.num_labels, record)
             references = source.references
             stride = config.output_stride if kind == DEEPLAB else None
             reference = open_reference(
@@ -231,6 +233,23 @@ def _not_compared(endpoints, wanted, case: InputCase, missing: dict[str, str]) -
         nan = math.nan
         rows.append(Row(case.name, endpoint, module, tensor, [], nan, nan, nan, nan, True, reason, compared=False))
     return rows
+
+
+def _check_classes(source, kind: str, num_labels: int, record: ConversionRecord | None) -> None:
+    """A model is compared with the very head it was converted from: one with another number of classes
+    (another fine-tuning of the same backbone) cannot be, whatever its backbone."""
+    head = KIND_MARKERS.get(kind)
+    if head is None or head not in source.names():
+        return
+    classes = int(source.shape(head)[-1])
+    expected = (
+        num_labels + (record is not None and record.drop_background) - (record is not None and record.add_background)
+    )
+    if classes != expected:
+        raise VerificationError(
+            f"the reference has {classes} classes and the model {num_labels}: they are different models; "
+            "verify the folder against the source it was converted from"
+        )
 
 
 def _at_reference_stride(model, stride: int | None, notes: list[str]):

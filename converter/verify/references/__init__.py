@@ -50,16 +50,53 @@ class Backend:
     carried_by: str  # the References field that holds the original
     open: Callable[..., BaseReference]  # (tf, source References, ReferenceRequest) -> the reference
     lacking: str  # why there is none when the source does not carry it
+    runs: str  # what the reports and the model card say was run
 
 
 #: Every reference, in the order ``auto`` prefers them.
 REFERENCES: tuple[Backend, ...] = (
-    Backend(SAVED_MODEL, "saved_model", savedmodel.open_saved_model, "the source is not a SavedModel"),
-    Backend(TFLITE, "tflite_file", tflite.open_tflite, "the source is not a .tflite file"),
-    Backend(KERAS, "keras_file", keras.open_keras, "the source is not a Keras file"),
-    Backend(META_GRAPH, "meta_graph", graph.open_meta_graph, "the checkpoint comes without a .meta graph"),
-    Backend(FROZEN_GRAPH, "frozen_graph", graph.open_frozen_graph, "the checkpoint comes without a frozen graph"),
-    Backend(BUILDER, "checkpoint_prefix", graph.open_builder, "the source is not a TF checkpoint"),
+    Backend(
+        SAVED_MODEL,
+        "saved_model",
+        savedmodel.open_saved_model,
+        "the source is not a SavedModel",
+        "the SavedModel's signature, run by TensorFlow",
+    ),
+    Backend(
+        TFLITE,
+        "tflite_file",
+        tflite.open_tflite,
+        "the source is not a .tflite file",
+        "the .tflite file, run by TensorFlow Lite's interpreter",
+    ),
+    Backend(
+        KERAS,
+        "keras_file",
+        keras.open_keras,
+        "the source is not a Keras file",
+        "the Keras file, loaded and run by Keras",
+    ),
+    Backend(
+        META_GRAPH,
+        "meta_graph",
+        graph.open_meta_graph,
+        "the checkpoint comes without a .meta graph",
+        "the checkpoint's own .meta graph, run by TensorFlow",
+    ),
+    Backend(
+        FROZEN_GRAPH,
+        "frozen_graph",
+        graph.open_frozen_graph,
+        "the checkpoint comes without a frozen graph",
+        "the checkpoint's frozen graph, run by TensorFlow",
+    ),
+    Backend(
+        BUILDER,
+        "checkpoint_prefix",
+        graph.open_builder,
+        "the source is not a TF checkpoint",
+        "the checkpoint restored into a slim graph built for it, run by TensorFlow",
+    ),
 )
 
 
@@ -82,7 +119,10 @@ def open_reference(
         kind, depth, convention, tuple(tensors), output_stride, threads, prefer, image_size, graph_builder
     )
     tf = import_tensorflow()
-    return _backend(source, prefer).open(tf, source, request)
+    backend = _backend(source, prefer)
+    reference = backend.open(tf, source, request)
+    reference.info.description = backend.runs
+    return reference
 
 
 def _backend(source: References, prefer: str) -> Backend:

@@ -105,10 +105,12 @@ class ReferenceInfo:
     output_stride: int | None = None  # DeepLab: read off the graph
     crop_size: int | None = None  # DeepLab export graphs: the size every input is padded to
     input_range: list[float] = field(default_factory=lambda: [-1.0, 1.0])  # what the images were fed as
+    description: str = ""  # what was run, in words (the `REFERENCES` row's)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "description": self.description,
             "file": self.file,
             "convention": self.convention,
             "input_tensor": self.input_tensor,
