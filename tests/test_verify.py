@@ -51,6 +51,7 @@ def test_faithful_conversion_passes(small, small_model, tmp_path):
     result = verify("--checkpoint", small.tarball, "--model", small_model, "--report-dir", reports, *inputs)
     assert result.exit_code == 0, result.output
     assert "Parity PASS" in result.output
+    assert "x 5 images" in result.output  # random: a batch of 2, an odd-sized and a non-square one; the photo
     assert all((reports / name).is_file() for name in REPORTS)
     data = parity(reports)
     assert data["passed"] is True and data["first_divergence"] is None

@@ -79,8 +79,9 @@ def write_reports(result: ParityResult, report_dir: str | os.PathLike) -> list[P
 
 
 # -------------------------------------------------------------------------------------------- markdown
-def verdict_line(result: ParityResult) -> str:
-    """One line: the verdict, what was compared against what, and, when it is not a PASS, where and why."""
+def verdict_line(result: ParityResult, why_not_compared: bool = True) -> str:
+    """One line: the verdict, what was compared against what, and, when it is not a PASS, where and why
+    (why endpoints were not compared only with `why_not_compared`: parity.md lists the reasons below)."""
     verdict = "PASS" if result.passed else "FAIL"
     reference = result.reference
     where = f"{reference['kind']}" + (f" `{reference['file']}`" if reference.get("file") else "")
@@ -97,7 +98,8 @@ def verdict_line(result: ParityResult) -> str:
     skipped = result.not_compared()
     if skipped:
         names = ", ".join(entry["endpoint"] for entry in skipped[:4]) + (" ..." if len(skipped) > 4 else "")
-        line += f"; {len(skipped)} endpoint(s) not compared ({names}: {skipped[0]['reason']})"
+        why = f": {skipped[0]['reason']}" if why_not_compared else ""
+        line += f"; {len(skipped)} endpoint(s) not compared ({names}{why})"
     divergence = result.first_divergence
     if divergence:
         line += f". First divergence: `{divergence['endpoint']}` (`{divergence['module']}`) on {divergence['input']}"
@@ -123,7 +125,7 @@ def render_markdown(result: ParityResult) -> str:
     lines = [
         f"### {'✅' if result.passed else '❌'} MobileNetV2 parity: {result.variant}",
         "",
-        verdict_line(result),
+        verdict_line(result, why_not_compared=False),
         "",
         "Inputs: " + "; ".join(f"`{case['name']}` ({case['description']})" for case in result.inputs) + ".",
         "",
