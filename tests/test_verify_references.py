@@ -447,3 +447,25 @@ def test_a_fine_tuned_keras_model_with_its_own_input_rescaling_passes(tmp_path):
     assert entries["logits"]["compared"] and entries["logits"]["passed"]
     assert entries["global_pool"]["compared"] and entries["global_pool"]["passed"]
     assert "nested base" in entries["layer_1"]["reason"]
+
+
+def test_an_untrained_keras_model_passes_as_a_weak_check_and_is_drawn_as_a_pass(tmp_path):
+    """Keras' MobileNetV2 with weights=None: its logits are ~1e-10 for activations ~1. The check passes,
+    says it is weak (verdict, parity.md, card), and parity.png draws every difference within its tolerance."""
+    keras = pytest.importorskip("keras")
+    from converter.verify.report import plot_series
+
+    source = tmp_path / "untrained.keras"
+    keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, weights=None).save(source)
+    model = convert(source, tmp_path / "untrained")
+    code, output, report = verify("--checkpoint", source, "--model", model)
+    assert code == 0, output
+    assert "Weak check" in output and report["weak_signal"]
+    assert "Weak check" in (model / "parity" / "parity.md").read_text()
+    assert "**A weak check**" in (model / "README.md").read_text()
+    logits = next(entry for entry in report["endpoints"] if entry["endpoint"] == "logits")
+    assert logits["tolerance"] < 1e-12  # below the floor parity.png once drew the differences at
+    from converter.verify.compare import verify_model
+
+    for series in plot_series(verify_model(source, model)):
+        assert all(d <= t for d, t in zip(series.diffs, series.tolerances, strict=True)), series

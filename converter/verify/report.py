@@ -229,6 +229,37 @@ def write_junit(result: ParityResult, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ plot
+@dataclass(frozen=True)
+class PlotSeries:
+    """One input's line in parity.png: per compared endpoint, the difference and its tolerance as drawn."""
+
+    input: str
+    endpoints: list[str]
+    diffs: list[float]
+    tolerances: list[float]
+
+
+def plot_series(result: ParityResult) -> list[PlotSeries]:
+    """What parity.png draws, on a log scale. Differences and tolerances share one floor, below every
+    positive value of either, so that an exact match is drawn at the bottom and a difference within its
+    tolerance never above it (weak signals have tolerances far below 1e-12); NaN and Inf are drawn at the
+    top."""
+    rows = result.compared_rows
+    values = [value for row in rows for value in (row.max_abs_diff, row.tolerance) if math.isfinite(value)]
+    floor = min((value for value in values if value > 0), default=1.0) / 10
+    top = max(values, default=1.0) * 10
+
+    def drawn(value: float) -> float:
+        return max(value, floor) if math.isfinite(value) else top
+
+    out = []
+    for case in result.inputs:
+        mine = [row for row in rows if row.input == case["name"]]
+        diffs, tolerances = [drawn(row.max_abs_diff) for row in mine], [drawn(row.tolerance) for row in mine]
+        out.append(PlotSeries(case["name"], [row.endpoint for row in mine], diffs, tolerances))
+    return out
+
+
 def write_plot(result: ParityResult, path: Path) -> Path | None:
     """parity.png: max abs error per endpoint (one line per input) and each endpoint's tolerance, log
     scale. Returns None without matplotlib."""
@@ -241,28 +272,14 @@ def write_plot(result: ParityResult, path: Path) -> Path | None:
 
     names = [endpoint for endpoint, _, _ in result.endpoints]
     positions = {name: i for i, name in enumerate(names)}
-    tolerances = [
-        min((row.tolerance for row in result.endpoint_rows(name) if math.isfinite(row.tolerance)), default=math.nan)
-        for name in names
-    ]
-    # One floor for the differences and the tolerances, below every positive value of either, so that an
-    # exact match is drawn at the bottom and a difference within its tolerance never above it.
-    values = [row.max_abs_diff for row in result.compared_rows] + tolerances
-    floor = min((value for value in values if math.isfinite(value) and value > 0), default=1.0) / 10
-
-    def plotted(value: float) -> float:
-        return max(value, floor) if math.isfinite(value) else math.nan
-
     width = min(MAX_PLOT_INCHES, max(8.0, 0.28 * len(names)))
     figure, axes = plt.subplots(figsize=(width, 4.5), dpi=PLOT_DPI)
-    top = max((value for value in values if math.isfinite(value)), default=1.0) * 10  # where NaN and Inf go
-    for case in result.inputs:
-        rows = [row for row in result.compared_rows if row.input == case["name"]]
-        xs = [positions[row.endpoint] for row in rows]
-        ys = [plotted(row.max_abs_diff) if math.isfinite(row.max_abs_diff) else top for row in rows]
-        axes.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=case["name"])
-    axes.step(range(len(names)), [plotted(t) for t in tolerances], where="mid", color="red", linestyle="--",
-              label="tolerance")  # fmt: skip
+    for i, series in enumerate(plot_series(result)):
+        color = f"C{i % 10}"
+        xs = [positions[endpoint] for endpoint in series.endpoints]
+        axes.plot(xs, series.diffs, marker="o", markersize=3, linewidth=1, color=color, label=series.input)
+        label = "tolerance (dashed, per input)" if i == 0 else None
+        axes.step(xs, series.tolerances, where="mid", color=color, linestyle="--", linewidth=1, label=label)
     divergence = result.first_divergence
     if divergence:
         axes.axvline(positions[divergence["endpoint"]], color="red", alpha=0.3, linewidth=6)
