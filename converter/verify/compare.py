@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -124,7 +125,7 @@ def verify_model(
 
                     endpoints, emulator = quantized_endpoints(endpoints, reference, model_dir, notes)
                 rows = []
-                for case in cases:
+                for case in _progress(cases, reference.info.kind):
                     wanted = _comparable(endpoints, case, config)
                     if quantized:
                         rows += compare_quantized(model, emulator, reference, case, endpoints)
@@ -156,6 +157,14 @@ def verify_model(
         versions=_versions(tf),
         seconds=time.perf_counter() - started,
     )
+
+
+def _progress(cases: list[InputCase], reference: str):
+    """The input cases, with a progress bar on a terminal: a DeepLab input takes tens of seconds."""
+    from tqdm import tqdm
+
+    return tqdm(cases, desc=f"comparing with {reference}", unit="input", file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty())  # fmt: skip
 
 
 def _compare_case(models, reference, case: InputCase, endpoints, drop_background: bool, atol, rtol) -> list[Row]:

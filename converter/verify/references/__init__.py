@@ -31,6 +31,7 @@ from converter.verify.references.base import (
     GraphBuilder,
     ReferenceRequest,
     import_tensorflow,
+    quiet_framework,
 )
 
 __all__ = [
@@ -120,7 +121,8 @@ def open_reference(
     )
     tf = import_tensorflow()
     backend = _backend(source, prefer)
-    reference = backend.open(tf, source, request)
+    with quiet_framework():  # TFLite's interpreter and Keras announce themselves on loading
+        reference = backend.open(tf, source, request)
     reference.info.description = backend.runs
     return reference
 
