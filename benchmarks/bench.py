@@ -42,6 +42,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from converter.output.markdown import table_row  # noqa: E402
 from mobilenet_torch import MobileNetV2Config, MobileNetV2ForImageClassification  # noqa: E402
 from mobilenet_torch.architecture import BLOCKS, LAST_CHANNELS, STEM_CHANNELS, STEM_OUT_CHANNELS  # noqa: E402
 
@@ -511,11 +512,10 @@ def markdown(info: dict[str, object], timings: list[Timing], targets: list[Targe
     ]
     for t in targets:
         limit = "-" if t.limit is None else formatted(t.limit, t.unit)
-        note = t.note.replace("|", "/").replace("\n", " ")
-        lines.append(f"| {t.name} | {formatted(t.value, t.unit)} | {limit} | {t.result} | {note} |")
+        lines.append(table_row([t.name, formatted(t.value, t.unit), limit, t.result, t.note]))
     lines += ["", "| section | case | batch | median ms | fastest ms | rounds |", "|---|---|---:|---:|---:|---:|"]
     lines += [
-        f"| {t.section} | {t.case} | {t.batch} | {t.median_ms:.1f} | {t.fastest_ms:.1f} | {t.rounds} |" for t in timings
+        table_row([t.section, t.case, t.batch, f"{t.median_ms:.1f}", f"{t.fastest_ms:.1f}", t.rounds]) for t in timings
     ]
     return "\n".join(lines) + "\n"
 

@@ -9,7 +9,7 @@ user said (--depth, --size), the zoo file name and what the source itself says.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -186,16 +186,35 @@ class Variant:
         )
 
 
+#: The datasets whose class names the toolkit knows (Hub dataset ids), and the file that lists them.
+IMAGENET, PASCAL_VOC = "imagenet-1k", "pascal-voc"
+LABEL_FILES = {IMAGENET: "imagenet_labels.txt", PASCAL_VOC: "pascal_voc_labels.txt"}
+
+
+def dataset_names(dataset: str) -> list[str]:
+    """The class names of `dataset` (ImageNet's 1001, background first; PASCAL VOC's 21)."""
+    return resources.files("converter").joinpath("data", LABEL_FILES[dataset]).read_text().splitlines()
+
+
 def class_names(kind: str, count: int) -> list[str]:
     """ImageNet (1001 with background at 0, or the 1000 without) or PASCAL VOC names when the count
     fits, generic names otherwise."""
     if kind == BACKBONE:
         return []
-    filename = "pascal_voc_labels.txt" if kind == DEEPLAB else "imagenet_labels.txt"
-    names = resources.files("converter").joinpath("data", filename).read_text().splitlines()
+    names = dataset_names(PASCAL_VOC if kind == DEEPLAB else IMAGENET)
     if kind == CLASSIFICATION and count == len(names) - 1:
         return names[1:]
     return names if len(names) == count else [f"LABEL_{i}" for i in range(count)]
+
+
+def labels_dataset(labels: Sequence[str]) -> str | None:
+    """The dataset whose class names `labels` are, in order (ImageNet with or without its background
+    class), or None where they are another set."""
+    for dataset in LABEL_FILES:
+        names = dataset_names(dataset)
+        if list(labels) in (names, names[1:] if dataset == IMAGENET else None):
+            return dataset
+    return None
 
 
 def detect_kind(names: set[str]) -> str:

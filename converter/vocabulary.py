@@ -17,6 +17,9 @@ ARCHITECTURE_OF_KIND = {
     BACKBONE: "MobileNetV2Model",
 }
 
+# Set (to anything but "" or "0") to let TensorFlow's own logs through: what `--debug` does.
+FRAMEWORK_LOGS_ENV = "MOBILENET_CONVERT_FRAMEWORK_LOGS"
+
 # Weights conventions of checkpoints with exponential moving averages (see converter.pipeline.conventions).
 EMA, RAW, EMA_ALL = "ema", "raw", "ema-all"
 CONVENTIONS = (EMA, RAW, EMA_ALL)

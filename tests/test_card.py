@@ -67,7 +67,8 @@ def test_deeplab_card(segmenter_folder: Path):
     assert "- image-segmentation\n" in front and "- mobilenet_v2\n" in front
     assert "output stride 16" in text and "MobileNetV2ForSemanticSegmentation.from_pretrained" in text
     assert "AutoModelForSemanticSegmentation" in text and "inert (zero) weights" in text
-    assert "`raw`: the variables exactly as stored" in text
+    assert "`raw`: the values exactly as stored" in text
+    assert "trained on PASCAL VOC train_aug (as the source's name says)" in text  # the zoo tarball's name
 
 
 def test_trainval_and_drop_background_notes(segmenter_folder: Path, classifier_folder: Path):
@@ -79,7 +80,8 @@ def test_trainval_and_drop_background_notes(segmenter_folder: Path, classifier_f
     conversion = json.loads((classifier_folder / "conversion.json").read_text())
     conversion["drop_background"] = True
     config = json.loads((classifier_folder / "config.json").read_text())
-    config["id2label"] = {str(i): f"c{i}" for i in range(1000)}
+    imagenet = [config["id2label"][str(i)] for i in range(1, 1001)]  # the fixture's, without its background
+    config["id2label"] = dict(enumerate(imagenet))
     assert "1000: the ImageNet classes (the background class was dropped)" in card_of(conversion, config)
 
 
@@ -211,3 +213,90 @@ def test_the_verifier_refreshes_the_card(classifier_folder: Path, tmp_path):
     assert check.result.passed
     text = (folder / "README.md").read_text()
     assert "| **PASS** |" in text and re.search(r"\| logits \| [0-9.e+-]+ \| [0-9.e+-]+ \| yes \|", text)
+
+
+# --- the card of sources that are not slim checkpoints, checked against their conversion records ---------
+def _converted(source: Path, tmp_path: Path) -> tuple[str, ConversionRecord, dict]:
+    from converter.pipeline.convert import convert_checkpoint
+
+    folder = tmp_path / source.stem
+    convert_checkpoint(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    return (folder / "README.md").read_text(), ConversionRecord.read(folder), config
+
+
+def _real_model(name: str) -> Path:
+    from tests.realdata_tflite import MODELS
+
+    path = MODELS / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: the real Coral models are needed")
+    return path
+
+
+def _real_labels(name: str) -> list[str]:
+    from tests.realdata_tflite import LABELS
+
+    return (LABELS / name).read_text().splitlines()
+
+
+def _says_what_the_record_says(text: str, record: ConversionRecord) -> None:
+    assert f"`{record.source['name']}` (read as `{record.source['format']}`" in text
+    for note in record.notes:  # the scheme, dequantization, folded BatchNorm: each fact the reader recorded
+        assert f"- {note}\n" in text
+    assert "TensorFlow-slim checkpoint" not in text and "original float32 values" not in text
+    assert "re-quantized" not in text
+
+
+def test_card_of_a_quantized_imagenet_tflite(tmp_path):
+    text, record, config = _converted(_real_model("mobilenet_v2_1.0_224_quant.tflite"), tmp_path)
+    _says_what_the_record_says(text, record)
+    assert any("uint8" in note for note in record.notes) and "dequantized" in text
+    labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    assert labels == _real_labels("imagenet_labels.txt")  # Coral's ImageNet labels, background first
+    assert "- imagenet-1k\n" in _front_matter(text) and "# MobileNetV2 1.0 / 224 (ImageNet)" in text
+    assert "| classes | 1001: index 0 is `background`, then the 1000 ImageNet classes |" in text
+
+
+def test_card_of_a_model_with_other_labels_names_no_dataset(tmp_path):
+    """The iNat birds model shares ImageNet's backbone but not its labels."""
+    text, record, config = _converted(_real_model("mobilenet_v2_1.0_224_inat_bird_quant.tflite"), tmp_path)
+    _says_what_the_record_says(text, record)
+    birds = _real_labels("inat_bird_labels.txt")
+    assert len(config["id2label"]) == len(birds) == 965
+    assert "datasets" not in _front_matter(text) and "imagenet" not in text.lower()
+    assert f"| classes | 965, named by the source (`{birds[0]}`, `{birds[1]}`, ...) |" in text
+
+
+def test_card_of_a_deeplab_of_unknown_split(tmp_path):
+    text, record, _ = _converted(_real_model("deeplabv3_mnv2_pascal_quant.tflite"), tmp_path)
+    _says_what_the_record_says(text, record)
+    assert "train_aug" not in text and "trained on a split its source does not record" in text
+    assert "- pascal-voc\n" in _front_matter(text)  # its 21 labels are PASCAL VOC's
+
+
+def test_card_of_a_fine_tuned_keras_model(tmp_path):
+    pytest.importorskip("keras")
+    from fixtures.keras_builder import FINE_TUNED_ALPHA, FINE_TUNED_CLASSES, ensure_keras_fixture
+
+    text, record, config = _converted(ensure_keras_fixture(FINE_TUNED_ALPHA).file("fine_tuned_archive"), tmp_path)
+    _says_what_the_record_says(text, record)
+    assert len(config["id2label"]) == FINE_TUNED_CLASSES
+    assert "datasets" not in _front_matter(text) and "imagenet" not in text.lower()
+    assert f"| classes | {FINE_TUNED_CLASSES}, " in text
+
+
+def test_table_cells_escape_the_pipe(classifier_folder: Path, tmp_path):
+    """A `|` in a cell (the calibrated rule's max|reference|) must not split the row: each row of the card's
+    tables has as many cells as its header."""
+    folder = tmp_path / "model"
+    shutil.copytree(classifier_folder, folder)
+    (folder / "parity").mkdir()
+    parity = {**_parity(True), "tolerance": "max(16 x max|ours32 - ours64| / max|ours32|, 1.9e-06) x max|reference|"}
+    (folder / "parity" / "parity.json").write_text(json.dumps(parity))
+    write_model_card(folder)
+    text = (folder / "README.md").read_text()
+    for table in re.findall(r"(?:^\|.*\|\n)+", text, flags=re.M):
+        rows = [re.split(r"(?<!\\)\|", row)[1:-1] for row in table.splitlines()]
+        assert {len(row) for row in rows} == {len(rows[0])}, table
+    assert r"max\|ours32 - ours64\|" in text

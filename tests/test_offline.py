@@ -169,3 +169,17 @@ def test_all_offline_tries_each_host_once(attempts, monkeypatch, tmp_path):
     assert f"0 of {len(selection)} converted, {len(selection)} failed:" in result.stdout
     assert result.stdout.count(": no network (") == len(selection)
     assert len(attempts) == 2  # official.invalid and the closed port, once each for the whole run
+
+
+def test_all_offline_with_debug_shows_each_models_source_failures(attempts, monkeypatch, tmp_path):
+    """Each failed model's line promises that --debug shows each source's failure: under --all too."""
+    selection = [entry for entry in entries() if entry.depth == 0.35 and entry.size == 96 and not entry.quantized]
+    args = ["--all", "--depth", "0.35", "--size", "96", "--output", str(tmp_path / "zoo")]
+    quiet = CliRunner().invoke(convert_main, args)
+    assert quiet.exit_code == 1 and "--debug" in quiet.stdout and "detail: " not in quiet.stdout
+    result = CliRunner().invoke(convert_main, [*args, "--debug"])
+    assert result.exit_code == 1
+    details = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("detail: ")]
+    sources = [source for entry in selection for source in entry.sources()]
+    assert len(details) == len(sources)  # one line per source of each failed model, naming it
+    assert all(source.name in line for source, line in zip(sources, details, strict=True))

@@ -51,6 +51,7 @@ def test_faithful_conversion_passes(small, small_model, tmp_path):
     result = verify("--checkpoint", small.tarball, "--model", small_model, "--report-dir", reports, *inputs)
     assert result.exit_code == 0, result.output
     assert "Parity PASS" in result.output
+    assert "x 5 images" in result.output  # random: a batch of 2, an odd-sized and a non-square one; the photo
     assert all((reports / name).is_file() for name in REPORTS)
     data = parity(reports)
     assert data["passed"] is True and data["first_divergence"] is None
@@ -348,3 +349,50 @@ def test_safety_rules_unit():
     with_function.library.function.add().signature.name = "hidden"
     with pytest.raises(VerificationError, match="function"):
         check_graph_def(with_function, "fn.pb")
+
+
+def _verify_process(small, model: Path, report_dir: Path, *extra: str, stderr_tty: bool) -> tuple[int, str, str]:
+    """verify-mobilenet in a fresh interpreter, as a user runs it: (exit code, stdout, stderr), stderr a
+    terminal (a pseudo-terminal) or a pipe."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    code = "from converter.app.cli import verify_main; verify_main()"
+    args = ["--checkpoint", small.tarball, "--model", model, "--report-dir", report_dir, *extra]
+    env = {key: value for key, value in os.environ.items() if key not in ("TF_CPP_MIN_LOG_LEVEL",)}
+    command = [sys.executable, "-c", code, *map(str, args)]
+    if not stderr_tty:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+        return done.returncode, done.stdout, done.stderr
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 wide
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=follower, env=env, cwd=REPO, text=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the process is done with it
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    stdout = process.stdout.read()
+    process.wait(timeout=600)
+    os.close(leader)
+    return process.returncode, stdout, b"".join(chunks).decode(errors="replace")
+
+
+def test_verify_is_quiet_in_a_pipe_and_shows_progress_on_a_terminal(small, small_model, tmp_path):
+    """TensorFlow's start-up noise (CUDA probing, absl, oneDNN) never reaches the user unless --debug; a
+    terminal sees what the long steps are doing, a pipe only the verdict."""
+    code, stdout, stderr = _verify_process(small, small_model, tmp_path / "pipe", stderr_tty=False)
+    assert code == 0, stderr
+    assert stderr == "" and stdout.startswith("Parity PASS")
+    code, stdout, stderr = _verify_process(small, small_model, tmp_path / "tty", stderr_tty=True)
+    assert code == 0, stderr
+    assert "verifying" in stderr and "comparing with meta_graph" in stderr
+    assert "absl" not in stderr and "cuda" not in stderr.lower() and "oneDNN" not in stderr

@@ -299,9 +299,15 @@ def real_tflite(tmp_path_factory) -> tuple[Path, Path]:
     return source, convert(source, tmp_path_factory.mktemp("tflite") / "real")
 
 
-def test_a_quantized_tflite_is_compared_per_layer_and_per_integer_step(real_tflite):
+@pytest.fixture(scope="module")
+def real_tflite_verified(real_tflite) -> tuple[int, str, dict]:
+    """The verification of the real quantized model: (exit code, output, parity.json)."""
     source, model = real_tflite
-    code, output, report = verify("--checkpoint", source, "--model", model)
+    return verify("--checkpoint", source, "--model", model)
+
+
+def test_a_quantized_tflite_is_compared_per_layer_and_per_integer_step(real_tflite_verified):
+    code, output, report = real_tflite_verified
     assert code == 0, output
     entries = {entry["endpoint"]: entry for entry in report["endpoints"]}
     floats = [e for name, e in entries.items() if name.startswith("float/")]
@@ -314,6 +320,39 @@ def test_a_quantized_tflite_is_compared_per_layer_and_per_integer_step(real_tfli
     assert "one output quantization step" in report["tolerance"]
     assert all(e["max_abs_diff"] == 0 for e in integers)  # the emulation is exact
     assert entries["layer_1"]["compared"] is False and "integer model" in entries["layer_1"]["reason"]
+
+
+def test_the_reports_of_a_quantized_tflite_stay_readable(real_tflite, real_tflite_verified):
+    """Each reason for leaving endpoints out is said once, the plot is a screen wide, and the card names
+    what was run: TFLite's interpreter, not a TensorFlow graph."""
+    from PIL import Image
+
+    _, model = real_tflite
+    _, _, report = real_tflite_verified
+    skipped = [entry for entry in report["endpoints"] if not entry["compared"]]
+    markdown = (model / "parity" / "parity.md").read_text()
+    assert len(skipped) > 30 and markdown.count(skipped[0]["reason"]) == 1
+    assert all(f"`{entry['endpoint']}`" in markdown for entry in skipped)
+    assert Image.open(model / "parity" / "parity.png").width <= 1600
+    card = (model / "README.md").read_text()
+    parity_section = card[card.index("## Parity") : card.index("## Usage")]
+    assert "Lite's interpreter" in parity_section and REAL_TFLITE in parity_section
+    assert "TensorFlow graph" not in card
+
+
+def test_a_model_with_other_classes_than_the_reference_is_refused_in_one_line(real_tflite, tmp_path):
+    """The iNat birds model (965 classes) shares the backbone of the ImageNet .tflite (1001)."""
+    from tests.helpers import SHARED
+
+    source, _ = real_tflite
+    birds = SHARED / "realdata" / "models" / "mobilenet_v2_1.0_224_inat_bird_quant.tflite"
+    if not birds.is_file():
+        pytest.skip(f"{birds} is absent: the real iNat birds model is needed")
+    model = convert(birds, tmp_path / "birds")
+    code, output, _ = verify("--checkpoint", source, "--model", model, "--report-dir", tmp_path / "reports")
+    assert code == 2, output
+    assert "1001 classes" in output and "965" in output and "internal error" not in output
+    assert len(output.strip().splitlines()) == 1 and not (tmp_path / "reports").exists()
 
 
 def test_planted_faults_are_localised_against_a_quantized_tflite(real_tflite, tmp_path):
@@ -363,6 +402,8 @@ def test_keras_itself_is_the_reference_and_every_layer_is_compared(keras_files, 
     compared = [entry for entry in report["endpoints"] if entry["compared"]]
     assert len(compared) == len(report["endpoints"]) == 37  # the layer names map onto every slim endpoint
     assert all(entry["passed"] for entry in compared)
+    card = (model / "README.md").read_text()
+    assert "Keras" in card[card.index("## Parity") : card.index("## Usage")] and "TensorFlow graph" not in card
 
 
 def test_a_planted_fault_is_localised_against_keras(keras_files, tmp_path):
@@ -406,3 +447,25 @@ def test_a_fine_tuned_keras_model_with_its_own_input_rescaling_passes(tmp_path):
     assert entries["logits"]["compared"] and entries["logits"]["passed"]
     assert entries["global_pool"]["compared"] and entries["global_pool"]["passed"]
     assert "nested base" in entries["layer_1"]["reason"]
+
+
+def test_an_untrained_keras_model_passes_as_a_weak_check_and_is_drawn_as_a_pass(tmp_path):
+    """Keras' MobileNetV2 with weights=None: its logits are ~1e-10 for activations ~1. The check passes,
+    says it is weak (verdict, parity.md, card), and parity.png draws every difference within its tolerance."""
+    keras = pytest.importorskip("keras")
+    from converter.verify.report import plot_series
+
+    source = tmp_path / "untrained.keras"
+    keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, weights=None).save(source)
+    model = convert(source, tmp_path / "untrained")
+    code, output, report = verify("--checkpoint", source, "--model", model)
+    assert code == 0, output
+    assert "Weak check" in output and report["weak_signal"]
+    assert "Weak check" in (model / "parity" / "parity.md").read_text()
+    assert "**A weak check**" in (model / "README.md").read_text()
+    logits = next(entry for entry in report["endpoints"] if entry["endpoint"] == "logits")
+    assert logits["tolerance"] < 1e-12  # below the floor parity.png once drew the differences at
+    from converter.verify.compare import verify_model
+
+    for series in plot_series(verify_model(source, model)):
+        assert all(d <= t for d, t in zip(series.diffs, series.tolerances, strict=True)), series

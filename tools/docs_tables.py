@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from converter.output.markdown import table_row
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SECTION = re.compile(r"(?P<start><!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(?P<end><!-- end -->)", re.S)
 
@@ -54,7 +56,7 @@ def parity_section(reports: Path) -> str | None:
         worst = f"{max(ratios):.2g}" if ratios else "-"
         largest = f"{max(diffs):.2e}" if diffs else "-"
         group_passed = sum(row["passed"] for row in group)
-        lines.append(f"| {kind} | {family} | {len(group)} | {group_passed} | {worst} | {largest} |")
+        lines.append(table_row([kind, family, len(group), group_passed, worst, largest]))
     failed = summary.get("failed") or []
     if failed:
         lines += ["", f"Failed: {', '.join(failed)}."]

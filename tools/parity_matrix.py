@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from converter.output.markdown import table_row
 from converter.verify.references.base import FROZEN_GRAPH, META_GRAPH
 
 _THREADS: int | None = None
@@ -188,10 +189,11 @@ def write_summary(rows: list[MatrixRow], out: Path, total: float, fixtures_secon
         mark = "yes" if row.passed else ("**error**" if row.status == "error" else "**no**")
         divergence = row.first_divergence or (row.error or "")
         ratio = "" if row.worst_ratio is None else f"{row.worst_ratio:.2g}"
+        report = f"[parity.md]({row.name}/{row.family}/parity.md)"
         lines.append(
-            f"| `{row.name}` | {row.family} | {mark} | {_fmt(row.max_abs_diff)} | {ratio} | "
-            f"{divergence.replace('|', '/')} | {row.seconds:.1f} | [parity.md]({row.name}/{row.family}/parity.md) |"
-        )
+            table_row([f"`{row.name}`", row.family, mark, _fmt(row.max_abs_diff), ratio, divergence,
+                       f"{row.seconds:.1f}", report])
+        )  # fmt: skip
     skipped = left_out()
     if skipped:
         lines += ["", f"Left out: {', '.join(f'`{name}`' for name in skipped)} ({QUANTIZED_LEFT_OUT})."]

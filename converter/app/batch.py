@@ -40,6 +40,7 @@ class BatchResult:
     seconds: float
     max_abs_diff: float | None = None
     error: str | None = None
+    detail: tuple[str, ...] = ()  # what the one-line error leaves out (each download source's failure)
 
     @property
     def failed(self) -> bool:
@@ -139,8 +140,11 @@ def convert_all(
                 )
                 status = "verified"
         except USER_ERRORS as error:
+            detail = tuple(getattr(error, "detail", ()))
             message = command_line_message(error)  # the summary table of the --all command
-            return BatchResult(entry.name, output, "failed", time.perf_counter() - started, error=message)
+            return BatchResult(
+                entry.name, output, "failed", time.perf_counter() - started, error=message, detail=detail
+            )
         except Exception as error:  # a bug in one conversion must not stop the others
             message = f"internal error: {type(error).__name__}: {error}"
             return BatchResult(entry.name, output, "failed", time.perf_counter() - started, error=message)
@@ -196,8 +200,9 @@ def read_parity(folder: Path) -> tuple[bool | None, float | None]:
     return (None, None) if record is None else (record.passed, record.max_abs_diff)
 
 
-def summary_table(results: Sequence[BatchResult]) -> str:
-    """A plain-text table: name, status, max diff, seconds; then one line per failure."""
+def summary_table(results: Sequence[BatchResult], details: bool = False) -> str:
+    """A plain-text table: name, status, max diff, seconds; then one line per failure, followed by its
+    detail lines with `details` (--debug)."""
     rows = [("name", "status", "max diff", "seconds")]
     for r in results:
         diff = f"{r.max_abs_diff:.3g}" if r.max_abs_diff is not None else "-"
@@ -215,4 +220,5 @@ def summary_table(results: Sequence[BatchResult]) -> str:
     lines.append(f"{ok} of {len(results)} converted" + (f", {len(failed)} failed:" if failed else ""))
     for r in failed:
         lines.append(f"  {r.name}: {r.error or 'the converted model does not match the original graph'}")
+        lines += [f"    detail: {line}" for line in r.detail] if details else []
     return "\n".join(lines)

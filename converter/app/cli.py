@@ -7,6 +7,7 @@ reader of stdout went away). Errors are one line on stderr; `--debug` shows the 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 
@@ -27,7 +28,12 @@ def report_errors(command):
     @functools.wraps(command)
     def wrapper(*args, debug: bool = False, **kwargs):
         from converter.errors import USER_ERRORS, command_line_message
+        from converter.vocabulary import FRAMEWORK_LOGS_ENV
 
+        if debug:  # TensorFlow's own logs too, read when it is imported
+            os.environ[FRAMEWORK_LOGS_ENV] = "1"
+        if "debug" in inspect.signature(command).parameters:  # a command that shows more itself
+            kwargs["debug"] = debug
         try:
             return command(*args, **kwargs)
         except USER_ERRORS as error:
@@ -48,11 +54,22 @@ def report_errors(command):
                 raise
             click.echo(f"internal error: {type(error).__name__}: {error} (rerun with --debug)", err=True)
             sys.exit(1)
+        finally:
+            if debug:
+                os.environ.pop(FRAMEWORK_LOGS_ENV, None)
 
     with_debug = click.option(
-        "--debug", is_flag=True, help="Show the full traceback on errors, and each download source's failure."
+        "--debug",
+        is_flag=True,
+        help="Show the full traceback on errors, each download source's failure, and TensorFlow's own logs.",
     )(wrapper)
     return click.version_option(__version__, "--version", message="%(prog)s %(version)s")(with_debug)
+
+
+def _progress_line(text: str) -> None:
+    """Say on a terminal what a long step is doing (never into a pipe or a log)."""
+    if sys.stderr.isatty():
+        click.echo(text, err=True)
 
 
 def _silence_stdout() -> None:
@@ -231,6 +248,7 @@ def convert_main(
     verify,
     report_dir,
     write_onnx,
+    debug=False,
 ):
     """Convert a TensorFlow MobileNetV2 (checkpoint, SavedModel, Keras or TFLite) to a PyTorch / transformers
     folder.
@@ -269,7 +287,7 @@ def convert_main(
 
         check_hub_ready()  # before any download or conversion
     if whole_zoo:
-        sys.exit(_convert_whole_zoo(output, jobs, zoo_options, options, verify))
+        sys.exit(_convert_whole_zoo(output, jobs, zoo_options, options, verify, debug))
     if source is None:
         from converter.app.batch import convert_entry
         from converter.zoo.table import lookup
@@ -295,6 +313,7 @@ def convert_main(
         from converter.app.onnx_export import export_onnx
         from converter.output import layout
 
+        _progress_line("exporting to ONNX (a minute or so) ...")
         click.echo(f"ONNX export -> {export_onnx(summary.output, Path(summary.output, layout.ONNX))}")
     if verify and not _report_parity(source, summary.output, report_dir):
         sys.exit(1)  # before any upload
@@ -340,8 +359,9 @@ def _check_onnx_ready(whole_zoo: bool) -> None:
         raise UsageError(f"--onnx needs {' and '.join(missing)}: pip install onnx onnxscript")
 
 
-def _convert_whole_zoo(output, jobs, zoo_options, options, verify=False) -> int:
-    """--all: convert every matching zoo entry and print the summary table; returns the exit code."""
+def _convert_whole_zoo(output, jobs, zoo_options, options, verify=False, debug=False) -> int:
+    """--all: convert every matching zoo entry and print the summary table (with --debug, each failure's
+    detail: every download source's); returns the exit code."""
     from pathlib import Path
 
     from converter.app.batch import convert_all, summary_table
@@ -363,7 +383,7 @@ def _convert_whole_zoo(output, jobs, zoo_options, options, verify=False) -> int:
         mirror=zoo_options["mirror"],
         source=zoo_options["source"],
     )
-    click.echo(summary_table(results))
+    click.echo(summary_table(results, details=debug))
     return 1 if any(result.failed for result in results) else 0
 
 
@@ -398,6 +418,7 @@ def _report_parity(checkpoint, model_dir, report_dir=None, **options) -> bool:
     from converter.verify import check_parity
     from converter.verify.report import verdict_line
 
+    _progress_line("verifying: running the source's own runtime and the converted model ...")
     check = check_parity(checkpoint, model_dir, report_dir=report_dir, **options)
     click.echo(verdict_line(check.result).replace("**", "").replace("`", ""))
     names = ", ".join(path.name for path in check.written)

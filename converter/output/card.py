@@ -10,7 +10,9 @@ from typing import Any
 
 from converter import zoo_catalog
 from converter.output import layout
+from converter.output.markdown import table_row
 from converter.output.records import ConversionRecord, ParityRecord
+from converter.slim import IMAGENET, PASCAL_VOC, labels_dataset
 
 # What a card says where the folder holds no conversion record of this toolkit.
 UNRECORDED = ConversionRecord(toolkit="", source={}, variant={}, weights="?")
@@ -19,8 +21,11 @@ WEIGHT_MEANINGS = {
     "ema": "trainable variables restored from their exponential moving averages, BatchNorm moving "
     "statistics as stored (what the authors' example notebook and the Hugging Face port do)",
     "ema-all": "every model variable restored from its exponential moving average (what slim's evaluation script does)",
-    "raw": "the variables exactly as stored, without moving averages",
+    "raw": "the values exactly as stored, without moving averages",
+    "as exported": "the one value per weight that the export stores",
 }
+#: The DeepLab zoo names its tarballs by the PASCAL VOC split they were trained on.
+TRAINING_SPLITS = {"trainval": "train + val", "train_aug": "train_aug", "trainaug": "train_aug"}
 
 
 def write_model_card(folder: Path) -> None:
@@ -48,11 +53,12 @@ def render_card(
     depth = variant.get("depth", config.get("depth_multiplier"))
     size = variant.get("size", config.get("image_size"))
     name = variant.get("name") or "mobilenet_v2"
-    trainval = "trainval" in str(record.source.get("name", ""))
+    labels = _labels(config)
+    dataset = labels_dataset(labels) if labels else None
     parts = [
-        _front_matter(segmentation),
-        _title(segmentation, depth, size, variant, trainval),
-        _provenance(record, config, segmentation, trainval, preprocessor),
+        _front_matter(segmentation, dataset),
+        _title(record, segmentation, depth, size, variant, dataset, len(labels)),
+        _provenance(record, config, labels, dataset, preprocessor),
         _published(record, kind, depth, size, segmentation),
         _parity(parity),
         _usage(name, segmentation, size or (513 if segmentation else 224)),
@@ -62,9 +68,18 @@ def render_card(
     return "\n".join(part.rstrip("\n") + "\n" for part in parts if part)
 
 
-def _front_matter(segmentation: bool) -> str:
+def _labels(config: dict[str, Any]) -> list[str]:
+    """The class names in index order, as config.json's `id2label` holds them."""
+    id2label = config.get("id2label") or {}
+    try:
+        return [str(id2label[key]) for key in sorted(id2label, key=int)]
+    except (TypeError, ValueError):
+        return [str(value) for value in id2label.values()]
+
+
+def _front_matter(segmentation: bool, dataset: str | None) -> str:
     task = "image-segmentation" if segmentation else "image-classification"
-    dataset = "pascal-voc" if segmentation else "imagenet-1k"
+    datasets = f"datasets:\n- {dataset}\n" if dataset else ""  # only a dataset whose very labels the model has
     return (
         "---\n"
         "license: apache-2.0\n"
@@ -74,48 +89,70 @@ def _front_matter(segmentation: bool) -> str:
         "- vision\n"
         f"- {task}\n"
         "- mobilenet_v2\n"
-        "datasets:\n"
-        f"- {dataset}\n"
+        f"{datasets}"
         "---\n"
     )
 
 
-def _title(segmentation: bool, depth, size, variant: dict[str, Any], trainval: bool) -> str:
+def _origin(record: ConversionRecord) -> str:
+    """What the model was converted from, saying no more than the record knows."""
+    original = zoo_file(record)
+    if original is not None:
+        return f"the original `{original.filename}` of the TensorFlow model zoo (tensorflow/models)"
+    source = record.source
+    if not source.get("name"):
+        return "a source this folder does not record"
+    return f"`{source['name']}` (read as `{source.get('format', '?')}`; what that involved is under Provenance)"
+
+
+def _title(record: ConversionRecord, segmentation: bool, depth, size, variant, dataset, classes: int) -> str:
+    origin = _origin(record)
     if segmentation:
         stride = variant.get("output_stride", 8)
-        split = "train + val" if trainval else "train_aug"
+        voc = dataset == PASCAL_VOC
+        into = f"the {classes} PASCAL VOC classes (0 = background)" if voc else f"{classes} classes"
         return (
-            f"# DeepLabV3 MobileNetV2 (depth {depth}, output stride {stride}), PASCAL VOC 2012\n\n"
-            f"Semantic segmentation into the 21 PASCAL VOC classes (0 = background) with DeepLab v3 on a "
-            f"MobileNetV2 backbone of depth multiplier {depth}, trained on PASCAL VOC {split}, converted from "
-            "Google's original TensorFlow checkpoint (tensorflow/models research/deeplab). Inputs are scaled "
-            f"to [-1, 1]; the original graphs run on a {size}x{size} crop.\n"
+            f"# DeepLabV3 MobileNetV2 (depth {depth}, output stride {stride}){', PASCAL VOC 2012' if voc else ''}\n\n"
+            f"Semantic segmentation into {into} with DeepLab v3 on a MobileNetV2 backbone of depth multiplier "
+            f"{depth}, {_split(record)}, converted from {origin}. Inputs are scaled to [-1, 1], at "
+            f"{size}x{size}.\n"
         )
     return (
-        f"# MobileNetV2 {depth} / {size} (ImageNet)\n\n"
+        f"# MobileNetV2 {depth} / {size}{' (ImageNet)' if dataset == IMAGENET else ''}\n\n"
         f"Image classification with MobileNetV2 at depth multiplier {depth} and {size}x{size} input, "
-        "converted from Google's original TensorFlow-slim checkpoint (tensorflow/models "
-        "research/slim/nets/mobilenet). Inputs are RGB scaled to [-1, 1].\n"
+        f"converted from {origin}. Inputs are RGB scaled to [-1, 1].\n"
     )
+
+
+def _split(record: ConversionRecord) -> str:
+    """The training split of a DeepLab model, where its source's name says it (the zoo names its tarballs
+    by it); other sources do not record it."""
+    name = str(record.source.get("name", ""))
+    for marker, split in TRAINING_SPLITS.items():
+        if marker in name:
+            return f"trained on PASCAL VOC {split} (as the source's name says)"
+    return "trained on a split its source does not record"
 
 
 def _provenance(
     record: ConversionRecord,
     config: dict[str, Any],
-    segmentation: bool,
-    trainval: bool,
+    labels: list[str],
+    dataset: str | None,
     preprocessor: dict[str, Any] | None = None,
 ) -> str:
     source = record.source
     files = source.get("files") or []
     download = record.download or {}
     weights = record.weights
-    rows = [f"| source | `{source.get('name', '?')}` |"]
+    rows = [("source", f"`{source.get('name', '?')}`")]
+    if source.get("format"):
+        rows.append(("read as", f"`{source['format']}`"))
     if download.get("url"):
-        rows.append(f"| published at | {download['url']} |")
+        rows.append(("published at", download["url"]))
     for item in files:
-        rows.append(f"| sha256 of `{item.get('name')}` | `{item.get('sha256')}` ({item.get('bytes')} bytes) |")
-    rows.append(f"| weights convention | `{weights}`: {WEIGHT_MEANINGS.get(weights, 'see conversion.json')} |")
+        rows.append((f"sha256 of `{item.get('name')}`", f"`{item.get('sha256')}` ({item.get('bytes')} bytes)"))
+    rows.append(("weights convention", f"`{weights}`: {WEIGHT_MEANINGS.get(weights, 'see conversion.json')}"))
     tensors = record.tensors
     if tensors:
         ignored = ", ".join(
@@ -123,33 +160,26 @@ def _provenance(
             for reason, count in sorted((tensors.get("ignored") or {}).items())
             if count
         )
-        rows.append(f"| tensors | {tensors.get('mapped')} mapped; ignored by rule: {ignored or 'none'} |")
-    labels = config.get("id2label") or {}
-    if segmentation:
-        rows.append(f"| classes | {len(labels) or 21}: PASCAL VOC, 0 = background |")
-    elif record.drop_background:
-        rows.append(f"| classes | {len(labels)}: the ImageNet classes (the background class was dropped) |")
-    elif len(labels) in (0, 1001):
-        rows.append(f"| classes | {len(labels) or 1001}: index 0 is `background`, then the 1000 ImageNet classes |")
-    else:
-        names = [labels[key] for key in sorted(labels, key=int)]
-        rows.append(f"| classes | {len(names)}: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''} |")
+        rows.append(("tensors", f"{tensors.get('mapped')} mapped; ignored by rule: {ignored or 'none'}"))
+    if labels:
+        rows.append(("classes", _classes(record, labels, dataset)))
     if preprocessor:
-        rows.append(f"| preprocessing | {_preprocessing(preprocessor)} |")
+        rows.append(("preprocessing", _preprocessing(preprocessor)))
     if config.get("avg_pool") == "fixed7x7":
-        rows.append("| pooling | slim's fixed 7x7 window (mobilenet_torch; transformers always pools globally) |")
+        rows.append(("pooling", "slim's fixed 7x7 window (mobilenet_torch; transformers always pools globally)"))
     if record.toolkit:
-        rows.append(f"| converted with | {record.toolkit} |")
+        rows.append(("converted with", record.toolkit))
+    otherwise = ", and otherwise as listed below" if record.notes else ""
     notes = [
-        "The weights are the original float32 values, renamed and transposed to PyTorch layouts; nothing "
-        "was retrained or re-quantized. Full provenance is in `conversion.json`."
+        f"The weights are the source's own values, renamed and transposed to PyTorch layouts{otherwise}; "
+        "nothing was trained. Full provenance is in `conversion.json`."
     ]
-    if segmentation:
+    if record.placeholders:
         notes.append(
             "transformers' segmentation class builds a final 1x1 convolution that the original DeepLab graph "
             "does not have; it is stored with inert (zero) weights so the folder loads there."
         )
-    if trainval:
+    if "trainval" in str(source.get("name", "")):
         notes.append("This checkpoint was trained on PASCAL VOC val as well: do not evaluate it on VOC val.")
     if config.get("classifier_layers"):
         notes.append(
@@ -157,7 +187,28 @@ def _provenance(
             "transformers' single `Linear` cannot hold: transformers loads this folder as `MobileNetV2Model` "
             "(the backbone) only; `mobilenet_torch` loads it whole."
         )
-    return "## Provenance\n\n| | |\n| --- | --- |\n" + "\n".join(rows) + "\n\n" + " ".join(notes) + "\n"
+    table = "\n".join(table_row(row) for row in rows)
+    text = f"## Provenance\n\n| | |\n| --- | --- |\n{table}\n\n" + " ".join(notes) + "\n"
+    if record.notes:
+        text += "\nWhat the conversion read from the source and did (as `conversion.json` records it):\n\n"
+        text += "".join(f"- {note}\n" for note in record.notes)
+    return text
+
+
+def _classes(record: ConversionRecord, labels: list[str], dataset: str | None) -> str:
+    """What the classes are: a known dataset's only where the labels are its very names."""
+    count = len(labels)
+    if dataset == PASCAL_VOC:
+        return f"{count}: PASCAL VOC, 0 = background"
+    if dataset == IMAGENET and labels[0] == "background":
+        added = " (added by the conversion)" if record.add_background else ""
+        return f"{count}: index 0 is `background`{added}, then the 1000 ImageNet classes"
+    if dataset == IMAGENET:
+        dropped = "the background class was dropped" if record.drop_background else "without a background class"
+        return f"{count}: the ImageNet classes ({dropped})"
+    if labels == [f"LABEL_{i}" for i in range(count)]:
+        return f"{count}, which the source does not name (`LABEL_0` to `LABEL_{count - 1}`)"
+    return f"{count}, named by the source (`{labels[0]}`, `{labels[1] if count > 1 else ''}`, ...)"
 
 
 def _preprocessing(settings: dict[str, Any]) -> str:
@@ -236,17 +287,23 @@ def _published(record: ConversionRecord, kind: str, depth, size, segmentation: b
 def _parity(parity: ParityRecord | None) -> str:
     if parity is None:
         return (
-            "## Parity with the original graph\n\nNo parity report in this folder yet: the verifier "
+            "## Parity with the source\n\nNo parity report in this folder yet: the verifier "
             f"(`convert-mobilenet --verify`, `verify-mobilenet`) writes `{layout.PARITY_JSON}`.\n"
         )
+    reference = parity.detail.get("reference") or {}
+    ran = reference.get("description") or f"the reference `{reference.get('kind', '?')}`"
+    if reference.get("file"):
+        ran += f" (`{reference['file']}`)"
     lines = [
-        "## Parity with the original graph\n",
-        "This model and the original TensorFlow graph were run on the same inputs and compared endpoint by endpoint.\n",
+        "## Parity with the source\n",
+        f"This model and {ran} were run on the same inputs and compared endpoint by endpoint.\n",
         "| verdict | worst abs diff | tolerance | first divergence |",
         "| --- | --- | --- | --- |",
-        f"| **{'PASS' if parity.passed else 'FAIL'}** | {_number(parity.max_abs_diff)} | {parity.tolerance or '?'} | "
-        f"{_divergence(parity.first_divergence)} |",
-    ]
+        table_row(
+            [f"**{'PASS' if parity.passed else 'FAIL'}**", _number(parity.max_abs_diff), parity.tolerance or "?",
+             _divergence(parity.first_divergence)]
+        ),
+    ]  # fmt: skip
     logits = parity.endpoint("logits")
     if logits:
         passed = {True: "yes", False: "no"}.get(logits.get("passed"), "")
@@ -254,8 +311,10 @@ def _parity(parity: ParityRecord | None) -> str:
             "",
             "| endpoint | max abs diff | tolerance | passed |",
             "| --- | --- | --- | --- |",
-            f"| logits | {_number(logits.get('max_abs_diff'))} | {_number(logits.get('tolerance'))} | {passed} |",
+            table_row(["logits", _number(logits.get("max_abs_diff")), _number(logits.get("tolerance")), passed]),
         ]
+    if parity.detail.get("weak_signal"):
+        lines += ["", f"**A weak check**: {parity.detail['weak_signal']}."]
     lines += ["", f"Every endpoint is listed in [{layout.PARITY_MD}]({layout.PARITY_MD})."]
     return "\n".join(lines) + "\n"
 
@@ -350,8 +409,9 @@ def _license(segmentation: bool) -> str:
     )
     return (
         "## License and reference\n\n"
-        "The original weights are published under the Apache License 2.0 (tensorflow/models); this "
-        f"conversion keeps that license. Model: {paper}.\n"
+        "The weights keep their source's license: the TensorFlow model zoo (tensorflow/models) and the Coral "
+        "models (google-coral/test_data) publish theirs under the Apache License 2.0, which the front matter "
+        f"states; change it where the source's license differs. Model: {paper}.\n"
     )
 
 

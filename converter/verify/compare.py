@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ from converter.hashing import file_sha256
 from converter.output.records import ConversionRecord
 from converter.pipeline.conventions import plan_weights
 from converter.pipeline.table import DEEPLAB, endpoints_for
+from converter.slim import KIND_MARKERS
 from converter.verify.inputs import RANDOM, InputCase, fit_to_reference, make_inputs
 from converter.verify.references.base import GraphBuilder
 from converter.verify.rows import (
@@ -114,6 +116,7 @@ def verify_model(
             if record is None:
                 notes.append(f"conversion.json does not say which weights were used: assumed {weights}")
             notes += _provenance_notes(record, source)
+            _check_classes(source, kind, config.num_labels, record)
             references = source.references
             stride = config.output_stride if kind == DEEPLAB else None
             reference = open_reference(
@@ -131,7 +134,7 @@ def verify_model(
 
                     endpoints, emulator = quantized_endpoints(endpoints, reference, model_dir, notes)
                 rows = []
-                for case in cases:
+                for case in _progress(cases, reference.info.kind):
                     wanted = _comparable(endpoints, case, config)
                     if quantized:
                         rows += compare_quantized(model, emulator, reference, case, endpoints, drop_background)
@@ -163,6 +166,14 @@ def verify_model(
         versions=_versions(tf),
         seconds=time.perf_counter() - started,
     )
+
+
+def _progress(cases: list[InputCase], reference: str):
+    """The input cases, with a progress bar on a terminal: a DeepLab input takes tens of seconds."""
+    from tqdm import tqdm
+
+    return tqdm(cases, desc=f"comparing with {reference}", unit="input", file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty())  # fmt: skip
 
 
 def _compare_case(models, reference, case: InputCase, endpoints, drop_background: bool, atol, rtol) -> list[Row]:
@@ -240,6 +251,23 @@ def _not_compared(endpoints, wanted, case: InputCase, missing: dict[str, str]) -
         nan = math.nan
         rows.append(Row(case.name, endpoint, module, tensor, [], nan, nan, nan, nan, True, reason, compared=False))
     return rows
+
+
+def _check_classes(source, kind: str, num_labels: int, record: ConversionRecord | None) -> None:
+    """A model is compared with the very head it was converted from: one with another number of classes
+    (another fine-tuning of the same backbone) cannot be, whatever its backbone."""
+    head = KIND_MARKERS.get(kind)
+    if head is None or head not in source.names():
+        return
+    classes = int(source.shape(head)[-1])
+    expected = (
+        num_labels + (record is not None and record.drop_background) - (record is not None and record.add_background)
+    )
+    if classes != expected:
+        raise VerificationError(
+            f"the reference has {classes} classes and the model {num_labels}: they are different models; "
+            "verify the folder against the source it was converted from"
+        )
 
 
 def _at_reference_stride(model, stride: int | None, notes: list[str]):

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from converter.output import layout
+from converter.output.markdown import table_row
 from converter.output.records import ParityRecord
 from converter.verify.compare import ParityResult, verify_model
 from converter.verify.inputs import RANDOM
 from converter.verify.references.base import GraphBuilder
 
 DEFAULT_REPORT_FOLDER = "parity"
+# parity.png stays readable on a screen and in a CI summary: at most 16 in x 100 dpi = 1600 px wide.
+MAX_PLOT_INCHES, PLOT_DPI = 16.0, 100
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,9 @@ def write_reports(result: ParityResult, report_dir: str | os.PathLike) -> list[P
 
 
 # -------------------------------------------------------------------------------------------- markdown
-def verdict_line(result: ParityResult) -> str:
-    """One line: the verdict, what was compared against what, and, when it is not a PASS, where and why."""
+def verdict_line(result: ParityResult, why_not_compared: bool = True) -> str:
+    """One line: the verdict, what was compared against what, and, when it is not a PASS, where and why
+    (why endpoints were not compared only with `why_not_compared`: parity.md lists the reasons below)."""
     verdict = "PASS" if result.passed else "FAIL"
     reference = result.reference
     where = f"{reference['kind']}" + (f" `{reference['file']}`" if reference.get("file") else "")
@@ -87,13 +91,15 @@ def verdict_line(result: ParityResult) -> str:
     )  # fmt: skip
     line = (
         f"**Parity {verdict}** `{result.variant}` vs the original ({where}, weights "
-        f"{reference['convention']}): max abs diff {_fmt(result.max_abs_diff)} over {len(compared)} "
-        f"endpoints x {len(result.inputs)} inputs; {tolerance}"
+        f"{reference['convention']}): max abs diff {_fmt(result.max_abs_diff)} (at most "
+        f"{_fmt(result.max_rel_diff)} of the reference's max |value|) over {len(compared)} endpoints x "
+        f"{_count(result.images, 'image')}; {tolerance}"
     )
     skipped = result.not_compared()
     if skipped:
         names = ", ".join(entry["endpoint"] for entry in skipped[:4]) + (" ..." if len(skipped) > 4 else "")
-        line += f"; {len(skipped)} endpoint(s) not compared ({names}: {skipped[0]['reason']})"
+        why = f": {skipped[0]['reason']}" if why_not_compared else ""
+        line += f"; {len(skipped)} endpoint(s) not compared ({names}{why})"
     divergence = result.first_divergence
     if divergence:
         line += f". First divergence: `{divergence['endpoint']}` (`{divergence['module']}`) on {divergence['input']}"
@@ -106,14 +112,20 @@ def verdict_line(result: ParityResult) -> str:
             )
     if result.logits_problem:
         line += f". Not a PASS: {result.logits_problem}"
+    if result.weak_signal:
+        line += f". Weak check: {result.weak_signal}"
     return line + "."
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def render_markdown(result: ParityResult) -> str:
     lines = [
         f"### {'✅' if result.passed else '❌'} MobileNetV2 parity: {result.variant}",
         "",
-        verdict_line(result),
+        verdict_line(result, why_not_compared=False),
         "",
         "Inputs: " + "; ".join(f"`{case['name']}` ({case['description']})" for case in result.inputs) + ".",
         "",
@@ -123,20 +135,28 @@ def render_markdown(result: ParityResult) -> str:
         "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     first = (result.first_divergence or {}).get("endpoint")
+    reasons: dict[str, list[str]] = {}  # why -> the endpoints left out for that reason, said once below the table
     for number, entry in enumerate(result.summary(), start=1):
         if not entry["compared"]:
-            lines.append(
-                f"| {number} | `{entry['endpoint']}` | `{entry['module']}` | | | | | not compared: {entry['reason']} |"
-            )
+            reasons.setdefault(entry["reason"], []).append(entry["endpoint"])
+            lines.append(table_row([number, f"`{entry['endpoint']}`", f"`{entry['module']}`", "", "", "", "",
+                                    f"not compared ({len(reasons)})"]))  # fmt: skip
             continue
         mark = "pass" if entry["passed"] else ("**FAIL (first)**" if entry["endpoint"] == first else "FAIL")
         if entry.get("error"):
             mark += f": {entry['error']}"
         lines.append(
-            f"| {number} | `{entry['endpoint']}` | `{entry['module']}` | {_fmt(entry['max_abs_diff'])} | "
-            f"{_fmt(entry['float64_distance'])} | {_fmt(entry['tolerance'])} | {_ratio(entry['worst_ratio'])} | "
-            f"{mark} |"
-        )
+            table_row(
+                [number, f"`{entry['endpoint']}`", f"`{entry['module']}`", _fmt(entry["max_abs_diff"]),
+                 _fmt(entry["float64_distance"]), _fmt(entry["tolerance"]), _ratio(entry["worst_ratio"]), mark]
+            )
+        )  # fmt: skip
+    if reasons:
+        lines += ["", "Not compared:"]
+        lines += [
+            f"{i}. {reason}: " + ", ".join(f"`{endpoint}`" for endpoint in endpoints)
+            for i, (reason, endpoints) in enumerate(reasons.items(), start=1)
+        ]
     left_out = result.reference.get("left_out_ops") or {}
     if left_out:
         counts = ", ".join(f"{count} {op}" for op, count in sorted(left_out.items(), key=lambda item: -item[1]))
@@ -209,6 +229,37 @@ def write_junit(result: ParityResult, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ plot
+@dataclass(frozen=True)
+class PlotSeries:
+    """One input's line in parity.png: per compared endpoint, the difference and its tolerance as drawn."""
+
+    input: str
+    endpoints: list[str]
+    diffs: list[float]
+    tolerances: list[float]
+
+
+def plot_series(result: ParityResult) -> list[PlotSeries]:
+    """What parity.png draws, on a log scale. Differences and tolerances share one floor, below every
+    positive value of either, so that an exact match is drawn at the bottom and a difference within its
+    tolerance never above it (weak signals have tolerances far below 1e-12); NaN and Inf are drawn at the
+    top."""
+    rows = result.compared_rows
+    values = [value for row in rows for value in (row.max_abs_diff, row.tolerance) if math.isfinite(value)]
+    floor = min((value for value in values if value > 0), default=1.0) / 10
+    top = max(values, default=1.0) * 10
+
+    def drawn(value: float) -> float:
+        return max(value, floor) if math.isfinite(value) else top
+
+    out = []
+    for case in result.inputs:
+        mine = [row for row in rows if row.input == case["name"]]
+        diffs, tolerances = [drawn(row.max_abs_diff) for row in mine], [drawn(row.tolerance) for row in mine]
+        out.append(PlotSeries(case["name"], [row.endpoint for row in mine], diffs, tolerances))
+    return out
+
+
 def write_plot(result: ParityResult, path: Path) -> Path | None:
     """parity.png: max abs error per endpoint (one line per input) and each endpoint's tolerance, log
     scale. Returns None without matplotlib."""
@@ -221,27 +272,26 @@ def write_plot(result: ParityResult, path: Path) -> Path | None:
 
     names = [endpoint for endpoint, _, _ in result.endpoints]
     positions = {name: i for i, name in enumerate(names)}
-    floor = 1e-12
-    figure, axes = plt.subplots(figsize=(max(8.0, 0.28 * len(names)), 4.5), dpi=100)
-    for case in result.inputs:
-        rows = [row for row in result.compared_rows if row.input == case["name"]]
-        xs = [positions[row.endpoint] for row in rows]
-        ys = [max(row.max_abs_diff, floor) if math.isfinite(row.max_abs_diff) else 1e3 for row in rows]
-        axes.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=case["name"])
-    tolerances = [
-        min((row.tolerance for row in result.endpoint_rows(name) if math.isfinite(row.tolerance)), default=math.nan)
-        for name in names
-    ]
-    axes.step(range(len(names)), tolerances, where="mid", color="red", linestyle="--", label="tolerance")
+    width = min(MAX_PLOT_INCHES, max(8.0, 0.28 * len(names)))
+    figure, axes = plt.subplots(figsize=(width, 4.5), dpi=PLOT_DPI)
+    for i, series in enumerate(plot_series(result)):
+        color = f"C{i % 10}"
+        xs = [positions[endpoint] for endpoint in series.endpoints]
+        axes.plot(xs, series.diffs, marker="o", markersize=3, linewidth=1, color=color, label=series.input)
+        label = "tolerance (dashed, per input)" if i == 0 else None
+        axes.step(xs, series.tolerances, where="mid", color=color, linestyle="--", linewidth=1, label=label)
     divergence = result.first_divergence
     if divergence:
         axes.axvline(positions[divergence["endpoint"]], color="red", alpha=0.3, linewidth=6)
     axes.set_yscale("log")
-    axes.set_xticks(range(len(names)))
-    axes.set_xticklabels(names, rotation=90, fontsize=7)
+    # A label is ~11 px high at 7 pt: past what the width holds, every n-th endpoint is named.
+    every = max(1, math.ceil(len(names) * 11 / (width * PLOT_DPI)))
+    axes.set_xticks(range(0, len(names), every))
+    axes.set_xticklabels(names[::every], rotation=90, fontsize=7)
     axes.set_ylabel("max |ours - reference|")
     verdict = "PASS" if result.passed else f"FAIL at {divergence['endpoint']}" if divergence else "FAIL"
-    axes.set_title(f"{result.variant}: parity {verdict} ({result.reference['kind']})", fontsize=10)
+    weak = " - weak check: the output signal is tiny" if result.weak_signal else ""
+    axes.set_title(f"{result.variant}: parity {verdict} ({result.reference['kind']}){weak}", fontsize=10)
     axes.grid(True, which="major", axis="y", alpha=0.3)
     axes.legend(fontsize=7, loc="upper left")
     figure.tight_layout()

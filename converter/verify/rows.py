@@ -17,6 +17,11 @@ NOISE_FACTOR = 16.0
 NOISE_FLOOR = 16 * float(np.finfo(np.float32).eps)
 MAX_RELATIVE_TOLERANCE = 1e-3
 LOGITS = "logits"
+#: A check is weak where the output is below one float32 rounding step (eps x the value) of the largest
+#: activation that computed it: such an output is mostly cancellation, it carries almost nothing of the
+#: input (a network with untrained weights gives logits ~1e-11 for activations ~1), and agreeing on it,
+#: however exactly, says little about the conversion of the layers that feed it.
+WEAK_SIGNAL = float(np.finfo(np.float32).eps)
 #: The rows of a quantized reference (see :mod:`.quantized`): each float layer on the interpreter's own
 #: input, and each step of the integer emulation, named by these prefixes.
 FLOAT_STEP, INTEGER_STEP = "float/", "integer/"
@@ -99,6 +104,33 @@ class ParityResult:
         if any(row.compared for row in rows) or not any(endpoint == LOGITS for endpoint, _, _ in self.endpoints):
             return None
         return f"the logits could not be compared: {rows[0].error if rows else 'no input reached them'}"
+
+    @property
+    def images(self) -> int:
+        """How many images were compared (an input case may be a batch)."""
+        return sum(int(case["shape"][0]) if case.get("shape") else 1 for case in self.inputs)
+
+    @property
+    def weak_signal(self) -> str | None:
+        """Why the check is weak (see `WEAK_SIGNAL`), or None where the output carries the input."""
+        compared = self.compared_rows
+        if not compared:
+            return None
+        last = LOGITS if any(row.endpoint == LOGITS for row in compared) else compared[-1].endpoint
+        output = [row.max_abs_reference for row in compared if row.endpoint == last]
+        inner = [
+            row.max_abs_reference for row in compared if row.endpoint != last and math.isfinite(row.max_abs_reference)
+        ]
+        if not output or not inner:
+            return None
+        signal, activations = max(output), max(inner)
+        if not signal < WEAK_SIGNAL * activations:
+            return None
+        return (
+            f"the reference's `{last}` are at most {signal:.2g} in magnitude for activations up to "
+            f"{activations:.2g}, below float32's rounding of them ({WEAK_SIGNAL:.2g} x): the output carries "
+            "almost none of the input (untrained weights?), so agreeing on it says little"
+        )
 
     @property
     def passed(self) -> bool:
@@ -204,6 +236,7 @@ class ParityResult:
             "worst": None if worst is None else worst.to_json(),
             "first_divergence": self.first_divergence,
             "logits_problem": self.logits_problem,
+            "weak_signal": self.weak_signal,
             "not_compared": self.not_compared(),
             "endpoints": self.summary(),
             "inputs": [

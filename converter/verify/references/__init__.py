@@ -27,6 +27,7 @@ from converter.verify.references.base import (
     GraphBuilder,
     ReferenceRequest,
     import_tensorflow,
+    quiet_framework,
 )
 
 __all__ = [
@@ -71,7 +72,11 @@ def open_reference(
         kind, depth, convention, tuple(tensors), output_stride, threads, prefer, image_size, graph_builder
     )
     tf = import_tensorflow()
-    return _backend(source, prefer).open(tf, source, request)
+    backend = _backend(source, prefer)
+    with quiet_framework():  # TFLite's interpreter and Keras announce themselves on loading
+        reference = backend.open(tf, source, request)
+    reference.info.description = backend.runs
+    return reference
 
 
 def _backend(source: References, prefer: str) -> Backend:

@@ -3,8 +3,11 @@ interface the comparison uses, and TensorFlow imported lazily (only when a refer
 
 from __future__ import annotations
 
+import os
+import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from converter.errors import VerificationError
+from converter.vocabulary import FRAMEWORK_LOGS_ENV
 
 #: What a comparison can be forced to run against (``--reference``): the best there is ("auto"), or one
 #: kind of TF checkpoint graph.
@@ -38,20 +42,51 @@ class Backend:
     carried_by: str  # the name under which a reader's References hold the original
     open: Callable[..., BaseReference]  # (tf, source References, ReferenceRequest) -> the reference
     lacking: str  # why there is none when the source does not carry it
+    runs: str  # what the reports and the model card say was run
+
+
+def framework_logs_shown() -> bool:
+    return os.environ.get(FRAMEWORK_LOGS_ENV, "") not in ("", "0")
+
+
+@contextmanager
+def quiet_framework() -> Iterator[None]:
+    """Silence what TensorFlow's native code prints while loading (CUDA probing, absl's "log messages
+    before InitializeLog" notice, the oneDNN and XNNPACK notices): it writes to file descriptor 2 before
+    any log level applies, so that descriptor points at /dev/null meanwhile. Errors still arrive as Python
+    exceptions. Everything is let through where `FRAMEWORK_LOGS_ENV` is set (`--debug`)."""
+    if framework_logs_shown():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def import_tensorflow():
-    """TensorFlow, quietly; a VerificationError saying how to install it when it is missing."""
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """TensorFlow, quietly (see `quiet_framework`); a VerificationError saying how to install it when it is
+    missing."""
+    shown = framework_logs_shown()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if shown else "3")
     try:
-        import tensorflow as tf
+        with quiet_framework():
+            import tensorflow as tf
     except ImportError as error:
         raise VerificationError(
             f"verifying needs TensorFlow to run the original graph ({error}); install it with: {INSTALL_HINT}"
         ) from None
-    tf.get_logger().setLevel("ERROR")
+    if not shown:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+        tf.get_logger().setLevel("ERROR")
     return tf
 
 
@@ -115,10 +150,12 @@ class ReferenceInfo:
     output_stride: int | None = None  # DeepLab: read off the graph
     crop_size: int | None = None  # DeepLab export graphs: the size every input is padded to
     input_range: list[float] = field(default_factory=lambda: [-1.0, 1.0])  # what the images were fed as
+    description: str = ""  # what was run, in words (the `REFERENCES` row's)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "description": self.description,
             "file": self.file,
             "convention": self.convention,
             "input_tensor": self.input_tensor,

@@ -256,7 +256,25 @@ def _read_deeplab_geometry(reference: Reference) -> None:
 #: In the order ``auto`` prefers them: the graph shipped with the checkpoint, else its frozen graph, else
 #: the caller's builder.
 BACKENDS = (
-    Backend(META_GRAPH, "meta_graph", open_meta_graph, "the checkpoint comes without a .meta graph"),
-    Backend(FROZEN_GRAPH, "frozen_graph", open_frozen_graph, "the checkpoint comes without a frozen graph"),
-    Backend(BUILDER, "checkpoint_prefix", open_builder, "the source is not a TF checkpoint"),
+    Backend(
+        META_GRAPH,
+        "meta_graph",
+        open_meta_graph,
+        "the checkpoint comes without a .meta graph",
+        "the checkpoint's own .meta graph, run by TensorFlow",
+    ),
+    Backend(
+        FROZEN_GRAPH,
+        "frozen_graph",
+        open_frozen_graph,
+        "the checkpoint comes without a frozen graph",
+        "the checkpoint's frozen graph, run by TensorFlow",
+    ),
+    Backend(
+        BUILDER,
+        "checkpoint_prefix",
+        open_builder,
+        "the source is not a TF checkpoint",
+        "the checkpoint restored into a slim graph built for it, run by TensorFlow",
+    ),
 )

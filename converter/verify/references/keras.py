@@ -244,4 +244,8 @@ def _keras_layer(endpoint: str, layers: dict, pools: list, dense: list):
     return layers.get(f"{block}_add") or layers.get(f"{block}_project_BN")
 
 
-BACKENDS = (Backend(KERAS, "keras_file", open_keras, "the source is not a Keras file"),)
+BACKENDS = (
+    Backend(
+        KERAS, "keras_file", open_keras, "the source is not a Keras file", "the Keras file, loaded and run by Keras"
+    ),
+)

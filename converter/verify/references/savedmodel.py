@@ -295,4 +295,12 @@ def _sole_logits_output(signature, key: str, notes: list[str]) -> str | None:
     return name
 
 
-BACKENDS = (Backend(SAVED_MODEL, "saved_model", open_saved_model, "the source is not a SavedModel"),)
+BACKENDS = (
+    Backend(
+        SAVED_MODEL,
+        "saved_model",
+        open_saved_model,
+        "the source is not a SavedModel",
+        "the SavedModel's signature, run by TensorFlow",
+    ),
+)

@@ -148,4 +148,12 @@ def open_tflite(tf, source: References, request: ReferenceRequest) -> TFLiteRefe
     return TFLiteReference(interpreter, reader, found, info, missing)
 
 
-BACKENDS = (Backend(TFLITE, "tflite_file", open_tflite, "the source is not a .tflite file"),)
+BACKENDS = (
+    Backend(
+        TFLITE,
+        "tflite_file",
+        open_tflite,
+        "the source is not a .tflite file",
+        "the .tflite file, run by TensorFlow Lite's interpreter",
+    ),
+)
