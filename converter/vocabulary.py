@@ -20,6 +20,10 @@ ARCHITECTURE_OF_KIND = {
 # Set (to anything but "" or "0") to let TensorFlow's own logs through: what `--debug` does.
 FRAMEWORK_LOGS_ENV = "MOBILENET_CONVERT_FRAMEWORK_LOGS"
 
+# What a comparison can be forced to run against (``--reference``): the best there is ("auto"), or one kind
+# of TF checkpoint graph (see converter.verify.references).
+AUTO, META_GRAPH, FROZEN_GRAPH, BUILDER = REFERENCE_KINDS = ("auto", "meta_graph", "frozen_graph", "builder")
+
 # Weights conventions of checkpoints with exponential moving averages (see converter.pipeline.conventions).
 EMA, RAW, EMA_ALL = "ema", "raw", "ema-all"
 CONVENTIONS = (EMA, RAW, EMA_ALL)

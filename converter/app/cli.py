@@ -13,9 +13,8 @@ import sys
 
 import click
 
-from converter.verify import REFERENCE_KINDS
 from converter.version import __version__
-from converter.vocabulary import CONVENTIONS
+from converter.vocabulary import CONVENTIONS, REFERENCE_KINDS
 from converter.zoo_catalog import MODELS as ZOO_MODELS
 
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, the status of a program the signal ends

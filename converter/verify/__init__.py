@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __all__ = ["REFERENCE_KINDS", "ParityResult", "check_parity", "verify_model", "write_reports"]
 
-from converter.verify.references.base import REFERENCE_KINDS
+from converter.vocabulary import REFERENCE_KINDS
 
 
 def __getattr__(name: str):

@@ -19,9 +19,7 @@ from collections.abc import Sequence
 from converter.errors import VerificationError
 from converter.formats.base import References
 from converter.verify.references.base import (
-    AUTO,
     LOGITS_TENSOR,
-    REFERENCE_KINDS,
     Backend,
     BaseReference,
     GraphBuilder,
@@ -29,6 +27,7 @@ from converter.verify.references.base import (
     import_tensorflow,
     quiet_framework,
 )
+from converter.vocabulary import AUTO, REFERENCE_KINDS
 
 __all__ = [
     "LOGITS_TENSOR",

@@ -15,11 +15,8 @@ from typing import Any
 import numpy as np
 
 from converter.errors import VerificationError
-from converter.vocabulary import FRAMEWORK_LOGS_ENV
+from converter.vocabulary import AUTO, FRAMEWORK_LOGS_ENV
 
-#: What a comparison can be forced to run against (``--reference``): the best there is ("auto"), or one
-#: kind of TF checkpoint graph.
-AUTO, META_GRAPH, FROZEN_GRAPH, BUILDER = REFERENCE_KINDS = ("auto", "meta_graph", "frozen_graph", "builder")
 SAVED_MODEL, TFLITE, KERAS = "saved_model", "tflite", "keras"
 
 FIRST_CONV = "MobilenetV2/Conv/Conv2D"

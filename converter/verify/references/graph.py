@@ -33,10 +33,7 @@ from converter.pipeline.conventions import (
     takes_shadow,
 )
 from converter.verify.references.base import (
-    BUILDER,
     FIRST_CONV,
-    FROZEN_GRAPH,
-    META_GRAPH,
     Backend,
     BaseReference,
     ReferenceInfo,
@@ -44,6 +41,7 @@ from converter.verify.references.base import (
     read_graph_file,
 )
 from converter.verify.safety import needed_subgraph
+from converter.vocabulary import BUILDER, FROZEN_GRAPH, META_GRAPH
 
 AS_FROZEN = "as frozen"
 LAST_BACKBONE_TENSOR = "MobilenetV2/expanded_conv_16/output:0"
