@@ -60,9 +60,10 @@ def spaced_clone(tmp_path):
     record = clone / "calls.txt"
     for name in ("python", "convert-mobilenet"):
         _stub(clone / ".venv" / "bin" / name, record)
-    stamp = clone / ".venv" / ".installed"
-    stamp.touch()
-    os.utime(stamp, (os.path.getmtime(clone / "pyproject.toml") + 10,) * 2)  # installed: skip the pip steps
+    # Installed, the demo's part first and then the tests': skip the pip steps.
+    for offset, stamp in enumerate((".installed-demo", ".installed-test"), start=1):
+        (clone / ".venv" / stamp).touch()
+        os.utime(clone / ".venv" / stamp, (os.path.getmtime(clone / "pyproject.toml") + 10 * offset,) * 2)
     return clone, record
 
 
