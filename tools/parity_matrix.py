@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.output.markdown import table_row
-from converter.verify.references.base import FROZEN_GRAPH, META_GRAPH
+from converter.vocabulary import FROZEN_GRAPH, META_GRAPH
 
 _THREADS: int | None = None
 
