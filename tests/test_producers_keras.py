@@ -105,7 +105,7 @@ def test_teachable_machine_folder_loads_in_transformers_as_the_backbone(teachabl
     card = (folder / "README.md").read_text()
     assert "loads this folder as `MobileNetV2Model`" in card
     assert "the center square of the image, resized to 224x224, RGB scaled as x / 127.5 - 1" in card
-    assert "Class 1, Class 2, Class 3" in card
+    assert "named by the source (`Class 1`, `Class 2`, `Class 3`)" in card
 
     pixels = torch.from_numpy(refs["images"]).permute(0, 3, 1, 2)
     ours = load_pretrained(folder).eval()

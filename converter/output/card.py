@@ -25,6 +25,7 @@ WEIGHT_MEANINGS = {
     "as exported": "the one value per weight that the export stores",
 }
 #: The DeepLab zoo names its tarballs by the PASCAL VOC split they were trained on.
+FEW_CLASSES = 10  # a card lists the names of this many classes or fewer, else the first two
 TRAINING_SPLITS = {"trainval": "train + val", "train_aug": "train_aug", "trainaug": "train_aug"}
 
 
@@ -208,7 +209,8 @@ def _classes(record: ConversionRecord, labels: list[str], dataset: str | None) -
         return f"{count}: the ImageNet classes ({dropped})"
     if labels == [f"LABEL_{i}" for i in range(count)]:
         return f"{count}, which the source does not name (`LABEL_0` to `LABEL_{count - 1}`)"
-    return f"{count}, named by the source (`{labels[0]}`, `{labels[1] if count > 1 else ''}`, ...)"
+    shown = labels if count <= FEW_CLASSES else [*labels[:2], "..."]
+    return f"{count}, named by the source ({', '.join(name if name == '...' else f'`{name}`' for name in shown)})"
 
 
 def _preprocessing(settings: dict[str, Any]) -> str:
