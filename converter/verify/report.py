@@ -86,9 +86,12 @@ def verdict_line(result: ParityResult, why_not_compared: bool = True) -> str:
     reference = result.reference
     where = f"{reference['kind']}" + (f" `{reference['file']}`" if reference.get("file") else "")
     compared = {row.endpoint for row in result.compared_rows}
-    tolerance = "calibrated tolerance per endpoint" if result.atol is None else (
-        f"tolerance atol {result.atol:g} + rtol {result.rtol:g} x max|ref|"
-    )  # fmt: skip
+    if result.against_integer_model:
+        tolerance = "one output quantization step per layer and integer step"
+    elif result.atol is None:
+        tolerance = "calibrated tolerance per endpoint"
+    else:
+        tolerance = f"tolerance atol {result.atol:g} + rtol {result.rtol:g} x max|ref|"
     line = (
         f"**Parity {verdict}** `{result.variant}` vs the original ({where}, weights "
         f"{reference['convention']}): max abs diff {_fmt(result.max_abs_diff)} (at most "

@@ -146,8 +146,13 @@ class ParityResult:
         return max((_or_zero(row.max_rel_diff) for row in self.compared_rows), default=math.nan)
 
     @property
+    def against_integer_model(self) -> bool:
+        """Whether the reference is an integer model, compared layer by layer and step by step."""
+        return any(endpoint.startswith((FLOAT_STEP, INTEGER_STEP)) for endpoint, _, _ in self.endpoints)
+
+    @property
     def tolerance_rule(self) -> str:
-        if any(endpoint.startswith((FLOAT_STEP, INTEGER_STEP)) for endpoint, _, _ in self.endpoints):
+        if self.against_integer_model:
             return "one output quantization step of the interpreter's tensor, per layer and integer step"
         if self.atol is not None:
             return f"atol {self.atol:g} + rtol {self.rtol:g} x max abs reference, per endpoint and input"
