@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import tarfile
@@ -13,7 +14,14 @@ import numpy as np
 import pytest
 
 from converter.errors import SourceError, UnsafeArchiveError
-from converter.formats.files import CheckpointSource, open_source
+from converter.formats import files
+from converter.formats.files import (
+    DEFAULT_MAX_EXTRACT_BYTES,
+    DEFAULT_MAX_MEMBERS,
+    CheckpointSource,
+    extracted,
+    open_source,
+)
 
 ZOO_NAME = "mobilenet_v2_1.0_224"
 ZOO_FILES = [
@@ -195,6 +203,43 @@ def test_zoo_tarball_with_top_level_files(tmp_path, private_tempdir, name):
         assert source.files[1].read_bytes() == f"contents of {ZOO_FILES[1]}".encode()
         assert source.prefix.is_relative_to(private_tempdir)
     assert not source.prefix.parent.exists()
+    assert list(private_tempdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["model.tgz", "model.tar"])
+def test_archive_sha256_is_that_of_its_bytes(tmp_path, name):
+    archive = _archive(tmp_path, _zoo_members(ZOO_FILES), name)
+    with extracted(archive, DEFAULT_MAX_EXTRACT_BYTES, DEFAULT_MAX_MEMBERS) as unpacked:
+        assert unpacked.sha256 == hashlib.sha256(archive.read_bytes()).hexdigest()
+        assert (unpacked.folder / ZOO_FILES[1]).read_bytes() == f"contents of {ZOO_FILES[1]}".encode()
+
+
+def test_gzip_of_several_members_with_zero_padding(tmp_path):
+    """gzip reads concatenated members, zero bytes between them allowed: so does the unpacking."""
+    tar = _tar_bytes([*_zoo_members(ZOO_FILES), _regular("noise.bin", os.urandom(300_000))], compress=False)
+    archive = tmp_path / "members.tgz"
+    archive.write_bytes(gzip.compress(tar[:100_000]) + bytes(1000) + gzip.compress(tar[100_000:]))
+    assert gzip.decompress(archive.read_bytes()) == tar  # the gzip module's reading of the same file
+    with open_source(archive) as source:
+        assert source.files[1].read_bytes() == f"contents of {ZOO_FILES[1]}".encode()
+
+
+def test_data_after_the_gzip_stream_is_refused(tmp_path):
+    archive = tmp_path / "trailing.tgz"
+    archive.write_bytes(_tar_bytes(_zoo_members(ZOO_FILES), compress=True) + b"not gzip")
+    with pytest.raises(gzip.BadGzipFile):  # the gzip module refuses it too
+        gzip.decompress(archive.read_bytes())
+    with pytest.raises(SourceError, match="trailing.tgz is not a valid gzip file"):
+        with open_source(archive):
+            pass
+
+
+def test_large_tar_stream_goes_through_a_private_file(tmp_path, private_tempdir, monkeypatch):
+    monkeypatch.setattr(files, "_SPOOL_BYTES", 10_000)
+    noise = np.random.default_rng(0).bytes(50_000)
+    archive = _archive(tmp_path, [*_zoo_members(ZOO_FILES), _regular("noise.bin", noise)])
+    with open_source(archive) as source:
+        assert (source.prefix.parent / "noise.bin").read_bytes() == noise
     assert list(private_tempdir.iterdir()) == []
 
 

@@ -78,8 +78,9 @@ def open_reader(
     if origin.is_file() and origin.stat().st_size == 0:
         raise SourceError(f"{origin} is empty (0 bytes): it was cut short or never written; pass the whole file")
     if is_archive(origin):
-        with extracted(origin, max_extract_bytes, max_members) as folder:
-            with _opened(_archive_root(folder), forced, origin, backbone_only) as reader:
+        with extracted(origin, max_extract_bytes, max_members) as unpacked:
+            with _opened(_archive_root(unpacked.folder), forced, origin, backbone_only) as reader:
+                reader.archive_sha256 = unpacked.sha256
                 yield reader
     else:
         with _opened(origin, forced, None, backbone_only) as reader:

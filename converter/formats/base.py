@@ -83,6 +83,8 @@ class Reader(ABC):
         self.backbone_only = backbone_only
         # What the registry noticed around `path` (the other formats of its folder or archive).
         self.registry_notes: tuple[str, ...] = ()
+        # The sha256 of `archive`, computed by the registry while it unpacked it (None: not yet known).
+        self.archive_sha256: str | None = None
 
     @classmethod
     @abstractmethod
@@ -112,6 +114,8 @@ class Reader(ABC):
 
     def provenance(self) -> list[SourceFile]:
         """What the weights came from: the archive as given, else the files read, each with its sha256."""
+        if self.archive and self.archive_sha256:
+            return [SourceFile(self.archive.name, self.archive_sha256, self.archive.stat().st_size)]
         paths = [self.archive] if self.archive else self.source_files()
         return [SourceFile(path.name, file_sha256(path), path.stat().st_size) for path in paths]
 

@@ -9,17 +9,21 @@ extraction filter guards the extraction itself.
 
 from __future__ import annotations
 
-import gzip
+import hashlib
+import io
 import os
+import queue
 import re
 import shutil
 import tarfile
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from converter.errors import SourceError, UnsafeArchiveError
 
@@ -32,7 +36,10 @@ _ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
 DATA_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
 SEARCH_LEVELS = 2  # zoo DeepLab tarballs put the checkpoint one folder down
 _GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_WBITS = zlib.MAX_WBITS | 16  # a gzip header and trailer around the deflate stream
 _CHUNK = 1 << 20
+# An archive's tar stream is held in memory up to this size (the zoo's are under 100 MB), in a private file beyond.
+_SPOOL_BYTES = 256 << 20
 # Room for tar headers and padding on top of the member bytes when capping a decompressed stream.
 _TAR_OVERHEAD_PER_MEMBER = 4096
 SKIPPED_NAMES = ("__MACOSX",)  # macOS resource forks in tarballs; hidden names are skipped too
@@ -72,8 +79,8 @@ def open_source(
     """
     origin = Path(path)
     if is_archive(origin):
-        with extracted(origin, max_extract_bytes, max_members) as folder:
-            yield locate_checkpoint(folder, archive=origin)
+        with extracted(origin, max_extract_bytes, max_members) as unpacked:
+            yield locate_checkpoint(unpacked.folder, archive=origin)
     else:
         yield locate_checkpoint(origin)
 
@@ -207,8 +214,17 @@ def _find_frozen_graph(prefix: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Unpacked:
+    """An archive unpacked into a private temporary folder, with the sha256 of the archive's own bytes,
+    computed while they were read (provenance then needs no second pass over them)."""
+
+    folder: Path
+    sha256: str
+
+
 @contextmanager
-def extracted(archive: Path, max_bytes: int, max_members: int) -> Iterator[Path]:
+def extracted(archive: Path, max_bytes: int, max_members: int) -> Iterator[Unpacked]:
     """Unpack ``archive`` into a private temporary folder, removed on exit whatever happens."""
     if not hasattr(tarfile, "data_filter"):
         raise SourceError(
@@ -220,64 +236,130 @@ def extracted(archive: Path, max_bytes: int, max_members: int) -> Iterator[Path]
     except OSError as err:
         raise SourceError(f"cannot create a temporary folder to unpack {archive}: {err}") from None
     try:
-        tar_path = archive
-        if _is_gzip(archive):
-            # Decompress once up front: the gzip CRC and length are then verified, the size is capped
-            # while streaming, and tarfile can seek in a plain file instead of re-inflating per member.
-            tar_path = workdir / "archive.tar"
-            _gunzip(archive, tar_path, max_bytes + max_members * _TAR_OVERHEAD_PER_MEMBER + _CHUNK)
-        destination = workdir / "extracted"
-        destination.mkdir()
-        _extract_checked(archive, tar_path, destination, max_bytes, max_members)
-        if tar_path != archive:
-            tar_path.unlink()
-        yield destination
+        limit = max_bytes + max_members * _TAR_OVERHEAD_PER_MEMBER + _CHUNK
+        stream, digest = _tar_stream(archive, workdir, limit)
+        with stream:
+            destination = workdir / "extracted"
+            destination.mkdir()
+            _extract_checked(archive, stream, destination, max_bytes, max_members)
+        yield Unpacked(destination, digest)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _is_gzip(path: Path) -> bool:
+def _tar_stream(archive: Path, workdir: Path, limit: int) -> tuple[BinaryIO, str]:
+    """The archive's tar stream (inflated when it is gzipped, its CRC and length checked), at most `limit`
+    bytes, held in memory up to `_SPOOL_BYTES` and beyond that in a private file in `workdir`; and the
+    sha256 of the archive's own bytes. One pass over the file."""
+    digest = _BackgroundSha256()
+    chunks: list[bytes] = []
+    held = 0
+    spill: BinaryIO | None = None
     try:
-        with path.open("rb") as file:
-            return file.read(2) == _GZIP_MAGIC
-    except OSError as err:
-        raise SourceError(f"cannot read {path}: {err.strerror}") from None
-
-
-def _gunzip(archive: Path, target: Path, limit: int) -> None:
-    written = 0
-    try:
-        with gzip.open(archive, "rb") as source, target.open("wb") as sink:
-            while chunk := _read_gzip_chunk(source, archive):
-                written += len(chunk)
-                if written > limit:
+        with archive.open("rb") as file:
+            head = file.read(len(_GZIP_MAGIC))
+            file.seek(0)
+            blocks = _blocks(file, digest)
+            for chunk in _gunzipped(blocks, archive) if head == _GZIP_MAGIC else blocks:
+                held += len(chunk)
+                if held > limit:
                     raise UnsafeArchiveError(
                         f"{archive} decompresses to more than {limit} bytes; refusing it (raise "
                         "max_extract_bytes if it is genuine)"
                     )
-                sink.write(chunk)
-    except OSError as err:  # damaged gzip data is reported by _read_gzip_chunk; this is the disk
-        raise SourceError(f"cannot decompress {archive} into {target.parent}: {err}") from None
+                if spill is None and held > _SPOOL_BYTES:
+                    spill = tempfile.TemporaryFile(dir=workdir)
+                    spill.writelines(chunks)
+                    chunks.clear()
+                if spill is None:
+                    chunks.append(chunk)
+                else:
+                    spill.write(chunk)
+    except BaseException as err:
+        digest.hexdigest()  # ends its thread
+        if spill is not None:
+            spill.close()
+        if isinstance(err, OSError):
+            raise SourceError(f"cannot read {archive} or unpack it into {workdir}: {err.strerror or err}") from None
+        raise
+    if spill is None:
+        return io.BytesIO(b"".join(chunks)), digest.hexdigest()
+    spill.seek(0)
+    return spill, digest.hexdigest()
 
 
-def _read_gzip_chunk(source: gzip.GzipFile, archive: Path) -> bytes:
+def _blocks(file: BinaryIO, digest: _BackgroundSha256) -> Iterator[bytes]:
+    while block := file.read(_CHUNK):
+        digest.update(block)
+        yield block
+
+
+class _BackgroundSha256:
+    """The sha256 of the blocks passed to `update`, computed on a thread of its own: hashlib releases the
+    GIL, as zlib does, so hashing an archive overlaps inflating it."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._blocks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (block := self._blocks.get()) is not None:
+            self._digest.update(block)
+
+    def update(self, block: bytes) -> None:
+        self._blocks.put(block)
+
+    def hexdigest(self) -> str:
+        """The digest of every block passed so far; no block may follow."""
+        if self._thread.is_alive():
+            self._blocks.put(None)
+            self._thread.join()
+        return self._digest.hexdigest()
+
+
+def _gunzipped(blocks: Iterator[bytes], archive: Path) -> Iterator[bytes]:
+    """The inflated data of a gzip stream: one member or several, zero padding between them allowed (as
+    gzip itself reads them). zlib checks each member's CRC and length; each step yields at most `_CHUNK`
+    bytes, so a decompression bomb is cut off while streaming."""
+    inflater: zlib._Decompress | None = zlib.decompressobj(_GZIP_WBITS)
     try:
-        return source.read(_CHUNK)
-    except (OSError, EOFError, zlib.error) as err:
+        for block in blocks:
+            if inflater is None:  # between members
+                block = block.lstrip(b"\0")
+                if not block:
+                    continue
+                inflater = zlib.decompressobj(_GZIP_WBITS)
+            while True:
+                chunk = inflater.decompress(block, _CHUNK)
+                if chunk:
+                    yield chunk
+                block = inflater.unconsumed_tail
+                if inflater.eof:
+                    block, inflater = inflater.unused_data.lstrip(b"\0"), None
+                    if not block:
+                        break
+                    inflater = zlib.decompressobj(_GZIP_WBITS)
+                elif not block and len(chunk) < _CHUNK:
+                    break
+    except zlib.error as err:
         raise SourceError(f"{archive} is not a valid gzip file (truncated or corrupted?): {err}") from None
+    if inflater is not None and not inflater.eof:
+        raise SourceError(f"{archive} is not a valid gzip file (truncated or corrupted?): it ends mid-stream")
 
 
-def _extract_checked(archive: Path, tar_path: Path, destination: Path, max_bytes: int, max_members: int) -> None:
+def _extract_checked(archive: Path, stream: BinaryIO, destination: Path, max_bytes: int, max_members: int) -> None:
     try:
-        with tarfile.open(tar_path, "r:") as tar:
+        with tarfile.open(fileobj=stream, mode="r:", copybufsize=_CHUNK) as tar:
             members = _checked_members(tar, archive, max_bytes, max_members)
-            _check_nothing_after_members(tar_path, members, archive)
+            _check_nothing_after_members(stream, members, archive)
             tar.extractall(destination, members=members, filter="data")
     except tarfile.FilterError as err:  # our checks should have caught it first; belt and braces
         raise UnsafeArchiveError(f"{archive}: refused by the extraction filter: {err}") from None
     except (tarfile.TarError, EOFError, ValueError, UnicodeError) as err:
         raise SourceError(f"{archive} is not a readable tar archive (truncated or corrupted?): {err}") from None
-    except OSError as err:  # the archive is a plain file by now, so this is the disk
+    except OSError as err:  # the tar stream is in memory or a private file by now, so this is the disk
         raise SourceError(f"cannot extract {archive} into {destination}: {err}") from None
 
 
@@ -299,21 +381,20 @@ def _checked_members(tar: tarfile.TarFile, archive: Path, max_bytes: int, max_me
     return members
 
 
-def _check_nothing_after_members(tar_path: Path, members: list[tarfile.TarInfo], archive: Path) -> None:
+def _check_nothing_after_members(stream: BinaryIO, members: list[tarfile.TarInfo], archive: Path) -> None:
     """Only zero padding may follow the last member.
 
     tarfile ends an archive quietly at the first damaged header after the first one, so without this
     check a corrupted archive could look like a shorter, valid one.
     """
     end = max((member.offset_data + _padded(member.size) for member in members), default=0)
-    with tar_path.open("rb") as file:
-        file.seek(end)
-        while chunk := file.read(_CHUNK):
-            if chunk.count(0) != len(chunk):
-                raise SourceError(
-                    f"{archive} has unreadable data after byte {end} of its tar stream (a damaged member "
-                    "header?): the archive is corrupted; re-download it"
-                )
+    stream.seek(end)
+    while chunk := stream.read(_CHUNK):
+        if chunk.count(0) != len(chunk):
+            raise SourceError(
+                f"{archive} has unreadable data after byte {end} of its tar stream (a damaged member "
+                "header?): the archive is corrupted; re-download it"
+            )
 
 
 def _padded(size: int) -> int:
