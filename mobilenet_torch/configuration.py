@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"  # next to it in a model folder
 POOLING_MODES = ("global", "fixed7x7")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 DEFAULT_NUM_LABELS = 1001  # ImageNet with background, the original checkpoints' head

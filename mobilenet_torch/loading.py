@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .architecture import BACKBONE_PREFIX, PLACEHOLDER_PREFIX
-from .configuration import CONFIG_NAME, LABEL_KEYS, OUTPUT_OPTIONS, MobileNetV2Config
+from .configuration import CONFIG_NAME, LABEL_KEYS, OUTPUT_OPTIONS, WEIGHTS_NAME, MobileNetV2Config
 from .errors import ModelFolderError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-WEIGHTS_NAME = "model.safetensors"
 SEGMENTATION_HEAD_PREFIX = "segmentation_head."
 # A Hub id as huggingface_hub accepts it: "name" or "owner/name", no leading dot, no "..".
 HUB_ID = re.compile(r"(?!\.)(?!.*\.\.)[\w.-]{1,96}(/(?!\.)[\w.-]{1,96})?")

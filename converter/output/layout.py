@@ -5,8 +5,7 @@
 
 from __future__ import annotations
 
-from mobilenet_torch.configuration import CONFIG_NAME
-from mobilenet_torch.loading import WEIGHTS_NAME
+from mobilenet_torch.configuration import CONFIG_NAME, WEIGHTS_NAME
 from mobilenet_torch.quantized_files import FAKE_QUANTIZATION_FILE, INTEGER_WEIGHTS_FILE, QUANTIZATION_FILE
 
 WEIGHTS = WEIGHTS_NAME

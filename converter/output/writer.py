@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import json
 import os
@@ -137,8 +135,12 @@ def _publish(staging: Path, output: Path, force: bool, sources: tuple[Path, ...]
 
 def _exchange(a: Path, b: Path) -> None:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); elsewhere, rename aside then in."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
+    import ctypes  # only a conversion over an existing folder needs it
+
+    try:  # the C library's symbols are the process's own (ctypes.util.find_library would run ldconfig)
+        renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except (OSError, TypeError):  # Windows has no process-wide symbol table to open
+        renameat2 = None
     at_fdcwd, rename_exchange = -100, 2
     if renameat2 is not None and renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
         return
