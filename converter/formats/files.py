@@ -9,8 +9,10 @@ extraction filter guards the extraction itself.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
+import itertools
 import os
 import queue
 import re
@@ -283,9 +285,45 @@ def _tar_stream(archive: Path, workdir: Path, limit: int) -> tuple[BinaryIO, str
             raise SourceError(f"cannot read {archive} or unpack it into {workdir}: {err.strerror or err}") from None
         raise
     if spill is None:
-        return io.BytesIO(b"".join(chunks)), digest.hexdigest()
+        return _ChunkFile(chunks), digest.hexdigest()
     spill.seek(0)
     return spill, digest.hexdigest()
+
+
+class _ChunkFile(io.RawIOBase):
+    """A read-only, seekable file over a list of byte strings: the inflated tar stream, held without
+    joining it into one more copy."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        super().__init__()
+        self._chunks = chunks
+        self._starts = list(itertools.accumulate(map(len, chunks), initial=0))
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._starts[-1]}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._starts[-1] if size is None or size < 0 else min(self._position + size, self._starts[-1])
+        parts = []
+        while self._position < end:
+            index = bisect.bisect_right(self._starts, self._position) - 1
+            start = self._position - self._starts[index]
+            part = self._chunks[index][start : start + end - self._position]
+            parts.append(part)
+            self._position += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _blocks(file: BinaryIO, digest: _BackgroundSha256) -> Iterator[bytes]:
