@@ -54,7 +54,8 @@ parity: install
 	$(BIN)/python -m tools.parity_matrix --out reports --jobs 2; status=$$?; \
 		$(BIN)/python -m tools.docs_tables reports; exit $$status
 
-# Every speed target of the project in one run (inference, compile, ONNX, conversion); reports/bench.{md,json}.
+# Every speed target of the project in one run (inference, compile, ONNX, the integer model, conversion), with
+# progress lines on stderr; reports/bench.{md,json}.
 bench: install
 	$(BIN)/python -m fixtures build --name mobilenet_v2_1.0_224
 	$(BIN)/python benchmarks/bench.py

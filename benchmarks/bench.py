@@ -1,6 +1,7 @@
-"""Speed of the TF-exact model against a plain MobileNetV2 and transformers' port, and the cost of converting.
+"""Speed of the TF-exact model against a plain MobileNetV2 and transformers' port, of the emulated integer
+model against its float twin and TFLite's interpreter, and the cost of converting.
 
-    python benchmarks/bench.py [--quick] [--only peak,eager,compile,onnx,convert] [--strict]
+    python benchmarks/bench.py [--quick] [--only peak,eager,compile,onnx,quantized,convert] [--strict]
 
 Every comparison runs interleaved: each round times every candidate once, in turn, so a shared machine's
 slow drifts hit all candidates alike. The table reports the median and the fastest round; the targets
@@ -13,7 +14,7 @@ every 3x3 conv), run channels_last on channels_last images: the speed a TF-exact
 preprocessing produces them. "fused" models have their BatchNorms folded into the convolutions
 (`model.fuse()` for ours); fused models are only compared with fused models. The first torch.compile
 call is timed in a fresh interpreter with an empty inductor cache (and again with the cache it left),
-one model per interpreter, so neither model reuses the other's kernels.
+one model per interpreter, so neither model reuses the other's kernels. Progress lines go to stderr.
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ FIXTURE = "mobilenet_v2_1.0_224"
 OURS, PLAIN = "ours (as loaded)", "plain (channels_last)"
 OURS_FUSED, PLAIN_FUSED = "ours fused (as loaded)", "plain fused (channels_last)"
 SGEMM_SIZE = 2048
+SECTIONS = ("peak", "eager", "compile", "onnx", "quantized", "convert")
+REAL_MODELS = REPO.parent / "shared" / "realdata" / "models"
+STARTED = time.perf_counter()
+
+
+def progress(text: str) -> None:
+    """One line on stderr with the time since the benchmark started: a long run says what it is doing."""
+    print(f"[bench] {time.perf_counter() - STARTED:6.1f} s  {text}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -277,6 +286,7 @@ def first_compile_seconds(name: str) -> float:
 
 
 def compile_in_fresh_interpreter(name: str, cache: Path) -> float:
+    progress(f"  first torch.compile of {name} in a fresh interpreter ({'warm' if cache.exists() else 'empty'} cache)")
     environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     command = [sys.executable, __file__, "--first-compile", name]
     result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO)
@@ -348,37 +358,82 @@ def onnx(rounds: dict[int, int], timings: list[Timing], targets: list[Target], p
             fraction_of_peak("onnxruntime ours", fastest["onnxruntime ours"], peak, targets)
 
 
-def quantized(rounds: int, timings: list[Timing], targets: list[Target]) -> None:
-    """The emulated integer model of Google's uint8 MobileNetV2 1.0/224 (../shared/realdata), its float twin
-    and TensorFlow Lite's interpreter, at batch 1 (reported, not judged: the emulation is exact first)."""
-    tflite = REPO.parent / "shared" / "realdata" / "models" / "mobilenet_v2_1.0_224_quant.tflite"
-    if not tflite.is_file():
-        targets.append(Target("emulated integer model", float("nan"), None, note=f"{tflite} is absent"))
-        return
+INTEGER, TWIN = "integer (QuantizedMobileNetV2)", "float twin"
+TFLITE_REFERENCE, TFLITE_DEFAULT = "TFLite reference kernels", "TFLite default kernels (XNNPACK)"
+
+
+def quantized(rounds: dict[str, int], timings: list[Timing], targets: list[Target]) -> None:
+    """The emulated integer model of Google's uint8 models (../shared/realdata), its float twin and TFLite's
+    interpreter with its reference kernels (what the integer model reproduces exactly) and its default
+    (XNNPACK) ones: classification 224 at batch 1 and 32, DeepLab 513 at batch 1. The targets are ratios to
+    the float twin in the same run."""
     import tensorflow as tf
 
     from converter import convert_checkpoint
     from mobilenet_torch.quantized import QuantizedMobileNetV2
 
-    with tempfile.TemporaryDirectory() as folder:
-        convert_checkpoint(tflite, Path(folder, "model"))
-        integer = QuantizedMobileNetV2.from_pretrained(Path(folder, "model")).eval()
-        twin = integer.float_twin()
-    x = images(1, "NCHW")
-    interpreter = tf.lite.Interpreter(model_path=str(tflite), num_threads=THREADS)
+    cases = (
+        ("1.0_224", "mobilenet_v2_1.0_224_quant.tflite", 224, (1, BIG_BATCH), 3.0, 2.0),
+        ("DeepLab 513", "deeplabv3_mnv2_pascal_quant.tflite", 513, (1,), 3.0, None),
+    )
+    for label, file_name, size, batches, limit_b1, limit_big in cases:
+        tflite = REAL_MODELS / file_name
+        if not tflite.is_file():
+            targets.append(Target(f"quantized {label}", float("nan"), None, note=f"{tflite} is absent"))
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            progress(f"  converting {file_name}")
+            convert_checkpoint(tflite, Path(folder, "model"))
+            integer = QuantizedMobileNetV2.from_pretrained(Path(folder, "model")).eval()
+            twin = integer.float_twin()
+        interpreters = {
+            name: _interpreter(tf, tflite, reference)
+            for name, reference in ((TFLITE_REFERENCE, True), (TFLITE_DEFAULT, False))
+        }
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)).clamp(-1, 1)
+            candidates = {INTEGER: logits_of(integer, x), TWIN: logits_of(twin, x)}
+            candidates.update({name: _invoke_each(interpreter, x) for name, interpreter in interpreters.items()})
+            count = rounds["big" if batch > 1 or size > SIZE else "small"]
+            progress(f"  {label} batch {batch}: {count} rounds of {len(candidates)} candidates")
+            fastest = record(timings, f"quantized {label} uint8", batch, interleaved(candidates, count, warmup=1))
+            note = (
+                f"twin {fastest[TWIN] * 1e3:.1f} ms; TFLite default {fastest[TFLITE_DEFAULT] * 1e3:.1f} ms, reference "
+                f"{fastest[TFLITE_REFERENCE] * 1e3:.1f} ms"
+            )
+            if batch > 1:
+                note += f" ({batch} single-image invokes: the graph fixes batch 1)"
+            name = f"quantized {label} b{batch}: integer / float twin"
+            limit = limit_b1 if batch == 1 else limit_big
+            targets.append(Target(name, fastest[INTEGER] / fastest[TWIN], limit, note=note))
+            goal = fastest[INTEGER] / fastest[TFLITE_DEFAULT]
+            targets.append(Target(f"quantized {label} b{batch}: integer / TFLite default kernels (goal)", goal, 1.0))
+
+
+def _interpreter(tf, tflite: Path, reference: bool):
+    """TFLite's interpreter on the benchmark's threads, with the reference kernels or the default ones."""
+    resolvers = tf.lite.experimental.OpResolverType
+    resolver = resolvers.BUILTIN_REF if reference else resolvers.AUTO
+    interpreter = tf.lite.Interpreter(str(tflite), num_threads=THREADS, experimental_op_resolver_type=resolver)
     interpreter.allocate_tensors()
+    return interpreter
+
+
+def _invoke_each(interpreter, x: torch.Tensor) -> Callable[[], object]:
+    """Run the interpreter on each image of `x` (NCHW in [-1, 1]), quantized as its input says; the graphs
+    fix batch 1 (a Reshape to [1, classes]), so a batch is one invoke per image."""
     (detail,) = interpreter.get_input_details()
-    pixels = np.clip(np.round(x.permute(0, 2, 3, 1).numpy() * 128 + 128), 0, 255).astype(detail["dtype"])
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    pixels = np.round(x.permute(0, 2, 3, 1).numpy() / scale) + zero_point
+    images = np.clip(pixels, info.min, info.max).astype(detail["dtype"])[:, None]
 
-    def interpret() -> None:
-        interpreter.set_tensor(detail["index"], pixels)
-        interpreter.invoke()
+    def run() -> None:
+        for image in images:
+            interpreter.set_tensor(detail["index"], image)
+            interpreter.invoke()
 
-    candidates = {"emulated integer (ours)": logits_of(integer, x), "float twin": logits_of(twin, x)}
-    candidates["TFLite interpreter (default kernels)"] = interpret
-    fastest = record(timings, "quantized 1.0_224 uint8", 1, interleaved(candidates, rounds))
-    ratio = fastest["emulated integer (ours)"] / fastest["TFLite interpreter (default kernels)"]
-    targets.append(Target("quantized b1: emulated integer model / TFLite interpreter", ratio, None))
+    return run
 
 
 def _ort_run(session, x) -> Callable[[], object]:
@@ -398,27 +453,39 @@ with open(sys.argv[2], "wb") as out:
 
 
 def convert(rounds: int, checkpoint: Path, timings: list[Timing], targets: list[Target]) -> None:
+    """A conversion's wall time and peak RSS, each command in a fresh interpreter, against `import torch` and
+    the floor. All run as an installed package does, with Python's bytecode cache (an environment that sets
+    PYTHONDONTWRITEBYTECODE would otherwise compile every module of the project on every run); an untimed
+    first round writes the cache."""
     if not checkpoint.is_file():
         targets.append(Target("conversion", float("nan"), 0, note=f"skipped: {checkpoint} is missing"))
         return
     script = Path(sys.executable).with_name("convert-mobilenet")
     torch_import, conversion, floor = 'python -c "import torch"', "convert-mobilenet", "read + write the checkpoint"
+    start_up = 'start-up: python -c "import what a conversion imports"'
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder, "out")
         commands = {
             torch_import: [sys.executable, "-c", "import torch"],
             conversion: [str(script), "--checkpoint", str(checkpoint), "--output", str(output), "--force"],
             floor: [sys.executable, "-c", FLOOR, str(checkpoint), str(Path(folder, "copy"))],
+            start_up: [sys.executable, "-c", CONVERSION_IMPORTS],
         }
         samples = {name: [] for name in commands}
-        for _ in range(rounds):
+        progress(f"  {rounds} rounds of {len(commands)} commands, after one untimed round")
+        for round_number in range(rounds + 1):
             for name, command in commands.items():
-                samples[name].append(run_measured(command))
+                measured = run_measured(command, environment)
+                if round_number:
+                    samples[name].append(measured)
         imported = modules_imported_by_conversion(checkpoint, output)
     wall = record(timings, "conversion (wall)", 1, {name: [s[0] for s in runs] for name, runs in samples.items()})
     rss = {name: statistics.median(s[1] for s in runs) for name, runs in samples.items()}
     targets.append(Target("conversion wall / import torch wall", wall[conversion] / wall[torch_import], 0.5))
     targets.append(Target("conversion wall / floor wall (goal)", wall[conversion] / wall[floor], 2.0))
+    note = f"of the conversion's {wall[conversion] * 1e3:.0f} ms; the floor's {wall[floor] * 1e3:.0f} ms"
+    targets.append(Target("conversion: interpreter start-up and imports", wall[start_up] * 1e3, None, " ms", note))
     size = checkpoint_bytes(checkpoint)
     rss_limit = rss[torch_import] + 3 * size
     note = f"limit: import torch {rss[torch_import] / 2**20:.0f} MiB + 3 x checkpoint {size / 2**20:.1f} MiB"
@@ -427,6 +494,9 @@ def convert(rounds: int, checkpoint: Path, timings: list[Timing], targets: list[
     for package in ("tensorflow", "torch"):
         targets.append(Target(f"conversion imports {package} (1 = yes)", float(package in imported), 0, "", note))
 
+
+# What convert-mobilenet imports before it reads anything (the rest of a conversion is its work).
+CONVERSION_IMPORTS = "import converter.app.cli, converter.pipeline.convert, safetensors.numpy"
 
 # Runs one command from a small, fresh interpreter: the child's peak RSS then cannot include pages it
 # shared with this (large) process before exec, and the start-up of this launcher is not timed.
@@ -441,9 +511,10 @@ print(json.dumps([wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss *
 """
 
 
-def run_measured(command: list[str]) -> tuple[float, int]:
+def run_measured(command: list[str], environment: dict[str, str]) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one run of `command`."""
-    result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True)
+    launch = [sys.executable, "-c", LAUNCHER, *command]
+    result = subprocess.run(launch, capture_output=True, text=True, env=environment)
     if result.returncode:
         raise RuntimeError(f"{command[0]} failed: {result.stderr}")
     wall, rss = json.loads(result.stdout)
@@ -522,7 +593,9 @@ def markdown(info: dict[str, object], timings: list[Timing], targets: list[Targe
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="peak,eager,compile,onnx,quantized,convert", help="comma-separated sections")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated sections, of {', '.join(SECTIONS)}"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
     parser.add_argument("--checkpoint", type=Path, default=None, help=f"zoo archive of {FIXTURE} to convert")
     parser.add_argument("--reports", type=Path, default=REPO / "reports")
@@ -533,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         print(first_compile_seconds(args.first_compile))
         return 0
     sections = set(args.only.split(","))
+    if sections - set(SECTIONS):
+        parser.error(f"unknown sections {', '.join(sorted(sections - set(SECTIONS)))}; known: {', '.join(SECTIONS)}")
     torch.set_num_threads(THREADS)
     scale = 3 if args.quick else 1
     fixtures = Path(os.environ.get("MOBILENET_FIXTURES", REPO / ".cache" / "fixtures"))
@@ -545,17 +620,21 @@ def main(argv: list[str] | None = None) -> int:
         "eager": lambda: eager({BIG_BATCH: 9 // scale, 1: 90 // scale}, timings, targets, peak),
         "compile": lambda: compiled(9 // scale, max(1, 2 // scale), timings, targets, peak),
         "onnx": lambda: onnx({BIG_BATCH: 11 // scale, 1: 90 // scale}, timings, targets, peak),
-        "quantized": lambda: quantized(10 // scale, timings, targets),
+        "quantized": lambda: quantized({"small": 10 // scale, "big": max(1, 3 // scale)}, timings, targets),
         "convert": lambda: convert(5 // scale + 1, checkpoint, timings, targets),
     }
     for name, run in runs.items():
         if name not in sections:
             continue
+        progress(f"section {name} ...")
+        section_started = time.perf_counter()
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # the ONNX exporter's progress lines
                 run()
         except Exception as error:  # one section failing (no compiler for inductor, ...) spoils no other
             targets.append(Target(f"{name}: did not run", float("nan"), 0, note=f"{type(error).__name__}: {error}"))
+            progress(f"section {name} failed: {type(error).__name__}: {error}")
+        progress(f"section {name} done in {time.perf_counter() - section_started:.1f} s")
     info["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     info["wall_s"] = time.perf_counter() - started
 
