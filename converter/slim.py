@@ -8,6 +8,7 @@ user said (--depth, --size), the zoo file name and what the source itself says.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -108,7 +109,8 @@ def module_path(kind: str, module: str) -> str:
     return MODEL_LAYOUTS[ARCHITECTURE_OF_KIND[kind]][0] + module.removeprefix(BACKBONE_MODULE_PREFIX)
 
 
-def rules_for(kind: str, hidden_layers: int = 0) -> list[Rule]:
+@functools.cache  # detection, mapping and the record each ask for it
+def rules_for(kind: str, hidden_layers: int = 0) -> tuple[Rule, ...]:
     """The flat table for one model kind, with `hidden_layers` Dense layers ahead of the classifier."""
     rules = []
     for tf_scope, torch_module, weight, transform in conv_layers(kind):
@@ -120,7 +122,7 @@ def rules_for(kind: str, hidden_layers: int = 0) -> list[Rule]:
         for tf, pt, transform in HIDDEN_HEADS
     ]
     rules += [Rule(tf, pt, transform, is_classifier=True) for tf, pt, transform, k in HEADS if k == kind]
-    return rules
+    return tuple(rules)
 
 
 DEPTHS = {CLASSIFICATION: (1.4, 1.3, 1.0, 0.75, 0.5, 0.35), DEEPLAB: (1.0, 0.5)}
@@ -257,15 +259,13 @@ def detect_variant(
     stride = output_stride or (8 if kind == DEEPLAB else 32)
 
     candidates = DEPTHS[kind]
-    matches = [
-        d for d in candidates if _shapes_match(shapes, Variant(kind, d, 224, num_labels, stride, hidden_layers=hidden))
-    ]
-    if not matches:
+    variants = (Variant(kind, d, 224, num_labels, stride, hidden_layers=hidden) for d in candidates)
+    found = next((variant.depth for variant in variants if _shapes_match(shapes, variant)), None)
+    if found is None:
         raise VariantError(
             f"tensor shapes match no {kind} MobileNetV2 of depth {', '.join(map(str, candidates))}; "
             "the source is not one of the supported models"
         )
-    found = matches[0]
     from_name = ZOO_NAME.search(source_name) if kind != DEEPLAB else None
     if depth is not None and depth != found:
         raise VariantError(f"--depth {depth} does not match the source, which is depth {found}")
