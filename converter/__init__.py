@@ -6,7 +6,7 @@ does not pay for importing torch.
 
 from converter.version import __version__
 
-__all__ = ["__version__", "convert_checkpoint", "evaluate"]
+__all__ = ["__version__", "convert_checkpoint"]
 
 
 def __getattr__(name: str):
@@ -14,8 +14,4 @@ def __getattr__(name: str):
         from converter.pipeline.convert import convert_checkpoint
 
         return convert_checkpoint
-    if name == "evaluate":
-        from converter.app.evaluate import evaluate
-
-        return evaluate
     raise AttributeError(f"module 'converter' has no attribute {name!r}")
