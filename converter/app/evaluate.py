@@ -166,7 +166,7 @@ def _reference_runner(source: str, folder: Path, config, segmentation: bool, kin
             logits = torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
             logits = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=True)
             return logits.argmax(dim=1)
-        return torch.from_numpy(_aligned_classes(out.reshape(len(out), -1), classes))
+        return torch.from_numpy(np.array(_aligned_classes(out.reshape(len(out), -1), classes)))  # a copy: writable
 
     runs = reference.info.description + (f" (`{reference.info.file}`)" if reference.info.file else "")
     return Runner(REFERENCE, runs, predict)
