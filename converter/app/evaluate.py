@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -158,6 +158,12 @@ def _reference_runner(source: str, folder: Path, config, segmentation: bool, kin
     )
     if tensor in reference.missing:
         raise UsageError(f"the reference cannot give the model's output: {reference.missing[tensor]}")
+    if not reference.accepts(config.image_size, config.image_size):
+        _, height, width = reference.fixed_shape
+        raise UsageError(
+            f"the reference takes {height}x{width} images, the converted model is evaluated at "
+            f"{config.image_size}x{config.image_size}; pass the source this folder was converted from"
+        )
     classes = config.num_labels
 
     def predict(pixels):
@@ -442,23 +448,18 @@ def _check_ours(target: Path) -> None:
 
 
 def write_evaluation(result: EvaluationResult, target: Path) -> None:
-    """Write eval.json atomically (a private temporary, renamed over the target)."""
+    """Write eval.json atomically: a private temporary (created as a plain open would, its mode following
+    the umask), renamed over the target."""
     _check_ours(target)
     text = json.dumps(result.to_json(), indent=2) + "\n"
+    temporary = target.parent / f".{target.name}.{secrets.token_hex(8)}.partial"
     try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        with os.fdopen(handle, "w") as file:
+        with open(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666), "w") as file:
             file.write(text)
-        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, target)
     except OSError as error:
+        temporary.unlink(missing_ok=True)
         raise OutputError(f"cannot write {target} ({error.strerror or error}); choose another --output") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _update_card(folder: Path) -> None:
