@@ -12,6 +12,8 @@ import numpy as np
 
 from converter.errors import ImageError
 
+EXIF_ORIENTATION = 0x0112
+
 
 def open_image(path: str | Path):
     """An RGB Pillow image upright as its EXIF orientation says (as transformers' `load_image` does), or an
@@ -23,7 +25,8 @@ def open_image(path: str | Path):
         raise ImageError("reading images needs Pillow: pip install pillow") from None
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
+            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # transposing copies: only where needed
+                image = ImageOps.exif_transpose(image)
             if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey
                 values = np.asarray(image, dtype=np.int64)
                 if image.mode.startswith("I;16") or values.max(initial=0) > 255:

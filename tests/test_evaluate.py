@@ -143,6 +143,8 @@ def test_deeplab_voc_float_integer_and_tflite(tmp_path_factory):
     assert eval_json["preprocessing"]["name"] == "deeplab" and eval_json["data"]["split"] == "val"
     card = (folder / "README.md").read_text()
     assert "## Evaluation (measured)" in card and "not a published figure" in card
+    assert "## Published accuracy" in card  # the published section stays, apart and labelled as such
+    assert "| integer | " in card and f"{100 * integer.miou:.2f}%" in card
 
 
 def _square(photo, size: int) -> np.ndarray:

@@ -280,18 +280,18 @@ def scale_pixels(array: np.ndarray, settings: dict[str, Any]) -> np.ndarray:
 
 
 def slim_pixels(image, size: int, settings: dict[str, Any]) -> np.ndarray:
-    """slim's evaluation preprocessing: `tf.image.central_crop(0.875)`, then a bilinear resize to the size."""
+    """slim's evaluation preprocessing: `tf.image.central_crop(0.875)`, then a bilinear resize to the size
+    (cropped before converting to float: the decoding workers' time is the evaluation's bottleneck)."""
     import torch
     import torch.nn.functional as F
 
-    array = np.asarray(image, dtype=np.float32)
-    height, width = array.shape[:2]
+    width, height = image.size
     top = int((height - height * SLIM_CENTRAL_FRACTION) / 2)
     left = int((width - width * SLIM_CENTRAL_FRACTION) / 2)
-    crop = array[top : height - top, left : width - left]
-    tensor = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))[None]
-    resized = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    return scale_pixels(resized[0].numpy().transpose(1, 2, 0), settings)
+    crop = torch.from_numpy(np.array(image.crop((left, top, width - left, height - top))))
+    pixels = crop.float().permute(2, 0, 1)[None]  # channels_last in memory: the fast layout of the resize
+    resized = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return scale_pixels(resized[0].permute(1, 2, 0).numpy(), settings)
 
 
 def deeplab_pixels(image, label: np.ndarray, crop: int, settings: dict[str, Any]):
