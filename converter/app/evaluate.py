@@ -39,6 +39,7 @@ from converter.vocabulary import BACKBONE, DEEPLAB, kind_of_architecture
 
 FLOAT, INTEGER, REFERENCE = "float", "integer", "reference"
 TOP_K = 5
+DECODING_NICENESS = 10
 
 
 @dataclass
@@ -325,7 +326,7 @@ def evaluate(
         }
         loader = torch.utils.data.DataLoader(
             PreparedSamples(data_set, chosen, size, settings), batch_size=batch_size, num_workers=workers,
-            worker_init_fn=_one_thread if workers else None, persistent_workers=False,
+            worker_init_fn=_decoding_worker if workers else None, persistent_workers=False,
         )  # fmt: skip
         skipped: list[dict[str, str]] = []
         scored = 0
@@ -381,11 +382,16 @@ def _score_batch(runners, tallies, batch, good: list[int], segmentation: bool) -
             tallies[runner.name].add(outputs[runner.name], targets, reference_top1)
 
 
-def _one_thread(_worker: int) -> None:
-    """A decoding worker computes on one thread: the model's threads are the main process's."""
+def _decoding_worker(_worker: int) -> None:
+    """A decoding worker computes on one thread, at a lower priority: the model's threads (the main
+    process's) wait for one another at every layer, so a worker that preempts one stalls them all."""
     import torch
 
     torch.set_num_threads(1)
+    try:
+        os.nice(DECODING_NICENESS)
+    except OSError:  # not permitted here: the worker runs at the priority it has
+        pass
 
 
 def _progress_bar(total: int, shown: bool | None):
