@@ -18,6 +18,7 @@ import os
 import secrets
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,9 @@ def _reference_runner(source: str, folder: Path, config, segmentation: bool, kin
     classes = config.num_labels
 
     def predict(pixels):
-        out = reference.run(np.ascontiguousarray(pixels.numpy().transpose(0, 2, 3, 1)), [tensor])[tensor]
+        with warnings.catch_warnings():  # the framework's notices (Keras' about its input structure)
+            warnings.simplefilter("ignore")
+            out = reference.run(np.ascontiguousarray(pixels.numpy().transpose(0, 2, 3, 1)), [tensor])[tensor]
         if segmentation:  # the graph's own rule: logits resized bilinearly (align_corners), then arg max
             logits = torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
             logits = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=True)
