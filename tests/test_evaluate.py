@@ -235,6 +235,23 @@ def test_fine_tuned_keras_user_classes_agree_with_keras(fine_tuned):
     assert result.preprocessing["name"] == "processor"
 
 
+def test_the_command_prints_the_tables_and_writes_eval_json(fine_tuned, tmp_path):
+    from click.testing import CliRunner
+
+    from converter.app.evaluate import eval_main
+
+    folder, _, root = fine_tuned
+    result = CliRunner().invoke(
+        eval_main, ["--model", str(folder), str(root), "--workers", "0", "--output", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:4] == ["model", "top-1", "top-5", "agreement"]
+    assert lines[2].split()[:4] == ["float", "100.00%", "100.00%", "-"]  # no reference: no agreement
+    assert {line.split()[0] for line in lines[5:8]} == set(USER_CLASSES)
+    assert json.loads((tmp_path / "eval.json").read_text())["evaluation"]["scored"] == len(PHOTOS)
+
+
 def test_bad_images_are_converted_or_skipped(fine_tuned, tmp_path):
     from converter.images import open_image
 
