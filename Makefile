@@ -8,7 +8,7 @@ DEMO := out/demo
 TORCH := torch==2.13.0
 export MOBILENET_FIXTURES ?= $(CURDIR)/.cache/fixtures
 
-.PHONY: install fixtures demo test lint fuzz parity bench clean
+.PHONY: install fixtures demo test lint fuzz parity bench bench-eval clean
 
 install: $(TEST_INSTALL)
 
@@ -59,6 +59,12 @@ parity: install
 bench: install
 	$(BIN)/python -m fixtures build --name mobilenet_v2_1.0_224
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python -m tools.docs_tables reports
+
+# eval-mobilenet's images/s against the model's plain inference on pre-decoded tensors; reports/eval_bench.{md,json}.
+bench-eval: install
+	$(BIN)/python -m fixtures build --name mobilenet_v2_1.0_224
+	$(BIN)/python benchmarks/eval_bench.py
 	$(BIN)/python -m tools.docs_tables reports
 
 fuzz: install

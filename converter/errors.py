@@ -121,6 +121,11 @@ class PublishError(ConverterError):
     """The converted folder cannot be uploaded to the Hugging Face Hub."""
 
 
+class DataSetError(UsageError):
+    """An evaluation data set that cannot be used: no images, class names the model does not know, a PASCAL
+    VOC folder missing a part (exit code 2)."""
+
+
 class ImageError(ConverterError):
     """An input image for prediction cannot be read."""
 

@@ -12,15 +12,26 @@ import numpy as np
 
 from converter.errors import ImageError
 
+EXIF_ORIENTATION = 0x0112
+
 
 def open_image(path: str | Path):
-    """An RGB Pillow image, or an `ImageError` saying why not."""
+    """An RGB Pillow image upright as its EXIF orientation says (as transformers' `load_image` does), or an
+    `ImageError` saying why not. 16-bit images keep their 8 high bits (Pillow's own conversion would clip
+    them to white)."""
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, ImageOps, UnidentifiedImageError
     except ImportError:
         raise ImageError("reading images needs Pillow: pip install pillow") from None
     try:
         with Image.open(path) as image:
+            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # transposing copies: only where needed
+                image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey
+                values = np.asarray(image, dtype=np.int64)
+                if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+                    values = values >> 8
+                image = Image.fromarray(values.clip(0, 255).astype(np.uint8))
             return image.convert("RGB")
     except FileNotFoundError:
         raise ImageError(f"{path} does not exist") from None

@@ -213,7 +213,7 @@ def _scripts() -> dict[str, str]:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 
 
-@pytest.mark.parametrize("name", ["convert-mobilenet", "verify-mobilenet", "predict-mobilenet"])
+@pytest.mark.parametrize("name", ["convert-mobilenet", "verify-mobilenet", "predict-mobilenet", "eval-mobilenet"])
 def test_every_command_answers_version(name):
     import importlib
     import tomllib

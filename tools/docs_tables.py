@@ -3,7 +3,8 @@
     python -m tools.docs_tables REPORTS [--docs DOCS]
 
 A page marks a generated section as `<!-- generated: NAME -->` ... `<!-- end -->`, NAME one of `TABLES`:
-`bench` copies `REPORTS/bench.md` (benchmarks/bench.py's verdicts and timings), `parity` sums up
+`bench` copies `REPORTS/bench.md` (benchmarks/bench.py's verdicts and timings), `eval-bench`
+`REPORTS/eval_bench.md` (benchmarks/eval_bench.py's), `parity` sums up
 `REPORTS/summary.json` (the parity matrix) per graph family. A section whose report is absent keeps what
 it holds, which says the command that produces it; numbers are never typed into the docs by hand.
 """
@@ -29,6 +30,12 @@ def bench_section(reports: Path) -> str | None:
     if not path.is_file():
         return None
     return "\n".join(line for line in path.read_text().splitlines() if not line.startswith("# ")).strip() + "\n"
+
+
+def eval_bench_section(reports: Path) -> str | None:
+    """benchmarks/eval_bench.py's verdict and throughputs, as it wrote them."""
+    path = reports / "eval_bench.md"
+    return path.read_text() if path.is_file() else None
 
 
 def parity_section(reports: Path) -> str | None:
@@ -66,7 +73,11 @@ def parity_section(reports: Path) -> str | None:
     return "\n".join(lines) + "\n"
 
 
-TABLES: dict[str, Callable[[Path], str | None]] = {"bench": bench_section, "parity": parity_section}
+TABLES: dict[str, Callable[[Path], str | None]] = {
+    "bench": bench_section,
+    "eval-bench": eval_bench_section,
+    "parity": parity_section,
+}
 
 
 def fill(text: str, reports: Path) -> tuple[str, list[str]]:

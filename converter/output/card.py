@@ -36,7 +36,8 @@ def write_model_card(folder: Path) -> None:
     config = _read_json(folder / "config.json") or {}
     parity = ParityRecord.read(folder / layout.PARITY_FOLDER)
     preprocessor = _read_json(folder / layout.PREPROCESSOR)
-    (folder / layout.CARD).write_text(render_card(record, config, parity, preprocessor))
+    evaluation = (_read_json(folder / layout.EVALUATION) or {}).get("evaluation")
+    (folder / layout.CARD).write_text(render_card(record, config, parity, preprocessor, evaluation))
 
 
 def render_card(
@@ -44,9 +45,10 @@ def render_card(
     config: dict[str, Any],
     parity: ParityRecord | None = None,
     preprocessor: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> str:
     """The card of a folder converted as `record` says (None: a folder without one, described from its
-    config alone and, where given, its preprocessor config)."""
+    config alone and, where given, its preprocessor config); `evaluation`: what eval-mobilenet measured."""
     record = record or UNRECORDED
     variant = record.variant
     kind = variant.get("kind", "classification")
@@ -62,6 +64,7 @@ def render_card(
         _provenance(record, config, labels, dataset, preprocessor),
         _published(record, kind, depth, size, segmentation),
         _parity(parity),
+        _evaluation(evaluation),
         _usage(name, segmentation, size or (513 if segmentation else 224)),
         _upload(name),
         _license(segmentation),
@@ -319,6 +322,46 @@ def _parity(parity: ParityRecord | None) -> str:
         lines += ["", f"**A weak check**: {parity.detail['weak_signal']}."]
     lines += ["", f"Every endpoint is listed in [{layout.PARITY_MD}]({layout.PARITY_MD})."]
     return "\n".join(lines) + "\n"
+
+
+def _evaluation(evaluation: dict[str, Any] | None) -> str:
+    """What `eval-mobilenet` measured (eval.json), labelled as measured: never a published figure."""
+    if not evaluation:
+        return ""
+    data, preprocessing = evaluation.get("data") or {}, evaluation.get("preprocessing") or {}
+    segmentation = evaluation.get("kind") == "deeplab"
+    figures = (
+        ("miou", "pixel_accuracy", "mIoU", "pixel accuracy") if segmentation else ("top1", "top5", "top-1", "top-5")
+    )
+    lines = [
+        "## Evaluation (measured)\n",
+        f"Measured by `eval-mobilenet` on the user's data set below, not a published figure"
+        f"{'' if segmentation else ' (the published one, if any, is under Published accuracy)'}: "
+        f"{evaluation.get('scored', '?')} images of `{data.get('root', '?')}` ({data.get('layout', '?')}"
+        f"{', split ' + str(data['split']) if data.get('split') else ''}; file list sha256 "
+        f"`{str(data.get('files_sha256', '?'))[:16]}`), {len(evaluation.get('skipped') or [])} skipped; "
+        f"preprocessing: {preprocessing.get('description', '?')}.\n",
+        f"| model | {figures[2]} | {figures[3]} | agreement with the reference | what ran |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for score in evaluation.get("models") or []:
+        lines.append(
+            table_row(
+                [
+                    score.get("model", "?"),
+                    _percent(score.get(figures[0])),
+                    _percent(score.get(figures[1])),
+                    _percent(score.get("agreement")),
+                    score.get("runs", ""),
+                ]
+            )  # fmt: skip
+        )
+    lines += ["", f"Per-class figures and the skipped images are in `{layout.EVALUATION}`."]
+    return "\n".join(lines) + "\n"
+
+
+def _percent(value) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "-"
 
 
 def _divergence(value: dict[str, Any] | None) -> str:
