@@ -26,6 +26,7 @@ from fixtures.savedmodel_builder import (  # noqa: E402 (TensorFlow is needed to
     KerasShape,
     ensure_keras_saved_model,
     run_signature,
+    write_keras_saved_model,
     write_training_saved_model,
 )
 
@@ -108,6 +109,49 @@ def test_verify_runs_a_keras_saved_models_serving_signature_and_passes(converted
     assert code == 0, output
     assert report["reference"]["kind"] == "saved_model"
     assert any("Softmax" in note and "Identity" in note for note in report["reference"]["notes"])
+
+
+def compared_endpoints(report: dict) -> dict[str, dict]:
+    return {entry["endpoint"]: entry for entry in report["endpoints"] if entry.get("compared")}
+
+
+@pytest.mark.parametrize("producer", KERAS_PRODUCERS)
+def test_verify_compares_a_no_top_saved_models_feature_map_and_passes(converted, producer):
+    shape = next(shape for shape in KERAS_SHAPES if not shape.include_top)
+    source, folder = converted(producer, shape)
+    code, output, report = verify(source, folder)
+    assert code == 0, output
+    compared = compared_endpoints(report)
+    assert set(compared) == {"layer_19"} and compared["layer_19"]["passed"]
+    assert compared["layer_19"]["max_rel_diff"] <= 1e-4
+    assert any("last feature map (layer_19)" in note for note in report["reference"]["notes"])
+
+
+def test_verify_compares_a_pooled_no_top_saved_model_on_its_global_average(tmp_path):
+    from converter import convert_checkpoint
+
+    source = write_keras_saved_model("tf-keras", KerasShape(0.35, 97, False, "avg"), tmp_path / "pooled")
+    folder = tmp_path / "converted"
+    convert_checkpoint(source, folder)
+    code, output, report = verify(source, folder)
+    assert code == 0, output
+    compared = compared_endpoints(report)
+    assert set(compared) == {"global_pool"} and compared["global_pool"]["max_rel_diff"] <= 1e-4
+
+
+def test_a_verify_that_compares_no_endpoint_is_a_fail_not_a_pass(converted, tmp_path):
+    """A classifier's SavedModel against its backbone alone: the signature returns class probabilities, which
+    are no endpoint of a backbone, so nothing is compared, and that is no PASS."""
+    from converter import convert_checkpoint
+
+    shape = next(shape for shape in KERAS_SHAPES if shape.include_top)
+    source, _ = converted("keras3-export", shape)
+    folder = tmp_path / "backbone"
+    convert_checkpoint(source, folder, backbone_only=True)
+    code, output, report = verify(source, folder)
+    assert code == 1, output
+    assert not compared_endpoints(report) and report["verdict"] == "FAIL"
+    assert "Not a PASS: no endpoint was compared" in output
 
 
 @pytest.mark.parametrize("style", TRAINING_STYLES)
