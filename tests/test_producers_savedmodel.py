@@ -22,7 +22,6 @@ pytest.importorskip("tf_keras")
 from fixtures.savedmodel_builder import (  # noqa: E402 (TensorFlow is needed to build the fixtures)
     KERAS_PRODUCERS,
     KERAS_SHAPES,
-    TRAINING_STYLES,
     KerasShape,
     ensure_keras_saved_model,
     run_signature,
@@ -154,17 +153,25 @@ def test_a_verify_that_compares_no_endpoint_is_a_fail_not_a_pass(converted, tmp_
     assert "Not a PASS: no endpoint was compared" in output
 
 
-@pytest.mark.parametrize("style", TRAINING_STYLES)
-def test_verify_passes_on_a_saved_model_from_training_code_and_reports_what_it_left_out(style, tmp_path):
+#: Each style at depth 0.35, compared at an even or an odd size (the folder's image_size).
+TRAINING_CASES = [("training-tf1", 96), ("training-tf1", 97), ("training-tf2", 97), ("training-tf2-lazy", 96)]
+
+
+@pytest.mark.parametrize(("style", "size"), TRAINING_CASES)
+def test_verify_passes_on_a_saved_model_from_training_code_and_reports_what_it_left_out(style, size, tmp_path):
+    """The variables' random initializers never run (the loader restores every variable), nor do the losses."""
     from converter import convert_checkpoint
 
     source = write_training_saved_model(SMALL, tmp_path / style, style)
     folder = tmp_path / "converted"
-    convert_checkpoint(source, folder)
+    convert_checkpoint(source, folder, size=size)
     code, output, report = verify(source, folder)
     assert code == 0, output
+    assert report["inputs"][0]["shape"][2:] == [size, size]
+    assert compared_endpoints(report)["logits"]["passed"]
     left_out = report["reference"]["left_out_ops"]
     assert {"RestoreV2", "SaveV2"} <= set(left_out)  # the saver: its restore run by the loader only
+    assert "TruncatedNormal" not in report["reference"]["imported_ops"]
     if style == "training-tf1":  # the losses and initializers of slim's training_scope never run
         assert left_out["L2Loss"] > 0 and left_out["TruncatedNormal"] > 0
         assert "L2Loss" not in report["reference"]["imported_ops"]
