@@ -11,7 +11,8 @@ import numpy as np
 
 from converter.slim import class_names
 from converter.vocabulary import CLASSIFICATION
-from mobilenet_torch.configuration import BOTTOM_RIGHT_PADDING, SAME_PADDING
+from mobilenet_torch.architecture import strided_conv_count
+from mobilenet_torch.configuration import BOTTOM_RIGHT_PADDING, SAME_PADDING, MobileNetV2Config
 
 CONV, DEPTHWISE, BATCHNORM, DENSE = "conv2d", "depthwise_conv2d", "batch_normalization", "dense"
 
@@ -140,17 +141,24 @@ class ConfigFacts:
             if cls == "ZeroPadding2D":
                 pad = cfg.get("padding")
             elif CLASS_NAMES.get(cls) in (CONV, DEPTHWISE):
-                if list(cfg.get("strides") or ()) == [2, 2]:
+                if cfg.get("strides") in ([2, 2], 2):
                     bottom_right = cfg.get("padding") == "valid" and pad == [[0, 1], [0, 1]]
                     paddings.append(BOTTOM_RIGHT_PADDING if bottom_right else SAME_PADDING)
                 pad = None
-        if BOTTOM_RIGHT_PADDING in paddings:
-            self.strided_padding = tuple(paddings)
+        if BOTTOM_RIGHT_PADDING not in paddings:
+            return
+        if len(paddings) != strided_conv_count(MobileNetV2Config()):
             self.notes.append(
-                "The Keras backbone was built for inputs of any size (input_shape=None): Keras then pads "
-                f"{paddings.count(BOTTOM_RIGHT_PADDING)} of its stride-2 layers ((0, 1), (0, 1)) at every size, "
-                "where TF's SAME pads (1, 1) on odd maps; the converted model pads as Keras does."
+                f"The Keras model config names {len(paddings)} stride-2 layers, not MobileNetV2's: their padding "
+                "was not read, and the converted model pads TF's SAME."
             )
+            return
+        self.strided_padding = tuple(paddings)
+        self.notes.append(
+            "The Keras backbone was built for inputs of any size (input_shape=None): Keras then pads "
+            f"{paddings.count(BOTTOM_RIGHT_PADDING)} of its stride-2 layers ((0, 1), (0, 1)) at every size, "
+            "where TF's SAME pads (1, 1) on odd maps; the converted model pads as Keras does."
+        )
 
     def _left_out(self, cls: str, name: str) -> None:
         """An inert layer (augmentation, dropout: the identity at inference) is noted where the model has it."""
