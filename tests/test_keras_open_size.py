@@ -100,3 +100,18 @@ def test_transformers_loads_the_folder_and_matches_keras_only_where_its_same_pad
         else:
             assert difference > 100 * RELATIVE_TOLERANCE, (height, width)
     assert pads_as_same(config, 96, 96) and not pads_as_same(config, 97, 97)
+
+
+@pytest.mark.parametrize("producer", list(OPEN_SIZE_PRODUCERS))
+def test_verify_runs_the_open_size_keras_model_at_odd_sizes_too_and_passes(converted, producer):
+    from click.testing import CliRunner
+
+    from converter.app.cli import verify_main
+
+    built, folder, _ = converted(producer, "no_top")
+    result = CliRunner().invoke(verify_main, ["--checkpoint", str(built.path), "--model", str(folder)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((folder / "parity" / "parity.json").read_text())
+    assert any(size % 2 for entry in report["inputs"] for size in entry["shape"][2:])  # an odd side
+    compared = {entry["endpoint"] for entry in report["endpoints"] if entry.get("compared")}
+    assert {"layer_1", "layer_4", "layer_19"} <= compared  # past the stem and every strided block

@@ -149,9 +149,9 @@ def open_keras(tf, source: References, request: ReferenceRequest) -> KerasRefere
         )
     scaling = _input_scaling(model, notes)
     _, height, width, _ = model.inputs[0].shape
-    fixed = (None, height, width) if height and width else (None, size, size)
-    if not (height and width):
-        notes.append(f"the Keras model takes any input size: it is compared at {size}x{size}")
+    fixed = (None, height or None, width or None)
+    if not (height and width):  # its stride-2 padding is the converted model's (config strided_padding)
+        notes.append("the Keras model takes any input size: it is compared at every size the inputs have")
     dense = _dense_layers(model)
     if dense and getattr(dense[-1], "activation", None) is not keras.activations.linear:
         dense[-1].activation = keras.activations.linear  # the logits, not the probabilities
