@@ -157,6 +157,8 @@ class Variant:
     size_from: str = SIZE_FROM_FLAG
     # The Dense layers ahead of the classifier, as (units, activation) (`MobileNetV2Config.classifier_layers`).
     hidden_layers: tuple[tuple[int, str], ...] = ()
+    # How each stride-2 conv pads (`MobileNetV2Config.strided_padding`); None: TF's SAME.
+    strided_padding: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -185,6 +187,7 @@ class Variant:
             classifier_dropout_prob=0.1 if self.kind == DEEPLAB else 0.8,
             avg_pool=avg_pool,
             classifier_layers=[{"units": u, "activation": a} for u, a in self.hidden_layers] or None,
+            strided_padding=list(self.strided_padding) if self.strided_padding else None,
         )
 
 
@@ -246,10 +249,12 @@ def detect_variant(
     source_name: str = "",
     source_size: int | None = None,
     hidden_activations: tuple[str, ...] = (),
+    strided_padding: tuple[str, ...] | None = None,
 ) -> Variant:
     """Infer kind, depth, classes and the Dense layers ahead of the classifier from tensor shapes (their
     activations, which shapes do not show, from `hidden_activations`); check them against flags, the file
-    name and the input size the source itself fixes (`source_size`)."""
+    name and the input size the source itself fixes (`source_size`). `strided_padding` is the source's
+    padding of its stride-2 convs, which shapes do not show either."""
     kind = detect_kind(set(shapes))
     hidden = _hidden_layers(shapes, hidden_activations)
     head = shapes.get(KIND_MARKERS.get(kind, ""), ())
@@ -274,7 +279,7 @@ def detect_variant(
     final_size, size_from = _image_size(kind, size, int(from_name["size"]) if from_name else None, source_size)
     if final_size < MIN_SIZE:
         raise VariantError(f"--size {final_size} is too small: MobileNetV2 needs at least {MIN_SIZE} pixels")
-    return Variant(kind, found, final_size, num_labels, stride, size_from, hidden)
+    return Variant(kind, found, final_size, num_labels, stride, size_from, hidden, strided_padding)
 
 
 def _hidden_layers(shapes: Mapping[str, tuple[int, ...]], activations: tuple[str, ...]) -> tuple[tuple[int, str], ...]:

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .configuration import MobileNetV2Config, expanded_channels, scaled_channels
+from .configuration import SAME_PADDING, MobileNetV2Config, expanded_channels, scaled_channels
 
 STEM_CHANNELS = 32
 STEM_OUT_CHANNELS = 16
@@ -93,6 +93,27 @@ def block_schedule(config: MobileNetV2Config) -> list[tuple[int, int]]:
             schedule.append((stride, 1))
             current_stride *= stride
     return schedule
+
+
+def strided_conv_count(config: MobileNetV2Config) -> int:
+    """The stride-2 convs: the stem conv and the blocks that keep a stride (`block_schedule`)."""
+    return 1 + sum(stride > 1 for stride, _ in block_schedule(config))
+
+
+def strided_paddings(config: MobileNetV2Config) -> list[str]:
+    """How each stride-2 conv pads, in network order (`config.strided_padding`; TF's SAME where it is None)."""
+    return list(config.strided_padding or [SAME_PADDING] * strided_conv_count(config))
+
+
+def pads_as_same(config: MobileNetV2Config, height: int, width: int) -> bool:
+    """Whether the stride-2 convs pad as TF's SAME at this input size: a "bottom_right" conv does so where
+    its input is even (with (0, 1) TF's SAME pads an even side the same way)."""
+    sizes = [height, width]
+    for padding in strided_paddings(config):
+        if padding != SAME_PADDING and any(n % 2 for n in sizes):
+            return False
+        sizes = [-(-n // 2) for n in sizes]
+    return True
 
 
 def block_channels(config: MobileNetV2Config) -> list[tuple[int, int, int]]:

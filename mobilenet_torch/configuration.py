@@ -37,6 +37,12 @@ ACTIVATIONS: dict[str, tuple[str, dict[str, Any]]] = {
 # The activations a hidden classifier layer may apply (Keras' Dense heads: ReLU or none).
 CLASSIFIER_ACTIVATIONS = ("relu", "linear")
 CLASSIFIER_LAYER_KEYS = {"units", "activation"}
+# How a stride-2 conv pads (`strided_padding`, with `tf_padding` true): "same" is TF's SAME, decided per
+# input size (transformers' `tf_padding`); "bottom_right" pads kernel // 2 - 1 rows and columns before and
+# kernel // 2 after at every size ((0, 1) for a 3x3), as Keras' MobileNetV2 built for any input size pads
+# its strided depthwise convs.
+SAME_PADDING, BOTTOM_RIGHT_PADDING = "same", "bottom_right"
+STRIDED_PADDINGS = (SAME_PADDING, BOTTOM_RIGHT_PADDING)
 
 
 @dataclass
@@ -75,6 +81,10 @@ class MobileNetV2Config:
     # "relu"}, ...] (a Keras head such as Teachable Machine's). None: transformers' single Linear. transformers
     # ignores the field, so a folder that has it loads there as MobileNetV2Model (the backbone) only.
     classifier_layers: list[dict[str, Any]] | None = None
+    # Ours too: how each stride-2 conv pads, in network order (one of `STRIDED_PADDINGS` each), where a source
+    # pads otherwise than TF's SAME. None: SAME for all. transformers ignores the field and pads SAME, which
+    # equals "bottom_right" only where that conv's input is even.
+    strided_padding: list[str] | None = None
     # Keys we do not model (transformers_version, dtype, ...) are kept so a round trip loses nothing.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     # Constructor arguments only: both are read back from `id2label` (properties below the class).
@@ -170,6 +180,7 @@ def _refuse_unsupported(config: MobileNetV2Config) -> None:
         if not getattr(config, name) >= 1:
             raise UnsupportedConfigError(f"{name}={getattr(config, name)} must be a positive integer")
     _refuse_classifier_layers(config.classifier_layers)
+    _refuse_strided_padding(config)
     stem, stem_out = scaled_channels(config, STEM_CHANNELS), scaled_channels(config, STEM_OUT_CHANNELS)
     if stem == stem_out:
         # slim and Keras add a residual around such a stem block, transformers does not.
@@ -197,6 +208,26 @@ def _refuse_classifier_layers(layers: Any) -> None:
         raise UnsupportedConfigError(
             f"classifier_layers={layers!r} is not computed by mobilenet_torch: give a list of "
             f'{{"units": <positive int>, "activation": one of {", ".join(CLASSIFIER_ACTIVATIONS)}}}, or null'
+        )
+
+
+def _refuse_strided_padding(config: MobileNetV2Config) -> None:
+    from .architecture import strided_conv_count
+    from .errors import UnsupportedConfigError
+
+    paddings = config.strided_padding
+    if paddings is None:
+        return
+    count = strided_conv_count(config)
+    if not isinstance(paddings, list) or len(paddings) != count or any(p not in STRIDED_PADDINGS for p in paddings):
+        raise UnsupportedConfigError(
+            f"strided_padding={paddings!r} is not computed by mobilenet_torch: give a list of {count} values, one "
+            f"per stride-2 conv, each one of {', '.join(STRIDED_PADDINGS)}, or null"
+        )
+    if not config.tf_padding and any(p != SAME_PADDING for p in paddings):
+        raise UnsupportedConfigError(
+            f"strided_padding={paddings!r} with tf_padding=False: symmetric padding and a padding of the "
+            "stride-2 convs contradict each other; set tf_padding=True"
         )
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architecture import same_padding
-from .configuration import ACTIVATIONS
+from .configuration import ACTIVATIONS, SAME_PADDING
 
 DEFAULT_MEMORY_FORMAT = torch.channels_last
 
@@ -46,6 +46,8 @@ def keep_weight_layout(layer: ConvLayer, state_dict: dict, prefix: str, *_) -> N
 class ConvLayer(nn.Module):
     """Conv2d (+ BatchNorm) (+ activation) with TensorFlow 'SAME' padding at any input size, or (with
     `tf_padding=False`) PyTorch's fixed symmetric padding of (kernel - 1) / 2 x dilation, as transformers.
+    With `strided_padding="bottom_right"` a strided conv pads one row and column more after than before
+    at every size, as Keras' MobileNetV2 does when built for any input size (see `STRIDED_PADDINGS`).
 
     With stride 1 TF's padding is symmetric and independent of the input size, so it lives inside the
     convolution. With stride 2 it depends on the input size, so it is decided per call from the shape:
@@ -53,8 +55,9 @@ class ConvLayer(nn.Module):
     one after) would need a padded copy of the input, a whole extra pass over the largest activations of
     the network; the depthwise convolutions avoid it by giving the kernel a leading zero row and column,
     which moves every window one step back, and padding symmetrically by one more. The zero taps add
-    exact zeros, so the result is TF's. Dense convolutions (the stem, on the 3-channel image) pad the
-    input instead, which is cheaper there than the extra taps.
+    exact zeros, so the result is TF's (Keras' for "bottom_right", which is always asymmetric). Dense
+    convolutions (the stem, on the 3-channel image) pad the input instead, which is cheaper there than
+    the extra taps.
     """
 
     def __init__(
@@ -69,19 +72,21 @@ class ConvLayer(nn.Module):
         norm_eps: float | None = 1e-3,
         activation: str | None = "relu6",
         tf_padding: bool = True,
+        strided_padding: str = SAME_PADDING,
     ) -> None:
         super().__init__()
         if stride > 1 and dilation > 1:
             raise ValueError("a convolution cannot be both strided and dilated (TensorFlow refuses it too)")
         self.stride = stride
-        # Only a strided TF 'SAME' conv pads by the input size; any other pads as at stride 1.
-        self.pads_by_input_size = tf_padding and stride > 1
+        # Only a strided conv pads by its rule (TF 'SAME' by the input size, or Keras' fixed bottom-right);
+        # any other pads symmetrically, as at stride 1.
+        self.strided_padding = strided_padding if tf_padding and stride > 1 else None
         self.convolution = nn.Conv2d(
             in_channels,
             out_channels,
             kernel_size,
             stride=stride,
-            padding=0 if self.pads_by_input_size else same_padding(1, kernel_size, 1, dilation)[0],
+            padding=0 if self.strided_padding else same_padding(1, kernel_size, 1, dilation)[0],
             dilation=dilation,
             groups=groups,
             bias=bias,
@@ -96,7 +101,7 @@ class ConvLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sets_layout:
             x = x.contiguous(memory_format=memory_format_of(self.convolution.weight))
-        x = self._strided_convolution(x) if self.pads_by_input_size else self.convolution(x)
+        x = self._strided_convolution(x) if self.strided_padding else self.convolution(x)
         if self.normalization is not None:
             x = self.normalization(x)
         if self.activation is not None:
@@ -104,8 +109,11 @@ class ConvLayer(nn.Module):
         return x
 
     def _strided_convolution(self, x: torch.Tensor) -> torch.Tensor:
-        conv, stride = self.convolution, self.stride
-        (top, bottom), (left, right) = (same_padding(n, conv.kernel_size[0], stride) for n in x.shape[-2:])
+        conv, stride, kernel = self.convolution, self.stride, self.convolution.kernel_size[0]
+        if self.strided_padding == SAME_PADDING:
+            (top, bottom), (left, right) = (same_padding(n, kernel, stride) for n in x.shape[-2:])
+        else:  # BOTTOM_RIGHT_PADDING
+            top, bottom = left, right = kernel // 2 - 1, kernel // 2
         weight, padding = conv.weight, (top, left)
         if (top, left) != (bottom, right):  # one more row (column) after than before
             if conv.groups == 1:
@@ -144,10 +152,11 @@ class InvertedResidual(nn.Module):
         expand: bool = True,
         activation: str = "relu6",
         tf_padding: bool = True,
+        strided_padding: str = SAME_PADDING,
     ) -> None:
         super().__init__()
         self.use_residual = stride == 1 and in_channels == out_channels
-        layer = dict(norm_eps=norm_eps, tf_padding=tf_padding)
+        layer = dict(norm_eps=norm_eps, tf_padding=tf_padding, strided_padding=strided_padding)
         self.expand_1x1 = (
             ConvLayer(in_channels, expanded_channels, 1, activation=activation, **layer) if expand else None
         )

@@ -30,8 +30,9 @@ from .architecture import (
     final_conv_channels,
     hidden_classifier_layers,
     placeholder_arrays,
+    strided_paddings,
 )
-from .configuration import MobileNetV2Config
+from .configuration import SAME_PADDING, MobileNetV2Config
 from .errors import UnsupportedConfigError
 from .layers import ConvLayer, InvertedResidual
 from .loading import HUB_OPTIONS, WEIGHTS_NAME, load_folder, resolve_folder
@@ -147,10 +148,20 @@ class MobileNetV2Model(MobileNetV2PreTrainedModel):
         (stem_channels, _, stem_out), *blocks = block_channels(config)
         stem_step, *block_steps = (step for step in self.steps if step.block)
         expand = block_expands(config, stem_step)
-        self.conv_stem = MobileNetV2Stem(config.num_channels, stem_channels, stem_out, expand=expand, **layer)
+        paddings = iter(strided_paddings(config))  # one per stride-2 conv, taken in network order
+        self.conv_stem = MobileNetV2Stem(
+            config.num_channels, stem_channels, stem_out, expand=expand, strided_padding=next(paddings), **layer
+        )
         self.layer = nn.ModuleList(
             InvertedResidual(
-                in_channels, expanded, out_channels, stride, dilation, expand=block_expands(config, step), **layer
+                in_channels,
+                expanded,
+                out_channels,
+                stride,
+                dilation,
+                expand=block_expands(config, step),
+                strided_padding=next(paddings) if stride > 1 else SAME_PADDING,
+                **layer,
             )
             for step, (in_channels, expanded, out_channels), (stride, dilation) in zip(
                 block_steps, blocks, block_schedule(config), strict=True

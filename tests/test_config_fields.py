@@ -7,6 +7,7 @@ here and loaded there; both libraries must then give the same outputs.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -175,6 +176,24 @@ def test_a_value_not_computed_is_refused_by_name(field, value, tmp_path):
     config = MobileNetV2Config().to_dict()
     (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(ModelFolderError, match=f"config.json: {field}={value!r}"):
+        MobileNetV2Config.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "settings, reason",
+    [
+        (dict(strided_padding="bottom_right"), "give a list of 5 values"),
+        (dict(strided_padding=["same"] * 4), "give a list of 5 values"),
+        (dict(strided_padding=["same"] * 4, output_stride=8), "give a list of 3 values"),
+        (dict(strided_padding=["same", "valid", "same", "same", "same"]), "each one of same, bottom_right"),
+        (dict(strided_padding=["same"] + ["bottom_right"] * 4, tf_padding=False), "contradict each other"),
+    ],
+)
+def test_a_strided_padding_not_computed_is_refused(settings, reason, tmp_path):
+    with pytest.raises(UnsupportedConfigError, match=re.escape(f"strided_padding={settings['strided_padding']!r}")):
+        MobileNetV2Config(**settings)
+    (tmp_path / "config.json").write_text(json.dumps({**MobileNetV2Config().to_dict(), **settings}))
+    with pytest.raises(ModelFolderError, match=reason):
         MobileNetV2Config.from_pretrained(tmp_path)
 
 

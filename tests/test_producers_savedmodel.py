@@ -22,10 +22,10 @@ pytest.importorskip("tf_keras")
 from fixtures.savedmodel_builder import (  # noqa: E402 (TensorFlow is needed to build the fixtures)
     KERAS_PRODUCERS,
     KERAS_SHAPES,
-    TRAINING_STYLES,
     KerasShape,
     ensure_keras_saved_model,
     run_signature,
+    write_keras_saved_model,
     write_training_saved_model,
 )
 
@@ -110,17 +110,68 @@ def test_verify_runs_a_keras_saved_models_serving_signature_and_passes(converted
     assert any("Softmax" in note and "Identity" in note for note in report["reference"]["notes"])
 
 
-@pytest.mark.parametrize("style", TRAINING_STYLES)
-def test_verify_passes_on_a_saved_model_from_training_code_and_reports_what_it_left_out(style, tmp_path):
+def compared_endpoints(report: dict) -> dict[str, dict]:
+    return {entry["endpoint"]: entry for entry in report["endpoints"] if entry.get("compared")}
+
+
+@pytest.mark.parametrize("producer", KERAS_PRODUCERS)
+def test_verify_compares_a_no_top_saved_models_feature_map_and_passes(converted, producer):
+    shape = next(shape for shape in KERAS_SHAPES if not shape.include_top)
+    source, folder = converted(producer, shape)
+    code, output, report = verify(source, folder)
+    assert code == 0, output
+    compared = compared_endpoints(report)
+    assert set(compared) == {"layer_19"} and compared["layer_19"]["passed"]
+    assert compared["layer_19"]["max_rel_diff"] <= 1e-4
+    assert any("last feature map (layer_19)" in note for note in report["reference"]["notes"])
+
+
+def test_verify_compares_a_pooled_no_top_saved_model_on_its_global_average(tmp_path):
     from converter import convert_checkpoint
 
-    source = write_training_saved_model(SMALL, tmp_path / style, style)
+    source = write_keras_saved_model("tf-keras", KerasShape(0.35, 97, False, "avg"), tmp_path / "pooled")
     folder = tmp_path / "converted"
     convert_checkpoint(source, folder)
     code, output, report = verify(source, folder)
     assert code == 0, output
+    compared = compared_endpoints(report)
+    assert set(compared) == {"global_pool"} and compared["global_pool"]["max_rel_diff"] <= 1e-4
+
+
+def test_a_verify_that_compares_no_endpoint_is_a_fail_not_a_pass(converted, tmp_path):
+    """A classifier's SavedModel against its backbone alone: the signature returns class probabilities, which
+    are no endpoint of a backbone, so nothing is compared, and that is no PASS."""
+    from converter import convert_checkpoint
+
+    shape = next(shape for shape in KERAS_SHAPES if shape.include_top)
+    source, _ = converted("keras3-export", shape)
+    folder = tmp_path / "backbone"
+    convert_checkpoint(source, folder, backbone_only=True)
+    code, output, report = verify(source, folder)
+    assert code == 1, output
+    assert not compared_endpoints(report) and report["verdict"] == "FAIL"
+    assert "Not a PASS: no endpoint was compared" in output
+
+
+#: Each style at depth 0.35, compared at an even or an odd size (the folder's image_size).
+TRAINING_CASES = [("training-tf1", 96), ("training-tf1", 97), ("training-tf2", 97), ("training-tf2-lazy", 96)]
+
+
+@pytest.mark.parametrize(("style", "size"), TRAINING_CASES)
+def test_verify_passes_on_a_saved_model_from_training_code_and_reports_what_it_left_out(style, size, tmp_path):
+    """The variables' random initializers never run (the loader restores every variable), nor do the losses."""
+    from converter import convert_checkpoint
+
+    source = write_training_saved_model(SMALL, tmp_path / style, style)
+    folder = tmp_path / "converted"
+    convert_checkpoint(source, folder, size=size)
+    code, output, report = verify(source, folder)
+    assert code == 0, output
+    assert report["inputs"][0]["shape"][2:] == [size, size]
+    assert compared_endpoints(report)["logits"]["passed"]
     left_out = report["reference"]["left_out_ops"]
     assert {"RestoreV2", "SaveV2"} <= set(left_out)  # the saver: its restore run by the loader only
+    assert "TruncatedNormal" not in report["reference"]["imported_ops"]
     if style == "training-tf1":  # the losses and initializers of slim's training_scope never run
         assert left_out["L2Loss"] > 0 and left_out["TruncatedNormal"] > 0
         assert "L2Loss" not in report["reference"]["imported_ops"]

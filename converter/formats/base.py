@@ -60,6 +60,8 @@ class Hints:
     preprocessing: dict[str, Any] | None = None  # how inputs are scaled, when it differs from [-1, 1]
     # The activation ("relu", "linear") of each Dense layer a head has ahead of its classifier.
     hidden_activations: tuple[str, ...] = ()
+    # How each stride-2 conv pads, where the source pads otherwise than TF's SAME (`MobileNetV2Config.strided_padding`).
+    strided_padding: tuple[str, ...] | None = None
     notes: tuple[str, ...] = ()  # facts worth recording in conversion.json and the model card
 
 

@@ -405,6 +405,7 @@ class KerasReader(Reader):
             convention="raw",
             preprocessing=preprocessing,
             hidden_activations=self._activations[:-1],
+            strided_padding=facts.strided_padding,
             notes=tuple(notes),
         )
 

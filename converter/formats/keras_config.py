@@ -11,6 +11,8 @@ import numpy as np
 
 from converter.slim import class_names
 from converter.vocabulary import CLASSIFICATION
+from mobilenet_torch.architecture import strided_conv_count
+from mobilenet_torch.configuration import BOTTOM_RIGHT_PADDING, SAME_PADDING, MobileNetV2Config
 
 CONV, DEPTHWISE, BATCHNORM, DENSE = "conv2d", "depthwise_conv2d", "batch_normalization", "dense"
 
@@ -91,6 +93,8 @@ class ConfigFacts:
         self.head_layers: list[str] = []  # the weighted layers the config has after the backbone
         # (activation, use_bias) of each Dense layer after the backbone; None without a config to say.
         self.dense_layers: list[tuple[str, bool]] | None = None
+        # How each stride-2 conv pads, where that is not TF's SAME (see _strided_padding); None: SAME.
+        self.strided_padding: tuple[str, ...] | None = None
         if not isinstance(config, dict):
             return
         leaves, containers = [], []
@@ -104,19 +108,15 @@ class ConfigFacts:
             return
         first, last = weighted[0], weighted[backbone_layers - 1]
         self.head_layers = [leaves[i][1] for i in weighted[backbone_layers:]]
-        self._inputs(leaves[:first])
+        if self._inputs(leaves[:first]):
+            self._strided_padding(leaves[first : last + 1])
         self._head(leaves[last + 1 :])
 
-    def _inputs(self, before: list[tuple[str, str, dict]]) -> None:
+    def _inputs(self, before: list[tuple[str, str, dict]]) -> bool:
+        """Reads the input size and the layers ahead of the backbone; whether the backbone was built for
+        inputs of any size."""
         shapes = [c.get("batch_shape") or c.get("batch_input_shape") for _, _, c in before]
         shapes = [s for s in shapes if isinstance(s, list) and len(s) == 4]
-        # A base built with input_shape=None fixes its paddings for any size, even when wrapped at a fixed one.
-        if any(None in s[1:3] for s in shapes):
-            self.notes.append(
-                "The Keras backbone was built for inputs of any size (input_shape=None): Keras then pads stride-2 "
-                "layers ((0, 1), (0, 1)) at every size, which differs from TF's SAME padding at odd sizes; the "
-                "converted model uses SAME padding (exact for the original weights at every size)."
-            )
         if shapes and None not in shapes[0][1:3]:
             rows, cols = shapes[0][1:3]
             if rows == cols:
@@ -130,6 +130,35 @@ class ConfigFacts:
                 self._left_out(cls, name)
             else:
                 self.notes.append(f"The Keras model applies {cls} ({name}) ahead of the backbone; ours does not.")
+        # A base built with input_shape=None fixes its paddings for any size, even when wrapped at a fixed one.
+        return any(None in s[1:3] for s in shapes)
+
+    def _strided_padding(self, backbone: list[tuple[str, str, dict]]) -> None:
+        """How each stride-2 conv of a backbone built for any input size pads: Keras' `correct_pad` of an unknown
+        size pads ((0, 1), (0, 1)) ahead of a VALID conv at every size; a conv padding "same" pads TF's SAME."""
+        paddings, pad = [], None
+        for cls, _, cfg in backbone:
+            if cls == "ZeroPadding2D":
+                pad = cfg.get("padding")
+            elif CLASS_NAMES.get(cls) in (CONV, DEPTHWISE):
+                if cfg.get("strides") in ([2, 2], 2):
+                    bottom_right = cfg.get("padding") == "valid" and pad == [[0, 1], [0, 1]]
+                    paddings.append(BOTTOM_RIGHT_PADDING if bottom_right else SAME_PADDING)
+                pad = None
+        if BOTTOM_RIGHT_PADDING not in paddings:
+            return
+        if len(paddings) != strided_conv_count(MobileNetV2Config()):
+            self.notes.append(
+                f"The Keras model config names {len(paddings)} stride-2 layers, not MobileNetV2's: their padding "
+                "was not read, and the converted model pads TF's SAME."
+            )
+            return
+        self.strided_padding = tuple(paddings)
+        self.notes.append(
+            "The Keras backbone was built for inputs of any size (input_shape=None): Keras then pads "
+            f"{paddings.count(BOTTOM_RIGHT_PADDING)} of its stride-2 layers ((0, 1), (0, 1)) at every size, "
+            "where TF's SAME pads (1, 1) on odd maps; the converted model pads as Keras does."
+        )
 
     def _left_out(self, cls: str, name: str) -> None:
         """An inert layer (augmentation, dropout: the identity at inference) is noted where the model has it."""

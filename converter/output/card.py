@@ -191,6 +191,13 @@ def _provenance(
             "transformers' single `Linear` cannot hold: transformers loads this folder as `MobileNetV2Model` "
             "(the backbone) only; `mobilenet_torch` loads it whole."
         )
+    if config.get("strided_padding"):
+        notes.append(
+            "Some stride-2 convolutions pad one row and column after and none before at every input size, as "
+            "the source does (`strided_padding`), which `mobilenet_torch` computes; transformers ignores that "
+            "field and pads TF's SAME, which gives the same outputs only where each such convolution's input is "
+            "even (input sides that are multiples of 32 are)."
+        )
     table = "\n".join(table_row(row) for row in rows)
     text = f"## Provenance\n\n| | |\n| --- | --- |\n{table}\n\n" + " ".join(notes) + "\n"
     if record.notes:

@@ -25,12 +25,17 @@ from converter.slim import SIZE_ASSUMED, Variant, detect_variant, expected_shape
 from converter.version import __version__
 from converter.vocabulary import CLASSIFICATION, DEEPLAB
 from converter.zoo_catalog import recorded_sha256
-from mobilenet_torch.architecture import PLACEHOLDER_PREFIX, placeholder_arrays
+from mobilenet_torch.architecture import PLACEHOLDER_PREFIX, pads_as_same, placeholder_arrays
 
 IMAGENET_WITH_BACKGROUND = 1001
 HIDDEN_HEAD_NOTE = (
     "the head has {count} Dense layers (config classifier_layers), which transformers' single Linear cannot "
     "hold: transformers loads this folder as MobileNetV2Model (the backbone) only; mobilenet_torch loads it whole"
+)
+STRIDED_PADDING_NOTE = (
+    "the stride-2 convs pad as the source does at every input size (config strided_padding {paddings}); "
+    "transformers ignores that field and pads TF's SAME everywhere, which gives the same outputs only at input "
+    "sizes where each conv padding bottom_right has an even input ({verdict} at the image size {size})"
 )
 
 
@@ -107,6 +112,7 @@ def convert_checkpoint(
             source_name=reader.source_name,
             source_size=reader.hints.image_size,
             hidden_activations=reader.hints.hidden_activations,
+            strided_padding=reader.hints.strided_padding,
         )
         if variant.kind != CLASSIFICATION and (
             options.drop_background or options.add_background or options.avg_pool != "global"
@@ -221,6 +227,10 @@ def _record(
     notes = [*reader.notes, *_not_the_zoo_file(provenance)]
     if variant.hidden_layers:
         notes.append(HIDDEN_HEAD_NOTE.format(count=len(variant.hidden_layers) + 1))
+    if variant.strided_padding:
+        verdict = "true" if pads_as_same(variant.config(), variant.size, variant.size) else "not"
+        paddings = ", ".join(variant.strided_padding)
+        notes.append(STRIDED_PADDING_NOTE.format(paddings=f"[{paddings}]", verdict=verdict, size=variant.size))
     if variant.size_from == SIZE_ASSUMED:
         notes.append(
             f"image_size {variant.size} is assumed: neither the source nor its file name says the size the "

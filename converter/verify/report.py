@@ -113,6 +113,8 @@ def verdict_line(result: ParityResult, why_not_compared: bool = True) -> str:
                 f", max abs diff {_fmt(divergence['max_abs_diff'])} > {_fmt(divergence['tolerance'])} "
                 f"({_ratio(divergence['ratio'])} x the tolerance)"
             )
+    if not compared:
+        line += ". Not a PASS: no endpoint was compared"
     if result.logits_problem:
         line += f". Not a PASS: {result.logits_problem}"
     if result.weak_signal:

@@ -22,6 +22,8 @@ SAVED_MODEL, TFLITE, KERAS = "saved_model", "tflite", "keras"
 FIRST_CONV = "MobilenetV2/Conv/Conv2D"
 LOGITS_TENSOR = "MobilenetV2/Logits/output:0"  # a classifier's logits: [batch, classes], as slim's Squeeze
 DEEPLAB_LOGITS_TENSOR = "logits/semantic/BiasAdd:0"
+FEATURES_TENSOR = "MobilenetV2/Conv_1/Relu6:0"  # a backbone's last feature map, [batch, h, w, channels]
+GLOBAL_POOL_TENSOR = "MobilenetV2/Logits/AvgPool:0"  # slim keeps [batch, 1, 1, channels]; Keras [batch, channels]
 MAX_GRAPH_BYTES = 512 << 20  # the largest zoo graph is ~30 MB
 INSTALL_HINT = "pip install -e '.[verify]' (in a clone of the project)"
 

@@ -13,6 +13,7 @@ import numpy as np
 from converter.errors import VerificationError
 from converter.formats.base import References
 from converter.verify.references.base import (
+    GLOBAL_POOL_TENSOR,
     INSTALL_HINT,
     KERAS,
     Backend,
@@ -61,9 +62,6 @@ class KerasReference(BaseReference):
             value = np.asarray(results[self._outputs[name]])
             out[name] = value.reshape(len(images), 1, 1, -1) if name == GLOBAL_POOL_TENSOR else value
         return out
-
-
-GLOBAL_POOL_TENSOR = "MobilenetV2/Logits/AvgPool:0"  # slim keeps [batch, 1, 1, channels]; Keras [batch, channels]
 
 
 def keras_model_config(path: Path) -> dict | None:
@@ -151,12 +149,9 @@ def open_keras(tf, source: References, request: ReferenceRequest) -> KerasRefere
         )
     scaling = _input_scaling(model, notes)
     _, height, width, _ = model.inputs[0].shape
-    fixed = (None, height, width) if height and width else (None, size, size)
-    if not (height and width):
-        notes.append(
-            f"the Keras model takes any input size and then pads stride-2 convolutions (0, 1) at every size, "
-            f"which differs from TF's SAME at odd sizes: it is compared at {size}x{size}"
-        )
+    fixed = (None, height or None, width or None)
+    if not (height and width):  # its stride-2 padding is the converted model's (config strided_padding)
+        notes.append("the Keras model takes any input size: it is compared at every size the inputs have")
     dense = _dense_layers(model)
     if dense and getattr(dense[-1], "activation", None) is not keras.activations.linear:
         dense[-1].activation = keras.activations.linear  # the logits, not the probabilities

@@ -15,6 +15,8 @@ import numpy as np
 from converter.errors import VerificationError
 from converter.formats.base import References
 from converter.verify.references.base import (
+    FEATURES_TENSOR,
+    GLOBAL_POOL_TENSOR,
     LOGITS_TENSOR,
     SAVED_MODEL,
     Backend,
@@ -26,10 +28,21 @@ from converter.verify.references.base import (
 )
 from converter.verify.references.scaling import CALL_OPS, called_functions, signature_input_scaling
 from converter.verify.safety import COMPUTE_OPS, FILE_OPS, MUTATING_OPS, PYTHON_OPS, check_op, dependencies, node_of
+from converter.vocabulary import BACKBONE, CLASSIFICATION
+from mobilenet_torch.architecture import final_conv_channels
+from mobilenet_torch.configuration import MobileNetV2Config
 
 MAX_OUTPUT_WALK = 64  # identities and calls between a signature's output and the op computing it
 SERVING_SIGNATURES = ("serving_default", "default")  # TF2 / TF1 SavedModels, then TF1 Hub modules
 SAVED_MODEL_INIT_SIGNATURE = "__saved_model_init_op"
+#: A signature whose only output is unnamed (TF2 exports call it output_0) gives the endpoint its rank says
+#: (a backbone's, where its channels are the backbone's too): (kind, endpoint tensor) -> (rank, what it is).
+#: A no-top Keras model returns its last feature map, or its global average with pooling="avg".
+SOLE_OUTPUTS = {
+    (CLASSIFICATION, LOGITS_TENSOR): (2, "the logits"),
+    (BACKBONE, FEATURES_TENSOR): (4, "the backbone's last feature map (layer_19)"),
+    (BACKBONE, GLOBAL_POOL_TENSOR): (2, "the global average of the backbone's last feature map (global_pool)"),
+}
 INIT_COLLECTIONS = ("saved_model_main_op", "legacy_init_op")
 #: What a forward pass may run besides COMPUTE_OPS: variable handles and reads, and calls into the
 #: SavedModel's own functions (whose bodies are checked as well).
@@ -58,7 +71,10 @@ class SignatureReference(BaseReference):
         except (self._tf.errors.OpError, ValueError, TypeError) as error:
             shape = "x".join(map(str, images.shape))
             raise VerificationError(f"the SavedModel's signature failed on a {shape} input: {error}") from None
-        return {name: results[self._outputs[name]].numpy() for name in names}
+        out = {name: results[self._outputs[name]].numpy() for name in names}
+        if GLOBAL_POOL_TENSOR in out and out[GLOBAL_POOL_TENSOR].ndim == 2:  # slim keeps [batch, 1, 1, channels]
+            out[GLOBAL_POOL_TENSOR] = out[GLOBAL_POOL_TENSOR].reshape(len(images), 1, 1, -1)
+        return out
 
 
 def check_saved_model(meta_graph, signature, origin: str) -> tuple[dict[str, int], dict[str, int], set[str]]:
@@ -184,8 +200,11 @@ def open_saved_model(tf, source: References, request: ReferenceRequest) -> Signa
             continue
         aliases = (endpoint, "default") if endpoint == "logits" else (endpoint,)
         found = by_tensor.get(tensor) or next((a for a in aliases if a in signature.outputs), None)
-        if not found and endpoint == "logits":
-            found = _sole_logits_output(signature, key, notes)
+        if not found and (kind, tensor) in SOLE_OUTPUTS:
+            channels = (
+                final_conv_channels(MobileNetV2Config(depth_multiplier=request.depth)) if kind == BACKBONE else None
+            )
+            found = _sole_output(signature, key, *SOLE_OUTPUTS[kind, tensor], channels, notes)
         if found:
             outputs[tensor] = found
         else:
@@ -282,16 +301,16 @@ def _tensor_parts(tensor: str, body) -> tuple[str, int]:
     return parts[0], int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 0
 
 
-def _sole_logits_output(signature, key: str, notes: list[str]) -> str | None:
-    """The signature's only output where it is [batch, classes] (TF2 exports name a bare one output_0)."""
+def _sole_output(signature, key: str, rank: int, what: str, channels: int | None, notes: list[str]) -> str | None:
+    """The signature's only output where it has `rank` dimensions and (given) `channels` last (see `SOLE_OUTPUTS`)."""
     if len(signature.outputs) != 1:
         return None
     ((name, info),) = signature.outputs.items()
     dims = info.tensor_shape.dim
-    if info.tensor_shape.unknown_rank or len(dims) != 2:
+    if info.tensor_shape.unknown_rank or len(dims) != rank or channels not in (None, dims[-1].size):
         return None
-    classes = dims[1].size if dims[1].size >= 0 else "classes"
-    notes.append(f"the {key} signature's only output, {name} ([batch, {classes}]), is taken as the logits")
+    shape = ", ".join(["batch"] + [str(d.size) if d.size >= 0 else "?" for d in dims[1:]])
+    notes.append(f"the {key} signature's only output, {name} ([{shape}]), is taken as {what}")
     return name
 
 
