@@ -1,6 +1,6 @@
 """Images in, model inputs out: transformers' `MobileNetV2ImageProcessor` steps in numpy (Pillow reads).
 
-Shared by `predict-mobilenet` and the verifier, driven by a folder's `preprocessor_config.json`.
+Shared by `predict-mobilenet`, `eval-mobilenet` and the verifier, driven by a folder's `preprocessor_config.json`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,19 @@ import numpy as np
 from converter.errors import ImageError
 
 EXIF_ORIENTATION = 0x0112
+
+
+def image_suffixes() -> frozenset[str]:
+    """The file suffixes of the formats Pillow decodes (its stubs, which need a handler, left out)."""
+    from PIL import Image, ImageFile
+
+    Image.init()
+    return frozenset(
+        suffix
+        for suffix, format in Image.registered_extensions().items()
+        if format in Image.OPEN
+        and not (isinstance(Image.OPEN[format][0], type) and issubclass(Image.OPEN[format][0], ImageFile.StubImageFile))
+    )
 
 
 def open_image(path: str | Path):
@@ -55,6 +68,12 @@ def preprocess(image, preprocessing: dict[str, Any], crop: bool = True) -> np.nd
     if crop and preprocessing.get("do_center_crop", True):
         crop_size = preprocessing.get("crop_size") or {}
         array = _center_crop(array, int(crop_size.get("height", 224)), int(crop_size.get("width", 224)))
+    return scale(array, preprocessing)
+
+
+def scale(array: np.ndarray, preprocessing: dict[str, Any]) -> np.ndarray:
+    """HWC 0..255 values rescaled and normalized as the preprocessor config says ([-1, 1] by default), as CHW
+    float32."""
     if preprocessing.get("do_rescale", True):
         array = array * float(preprocessing.get("rescale_factor", 1 / 255))
     if preprocessing.get("do_normalize", True):

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from converter.errors import DataSetError, ImageError
-from converter.images import open_image
+from converter.images import image_suffixes, open_image, scale
 from converter.vocabulary import CLASSIFICATION, DEEPLAB
 
 IGNORE_LABEL = 255  # PASCAL VOC's "void": excluded from every figure
@@ -249,12 +249,6 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
-def image_suffixes() -> frozenset[str]:
-    from converter.app.predict import image_suffixes as suffixes
-
-    return suffixes()
-
-
 # ------------------------------------------------------------------------------------------ preprocessing
 @dataclass
 class Prepared:
@@ -266,17 +260,6 @@ class Prepared:
     target: int | np.ndarray
     region: tuple[int, int]
     problem: str = ""
-
-
-def scale_pixels(array: np.ndarray, settings: dict[str, Any]) -> np.ndarray:
-    """HWC 0..255 values scaled as the folder's preprocessor config says ([-1, 1] by default), as CHW."""
-    if settings.get("do_rescale", True):
-        array = array * float(settings.get("rescale_factor", 1 / 255))
-    if settings.get("do_normalize", True):
-        mean = np.asarray(settings.get("image_mean", [0.5] * 3), dtype=np.float32)
-        std = np.asarray(settings.get("image_std", [0.5] * 3), dtype=np.float32)
-        array = (array - mean) / std
-    return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
 
 
 def slim_pixels(image, size: int, settings: dict[str, Any]) -> np.ndarray:
@@ -291,7 +274,7 @@ def slim_pixels(image, size: int, settings: dict[str, Any]) -> np.ndarray:
     crop = torch.from_numpy(np.array(image.crop((left, top, width - left, height - top))))
     pixels = crop.float().permute(2, 0, 1)[None]  # channels_last in memory: the fast layout of the resize
     resized = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    return scale_pixels(resized[0].permute(1, 2, 0).numpy(), settings)
+    return scale(resized[0].permute(1, 2, 0).numpy(), settings)
 
 
 def deeplab_pixels(image, label: np.ndarray, crop: int, settings: dict[str, Any]):
@@ -300,8 +283,8 @@ def deeplab_pixels(image, label: np.ndarray, crop: int, settings: dict[str, Any]
     from PIL import Image
 
     if max(image.size) > crop:
-        scale = crop / max(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        factor = crop / max(image.size)
+        size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
         image = image.resize(size, Image.Resampling.BILINEAR)
         label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))
     height, width = image.height, image.width
@@ -309,7 +292,7 @@ def deeplab_pixels(image, label: np.ndarray, crop: int, settings: dict[str, Any]
     array[:height, :width] = np.asarray(image, dtype=np.float32)
     padded = np.full((crop, crop), IGNORE_LABEL, np.uint8)
     padded[:height, :width] = label
-    return scale_pixels(array, settings), padded, (height, width)
+    return scale(array, settings), padded, (height, width)
 
 
 def read_label_png(path: Path, size: tuple[int, int]) -> np.ndarray:

@@ -28,7 +28,7 @@ import numpy as np
 
 from converter.app.cli import report_errors
 from converter.errors import ImageError, OutputError, UsageError
-from converter.images import open_image, preprocess
+from converter.images import image_suffixes, open_image, preprocess
 from mobilenet_torch.quantized_files import INTEGER_WEIGHTS_FILE, QUANTIZATION_FILE
 
 LABELS_SUFFIX = "_labels.png"
@@ -175,19 +175,6 @@ def histogram(labels: np.ndarray, names: dict[int, str]) -> list[tuple[str, int,
     total = labels.size
     rows = [(names.get(int(v), f"LABEL_{int(v)}"), int(c), c / total) for v, c in zip(values, counts, strict=True)]
     return sorted(rows, key=lambda row: -row[1])
-
-
-def image_suffixes() -> frozenset[str]:
-    """The file suffixes of the formats Pillow decodes (its stubs, which need a handler, left out)."""
-    from PIL import Image, ImageFile
-
-    Image.init()
-    return frozenset(
-        suffix
-        for suffix, format in Image.registered_extensions().items()
-        if format in Image.OPEN
-        and not (isinstance(Image.OPEN[format][0], type) and issubclass(Image.OPEN[format][0], ImageFile.StubImageFile))
-    )
 
 
 def image_paths(arguments: Iterable[str], failures: list[str]) -> Iterator[str]:
