@@ -50,11 +50,9 @@ from converter.formats.keras_config import (
     CONV,
     DENSE,
     DEPTHWISE,
-    LABELS_FILE,
     MODEL_NAME,
     ConfigFacts,
     class_labels,
-    labels_beside,
 )
 from converter.formats.keras_hdf5 import (
     MAX_ARCHIVE_MEMBER_BYTES,
@@ -70,7 +68,8 @@ from converter.formats.keras_hdf5 import (
     string_list,
     text_attribute,
 )
-from converter.slim import HEADS, HIDDEN_HEADS, LAYER_PARAMS, NUM_BLOCKS
+from converter.formats.labels_file import teachable_machine_labels
+from converter.slim import HEADS, HIDDEN_HEADS, LAYER_PARAMS, MAX_HEAD_LAYERS, NUM_BLOCKS
 from converter.vocabulary import CLASSIFICATION
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -89,7 +88,6 @@ ROLES = {
 BN_SUFFIXES = dict(zip(ROLES[BATCHNORM], (tf for tf, _ in LAYER_PARAMS), strict=True))
 HEAD_WEIGHTS, HEAD_BIASES = (tf for tf, _, _, kind in HEADS if kind == CLASSIFICATION)
 HIDDEN_WEIGHTS, HIDDEN_BIASES = (tf for tf, _, _ in HIDDEN_HEADS)
-MAX_HEAD_LAYERS = 8  # "a short stack": more Dense layers are not a MobileNetV2 classifier
 DEFAULT_SIZE = 224  # what the converter assumes when nothing says the input size
 ZOO_FILE = re.compile(r"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_(?P<alpha>[\d.]+)_(?P<rows>\d+)")
 
@@ -389,15 +387,10 @@ class KerasReader(Reader):
         labels, preprocessing = None, facts.preprocessing
         if head:
             count = int(head[-1].weights["kernel"].shape[1])
-            from_file, problem = labels_beside(self.path, count)
-            notes += [problem] if problem else []
-            if from_file is not None:
-                notes.append(
-                    f"The class names were read from {LABELS_FILE} next to the model (Teachable Machine's export); "
-                    "it takes the center square of an image resized to its input size, x / 127.5 - 1."
-                )
-                # Resizing the shorter side to the input size, then cropping the center: that square.
-                preprocessing = {**(preprocessing or {}), "size": {"shortest_edge": size or DEFAULT_SIZE}}
+            from_file, label_notes, preprocessing = teachable_machine_labels(
+                self.path, count, size or DEFAULT_SIZE, preprocessing
+            )
+            notes += label_notes
             labels = from_file or class_labels(count, facts.class_names)
         return Hints(
             image_size=size,
