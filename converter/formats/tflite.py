@@ -33,6 +33,7 @@ import numpy as np
 
 from converter.errors import MappingError, TFLiteFormatError, UsageError
 from converter.formats.base import Hints, Reader, References
+from converter.formats.labels_file import teachable_machine_labels
 from converter.formats.tflite_labels import packed_labels
 from converter.formats.tflite_schema import Model, Tensor, has_identifier, parse_model
 from converter.formats.tflite_walk import Step, Walk, has_bias
@@ -66,6 +67,7 @@ class TFLiteReader(Reader):
         self.steps, self.kind = walk.run()
         self._stored = walk.stored
         self.output_form = walk.output_form
+        self.hidden_activations = tuple(walk.hidden_activations)
         self.output_stride = _output_stride(self.steps) if self.kind == DEEPLAB else 32
         # A full-integer model (integer activations); float16 and dynamic-range models have float ones.
         self.quantized = self._activation_dtype() != "float32"
@@ -137,12 +139,18 @@ class TFLiteReader(Reader):
         if input_quantization is not None:
             preprocessing = {"input_quantization": input_quantization}
         labels, label_notes = packed_labels(self._bytes, self.model.metadata, num_labels)
+        if labels is None and self.kind != DEEPLAB:  # Teachable Machine's model_unquant.tflite and labels.txt
+            labels, beside_notes, preprocessing = teachable_machine_labels(
+                self.path, num_labels, image.shape[1], preprocessing
+            )
+            label_notes += beside_notes
         return Hints(
             image_size=image.shape[1],
             output_stride=self.output_stride if self.kind == DEEPLAB else None,
             labels=labels,
             convention="raw",
             preprocessing=preprocessing,
+            hidden_activations=self.hidden_activations,
             notes=(*notes, *label_notes),
         )
 
@@ -267,7 +275,11 @@ class TFLiteReader(Reader):
         """Each conv's stride and dilation, and each residual, are those of the variant's model (channels
         are checked by the variant detection, which matches every weight's shape)."""
         shapes = {name: array.shape for name, array in self._tensors.items()}
-        variant = detect_variant(shapes, output_stride=self.output_stride if self.kind == DEEPLAB else None)
+        variant = detect_variant(
+            shapes,
+            output_stride=self.output_stride if self.kind == DEEPLAB else None,
+            hidden_activations=self.hidden_activations,
+        )
         config = variant.config()
         expected = {"mobilenet_v2.conv_stem.first_conv": (2, 1)}
         residual = {"mobilenet_v2.conv_stem": False}
@@ -306,8 +318,8 @@ class TFLiteReader(Reader):
             bias = _dequantize(self.model, self._stored(step.op.inputs[2])) if has_bias(step.op) else None
             if bias is None:
                 bias = np.zeros(weight.shape[-1], np.float32)
-            if step.scope == head:
-                tensors[f"{head}/weights"], tensors[f"{head}/biases"] = weight, bias
+            if step.scope == head or step.op.op == "FULLY_CONNECTED":  # the classifier, a hidden Dense layer
+                tensors[f"{step.scope}/weights"], tensors[f"{step.scope}/biases"] = weight, bias
                 continue
             variable = "depthwise_weights" if step.op.op == "DEPTHWISE_CONV_2D" else "weights"
             eps = HEAD_EPS if step.scope in HEAD_SCOPES else BACKBONE_EPS

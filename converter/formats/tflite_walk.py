@@ -10,12 +10,13 @@ from the topology (a global pool beside the backbone's output is DeepLab's ASPP)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from converter.errors import MappingError, TFLiteFormatError
 from converter.formats.tflite_graph import Graph
 from converter.formats.tflite_schema import Model, Operator
-from converter.slim import HEADS, NUM_BLOCKS, conv_layers
+from converter.slim import HEADS, HIDDEN_HEAD_WEIGHTS, HIDDEN_HEADS, MAX_HEAD_LAYERS, NUM_BLOCKS, conv_layers
 from converter.vocabulary import CLASSIFICATION, DEEPLAB
 
 POOL_OPS = ("AVERAGE_POOL_2D", "MEAN")
@@ -33,6 +34,10 @@ HEAD_MODULES = {
     for tf, pt, _, _ in HEADS
     if tf.endswith("/weights")
 }
+# A hidden Dense layer's scope ("{j}" its place in the head), and the activations it may have: TFLite's fused
+# ones -> the config's names (`MobileNetV2Config.classifier_layers`).
+HIDDEN_SCOPE = HIDDEN_HEADS[0][0].rsplit("/", 1)[0]
+DENSE_ACTIVATIONS = {"relu": "relu", None: "linear"}
 
 
 @dataclass
@@ -68,6 +73,7 @@ class Walk:
         self.stored = self.graph.stored
         self.steps: list[Step] = []
         self.output_form = ""
+        self.hidden_activations: list[str] = []  # of the head's Dense layers ahead of the classifier
 
     def run(self) -> tuple[list[Step], str]:
         if len(self.model.inputs) != 1 or len(self.model.outputs) != 1:
@@ -113,12 +119,19 @@ class Walk:
     def _classification_head(self, x: int) -> None:
         x = self._conv(x, "MobilenetV2/Conv_1", "CONV_2D", "relu6")
         x = self._pool(x, "mobilenet_v2.pool")
-        dense = self._optional(x, ("FULLY_CONNECTED",))
-        if dense is not None and self._optional(dense.outputs[0], ("FULLY_CONNECTED",)) is not None:
-            raise MappingError(
-                f"op {dense.index}: the head is a stack of Dense layers (FULLY_CONNECTED ops); a TFLite head of one "
-                "Dense layer converts, a deeper one does not yet"
-            )
+        # A Keras head's Dense layers: every FULLY_CONNECTED that feeds another is a hidden layer (ReLU or
+        # linear); the last one is the classifier. Dropout leaves nothing in the graph.
+        while (dense := self._optional(x, ("FULLY_CONNECTED",))) is not None and self._optional(
+            dense.outputs[0], ("FULLY_CONNECTED",)
+        ):
+            j = len(self.hidden_activations)
+            if j + 1 >= MAX_HEAD_LAYERS:
+                raise MappingError(
+                    f"op {dense.index}: the head has more than {MAX_HEAD_LAYERS} Dense layers (FULLY_CONNECTED ops); "
+                    "a MobileNetV2 classifier has a short stack of them"
+                )
+            x = self._conv(x, HIDDEN_SCOPE.format(j=j), "FULLY_CONNECTED", DENSE_ACTIVATIONS)
+            self.hidden_activations.append(DENSE_ACTIVATIONS[dense.options["activation"]])
         x = self._conv(x, "MobilenetV2/Logits/Conv2d_1c_1x1", ("CONV_2D", "FULLY_CONNECTED"), None)
         # Then squeezes and reshapes (no arithmetic) around an optional softmax, which is an output detail.
         reshapes = 0
@@ -185,7 +198,8 @@ class Walk:
             raise MappingError(f"tensor {x} feeds {len(found)} {'/'.join(ops)} ops; expected one")
         return found[0] if found else None
 
-    def _conv(self, x: int, scope: str, ops: str | tuple[str, ...], activation: str | None) -> int:
+    def _conv(self, x: int, scope: str, ops: str | tuple[str, ...], activation: str | None | Mapping) -> int:
+        """The one conv of `ops` after `x`, named `scope`; `activation` is its fused one, or those it may have."""
         ops = (ops,) if isinstance(ops, str) else ops
         candidates = [op for op in self.consumers.get(x, []) if op.op in ops]
         if len(candidates) != 1:
@@ -203,9 +217,11 @@ class Walk:
             )
         if padding != "SAME":
             raise MappingError(f"{scope}: op {op.index} uses {padding} padding; MobileNetV2 uses SAME")
-        if op.options.get("activation") != activation:
+        allowed = tuple(activation) if isinstance(activation, Mapping) else (activation,)
+        if op.options.get("activation") not in allowed:
+            expected = " or ".join(str(a) for a in allowed)
             raise MappingError(
-                f"{scope}: op {op.index} ({op.op}) has activation {op.options.get('activation')}, expected {activation}"
+                f"{scope}: op {op.index} ({op.op}) has activation {op.options.get('activation')}, expected {expected}"
             )
         weight = self.model.tensors[op.inputs[1]]
         bias_shape = self.model.tensors[op.inputs[2]].shape if has_bias(op) else None
@@ -215,7 +231,7 @@ class Walk:
             raise TFLiteFormatError(f"{scope}: op {op.index} has weights {weight.shape} and bias {bias_shape}")
         if op.op == "DEPTHWISE_CONV_2D" and self.model.tensors[op.inputs[1]].shape[0] != 1:
             raise MappingError(f"{scope}: a depthwise conv with a channel multiplier; MobileNetV2 uses 1")
-        module = self.modules.get(scope) or HEAD_MODULES.get(scope)
+        module = self.modules.get(scope) or HEAD_MODULES.get(scope) or hidden_module(scope)
         if module is None:
             raise MappingError(f"{scope} has no place in the model table")
         conv, *after = self.graph.parts(op)
@@ -235,3 +251,9 @@ class Walk:
 def has_bias(op: Operator) -> bool:
     """Whether a conv has a bias operand (a Dense layer's all-zero bias the converter leaves out)."""
     return len(op.inputs) > 2 and op.inputs[2] >= 0
+
+
+def hidden_module(scope: str) -> str | None:
+    """The PyTorch module of a hidden Dense layer's scope (`converter.slim.HIDDEN_HEADS`), None for another scope."""
+    match = HIDDEN_HEAD_WEIGHTS.match(f"{scope}/weights")
+    return HIDDEN_HEADS[0][1].format(j=match[1]).removesuffix(".weight") if match else None
