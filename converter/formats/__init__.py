@@ -215,12 +215,14 @@ def _archive_root(folder: Path) -> Path:
         entry for entry in folder.iterdir() if not entry.name.startswith(".") and entry.name not in SKIPPED_NAMES
     ]
     folders = [entry for entry in entries if entry.is_dir()]
-    if len(folders) != 1 or any(reader.sniff(folder) for reader in READERS):
+    at_root = {reader for reader in READERS if reader.sniff(folder)}
+    if len(folders) != 1:
         return folder
     if len(entries) == 1:
-        return folders[0]
+        return folder if at_root else folders[0]
+    # The root is the subfolder's layout seen from above (a checkpoint is searched for in subfolders).
+    in_folder = {reader for reader in READERS if reader.sniff(folders[0])}
     files = [entry for entry in entries if entry.is_file()]
-    is_layout = any(reader.sniff(folders[0]) for reader in READERS)
-    if is_layout and not any(reader.sniff(file) for file in files for reader in FILE_FORMATS):
+    if in_folder and at_root <= in_folder and not any(r.sniff(file) for file in files for r in FILE_FORMATS):
         return folders[0]
     return folder

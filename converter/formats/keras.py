@@ -160,8 +160,8 @@ class KerasReader(Reader):
                 layers = self._stored_layers(config)
                 backbone, head = assign_layers(layers)
                 self._config = ConfigFacts(config, len(BACKBONE))
-                self._activations: tuple[str, ...] = ()
-                head = self._check_head(head, backbone_only)
+                head, self._activations, notes = checked_head(self.path.name, head, self._config, backbone_only)
+                self._notes += notes
                 self._tensors = slim_tensors(backbone, head)
                 self._hints = self._make_hints(head)
             except HDF5_ERRORS as exc:
@@ -326,52 +326,6 @@ class KerasReader(Reader):
         return _keras3_layers(_Merged(roots, ""), config)
 
     # --- heads and hints --------------------------------------------------------------------------
-
-    def _check_head(self, head: list[Layer], backbone_only: bool) -> list[Layer]:
-        """The head's Dense layers in order (none for a backbone), checked against the model config."""
-        facts = self._config
-        if backbone_only:
-            if head:
-                self._notes.append(
-                    f"Backbone only: the head ({', '.join(layer.name or layer.where for layer in head)}) was dropped."
-                )
-            return []
-        if not head:
-            if facts.head_layers:
-                raise KerasFileError(
-                    f"{self.path.name}: its model config has {', '.join(map(str, facts.head_layers))} after the "
-                    "backbone, but the weights hold no such layer; the file is damaged"
-                )
-            return []
-        offer = "; convert the backbone alone instead (backbone_only, the --backbone-only option)"
-        described = "; ".join(layer.describe() for layer in head)
-        if any(layer.keras_class != DENSE for layer in head) or len(head) > MAX_HEAD_LAYERS:
-            raise KerasHeadError(
-                f"{self.path.name}: the head after the MobileNetV2 backbone has {len(head)} weighted layers "
-                f"({described}); only a stack of up to {MAX_HEAD_LAYERS} Dense layers maps onto "
-                f"MobileNetV2ForImageClassification{offer}"
-            )
-        if facts.head_problem:
-            raise KerasHeadError(f"{self.path.name}: {facts.head_problem}{offer}")
-        if facts.dense_layers is None:
-            if len(head) > 1:
-                raise KerasHeadError(
-                    f"{self.path.name} holds weights only, with {len(head)} Dense layers after the backbone "
-                    f"({described}): without the model config their activations are unknown; convert a file "
-                    f"saved with its architecture (model.save('model.keras') or model.save('model.h5')){offer}"
-                )
-            self._activations = ("linear",)
-            return head
-        configured = facts.dense_layers
-        if len(configured) != len(head) or any(
-            use_bias != ("bias" in layer.weights) for (_, use_bias), layer in zip(configured, head, strict=False)
-        ):
-            raise KerasFileError(
-                f"{self.path.name}: its model config has {len(configured)} Dense layers after the backbone "
-                f"(use_bias {[b for _, b in configured]}), but the weights hold {described}; the file is damaged"
-            )
-        self._activations = tuple(activation for activation, _ in configured)
-        return head
 
     def _make_hints(self, head: list[Layer]) -> Hints:
         facts = self._config
@@ -555,6 +509,52 @@ def _snake_case(name: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Matching stored layers to the backbone
 # ---------------------------------------------------------------------------------------------------
+
+
+def checked_head(
+    source: str, head: list[Layer], facts: ConfigFacts, backbone_only: bool
+) -> tuple[list[Layer], tuple[str, ...], list[str]]:
+    """The head's Dense layers in order (none for a backbone), checked against the model config (`facts`; a
+    weights-only source has none), with the activation of each and notes; `source` names the file."""
+    if backbone_only:
+        if head:
+            dropped = ", ".join(layer.name or layer.where for layer in head)
+            return [], (), [f"Backbone only: the head ({dropped}) was dropped."]
+        return [], (), []
+    if not head:
+        if facts.head_layers:
+            raise KerasFileError(
+                f"{source}: its model config has {', '.join(map(str, facts.head_layers))} after the "
+                "backbone, but the weights hold no such layer; the file is damaged"
+            )
+        return [], (), []
+    offer = "; convert the backbone alone instead (backbone_only, the --backbone-only option)"
+    described = "; ".join(layer.describe() for layer in head)
+    if any(layer.keras_class != DENSE for layer in head) or len(head) > MAX_HEAD_LAYERS:
+        raise KerasHeadError(
+            f"{source}: the head after the MobileNetV2 backbone has {len(head)} weighted layers "
+            f"({described}); only a stack of up to {MAX_HEAD_LAYERS} Dense layers maps onto "
+            f"MobileNetV2ForImageClassification{offer}"
+        )
+    if facts.head_problem:
+        raise KerasHeadError(f"{source}: {facts.head_problem}{offer}")
+    if facts.dense_layers is None:
+        if len(head) > 1:
+            raise KerasHeadError(
+                f"{source} holds weights only, with {len(head)} Dense layers after the backbone "
+                f"({described}): without the model config their activations are unknown; convert a file "
+                f"saved with its architecture (model.save('model.keras') or model.save('model.h5')){offer}"
+            )
+        return head, ("linear",), []
+    configured = facts.dense_layers
+    if len(configured) != len(head) or any(
+        use_bias != ("bias" in layer.weights) for (_, use_bias), layer in zip(configured, head, strict=False)
+    ):
+        raise KerasFileError(
+            f"{source}: its model config has {len(configured)} Dense layers after the backbone "
+            f"(use_bias {[b for _, b in configured]}), but the weights hold {described}; the file is damaged"
+        )
+    return head, tuple(activation for activation, _ in configured), []
 
 
 def assign_layers(layers: list[Layer]) -> tuple[list[Layer], list[Layer]]:
