@@ -7,8 +7,9 @@ Dense(3, softmax, no bias); the Keras producer fixture, ``fixtures/keras_builder
 (``model.tflite``), at depth 0.35 / 97x97 and 0.5 / 96x96. Truth: Keras' own outputs (``references.npz``) and
 TFLite's interpreter, its reference kernels for the integer files. Bars (issue #22): float max |ours - ref| /
 max |ref| <= 1e-4; dynamic range: the same top-1 on every image; full integer: every step of the integer model
-within one output step on >= 99% of its values, the same top-1. Then the export as Teachable Machine downloads
-it: a ``.zip`` of the model and ``labels.txt``.
+within one output step on >= 99% of its values, the same top-1. Then the exports as Teachable Machine downloads
+them: a ``.zip`` of the model (``.tflite``, ``keras_model.h5``, or ``model.savedmodel/`` saved by tf_keras) and
+``labels.txt``.
 
 Run with ``-rA -s`` to see the measured differences (``docs/producers.md`` holds the matrix).
 """
@@ -225,3 +226,37 @@ def test_a_zip_that_escapes_is_refused_before_anything_is_written(tmp_path):
     result = run_cli("--checkpoint", archive, "--output", tmp_path / "out")
     assert_one_line_error(result, result.returncode, "'../labels.txt' would escape")
     assert result.returncode != 0 and not (tmp_path / "out").exists() and not (tmp_path.parent / "labels.txt").exists()
+
+
+@pytest.fixture(scope="module")
+def savedmodel_export(tmp_path_factory):
+    """Teachable Machine's converted_savedmodel.zip: its Keras model saved by tf_keras as a SavedModel
+    (``model.savedmodel/``), with labels.txt beside it."""
+    import tf_keras
+
+    root = tmp_path_factory.mktemp("savedmodel_export")
+    model = tf_keras.models.load_model(teachable_machine_keras_file("tf_keras", 0.35, 97))
+    model.save(root / "model.savedmodel", save_format="tf")
+    (root / "labels.txt").write_bytes(labels_file())
+    return root
+
+
+def test_downloaded_savedmodel_zip_converts_with_its_labels_and_verifies(tmp_path, savedmodel_export):
+    from converter.verify import verify_model
+
+    archive = tmp_path / "converted_savedmodel.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for file in sorted(savedmodel_export.rglob("*")):
+            zipped.write(file, file.relative_to(savedmodel_export).as_posix())
+    result = run_cli("--checkpoint", archive, "--output", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    config = MobileNetV2Config.from_pretrained(tmp_path / "out")
+    assert tuple(config.id2label[i] for i in range(PRODUCER_CLASSES)) == TM_LABELS
+    assert config.classifier_layers == [{"units": TM_HIDDEN_UNITS, "activation": "relu"}] and config.image_size == 97
+    refs = references("tf_keras", 0.35, 97)
+    logits, _ = ours(tmp_path / "out", refs["images"])
+    difference = relative(logits, refs["logits"])
+    print(f"\nTeachable Machine converted_savedmodel.zip: {difference:.1e} of Keras' logits")
+    assert difference <= FLOAT_BAR
+    parity = verify_model(archive, tmp_path / "out")
+    assert parity.passed, parity.first_divergence
