@@ -10,7 +10,6 @@ from the topology (a global pool beside the backbone's output is DeepLab's ASPP)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from converter.errors import MappingError, TFLiteFormatError
@@ -130,7 +129,7 @@ class Walk:
                     f"op {dense.index}: the head has more than {MAX_HEAD_LAYERS} Dense layers (FULLY_CONNECTED ops); "
                     "a MobileNetV2 classifier has a short stack of them"
                 )
-            x = self._conv(x, HIDDEN_SCOPE.format(j=j), "FULLY_CONNECTED", DENSE_ACTIVATIONS)
+            x = self._conv(x, HIDDEN_SCOPE.format(j=j), "FULLY_CONNECTED", tuple(DENSE_ACTIVATIONS))
             self.hidden_activations.append(DENSE_ACTIVATIONS[dense.options["activation"]])
         x = self._conv(x, "MobilenetV2/Logits/Conv2d_1c_1x1", ("CONV_2D", "FULLY_CONNECTED"), None)
         # Then squeezes and reshapes (no arithmetic) around an optional softmax, which is an output detail.
@@ -198,7 +197,9 @@ class Walk:
             raise MappingError(f"tensor {x} feeds {len(found)} {'/'.join(ops)} ops; expected one")
         return found[0] if found else None
 
-    def _conv(self, x: int, scope: str, ops: str | tuple[str, ...], activation: str | None | Mapping) -> int:
+    def _conv(
+        self, x: int, scope: str, ops: str | tuple[str, ...], activation: str | None | tuple[str | None, ...]
+    ) -> int:
         """The one conv of `ops` after `x`, named `scope`; `activation` is its fused one, or those it may have."""
         ops = (ops,) if isinstance(ops, str) else ops
         candidates = [op for op in self.consumers.get(x, []) if op.op in ops]
@@ -217,7 +218,7 @@ class Walk:
             )
         if padding != "SAME":
             raise MappingError(f"{scope}: op {op.index} uses {padding} padding; MobileNetV2 uses SAME")
-        allowed = tuple(activation) if isinstance(activation, Mapping) else (activation,)
+        allowed = activation if isinstance(activation, tuple) else (activation,)
         if op.options.get("activation") not in allowed:
             expected = " or ".join(str(a) for a in allowed)
             raise MappingError(
