@@ -260,3 +260,32 @@ def test_downloaded_savedmodel_zip_converts_with_its_labels_and_verifies(tmp_pat
     assert difference <= FLOAT_BAR
     parity = verify_model(archive, tmp_path / "out")
     assert parity.passed, parity.first_divergence
+
+
+def edited_head(tmp_path, activation: str):
+    """The float file with the hidden Dense layer's fused activation made `activation` (a TFLite enum name)."""
+    from tests.tflite_editing import TFLiteEditor, schema
+
+    editor = TFLiteEditor(build_teachable_machine_tflite("keras", 0.35, 97).read_bytes())
+    hidden = editor.convs("FULLY_CONNECTED")[0]
+    hidden.builtinOptions.fusedActivationFunction = getattr(schema().ActivationFunctionType, activation)
+    path = tmp_path / "edited.tflite"
+    path.write_bytes(editor.to_bytes())
+    return path
+
+
+def test_a_linear_hidden_layer_converts(tmp_path):
+    path = edited_head(tmp_path, "NONE")
+    convert_checkpoint(path, tmp_path / "out")
+    config = MobileNetV2Config.from_pretrained(tmp_path / "out")
+    assert config.classifier_layers == [{"units": TM_HIDDEN_UNITS, "activation": "linear"}]
+    images = references("keras", 0.35, 97)["images"]
+    _, probabilities = ours(tmp_path / "out", images)
+    theirs, _ = run_file(path, images)
+    assert relative(probabilities, theirs) <= FLOAT_BAR
+
+
+def test_a_hidden_layer_with_another_activation_is_refused(tmp_path):
+    result = run_cli("--checkpoint", edited_head(tmp_path, "RELU6"), "--output", tmp_path / "out")
+    assert_one_line_error(result, result.returncode, "MobilenetV2/Logits/Dense_0", "relu6, expected relu or None")
+    assert result.returncode != 0 and not (tmp_path / "out").exists()
