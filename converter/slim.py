@@ -75,6 +75,7 @@ HIDDEN_HEADS = (
     ("MobilenetV2/Logits/Dense_{j}/biases", f"{HIDDEN_CLASSIFIER}.{{j}}.bias", "copy"),
 )
 HIDDEN_HEAD_WEIGHTS = re.compile(r"^MobilenetV2/Logits/Dense_(\d+)/weights$")
+MAX_HEAD_LAYERS = 8  # "a short stack": more Dense layers are not a MobileNetV2 classifier
 
 
 @dataclass(frozen=True)

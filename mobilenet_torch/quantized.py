@@ -27,6 +27,8 @@ against them:
   requantization, as is a ReLU6 kept after any conv as an op of its own (RELU6: rescaled, then clamped;
   a MINIMUM / MAXIMUM clamp, whose kernels keep the scale: clamped);
 - the average pool's rounded integer mean; MEAN with the division folded into its multiplier;
+- a Keras head's Dense layers ahead of the classifier (``classifier_hidden.<j>``, FULLY_CONNECTED steps),
+  each requantized and clamped by its fused activation (ReLU or none) like any other conv;
 - bilinear resizes (uint8: interpolated in float32 and rounded half up; int8: in 1/1024 fixed point),
   requantizations and concatenations; the ARG_MAX of DeepLab's labels (ties to the first class);
 - the outputs dequantized. The softmax is computed in float on the dequantized logits and quantized
@@ -50,7 +52,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .architecture import BACKBONE_PREFIX, backbone_steps
+from .architecture import BACKBONE_PREFIX, HIDDEN_CLASSIFIER, backbone_steps
 from .configuration import MobileNetV2Config
 from .errors import ModelFolderError
 from .layers import ConvLayer
@@ -464,8 +466,11 @@ class QuantizedMobileNetV2(nn.Module):
         return x
 
     def _classification_head(self, x: QTensor, out: dict[str, QTensor]) -> None:
-        out["mobilenet_v2.pool"] = quantized_pool(x, self.records["mobilenet_v2.pool"], self.dtype)
-        logits = self._conv("classifier", out["mobilenet_v2.pool"], out)
+        x = out["mobilenet_v2.pool"] = quantized_pool(x, self.records["mobilenet_v2.pool"], self.dtype)
+        # A Keras head's Dense layers ahead of the classifier, each with its own activation.
+        for name in [name for name in self.after_conv if name.startswith(HIDDEN_CLASSIFIER)]:
+            x = self._conv(name, x, out)
+        logits = self._conv("classifier", x, out)
         if "softmax" in self.records:
             out["softmax"] = quantized_softmax(logits, self.records["softmax"], self.dtype)
 

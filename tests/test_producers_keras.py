@@ -118,11 +118,16 @@ def test_teachable_machine_folder_loads_in_transformers_as_the_backbone(teachabl
     assert relative_difference(logits, refs["tf_keras_teachable_machine_logits"]) <= RELATIVE_TOLERANCE
 
 
-@pytest.mark.parametrize("container", ["folder", "tar.gz"])
+@pytest.mark.parametrize("container", ["folder", "tar.gz", "zip"])
 def test_teachable_machine_labels_next_to_the_model(container, teachable_machine, tmp_path):
     export = teachable_machine.file("keras3", "teachable_machine", "h5").parent
     if container == "folder":
         source = export
+    elif container == "zip":  # converted_keras.zip as Teachable Machine downloads it: both files at the root
+        source = tmp_path / "converted_keras.zip"
+        with zipfile.ZipFile(source, "w", zipfile.ZIP_DEFLATED) as archive:
+            for file in sorted(export.iterdir()):
+                archive.write(file, file.name)
     else:
         source = tmp_path / "converted_keras.tar.gz"
         with tarfile.open(source, "w:gz") as archive:

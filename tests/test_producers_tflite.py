@@ -133,11 +133,18 @@ def test_fine_tuned_head_keeps_its_classes(tmp_path):
     assert difference <= FLOAT_BAR
 
 
-def test_a_stack_of_dense_layers_is_refused_with_the_reason(tmp_path):
-    """Teachable Machine's head, Dense(100, relu) -> Dense(N, no bias), is not read as a one-layer classifier."""
+def test_a_stack_of_dense_layers_converts(tmp_path):
+    """The transfer recipe with Teachable Machine's head, GAP -> Dropout -> Dense(100, relu) -> Dense(4, no bias),
+    as a functional model: the hidden layer is `classifier_layers`, the last one the classifier."""
     path = build_keras_tflite("tf_keras", 0.35, 96, "keras", "float", classes=4, hidden=100)
-    with pytest.raises(MappingError, match="the head is a stack of Dense layers"):
-        convert_checkpoint(path, tmp_path / "out")
+    convert_checkpoint(path, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["classifier_layers"] == [{"units": 100, "activation": "relu"}] and len(config["id2label"]) == 4
+    pixels = images(96)
+    reference = np.asarray(keras_model("tf_keras", 0.35, 96, classes=4, hidden=100)(real(pixels), training=False))
+    difference = relative(float_probabilities(tmp_path / "out", pixels), reference)
+    print(f"\ntf_keras Dense(100, relu) -> Dense(4) head: {difference:.2e} of the Keras model's probabilities")
+    assert difference <= FLOAT_BAR
 
 
 @pytest.mark.parametrize("producer, depth, size, route, mode", QUANTIZED_CASES)

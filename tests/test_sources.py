@@ -6,8 +6,10 @@ import gzip
 import hashlib
 import io
 import os
+import stat
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -398,3 +400,127 @@ def test_damaged_member_header_is_not_mistaken_for_the_end(tmp_path, name):
     with pytest.raises(SourceError, match="damaged member header"):
         with open_source(archive):
             pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Zip archives (Teachable Machine's downloads)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _zip(tmp_path: Path, members: list[tuple[zipfile.ZipInfo | str, bytes]], name: str = "model.zip") -> Path:
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for info, data in members:
+            archive.writestr(info, data)
+    return path
+
+
+def _zip_zoo(names: list[str]) -> list[tuple[str, bytes]]:
+    return [(name, f"contents of {name}".encode()) for name in names]
+
+
+def _zip_symlink(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16  # how Info-ZIP stores a link: its target as the data
+    return info, target.encode()
+
+
+def _assert_zip_refused(tmp_path: Path, private_tempdir: Path, archive: Path, error, match: str) -> None:
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(error, match=match):
+        with open_source(archive):
+            pass
+    assert sorted(tmp_path.rglob("*")) == before
+    assert list(private_tempdir.iterdir()) == []
+
+
+def test_zip_holding_a_checkpoint(tmp_path, private_tempdir):
+    with open_source(_zip(tmp_path, _zip_zoo(ZOO_FILES))) as source:
+        assert source.prefix.name == f"{ZOO_NAME}.ckpt"
+        assert source.files[0].read_bytes() == f"contents of {ZOO_FILES[0]}".encode()
+    assert list(private_tempdir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("member", "match"),
+    [
+        ("../evil", "'../evil' would escape"),
+        ("a/../../evil", "would escape"),
+        ("..\\evil", "would escape"),
+        ("/tmp/evil", "absolute path"),
+        ("C:/evil", "absolute path"),
+    ],
+)
+def test_zip_member_outside_the_folder_is_refused(tmp_path, private_tempdir, member, match):
+    archive = _zip(tmp_path, [*_zip_zoo(ZOO_FILES), (member, b"pwned")])
+    _assert_zip_refused(tmp_path, private_tempdir, archive, UnsafeArchiveError, match)
+    assert not (tmp_path.parent / "evil").exists() and not (private_tempdir.parent / "evil").exists()
+
+
+def test_zip_symlink_member_is_refused(tmp_path, private_tempdir):
+    archive = _zip(tmp_path, [_zip_symlink(ZOO_FILES[0], "/etc/passwd"), *_zip_zoo(ZOO_FILES[1:])])
+    _assert_zip_refused(tmp_path, private_tempdir, archive, UnsafeArchiveError, "is a symbolic link; refused")
+
+
+def test_zip_special_file_member_is_refused(tmp_path, private_tempdir):
+    fifo = zipfile.ZipInfo("pipe")
+    fifo.external_attr = (stat.S_IFIFO | 0o644) << 16
+    archive = _zip(tmp_path, [*_zip_zoo(ZOO_FILES), (fifo, b"")])
+    _assert_zip_refused(tmp_path, private_tempdir, archive, UnsafeArchiveError, "'pipe' is a device, FIFO")
+
+
+def test_zip_bomb_is_refused_by_its_declared_size(tmp_path, private_tempdir):
+    """50 MB of zeros in ~50 kB: refused before a byte is written (the size the central directory declares is
+    what zipfile writes at most)."""
+    archive = _zip(tmp_path, [*_zip_zoo(ZOO_FILES), ("bomb.bin", bytes(50_000_000))])
+    assert archive.stat().st_size < 1_000_000
+    _assert_zip_refused_with(tmp_path, private_tempdir, archive, max_extract_bytes=1_000_000)
+
+
+def test_zip_declaring_less_than_it_holds_is_cut_off(tmp_path, private_tempdir):
+    """A member whose declared size is forged small: zipfile stops at the declared size and the CRC fails."""
+    archive = _zip(tmp_path, [("bomb.bin", bytes(5_000_000))])
+    data = bytearray(archive.read_bytes())
+    # The uncompressed size in the local header (offset 22) and in the central directory entry (offset 24).
+    data[22:26] = (1000).to_bytes(4, "little")
+    central = data.rindex(b"PK\x01\x02")
+    data[central + 24 : central + 28] = (1000).to_bytes(4, "little")
+    archive.write_bytes(bytes(data))
+    _assert_zip_refused(tmp_path, private_tempdir, archive, SourceError, "not a readable zip archive")
+
+
+def _assert_zip_refused_with(tmp_path: Path, private_tempdir: Path, archive: Path, **caps) -> None:
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(UnsafeArchiveError, match="would extract to more than 1000000 bytes"):
+        with open_source(archive, **caps):
+            pass
+    assert sorted(tmp_path.rglob("*")) == before
+    assert list(private_tempdir.iterdir()) == []
+
+
+def test_zip_member_count_cap(tmp_path, private_tempdir):
+    archive = _zip(tmp_path, [(f"f{i}", b"x") for i in range(30)])
+    with pytest.raises(UnsafeArchiveError, match="more than 20 members"):
+        with open_source(archive, max_members=20):
+            pass
+    assert list(private_tempdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04", b"not a zip at all" * 100, os.urandom(5000)])
+def test_not_a_zip_with_a_zip_suffix(tmp_path, private_tempdir, content):
+    archive = tmp_path / "garbage.zip"
+    archive.write_bytes(content)
+    with pytest.raises(SourceError, match="garbage.zip"):
+        with open_source(archive):
+            pass
+    assert list(private_tempdir.iterdir()) == []
+
+
+def test_hostile_zip_through_the_command_line(tmp_path):
+    """One line, a non-zero exit, no output folder."""
+    from tests.helpers import assert_one_line_error, run_cli
+
+    archive = _zip(tmp_path, [*_zip_zoo(ZOO_FILES), _zip_symlink("link", "/etc/passwd")], "converted_keras.zip")
+    result = run_cli("--checkpoint", archive, "--output", tmp_path / "out")
+    assert_one_line_error(result, result.returncode, "member 'link' is a symbolic link; refused")
+    assert result.returncode != 0 and not (tmp_path / "out").exists()

@@ -1,7 +1,7 @@
 """Input formats: one reader per format (see :mod:`converter.formats.base`), registered in `READERS`.
 
 `open_reader(path)` finds the format by sniffing (file magic, folder layout), `--format NAME` forces one.
-Archives (.tgz, .tar.gz, .tar) are unpacked safely into a private temporary folder first, whatever
+Archives (.tgz, .tar.gz, .tar, .zip) are unpacked safely into a private temporary folder first, whatever
 they hold, so every format can come as a folder or as an archive of it.
 
 A folder (or unpacked archive) is recognised by its layout (a SavedModel, a checkpoint) and searched for
@@ -209,10 +209,21 @@ def _relative(path: Path, candidate: _Candidate) -> str:
 
 
 def _archive_root(folder: Path) -> Path:
-    """Where an unpacked archive's content starts: the folder itself, or its one top-level folder."""
+    """Where an unpacked archive's content starts: the folder itself, or its one top-level folder: the only
+    entry, or a model layout beside files no format reads (Teachable Machine's ``converted_savedmodel.zip``
+    holds ``model.savedmodel/`` and ``labels.txt``)."""
     entries = [
         entry for entry in folder.iterdir() if not entry.name.startswith(".") and entry.name not in SKIPPED_NAMES
     ]
-    if len(entries) == 1 and entries[0].is_dir() and not any(reader.sniff(folder) for reader in READERS):
-        return entries[0]
+    folders = [entry for entry in entries if entry.is_dir()]
+    at_root = {reader for reader in READERS if reader.sniff(folder)}
+    if len(folders) != 1:
+        return folder
+    if len(entries) == 1:
+        return folder if at_root else folders[0]
+    # The root is the subfolder's layout seen from above (a checkpoint is searched for in subfolders).
+    in_folder = {reader for reader in READERS if reader.sniff(folders[0])}
+    files = [entry for entry in entries if entry.is_file()]
+    if in_folder and at_root <= in_folder and not any(r.sniff(file) for file in files for r in FILE_FORMATS):
+        return folders[0]
     return folder

@@ -1,10 +1,11 @@
-"""Locate the checkpoint the user points at: a prefix, an ``.index`` or ``.data-*`` file, a folder, or a
-zoo tarball (``.tgz`` / ``.tar.gz`` / ``.tar``).
+"""Locate the checkpoint the user points at: a prefix, an ``.index`` or ``.data-*`` file, a folder, or an
+archive: a zoo tarball (``.tgz`` / ``.tar.gz`` / ``.tar``) or a ``.zip`` (Teachable Machine's downloads).
 
 Archives are unpacked into a private temporary folder that exists only while the :func:`open_source`
 context is open. Every member is checked before anything is written: links, devices, absolute paths,
-``..`` components, too many members or too many bytes are refused, and the standard library's ``data``
-extraction filter guards the extraction itself.
+``..`` components, too many members or too many bytes are refused; the standard library's ``data``
+extraction filter guards a tar's extraction, and a zip's members are written one by one, each cut off
+at its checked size.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import queue
 import re
 import shutil
+import stat
 import tarfile
 import tempfile
 import threading
@@ -25,16 +27,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from converter.errors import SourceError, UnsafeArchiveError
+from converter.hashing import file_sha256
+
+if TYPE_CHECKING:
+    import zipfile
 
 __all__ = ["CheckpointSource", "open_source", "DEFAULT_MAX_EXTRACT_BYTES", "DEFAULT_MAX_MEMBERS"]
 
 DEFAULT_MAX_EXTRACT_BYTES = 2 << 30  # the largest zoo tarball unpacks to well under 100 MB
 DEFAULT_MAX_MEMBERS = 10_000  # zoo tarballs hold about 7 files
 
-_ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
+_TAR_SUFFIXES = (".tgz", ".tar.gz", ".tar")
+_ZIP_SUFFIX = ".zip"
 DATA_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
 SEARCH_LEVELS = 2  # zoo DeepLab tarballs put the checkpoint one folder down
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -96,8 +103,8 @@ def locate_checkpoint(path: Path, archive: Path | None = None) -> CheckpointSour
 
 
 def is_archive(path: Path) -> bool:
-    """A .tgz / .tar.gz / .tar file (the zoo's and Kaggle's archives)."""
-    return path.is_file() and path.name.lower().endswith(_ARCHIVE_SUFFIXES)
+    """A .tgz / .tar.gz / .tar file (the zoo's and Kaggle's archives) or a .zip (Teachable Machine's)."""
+    return path.is_file() and path.name.lower().endswith((*_TAR_SUFFIXES, _ZIP_SUFFIX))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,11 +245,16 @@ def extracted(archive: Path, max_bytes: int, max_members: int) -> Iterator[Unpac
     except OSError as err:
         raise SourceError(f"cannot create a temporary folder to unpack {archive}: {err}") from None
     try:
+        destination = workdir / "extracted"
+        destination.mkdir()
+        if archive.name.lower().endswith(_ZIP_SUFFIX):
+            # zipfile seeks to the central directory at the end: the zip is hashed in a pass of its own.
+            _extract_zip(archive, destination, max_bytes, max_members)
+            yield Unpacked(destination, file_sha256(archive))
+            return
         limit = max_bytes + max_members * _TAR_OVERHEAD_PER_MEMBER + _CHUNK
         stream, digest = _tar_stream(archive, workdir, limit)
         with stream:
-            destination = workdir / "extracted"
-            destination.mkdir()
             _extract_checked(archive, stream, destination, max_bytes, max_members)
         yield Unpacked(destination, digest)
     finally:
@@ -446,10 +458,70 @@ def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
         raise UnsafeArchiveError(f"{archive}: member {name!r} is a {kind} link to {member.linkname!r}; refused")
     if not (member.isreg() or member.isdir()):
         raise UnsafeArchiveError(f"{archive}: member {name!r} is a device, FIFO or other special file; refused")
+    _check_member_name(archive, name)
+    if member.size < 0:
+        raise SourceError(f"{archive}: member {name!r} declares a negative size (corrupted archive?)")
+
+
+def _check_member_name(archive: Path, name: str) -> PurePosixPath:
+    """The member's path inside the extraction folder; absolute paths and ``..`` components are refused."""
     portable = name.replace("\\", "/")
     if portable.startswith("/") or re.match(r"[A-Za-z]:", portable):
         raise UnsafeArchiveError(f"{archive}: member {name!r} has an absolute path; refused")
     if ".." in PurePosixPath(portable).parts:
         raise UnsafeArchiveError(f"{archive}: member {name!r} would escape the extraction folder; refused")
-    if member.size < 0:
-        raise SourceError(f"{archive}: member {name!r} declares a negative size (corrupted archive?)")
+    return PurePosixPath(portable)
+
+
+def _extract_zip(archive: Path, destination: Path, max_bytes: int, max_members: int) -> None:
+    """Every member checked first (names, kinds, the declared sizes against the caps), then each file
+    written on its own, cut off at its declared size (zipfile stops there and checks the CRC)."""
+    import zipfile  # here, not at the top: it imports bz2 and lzma, which a conversion of a .tgz never needs
+
+    # What zipfile raises on a damaged archive (its own errors and those of the decoders below it).
+    damaged = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError, RuntimeError,
+               zlib.error)  # fmt: skip
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            members = _checked_zip_members(zipped, archive, max_bytes, max_members)
+            for member, relative in members:
+                target = destination.joinpath(*relative.parts)
+                if member.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zipped.open(member) as source, target.open("xb") as sink:
+                    shutil.copyfileobj(source, sink, _CHUNK)
+    except damaged as err:
+        raise SourceError(f"{archive} is not a readable zip archive (truncated or corrupted?): {err}") from None
+    except OSError as err:
+        raise SourceError(f"cannot extract {archive} into {destination}: {err}") from None
+
+
+def _checked_zip_members(
+    zipped: zipfile.ZipFile, archive: Path, max_bytes: int, max_members: int
+) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    members = zipped.infolist()
+    if len(members) > max_members:
+        raise UnsafeArchiveError(f"{archive} has more than {max_members} members; refusing it")
+    checked, total_bytes, seen = [], 0, set()
+    for member in members:
+        kind = stat.S_IFMT(member.external_attr >> 16)  # the Unix file type, where the writer recorded one
+        if kind == stat.S_IFLNK:
+            raise UnsafeArchiveError(f"{archive}: member {member.filename!r} is a symbolic link; refused")
+        if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+            raise UnsafeArchiveError(
+                f"{archive}: member {member.filename!r} is a device, FIFO or other special file; refused"
+            )
+        relative = _check_member_name(archive, member.filename)
+        if not member.is_dir() and relative in seen:
+            raise UnsafeArchiveError(f"{archive}: member {member.filename!r} appears twice; refused")
+        seen.add(relative)
+        total_bytes += member.file_size
+        if total_bytes > max_bytes:
+            raise UnsafeArchiveError(
+                f"{archive} would extract to more than {max_bytes} bytes; refusing it (raise "
+                "max_extract_bytes if it is genuine)"
+            )
+        checked.append((member, relative))
+    return checked

@@ -50,11 +50,9 @@ from converter.formats.keras_config import (
     CONV,
     DENSE,
     DEPTHWISE,
-    LABELS_FILE,
     MODEL_NAME,
     ConfigFacts,
     class_labels,
-    labels_beside,
 )
 from converter.formats.keras_hdf5 import (
     MAX_ARCHIVE_MEMBER_BYTES,
@@ -70,7 +68,8 @@ from converter.formats.keras_hdf5 import (
     string_list,
     text_attribute,
 )
-from converter.slim import HEADS, HIDDEN_HEADS, LAYER_PARAMS, NUM_BLOCKS
+from converter.formats.labels_file import teachable_machine_labels
+from converter.slim import HEADS, HIDDEN_HEADS, LAYER_PARAMS, MAX_HEAD_LAYERS, NUM_BLOCKS
 from converter.vocabulary import CLASSIFICATION
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -89,7 +88,6 @@ ROLES = {
 BN_SUFFIXES = dict(zip(ROLES[BATCHNORM], (tf for tf, _ in LAYER_PARAMS), strict=True))
 HEAD_WEIGHTS, HEAD_BIASES = (tf for tf, _, _, kind in HEADS if kind == CLASSIFICATION)
 HIDDEN_WEIGHTS, HIDDEN_BIASES = (tf for tf, _, _ in HIDDEN_HEADS)
-MAX_HEAD_LAYERS = 8  # "a short stack": more Dense layers are not a MobileNetV2 classifier
 DEFAULT_SIZE = 224  # what the converter assumes when nothing says the input size
 ZOO_FILE = re.compile(r"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_(?P<alpha>[\d.]+)_(?P<rows>\d+)")
 
@@ -162,8 +160,8 @@ class KerasReader(Reader):
                 layers = self._stored_layers(config)
                 backbone, head = assign_layers(layers)
                 self._config = ConfigFacts(config, len(BACKBONE))
-                self._activations: tuple[str, ...] = ()
-                head = self._check_head(head, backbone_only)
+                head, self._activations, notes = checked_head(self.path.name, head, self._config, backbone_only)
+                self._notes += notes
                 self._tensors = slim_tensors(backbone, head)
                 self._hints = self._make_hints(head)
             except HDF5_ERRORS as exc:
@@ -329,52 +327,6 @@ class KerasReader(Reader):
 
     # --- heads and hints --------------------------------------------------------------------------
 
-    def _check_head(self, head: list[Layer], backbone_only: bool) -> list[Layer]:
-        """The head's Dense layers in order (none for a backbone), checked against the model config."""
-        facts = self._config
-        if backbone_only:
-            if head:
-                self._notes.append(
-                    f"Backbone only: the head ({', '.join(layer.name or layer.where for layer in head)}) was dropped."
-                )
-            return []
-        if not head:
-            if facts.head_layers:
-                raise KerasFileError(
-                    f"{self.path.name}: its model config has {', '.join(map(str, facts.head_layers))} after the "
-                    "backbone, but the weights hold no such layer; the file is damaged"
-                )
-            return []
-        offer = "; convert the backbone alone instead (backbone_only, the --backbone-only option)"
-        described = "; ".join(layer.describe() for layer in head)
-        if any(layer.keras_class != DENSE for layer in head) or len(head) > MAX_HEAD_LAYERS:
-            raise KerasHeadError(
-                f"{self.path.name}: the head after the MobileNetV2 backbone has {len(head)} weighted layers "
-                f"({described}); only a stack of up to {MAX_HEAD_LAYERS} Dense layers maps onto "
-                f"MobileNetV2ForImageClassification{offer}"
-            )
-        if facts.head_problem:
-            raise KerasHeadError(f"{self.path.name}: {facts.head_problem}{offer}")
-        if facts.dense_layers is None:
-            if len(head) > 1:
-                raise KerasHeadError(
-                    f"{self.path.name} holds weights only, with {len(head)} Dense layers after the backbone "
-                    f"({described}): without the model config their activations are unknown; convert a file "
-                    f"saved with its architecture (model.save('model.keras') or model.save('model.h5')){offer}"
-                )
-            self._activations = ("linear",)
-            return head
-        configured = facts.dense_layers
-        if len(configured) != len(head) or any(
-            use_bias != ("bias" in layer.weights) for (_, use_bias), layer in zip(configured, head, strict=False)
-        ):
-            raise KerasFileError(
-                f"{self.path.name}: its model config has {len(configured)} Dense layers after the backbone "
-                f"(use_bias {[b for _, b in configured]}), but the weights hold {described}; the file is damaged"
-            )
-        self._activations = tuple(activation for activation, _ in configured)
-        return head
-
     def _make_hints(self, head: list[Layer]) -> Hints:
         facts = self._config
         notes = ["Keras stores plain (raw, non-EMA) values; Keras MobileNetV2 expects inputs x / 127.5 - 1."]
@@ -389,15 +341,10 @@ class KerasReader(Reader):
         labels, preprocessing = None, facts.preprocessing
         if head:
             count = int(head[-1].weights["kernel"].shape[1])
-            from_file, problem = labels_beside(self.path, count)
-            notes += [problem] if problem else []
-            if from_file is not None:
-                notes.append(
-                    f"The class names were read from {LABELS_FILE} next to the model (Teachable Machine's export); "
-                    "it takes the center square of an image resized to its input size, x / 127.5 - 1."
-                )
-                # Resizing the shorter side to the input size, then cropping the center: that square.
-                preprocessing = {**(preprocessing or {}), "size": {"shortest_edge": size or DEFAULT_SIZE}}
+            from_file, label_notes, preprocessing = teachable_machine_labels(
+                self.path, count, size or DEFAULT_SIZE, preprocessing
+            )
+            notes += label_notes
             labels = from_file or class_labels(count, facts.class_names)
         return Hints(
             image_size=size,
@@ -563,6 +510,52 @@ def _snake_case(name: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Matching stored layers to the backbone
 # ---------------------------------------------------------------------------------------------------
+
+
+def checked_head(
+    source: str, head: list[Layer], facts: ConfigFacts, backbone_only: bool
+) -> tuple[list[Layer], tuple[str, ...], list[str]]:
+    """The head's Dense layers in order (none for a backbone), checked against the model config (`facts`; a
+    weights-only source has none), with the activation of each and notes; `source` names the file."""
+    if backbone_only:
+        if head:
+            dropped = ", ".join(layer.name or layer.where for layer in head)
+            return [], (), [f"Backbone only: the head ({dropped}) was dropped."]
+        return [], (), []
+    if not head:
+        if facts.head_layers:
+            raise KerasFileError(
+                f"{source}: its model config has {', '.join(map(str, facts.head_layers))} after the "
+                "backbone, but the weights hold no such layer; the file is damaged"
+            )
+        return [], (), []
+    offer = "; convert the backbone alone instead (backbone_only, the --backbone-only option)"
+    described = "; ".join(layer.describe() for layer in head)
+    if any(layer.keras_class != DENSE for layer in head) or len(head) > MAX_HEAD_LAYERS:
+        raise KerasHeadError(
+            f"{source}: the head after the MobileNetV2 backbone has {len(head)} weighted layers "
+            f"({described}); only a stack of up to {MAX_HEAD_LAYERS} Dense layers maps onto "
+            f"MobileNetV2ForImageClassification{offer}"
+        )
+    if facts.head_problem:
+        raise KerasHeadError(f"{source}: {facts.head_problem}{offer}")
+    if facts.dense_layers is None:
+        if len(head) > 1:
+            raise KerasHeadError(
+                f"{source} holds weights only, with {len(head)} Dense layers after the backbone "
+                f"({described}): without the model config their activations are unknown; convert a file "
+                f"saved with its architecture (model.save('model.keras') or model.save('model.h5')){offer}"
+            )
+        return head, ("linear",), []
+    configured = facts.dense_layers
+    if len(configured) != len(head) or any(
+        use_bias != ("bias" in layer.weights) for (_, use_bias), layer in zip(configured, head, strict=False)
+    ):
+        raise KerasFileError(
+            f"{source}: its model config has {len(configured)} Dense layers after the backbone "
+            f"(use_bias {[b for _, b in configured]}), but the weights hold {described}; the file is damaged"
+        )
+    return head, tuple(activation for activation, _ in configured), []
 
 
 def assign_layers(layers: list[Layer]) -> tuple[list[Layer], list[Layer]]:

@@ -1,10 +1,9 @@
 """What a Keras model config says beyond the weights: the input size and scaling, the head's layers and
-their activations, and the class names (the config's, or a labels.txt beside the model)."""
+their activations, and the class names the config holds."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,16 +20,6 @@ CLASS_NAMES = {"Conv2D": CONV, "DepthwiseConv2D": DEPTHWISE, "BatchNormalization
 
 
 MODEL_NAME = re.compile(r"mobilenetv2_(?P<alpha>\d+\.\d+)_(?P<rows>\d+)")
-
-
-# Teachable Machine's class names ("0 Class 1" lines), next to its keras_model.h5.
-LABELS_FILE = "labels.txt"
-
-
-LABEL_LINE = re.compile(r"^(?P<index>\d+) (?P<name>.*)$")
-
-
-MAX_LABELS_BYTES = 1 << 20
 
 
 KERAS_INPUT = {
@@ -51,24 +40,6 @@ INERT_LAYERS = re.compile(r"^(Random\w+|Dropout|SpatialDropout2D|GaussianNoise|G
 # Activations of a head's Dense layers: the hidden ones may apply these, the last one only "linear" (logits)
 # or "softmax" (noted: the converted model returns logits).
 HIDDEN_ACTIVATIONS = ("relu", "linear")
-
-
-def labels_beside(model: Path, count: int) -> tuple[tuple[str, ...] | None, str | None]:
-    """The class names of Teachable Machine's labels.txt next to `model` ("0 Class 1" lines, one per class),
-    and a note when there is one that does not name the head's classes (it is then not used)."""
-    path = model.parent / LABELS_FILE
-    if not path.is_file():
-        return None, None
-    with open(path, "rb") as fh:
-        raw = fh.read(MAX_LABELS_BYTES + 1)
-    lines = raw.decode("utf8", errors="replace").splitlines() if len(raw) <= MAX_LABELS_BYTES else []
-    names = [LABEL_LINE.match(line.strip()) for line in lines if line.strip()]
-    if len(names) != count or any(m is None or int(m["index"]) != i for i, m in enumerate(names)):
-        return None, (
-            f"{LABELS_FILE} next to the model was not used: it does not hold {count} lines '<index> <class name>' "
-            "numbered from 0, one per class of the model."
-        )
-    return tuple(m["name"] for m in names), None
 
 
 def class_labels(count: int, configured: list[str] | None) -> tuple[str, ...]:

@@ -18,15 +18,17 @@ a Hub model scales its [0, 1] images to [-1, 1], to say so in the record (the co
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from converter.errors import CheckpointFormatError, KerasFileError, KerasHeadError, SourceError
+from converter.errors import CheckpointFormatError, KerasFileError, SourceError
 from converter.formats import keras, protobuf
 from converter.formats.base import Hints, Reader, References
+from converter.formats.labels_file import teachable_machine_labels
 from converter.formats.tf_bundle import TensorBundle
 
 SAVED_MODEL_PB = "saved_model.pb"
@@ -39,6 +41,9 @@ SLIM_ROOT = "MobilenetV2/"
 ANCHOR = "MobilenetV2/Conv/weights"
 #: The name scope in which TF Hub's image models scale their [0, 1] input to [-1, 1].
 HUB_INPUT_SCOPE = "hub_input"
+# tf_keras' SavedMetadata: nodes (field 1), each with its path (3: b"root" for the model) and JSON metadata (5).
+KERAS_METADATA = "keras_metadata.pb"
+METADATA_PATH, METADATA_JSON = 3, 5
 
 
 @dataclass(frozen=True)
@@ -227,18 +232,33 @@ class SavedModelReader(Reader):
             backbone, head = keras.assign_layers(keras_layers(variables, self.bundle))
         except KerasFileError as error:
             raise KerasFileError(f"{self.source_name} (a Keras SavedModel): {error}") from None
-        if backbone_only and head:
-            dropped = ", ".join(layer.name or layer.where for layer in head)
-            self.keras_notes.append(f"Backbone only: the head ({dropped}) was dropped.")
-            head = []
-        if len(head) > 1 or any(layer.keras_class != keras.DENSE for layer in head):
-            raise KerasHeadError(
-                f"{self.source_name}: the head after the MobileNetV2 backbone has {len(head)} weighted layers "
-                f"({'; '.join(layer.describe() for layer in head)}); only a single Dense classifier maps onto "
-                "MobileNetV2ForImageClassification; convert the backbone alone instead (backbone_only, the "
-                "--backbone-only option)"
-            )
+        # tf_keras keeps the model config in keras_metadata.pb; without it (Keras 3), the head's activations
+        # are unknown, so only a single Dense layer (the classifier) maps.
+        self.keras_config = keras.ConfigFacts(self._keras_model_config(), len(keras.BACKBONE))
+        head, activations, notes = keras.checked_head(self.source_name, head, self.keras_config, backbone_only)
+        self.keras_notes += notes
+        self.hidden_activations = activations[:-1]
+        self.num_classes = int(head[-1].weights["kernel"].shape[1]) if head else None
         return keras.slim_tensors(backbone, head)
+
+    def _keras_model_config(self) -> dict | None:
+        """The model config that tf_keras keeps in keras_metadata.pb (its root object's metadata), if any."""
+        path = self.path / KERAS_METADATA
+        if not path.is_file():
+            return None
+        try:
+            for field, wire, node in protobuf.fields(path.read_bytes()):
+                if field != 1:
+                    continue
+                node = protobuf.expect_bytes(wire, node, "a node")
+                values = {number: (kind, value) for number, kind, value in protobuf.fields(node)}
+                if values.get(METADATA_PATH, (None, None))[1] == b"root" and METADATA_JSON in values:
+                    text = protobuf.expect_bytes(*values[METADATA_JSON], "the metadata")
+                    metadata = json.loads(text, object_hook=_tuple_as_list)
+                    return metadata.get("model_config") if isinstance(metadata, dict) else None
+        except (OSError, protobuf.MalformedMessage, ValueError) as error:
+            raise CheckpointFormatError(f"{self.source_name}: its {KERAS_METADATA} is damaged ({error})") from None
+        return None
 
     def names(self) -> list[str]:
         return sorted(self.tensors)
@@ -263,7 +283,19 @@ class SavedModelReader(Reader):
     def hints(self) -> Hints:
         if self.is_keras:
             notes = ["Keras stores plain (raw, non-EMA) values; Keras MobileNetV2 expects inputs x / 127.5 - 1."]
-            return Hints(convention="raw", notes=tuple(notes + self.keras_notes))
+            labels, preprocessing = None, None
+            if self.num_classes is not None:  # Teachable Machine's model.savedmodel/ beside its labels.txt
+                size = self.keras_config.image_size or keras.DEFAULT_SIZE
+                labels, label_notes, preprocessing = teachable_machine_labels(self.path, self.num_classes, size, None)
+                notes += label_notes
+            return Hints(
+                image_size=self.keras_config.image_size,
+                convention="raw",
+                labels=labels,
+                preprocessing=preprocessing,
+                hidden_activations=self.hidden_activations,
+                notes=tuple(notes + self.keras_notes),
+            )
         notes = [
             "a SavedModel holds one value per variable; whether the exporter took the raw values or "
             "their moving averages is not recorded in the file"
@@ -331,3 +363,9 @@ class HubModuleReader(SavedModelReader):
 
     def source_files(self) -> list[Path]:
         return [self.path / SAVED_MODEL_PB, *super().source_files()]
+
+
+def _tuple_as_list(value: dict) -> object:
+    """tf_keras' metadata writes a tuple (an input shape) as {"class_name": "__tuple__", "items": [...]}; the
+    .h5 model config, which the Keras reader reads, as a list."""
+    return value["items"] if value.get("class_name") == "__tuple__" and "items" in value else value

@@ -2,13 +2,9 @@
 and uint8 per-tensor (TOCO era) or int8 per-channel full-integer models.
 
 The flatbuffer is parsed natively (:mod:`converter.formats.tflite_schema`); no interpreter is needed.
-Tensor names differ between converters, so ops are matched to slim scopes by the graph's topology:
-starting at the input, each conv must consume the previous layer's output, and its kind (dense or
-depthwise), kernel, stride, dilation, padding, activation and channels are checked against the
-architecture that the variant implies. Residual ADDs must join a block's input and its projection.
-The walk sees the graph in canonical form (:mod:`converter.formats.tflite_graph`): a converter's other
-forms of a layer (a space-to-batch dilated depthwise conv, with its BatchNorm folded or not) arrive as
-the one op it stands for, with the ops the file runs kept as steps.
+Tensor names differ between converters, so ops are matched to slim scopes by the graph's topology
+(:mod:`converter.formats.tflite_walk`); each conv's stride, dilation and channels are then checked
+against the architecture that the variant implies, and residual ADDs against the blocks that have one.
 
 TFLite folds each BatchNorm into its conv. The reader writes the folded (dequantized) weights with an
 identity BatchNorm: gamma 1, beta = folded bias, moving mean 0, moving variance 1 - eps, so that the
@@ -30,7 +26,6 @@ arithmetic.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,59 +33,21 @@ import numpy as np
 
 from converter.errors import MappingError, TFLiteFormatError, UsageError
 from converter.formats.base import Hints, Reader, References
-from converter.formats.tflite_graph import Graph
+from converter.formats.labels_file import teachable_machine_labels
 from converter.formats.tflite_labels import packed_labels
-from converter.formats.tflite_schema import Model, Operator, Tensor, has_identifier, parse_model
-from converter.slim import HEADS, NUM_BLOCKS, conv_layers, detect_variant
-from converter.vocabulary import CLASSIFICATION, DEEPLAB
+from converter.formats.tflite_schema import Model, Tensor, has_identifier, parse_model
+from converter.formats.tflite_walk import Step, Walk, has_bias
+from converter.slim import HEADS, detect_variant
+from converter.vocabulary import DEEPLAB
 from mobilenet_torch.architecture import block_channels, block_schedule
 from mobilenet_torch.quantized_files import INTEGER_WEIGHTS_FILE, QUANTIZATION_FILE, QUANTIZATION_FORMAT
 
 BACKBONE_EPS = 1e-3
 HEAD_EPS = 1e-5
 HEAD_SCOPES = ("image_pooling", "aspp0", "concat_projection")
-CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-POOL_OPS = ("AVERAGE_POOL_2D", "MEAN")
-KINDS = (CLASSIFICATION, DEEPLAB)
-# What the graph returns, as the conversion notes say it.
-OUTPUT_FORMS = {
-    "softmax": "class probabilities (SOFTMAX)",
-    "logits": "logits",
-    "logits resized": "logits resized to the input (RESIZE_BILINEAR)",
-    "labels": "per-pixel labels (ARG_MAX)",
-}
 FLOAT_MODEL_WEIGHTS = ("float32", "float16", "int8")  # weight storage on float activations
 # How TFLite turns stored weights into float32 for float (or hybrid) kernels.
 WIDENED = {"float16": "float16 widened exactly", "int8": "int8 as scale * (q - zero_point)"}
-# Classifier scope -> PyTorch module, from the mapping table's heads.
-HEAD_MODULES = {
-    tf.rsplit("/", 1)[0]: pt.removesuffix(".weight").removesuffix(".convolution")
-    for tf, pt, _, _ in HEADS
-    if tf.endswith("/weights")
-}
-
-
-@dataclass
-class Step:
-    """One op of the integer graph in network order, under the name the emulator knows it by."""
-
-    name: str  # the PyTorch module path for convs, else a step name (``mobilenet_v2.layer.3.add``, ...)
-    op: Operator
-    scope: str | None = None  # the slim scope of a conv
-    output: int | None = None  # the step's output tensor, where it is not the op's (a space-to-batch conv)
-    dilation: int | None = None  # a dilation the op does not carry itself (a space-to-batch conv)
-    constant: int | None = None  # the constant operand of a per-channel MUL / ADD (an unfolded BatchNorm)
-
-    @property
-    def output_tensor(self) -> int:
-        return self.op.outputs[0] if self.output is None else self.output
-
-    @property
-    def stride_dilation(self) -> tuple[int, int]:
-        options = self.op.options
-        if options["stride_h"] != options["stride_w"] or options["dilation_h"] != options["dilation_w"]:
-            raise MappingError(f"{self.scope}: op {self.op.index} has different strides or dilations along h and w")
-        return options["stride_h"], self.dilation or options["dilation_h"]
 
 
 class TFLiteReader(Reader):
@@ -106,10 +63,11 @@ class TFLiteReader(Reader):
         super().__init__(path, archive, backbone_only=backbone_only)
         self._bytes = path.read_bytes()
         self.model: Model = parse_model(self._bytes)
-        walk = _Walk(self.model)
+        walk = Walk(self.model)
         self.steps, self.kind = walk.run()
         self._stored = walk.stored
         self.output_form = walk.output_form
+        self.hidden_activations = tuple(walk.hidden_activations)
         self.output_stride = _output_stride(self.steps) if self.kind == DEEPLAB else 32
         # A full-integer model (integer activations); float16 and dynamic-range models have float ones.
         self.quantized = self._activation_dtype() != "float32"
@@ -181,12 +139,18 @@ class TFLiteReader(Reader):
         if input_quantization is not None:
             preprocessing = {"input_quantization": input_quantization}
         labels, label_notes = packed_labels(self._bytes, self.model.metadata, num_labels)
+        if labels is None and self.kind != DEEPLAB:  # Teachable Machine's model_unquant.tflite and labels.txt
+            labels, beside_notes, preprocessing = teachable_machine_labels(
+                self.path, num_labels, image.shape[1], preprocessing
+            )
+            label_notes += beside_notes
         return Hints(
             image_size=image.shape[1],
             output_stride=self.output_stride if self.kind == DEEPLAB else None,
             labels=labels,
             convention="raw",
             preprocessing=preprocessing,
+            hidden_activations=self.hidden_activations,
             notes=(*notes, *label_notes),
         )
 
@@ -207,7 +171,7 @@ class TFLiteReader(Reader):
         for step in self._conv_steps():
             weight = self.model.data(self.model.tensors[step.op.inputs[1]])
             integers[f"{step.name}.weight"] = _torch_layout(step.op.op, weight)
-            bias = self.model.data(self.model.tensors[step.op.inputs[2]]) if _has_bias(step.op) else None
+            bias = self.model.data(self.model.tensors[step.op.inputs[2]]) if has_bias(step.op) else None
             integers[f"{step.name}.bias"] = (
                 np.zeros(weight.shape[0], np.int32) if bias is None else bias.astype(np.int32)
             )
@@ -293,7 +257,7 @@ class TFLiteReader(Reader):
             # Full-integer kernels take the constants as stored; float ones may widen them (DEQUANTIZE).
             tensor = (lambda i: self.model.tensors[i]) if self.quantized else self._stored
             weight = tensor(step.op.inputs[1])
-            bias = tensor(step.op.inputs[2]).dtype if _has_bias(step.op) else None
+            bias = tensor(step.op.inputs[2]).dtype if has_bias(step.op) else None
             if self.quantized and (weight.dtype not in ("uint8", "int8") or bias not in ("int32", None)):
                 raise TFLiteFormatError(
                     f"{step.scope}: {weight.dtype} weights with {bias} biases; full-integer models must "
@@ -311,7 +275,11 @@ class TFLiteReader(Reader):
         """Each conv's stride and dilation, and each residual, are those of the variant's model (channels
         are checked by the variant detection, which matches every weight's shape)."""
         shapes = {name: array.shape for name, array in self._tensors.items()}
-        variant = detect_variant(shapes, output_stride=self.output_stride if self.kind == DEEPLAB else None)
+        variant = detect_variant(
+            shapes,
+            output_stride=self.output_stride if self.kind == DEEPLAB else None,
+            hidden_activations=self.hidden_activations,
+        )
         config = variant.config()
         expected = {"mobilenet_v2.conv_stem.first_conv": (2, 1)}
         residual = {"mobilenet_v2.conv_stem": False}
@@ -347,11 +315,11 @@ class TFLiteReader(Reader):
         }
         for step in self._conv_steps():
             weight = _slim_layout(step.op.op, _dequantize(self.model, self._stored(step.op.inputs[1])))
-            bias = _dequantize(self.model, self._stored(step.op.inputs[2])) if _has_bias(step.op) else None
+            bias = _dequantize(self.model, self._stored(step.op.inputs[2])) if has_bias(step.op) else None
             if bias is None:
                 bias = np.zeros(weight.shape[-1], np.float32)
-            if step.scope == head:
-                tensors[f"{head}/weights"], tensors[f"{head}/biases"] = weight, bias
+            if step.scope == head or step.op.op == "FULLY_CONNECTED":  # the classifier, a hidden Dense layer
+                tensors[f"{step.scope}/weights"], tensors[f"{step.scope}/biases"] = weight, bias
                 continue
             variable = "depthwise_weights" if step.op.op == "DEPTHWISE_CONV_2D" else "weights"
             eps = HEAD_EPS if step.scope in HEAD_SCOPES else BACKBONE_EPS
@@ -364,180 +332,6 @@ class TFLiteReader(Reader):
             tensors[f"{step.scope}/BatchNorm/moving_mean"] = np.zeros_like(bias)
             tensors[f"{step.scope}/BatchNorm/moving_variance"] = np.full_like(bias, 1.0 - eps)
         return tensors
-
-
-class _Walk:
-    """Follow the data flow from the input and name every op by its place in MobileNetV2."""
-
-    def __init__(self, model: Model) -> None:
-        self.model = model
-        self.graph = Graph(model)
-        self.consumers = self.graph.consumers
-        self.stored = self.graph.stored
-        self.steps: list[Step] = []
-        self.output_form = ""
-
-    def run(self) -> tuple[list[Step], str]:
-        if len(self.model.inputs) != 1 or len(self.model.outputs) != 1:
-            raise TFLiteFormatError(
-                f"the graph has {len(self.model.inputs)} inputs and {len(self.model.outputs)} outputs; "
-                "a MobileNetV2 export has one image input and one output"
-            )
-        x = self.model.inputs[0]
-        quantize = self._optional(x, ("QUANTIZE",))
-        if quantize is not None:
-            self.steps.append(Step("input", quantize))
-            x = quantize.outputs[0]
-        # The backbone's modules are those of either kind; the head decides the kind.
-        self.modules = {scope: module for kind in KINDS for scope, module, _, _ in conv_layers(kind)}
-        x = self._conv(x, "MobilenetV2/Conv", "CONV_2D", "relu6")
-        x = self._block(x, "MobilenetV2/expanded_conv", "mobilenet_v2.conv_stem", expand=False)
-        for k in range(1, NUM_BLOCKS + 1):
-            x = self._block(x, f"MobilenetV2/expanded_conv_{k}", f"mobilenet_v2.layer.{k - 1}", expand=True)
-        # DeepLab's ASPP pools the features globally beside its 1x1 branch; a classifier runs its final conv.
-        kind = DEEPLAB if self._optional(x, POOL_OPS) is not None else CLASSIFICATION
-        if kind == CLASSIFICATION:
-            self._classification_head(x)
-        else:
-            self._deeplab_head(x)
-        return self.steps, kind
-
-    def _block(self, x: int, scope: str, module: str, expand: bool) -> int:
-        block_input = x
-        if expand:
-            x = self._conv(x, f"{scope}/expand", "CONV_2D", "relu6")
-        x = self._conv(x, f"{scope}/depthwise", "DEPTHWISE_CONV_2D", "relu6")
-        x = self._conv(x, f"{scope}/project", "CONV_2D", None)
-        # The residual joins this projection and the block's input (the next block's ADD takes it too).
-        adds = [op for op in self.consumers.get(x, []) if op.op == "ADD" and block_input in op.inputs]
-        if not adds:
-            return x
-        add = adds[0]
-        if sorted(add.inputs) != sorted((block_input, x)) or add.options["activation"] is not None:
-            raise MappingError(f"op {add.index} (ADD) after {scope}/project does not add the block's input to it")
-        self.steps.append(Step(f"{module}.add", add))
-        return add.outputs[0]
-
-    def _classification_head(self, x: int) -> None:
-        x = self._conv(x, "MobilenetV2/Conv_1", "CONV_2D", "relu6")
-        x = self._pool(x, "mobilenet_v2.pool")
-        dense = self._optional(x, ("FULLY_CONNECTED",))
-        if dense is not None and self._optional(dense.outputs[0], ("FULLY_CONNECTED",)) is not None:
-            raise MappingError(
-                f"op {dense.index}: the head is a stack of Dense layers (FULLY_CONNECTED ops); a TFLite head of one "
-                "Dense layer converts, a deeper one does not yet"
-            )
-        x = self._conv(x, "MobilenetV2/Logits/Conv2d_1c_1x1", ("CONV_2D", "FULLY_CONNECTED"), None)
-        # Then squeezes and reshapes (no arithmetic) around an optional softmax, which is an output detail.
-        reshapes = 0
-        while (op := self._optional(x, ("RESHAPE", "SQUEEZE", "SOFTMAX"))) is not None:
-            if op.op == "SOFTMAX" and any(step.name == "softmax" for step in self.steps):
-                raise MappingError(f"op {op.index}: a second SOFTMAX after the logits")
-            self.steps.append(Step("softmax" if op.op == "SOFTMAX" else f"reshape.{reshapes}", op))
-            reshapes += op.op != "SOFTMAX"
-            x = op.outputs[0]
-        self.output_form = OUTPUT_FORMS["softmax" if any(step.name == "softmax" for step in self.steps) else "logits"]
-        self._end(x)
-
-    def _deeplab_head(self, features: int) -> None:
-        pooled = self._pool(features, "segmentation_head.pool")
-        x = self._conv(pooled, "image_pooling", "CONV_2D", "relu")
-        x = self._next(x, ("RESIZE_BILINEAR",), "segmentation_head.pool_resize")
-        requantize = self._optional(x, ("QUANTIZE",))
-        if requantize is not None:
-            self.steps.append(Step("segmentation_head.pool_requantize", requantize))
-            x = requantize.outputs[0]
-        aspp = self._conv(features, "aspp0", "CONV_2D", "relu")
-        concat = self._next(x, ("CONCATENATION",), "segmentation_head.concat")
-        concat_op = self.steps[-1].op
-        if concat_op.inputs != (x, aspp) or concat_op.options["axis"] not in (3, -1):
-            raise MappingError("the DeepLab head does not concatenate [image_pooling, aspp0] along channels")
-        x = self._conv(concat, "concat_projection", "CONV_2D", "relu")
-        x = self._conv(x, "logits/semantic", "CONV_2D", None)
-        resizes = 0
-        while (op := self._optional(x, ("RESIZE_BILINEAR",))) is not None:
-            self.steps.append(Step(f"segmentation_head.logits_resize.{resizes}", op))
-            x, resizes = op.outputs[0], resizes + 1
-        # The output form is recorded, never used to decide the kind.
-        form = "logits resized" if resizes else "logits"
-        if self._optional(x, ("ARG_MAX",)) is not None:
-            x, form = self._next(x, ("ARG_MAX",), "labels"), "labels"
-        self.output_form = OUTPUT_FORMS[form]
-        self._end(x)
-
-    def _pool(self, x: int, name: str) -> int:
-        """A global pool: an AVERAGE_POOL_2D whose window is the whole map, or a MEAN over h and w."""
-        pooled = self._next(x, POOL_OPS, name)
-        op, shape = self.steps[-1].op, self.model.tensors[x].shape
-        if op.op == "AVERAGE_POOL_2D":
-            is_global = (op.options["filter_height"], op.options["filter_width"]) == tuple(shape[1:3])
-        else:  # the classifier's may drop h and w (Keras' GlobalAveragePooling2D)
-            axes = self.model.data(self.model.tensors[op.inputs[1]])
-            keeps = op.options["keep_dims"] or name == "mobilenet_v2.pool"
-            is_global = axes is not None and sorted(axes.reshape(-1).tolist()) == [1, 2] and keeps
-        if not is_global:
-            raise MappingError(f"op {op.index} ({op.op}) for {name} does not pool the whole {shape[1:3]} map")
-        return pooled
-
-    def _next(self, x: int, ops: tuple[str, ...], name: str) -> int:
-        op = self._optional(x, ops)
-        if op is None:
-            found = sorted(c.op for c in self.consumers.get(x, []))
-            raise MappingError(f"expected {' or '.join(ops)} for {name} after tensor {x}, found {found}")
-        self.steps.append(Step(name, op))
-        return op.outputs[0]
-
-    def _optional(self, x: int, ops: tuple[str, ...]) -> Operator | None:
-        found = [op for op in self.consumers.get(x, []) if op.op in ops]
-        if len(found) > 1:
-            raise MappingError(f"tensor {x} feeds {len(found)} {'/'.join(ops)} ops; expected one")
-        return found[0] if found else None
-
-    def _conv(self, x: int, scope: str, ops: str | tuple[str, ...], activation: str | None) -> int:
-        ops = (ops,) if isinstance(ops, str) else ops
-        candidates = [op for op in self.consumers.get(x, []) if op.op in ops]
-        if len(candidates) != 1:
-            found = sorted(c.op for c in self.consumers.get(x, []))
-            raise MappingError(f"expected one {' or '.join(ops)} for {scope} after tensor {x}, found {found}")
-        op = candidates[0]
-        if (len(op.inputs) < 3 or op.inputs[2] < 0) and op.op != "FULLY_CONNECTED":
-            raise MappingError(f"{scope}: op {op.index} ({op.op}) has no bias; TFLite folds BatchNorm into one")
-        padding = op.options.get("padding", "SAME")
-        if padding == "EXPLICIT":
-            size = self.model.tensors[op.inputs[0]].shape[1]
-            raise MappingError(
-                f"{scope}: op {op.index} pads {op.options['explicit_padding'][0]} at size {size}, which is not TF's "
-                "SAME padding there; convert a file made at a size where Keras pads as TF does (any fixed size)"
-            )
-        if padding != "SAME":
-            raise MappingError(f"{scope}: op {op.index} uses {padding} padding; MobileNetV2 uses SAME")
-        if op.options.get("activation") != activation:
-            raise MappingError(
-                f"{scope}: op {op.index} ({op.op}) has activation {op.options.get('activation')}, expected {activation}"
-            )
-        weight = self.model.tensors[op.inputs[1]]
-        bias_shape = self.model.tensors[op.inputs[2]].shape if _has_bias(op) else None
-        rank = 2 if op.op == "FULLY_CONNECTED" else 4
-        out_channels = weight.shape[-1] if op.op == "DEPTHWISE_CONV_2D" else (weight.shape or (0,))[0]
-        if len(weight.shape) != rank or bias_shape not in (None, (out_channels,)):
-            raise TFLiteFormatError(f"{scope}: op {op.index} has weights {weight.shape} and bias {bias_shape}")
-        if op.op == "DEPTHWISE_CONV_2D" and self.model.tensors[op.inputs[1]].shape[0] != 1:
-            raise MappingError(f"{scope}: a depthwise conv with a channel multiplier; MobileNetV2 uses 1")
-        module = self.modules.get(scope) or HEAD_MODULES.get(scope)
-        if module is None:
-            raise MappingError(f"{scope} has no place in the model table")
-        conv, *after = self.graph.parts(op)
-        output = None if conv.output == conv.op.outputs[0] else conv.output  # Step.output: only where it differs
-        self.steps.append(Step(module, conv.op, scope, output=output, dilation=conv.dilation))
-        self.steps += [Step(f"{module}.{part.suffix}", part.op, constant=part.constant) for part in after]
-        return op.outputs[0]
-
-    def _end(self, x: int) -> None:
-        while (op := self._optional(x, ("DEQUANTIZE", "CAST"))) is not None:
-            self.steps.append(Step("output" if op.op == "DEQUANTIZE" else "cast", op))
-            x = op.outputs[0]
-        if x != self.model.outputs[0]:
-            raise MappingError(f"the walk ended at tensor {x}, but the graph's output is {self.model.outputs[0]}")
 
 
 def _drop_background(steps: dict[str, dict[str, Any]], integers: dict[str, np.ndarray]) -> list[str]:
@@ -559,11 +353,6 @@ def _drop_background(steps: dict[str, dict[str, Any]], integers: dict[str, np.nd
         f"the integer model ({QUANTIZATION_FILE}) keeps TFLite's integer logits of the 1000 classes but not its "
         "softmax, which normalises over all 1001 and cannot be reproduced without the background class"
     ]
-
-
-def _has_bias(op: Operator) -> bool:
-    """Whether a conv has a bias operand (a Dense layer's all-zero bias the converter leaves out)."""
-    return len(op.inputs) > 2 and op.inputs[2] >= 0
 
 
 def _head_weight(kind: str) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 
 from converter.verify.inputs import InputCase
 from converter.verify.rows import FLOAT_STEP, INTEGER_STEP, LOGITS, Row, compare_arrays, to_nhwc, without_background
+from mobilenet_torch.architecture import HIDDEN_CLASSIFIER
 
 #: One output step, plus the float32 rounding of a real value near a step boundary.
 STEP_SLACK = 1.0 + 1e-4
@@ -79,9 +80,8 @@ def compare_quantized(model, emulator, reference, case: InputCase, endpoints, dr
         reference.invoke(np.ascontiguousarray(image[None].transpose(0, 2, 3, 1)))
         with torch.inference_mode():
             for step in _layer_steps(reference):
-                layer_input = torch.from_numpy(reference.real(step.op.inputs[0]).transpose(0, 3, 1, 2).copy())
-                layer = model.get_submodule(step.name)
-                ours = layer(layer_input.flatten(1) if isinstance(layer, torch.nn.Linear) else layer_input)
+                layer_input = _nchw(reference.real(step.op.inputs[0]))
+                ours = _float_layer(model, step.name)(layer_input)
                 # The kernel saturates to what its integer type holds (a projection has no other clamp).
                 ours = np.clip(to_nhwc(ours.numpy()), *reference.representable(step.output_tensor))
                 theirs = without_background(reference.real(step.output_tensor), ours.shape, drop_background)
@@ -109,3 +109,25 @@ def compare_quantized(model, emulator, reference, case: InputCase, endpoints, dr
         result = {**compare_arrays(ours, ours, theirs, atol=scale * STEP_SLACK, rtol=0.0), "float64_distance": math.nan}
         rows.append(Row(case.name, endpoint, module, tensor, list(theirs.shape), **result))
     return rows
+
+
+def _float_layer(model, name: str):
+    """The float model's layer of a conv step as a function of its NCHW input: a ConvLayer, or a Linear of the
+    head on the flattened input, followed by the activation that a hidden Dense layer keeps as a module of
+    its own (`classifier_activations`)."""
+    import torch
+
+    layer = model.get_submodule(name)
+    if not isinstance(layer, torch.nn.Linear):
+        return layer
+    prefix, _, index = name.rpartition(".")
+    activation = model.classifier_activations[int(index)] if prefix == HIDDEN_CLASSIFIER else torch.nn.Identity()
+    return lambda x: activation(layer(x.flatten(1)))
+
+
+def _nchw(values: np.ndarray):
+    """An op's NHWC input as NCHW, or a head's [N, C] input (after a MEAN without keep_dims) as [N, C, 1, 1]."""
+    import torch
+
+    values = values[:, :, None, None] if values.ndim == 2 else values.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(values))

@@ -88,7 +88,11 @@ class TFLiteReference(BaseReference):
         out = {}
         for name in names:
             value = self.real(self._tensors[name])
-            out[name] = value.reshape(len(images), -1) if name == LOGITS_TENSOR else value
+            if name == LOGITS_TENSOR:
+                value = value.reshape(len(images), -1)
+            elif value.ndim == 2:  # Keras' global pool drops h and w (a MEAN without keep_dims); slim's keeps them
+                value = value.reshape(len(images), 1, 1, -1)
+            out[name] = value
         return out
 
 
