@@ -202,6 +202,12 @@ def dataset_names(dataset: str) -> list[str]:
     return resources.files("converter").joinpath("data", LABEL_FILES[dataset]).read_text().splitlines()
 
 
+def imagenet_wnids() -> list[str]:
+    """ImageNet's 1000 WordNet ids (`n01440764`), in class order: the i-th is class i of a 1000-class model,
+    i + 1 of a 1001-class one (ILSVRC's synset list, which slim's and Keras' class numbers follow)."""
+    return resources.files("converter").joinpath("data", "imagenet_wnids.txt").read_text().split()
+
+
 def class_names(kind: str, count: int) -> list[str]:
     """ImageNet (1001 with background at 0, or the 1000 without) or PASCAL VOC names when the count
     fits, generic names otherwise."""

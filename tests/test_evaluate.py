@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from converter.app.datasets import ClassNames
 from converter.app.evaluate import evaluate
 from converter.errors import DataSetError, OutputError
+from converter.slim import class_names, imagenet_wnids
 from tests.helpers import assert_one_line_error
 from tests.realdata_tflite import IMAGES, MODELS, REALDATA
 
@@ -77,16 +79,15 @@ def classifier(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def imagenet_set(tmp_path_factory, classifier) -> tuple[Path, dict[str, int]]:
-    """Class folders named by the model's labels, each photo in the folder of the class the TFLite
-    interpreter gives it."""
-    labels = json.loads((classifier / "config.json").read_text())["id2label"]
+    """ImageNet's layout: class folders named by WordNet id, each photo in the folder of the class the
+    TFLite interpreter gives it (class i of the 1001-class head is the (i - 1)-th wnid)."""
     root = tmp_path_factory.mktemp("imagenet")
     truth = {}
     for name in PHOTOS:
         with Image.open(IMAGES / f"{name}.bmp") as image:
             image = image.convert("RGB")
             truth[name] = _interpreter_top1(image)
-            folder = root / labels[str(truth[name])].split(",")[0].replace(" ", "_")
+            folder = root / imagenet_wnids()[truth[name] - 1]
             folder.mkdir(exist_ok=True)
             image.save(folder / f"{name}.jpg", quality=95)
     return root, truth
@@ -108,6 +109,20 @@ def test_classifier_float_integer_and_tflite_side_by_side(classifier, imagenet_s
     assert written["data"]["count"] == len(PHOTOS) and len(written["data"]["files_sha256"]) == 64
     assert written["preprocessing"]["name"] == "slim"
     assert not (classifier / "eval.json").exists()  # --output elsewhere leaves the folder alone
+
+
+# Facts of ILSVRC's synset list: a WordNet id and the ImageNet class it names.
+KNOWN_WNIDS = {"n01440764": "tench, Tinca tinca", "n02123045": "tabby, tabby cat", "n03000134": "chainlink fence",
+               "n15075141": "toilet tissue, toilet paper, bathroom tissue"}  # fmt: skip
+
+
+@pytest.mark.parametrize("classes", [1001, 1000])
+def test_imagenet_folders_are_found_by_wordnet_id(classes):
+    labels = dict(enumerate(class_names("classification", classes)))
+    names = ClassNames(labels, {})
+    assert {wnid: labels[names.find(wnid)] for wnid in KNOWN_WNIDS} == KNOWN_WNIDS
+    other = ClassNames({0: "cat", 1: "dog"}, {})  # a model of other classes takes no wnid
+    assert other.find("n02123045") is None
 
 
 def test_deeplab_voc_float_integer_and_tflite(tmp_path_factory):

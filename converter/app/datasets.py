@@ -2,10 +2,10 @@
 
 Classification: a folder of class subfolders, or a file of `path label` lines (paths relative to the file).
 A class is named by a label of the model's `id2label` (the whole label or one of its comma-separated
-names, case and `_`/space aside), by an index, or through a `--class-map` file of `name label` lines (an
-ImageNet wnid such as `n01440764` is found that way: the project ships no wnid list, and the models'
-labels are names). Folders none of whose names is a label, as many as the model has classes, are the
-user's own classes numbered in sorted order, as Keras' `image_dataset_from_directory` numbers them.
+names, case and `_`/space aside), by an index, by ImageNet's WordNet id (`n01440764`) where the model's
+classes are ImageNet's, or through a `--class-map` file of `name label` lines. Folders none of whose names
+is a label, as many as the model has classes, are the user's own classes numbered in sorted order, as
+Keras' `image_dataset_from_directory` numbers them.
 
 Segmentation: the PASCAL VOC layout, `JPEGImages/<id>.jpg`, `SegmentationClass/<id>.png` (palette PNGs whose
 pixel values are class ids, 255 = ignore) and `ImageSets/Segmentation/<split>.txt`.
@@ -24,6 +24,7 @@ import numpy as np
 
 from converter.errors import DataSetError, ImageError
 from converter.images import image_suffixes, open_image, scale
+from converter.slim import IMAGENET, imagenet_wnids, labels_dataset
 from converter.vocabulary import CLASSIFICATION, DEEPLAB
 
 IGNORE_LABEL = 255  # PASCAL VOC's "void": excluded from every figure
@@ -127,6 +128,11 @@ class ClassNames:
             label = str(labels[index])
             for name in (label, *label.split(",")):
                 self.by_name.setdefault(_normal(name), index)
+        # ImageNet's folders are named by WordNet id: where the model's classes are ImageNet's, in order.
+        if labels_dataset([str(labels[i]) for i in sorted(labels)]) == IMAGENET:
+            wnids = imagenet_wnids()
+            first = len(labels) - len(wnids)  # 1 where the background class comes first
+            self.by_name.update((wnid, first + i) for i, wnid in enumerate(wnids))
 
     def find(self, name: str) -> int | None:
         name = self.class_map.get(name, name)

@@ -534,7 +534,7 @@ def _pct(value: float | None) -> str:
     "record for a Keras source, slim for the rest).",
 )
 @click.option("--class-map", type=click.Path(path_type=str), default=None,
-              help="A file of `name label` lines: a data set's class names (an ImageNet wnid, a folder name) to the "
+              help="A file of `name label` lines: a data set's class names (a folder name) to the "
               "model's labels or indices.")  # fmt: skip
 @click.option("--split", default=None, help="PASCAL VOC: the ImageSets/Segmentation split (default: val).")
 @click.option("--output", type=click.Path(path_type=str), default=None,
