@@ -157,9 +157,111 @@ def activation_range(activation: str | None, scale: float, zero_point: int, dtyp
 
 # --- ops -----------------------------------------------------------------------------------------
 
+# Integers up to 2^24 (2^53) are float32 (float64) values: a sum of integer products whose partial sums stay
+# within that bound is exact, in any order of summation.
+FLOAT32_EXACT = 1 << 24
+FLOAT64_EXACT = 1 << 53
+
+
+class FixedPoint(NamedTuple):
+    """A requantization per output channel as one integer formula: r(a) = (a * multiplier + offset) >> shift,
+    the offset being `below` for a < `boundary` (where TFLite's rounding goes away from zero) and `at_or_above`
+    otherwise. Both of TFLite's roundings reduce to it (see `fixed_point`)."""
+
+    multiplier: int
+    shift: int
+    at_or_above: int
+    below: int
+    boundary: int
+
+    def __call__(self, a: int) -> int:
+        return (a * self.multiplier + (self.below if a < self.boundary else self.at_or_above)) >> self.shift
+
+    def first_reaching(self, target: int) -> int:
+        """The smallest a with r(a) >= target (r is non-decreasing; multiplier > 0)."""
+        below = -((self.below - (target << self.shift)) // self.multiplier)  # ceil((target 2^s - offset) / m)
+        if below < self.boundary:
+            return below
+        return max(-((self.at_or_above - (target << self.shift)) // self.multiplier), self.boundary)
+
+
+def fixed_point(multiplier: int, shift: int, single_rounding: bool) -> FixedPoint:
+    """MultiplyByQuantizedMultiplier as one floor division. Its rounding doubling high multiply is
+    floor((x m + 2^30) / 2^31) (half up), its rounding right shift by e rounds half away from zero:
+    floor((t + 2^(e-1) - [t < 0]) / 2^e); nested floors of power-of-two divisions merge into one, and
+    t < 0 exactly where a < -(2^30 // m). The single rounding is floor((x m + 2^(s-1)) / 2^s)."""
+    if single_rounding:
+        total = 31 - shift
+        return FixedPoint(multiplier, total, 1 << (total - 1), 1 << (total - 1), 0)
+    left, right = max(shift, 0), max(-shift, 0)
+    scaled, half = multiplier << left, 1 << 30
+    if right == 0:
+        return FixedPoint(scaled, 31, half, half, 0)
+    at_or_above = half + (1 << (30 + right))
+    return FixedPoint(scaled, 31 + right, at_or_above, at_or_above - (1 << 31), -(half // scaled) if scaled else 0)
+
+
+class FloatRequantization(NamedTuple):
+    """A requantization evaluated in float64, exact for the layer it was made for (see `float_requantization`):
+    the accumulator clamped to where the output is not saturated, then floor(a m + c) with c taking the rounding
+    offset of a's sign."""
+
+    low: torch.Tensor
+    high: torch.Tensor
+    multiplier: torch.Tensor
+    offset: torch.Tensor
+    sign_offset: torch.Tensor
+
+    def __call__(self, accumulator: torch.Tensor) -> torch.Tensor:
+        a = accumulator.clamp_(self.low, self.high)
+        out = torch.copysign(self.sign_offset, a).add_(self.offset).addcmul_(a, self.multiplier)
+        return out.floor_().to(torch.float32)
+
+
+def float_requantization(
+    formulas: list[FixedPoint], reachable: list[tuple[int, int]], zero_point: int, low: int, high: int
+) -> FloatRequantization | None:
+    """The float64 form of `formulas` (one per channel, each with the accumulator's reachable range) with the
+    output zero point and clamp, or None where float64 cannot hold it exactly.
+
+    Clamping a to where the output is not saturated (from the first a reaching `low` to the first reaching
+    `high`) leaves the clamped output unchanged when no step of r exceeds 1, and bounds |a m|: every term
+    below is then an integer times a power of two with fewer than 53 significant bits, so exact. A channel
+    whose output cannot change (no weights, a zero multiplier, saturated over all it can reach) is a
+    constant."""
+    columns = []
+    for r, (reach_low, reach_high) in zip(formulas, reachable, strict=True):
+        if r.multiplier:
+            first_low, first_high = r.first_reaching(low - zero_point), r.first_reaching(high - zero_point)
+            bounds = (max(first_low, reach_low), min(first_high, reach_high))
+        if not r.multiplier or reach_low == reach_high or bounds[0] >= bounds[1]:
+            constant = min(max(r(reach_low) + zero_point, low), high)
+            columns.append((0, 0, 0.0, float(constant), 0.0))
+            continue
+        offsets = [r.at_or_above + (zero_point << r.shift), r.below + (zero_point << r.shift)]
+        exact = (
+            (bounds[0] != first_low or r(first_low) + zero_point == low)
+            and (bounds[1] != first_high or r(first_high) + zero_point == high)
+            and max(map(abs, bounds)) * r.multiplier + max(map(abs, offsets)) < FLOAT64_EXACT
+            # a < 0 takes `below`: r itself switches at `boundary`, which is 0 or -1 (where both agree)
+            and all(r(a) == ((a * r.multiplier + r.below) >> r.shift) for a in range(r.boundary, 0))
+        )
+        if not exact:
+            return None
+        scale = 2.0**-r.shift
+        columns.append((*bounds, r.multiplier * scale, (offsets[0] + offsets[1]) / 2 * scale,
+                        (offsets[0] - offsets[1]) / 2 * scale))  # fmt: skip
+    values = torch.tensor(columns, dtype=torch.float64).T.reshape(5, 1, -1, 1, 1)
+    return FloatRequantization(*values)
+
 
 class QuantizedConv(nn.Module):
-    """CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED: exact integer accumulation, then requantization."""
+    """CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED: exact integer accumulation, then requantization.
+
+    The accumulation runs as float32 convolutions: a product of two offset 8-bit values is at most 255^2,
+    so a sum is exact while the sum of |w - zw| x 255 over its terms stays within 2^24. A dense conv whose
+    bound exceeds that is split along its input channels into chunks that keep it, each chunk a float32
+    conv, summed in float64. A 1x1 conv (no padding) takes the input zero point through its bias."""
 
     def __init__(self, layout: nn.Module, record: dict[str, Any], weight: torch.Tensor, bias: torch.Tensor, dtype: str):
         super().__init__()
@@ -169,19 +271,32 @@ class QuantizedConv(nn.Module):
         else:  # the classifier (Linear): a 1x1 conv on the pooled map
             stride, dilation, groups = 1, 1, 1
         out_channels, in_per_group, kernel, _ = weight.shape
-        self.conv = ConvLayer(in_per_group * groups, out_channels, kernel, stride, groups, dilation,
-                              norm_eps=None, activation=None)  # fmt: skip
         zero_points = torch.tensor(record["weight_zero_point"], dtype=torch.int64).reshape(-1, 1, 1, 1)
-        offset_weight = (weight.to(torch.int64) - zero_points).to(torch.float64)
-        self.conv.convolution.weight = nn.Parameter(offset_weight, requires_grad=False)
+        offset_weight = weight.to(torch.int64) - zero_points
+        self.folds_zero_point = kernel == 1
+        self.weight_sums = offset_weight.sum(dim=(1, 2, 3)).reshape(1, -1, 1, 1)
+        # How far the sum can move the accumulator from the bias, for 8-bit offset inputs (|x - zx| <= 255).
+        self.sum_bounds = offset_weight.abs().sum(dim=(1, 2, 3)) * 255
+        self.chunks = nn.ModuleList()
+        for start, stop in _exact_chunks(offset_weight, groups):
+            chunk = ConvLayer((stop - start) * groups, out_channels, kernel, stride, groups, dilation, norm_eps=None,
+                              activation=None)  # fmt: skip
+            chunk.convolution.weight = nn.Parameter(
+                offset_weight[:, start:stop].to(torch.float32).contiguous(memory_format=torch.channels_last),
+                requires_grad=False,
+            )
+            chunk.input_channels = slice(start, stop)
+            self.chunks.append(chunk)
         self.register_buffer("bias", bias.to(torch.int64).reshape(1, -1, 1, 1))
         self.weight_scale = [float(s) for s in record["weight_scale"]]
         self.per_tensor_float_product = dtype == "uint8" and len(self.weight_scale) == 1
-        self.requantize = (multiply_by_quantized_multiplier_single_rounding if record["op"] == "FULLY_CONNECTED"
+        self.single_rounding = record["op"] == "FULLY_CONNECTED"
+        self.requantize = (multiply_by_quantized_multiplier_single_rounding if self.single_rounding
                            else multiply_by_quantized_multiplier)  # fmt: skip
         self.output = record["output"]
         self.range = activation_range(record.get("activation"), self.output["scale"], self.output["zero_point"], dtype)
         self._multipliers: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._float_requantizations: dict[float, FloatRequantization | None] = {}
 
     def multipliers(self, input_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Per output channel: input scale x weight scale / output scale. TFLite divides in double, but
@@ -196,10 +311,59 @@ class QuantizedConv(nn.Module):
             self._multipliers[input_scale] = (multiplier.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1))
         return self._multipliers[input_scale]
 
+    def float_requantization(self, input_scale: float) -> FloatRequantization | None:
+        if input_scale not in self._float_requantizations:
+            multiplier, shift = self.multipliers(input_scale)
+            formulas = [fixed_point(m, s, self.single_rounding) for m, s in zip(multiplier.flatten().tolist(),
+                        shift.flatten().tolist(), strict=True)]  # fmt: skip
+            if len(formulas) == 1:
+                formulas *= self.bias.shape[1]
+            reachable = [(b - bound, b + bound) for b, bound in zip(self.bias.flatten().tolist(),
+                         self.sum_bounds.tolist(), strict=True)]  # fmt: skip
+            self._float_requantizations[input_scale] = float_requantization(
+                formulas, reachable, self.output["zero_point"], *self.range
+            )
+        return self._float_requantizations[input_scale]
+
+    def accumulate(self, x: QTensor) -> torch.Tensor:
+        """TFLite's int32 accumulator, bias + sum of (x - zx)(w - zw), exact, as float64."""
+        bias = self.bias
+        if self.folds_zero_point:
+            inputs, bias = x.values, bias - x.zero_point * self.weight_sums
+        else:
+            inputs = x.values - x.zero_point
+        total = bias.to(torch.float64)
+        if len(self.chunks) == 1:
+            return torch.add(self.chunks[0](inputs), total)
+        for chunk in self.chunks:
+            total = total + chunk(inputs[:, chunk.input_channels])
+        return total
+
     def forward(self, x: QTensor) -> QTensor:
-        accumulator = self.conv((x.values - x.zero_point).to(torch.float64)).round().to(torch.int64) + self.bias
-        out = self.requantize(accumulator, *self.multipliers(x.scale)) + self.output["zero_point"]
-        return QTensor(out.clamp(*self.range), self.output["scale"], self.output["zero_point"])
+        accumulator = self.accumulate(x)
+        float_requantization = self.float_requantization(x.scale)
+        if float_requantization is not None:
+            out = float_requantization(accumulator)
+        else:  # a multiplier too small for float64 to bound exactly: TFLite's int64 arithmetic itself
+            out = self.requantize(accumulator.to(torch.int64), *self.multipliers(x.scale)) + self.output["zero_point"]
+            out = out.clamp(*self.range).to(torch.float32)
+        return QTensor(out, self.output["scale"], self.output["zero_point"])
+
+
+def _exact_chunks(offset_weight: torch.Tensor, groups: int) -> list[tuple[int, int]]:
+    """Input channel ranges whose sums stay exact in float32 for 8-bit inputs (see `QuantizedConv`)."""
+    bounds = offset_weight.abs().sum(dim=(2, 3)) * 255  # [out, in per group]: each input channel's share
+    if int(bounds.sum(dim=1).max()) <= FLOAT32_EXACT:
+        return [(0, offset_weight.shape[1])]
+    if groups > 1 or int(bounds.max()) > FLOAT32_EXACT:
+        raise ModelFolderError(f"{QUANTIZATION_FILE}: a conv whose sums no split keeps exact is not emulated")
+    chunks, start, running = [], 0, torch.zeros_like(bounds[:, 0])
+    for channel in range(bounds.shape[1]):
+        running = running + bounds[:, channel]
+        if int(running.max()) > FLOAT32_EXACT:
+            chunks.append((start, channel))
+            start, running = channel, bounds[:, channel].clone()
+    return [*chunks, (start, bounds.shape[1])]
 
 
 def quantized_add(a: QTensor, b: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
@@ -210,23 +374,21 @@ def quantized_add(a: QTensor, b: QTensor, record: dict[str, Any], dtype: str) ->
     scaled = []
     for q in (a, b):
         multiplier, shift = _multipliers([q.scale / twice_max])
-        scaled.append(
-            multiply_by_quantized_multiplier((q.values - q.zero_point) * (1 << ADD_LEFT_SHIFT), multiplier, shift)
-        )
+        scaled.append(multiply_by_quantized_multiplier(_integers(q) * (1 << ADD_LEFT_SHIFT), multiplier, shift))
     multiplier, shift = _multipliers([twice_max / ((1 << ADD_LEFT_SHIFT) * out_scale)])
     out = multiply_by_quantized_multiplier(scaled[0] + scaled[1], multiplier, shift) + out_zero
     low, high = activation_range(record.get("activation"), out_scale, out_zero, dtype)
-    return QTensor(out.clamp(low, high), out_scale, out_zero)
+    return QTensor(out.clamp(low, high).to(torch.float32), out_scale, out_zero)
 
 
 def quantized_average_pool(x: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
     """A global AVERAGE_POOL_2D: the integer sum divided by the count, rounded half away from zero."""
     _check_same_params(x, record, "AVERAGE_POOL_2D")
     count = x.values.shape[-2] * x.values.shape[-1]
-    total = x.values.sum(dim=(-2, -1), keepdim=True)
+    total = x.values.to(torch.int64).sum(dim=(-2, -1), keepdim=True)
     mean = torch.div(total + torch.where(total >= 0, count // 2, -(count // 2)), count, rounding_mode="trunc")
     low, high = activation_range(record.get("activation"), x.scale, x.zero_point, dtype)
-    return QTensor(mean.clamp(low, high), x.scale, x.zero_point)
+    return QTensor(mean.clamp(low, high).to(torch.float32), x.scale, x.zero_point)
 
 
 def quantized_resize_bilinear(x: QTensor, size: tuple[int, int], record: dict[str, Any]) -> QTensor:
@@ -234,7 +396,7 @@ def quantized_resize_bilinear(x: QTensor, size: tuple[int, int], record: dict[st
     _check_same_params(x, record, "RESIZE_BILINEAR")
     if record.get("half_pixel_centers"):
         raise ModelFolderError(f"{QUANTIZATION_FILE}: half-pixel-centre resizes are not emulated")
-    values = x.values.to(torch.float32)
+    values = x.values
     for axis, out_size in ((-2, size[0]), (-1, size[1])):
         in_size = values.shape[axis]
         scale = in_size / out_size
@@ -248,7 +410,7 @@ def quantized_resize_bilinear(x: QTensor, size: tuple[int, int], record: dict[st
         shape[axis] = out_size
         fraction = fraction.reshape(shape)
         values = values.index_select(axis, low) * (1 - fraction) + values.index_select(axis, high) * fraction
-    return QTensor(torch.floor(values + 0.5).to(torch.int64), x.scale, x.zero_point)
+    return QTensor(torch.floor(values + 0.5), x.scale, x.zero_point)
 
 
 def quantized_resize_bilinear_integer(x: QTensor, size: tuple[int, int], record: dict[str, Any]) -> QTensor:
@@ -256,7 +418,7 @@ def quantized_resize_bilinear_integer(x: QTensor, size: tuple[int, int], record:
     _check_same_params(x, record, "RESIZE_BILINEAR")
     if record.get("half_pixel_centers"):
         raise ModelFolderError(f"{QUANTIZATION_FILE}: half-pixel-centre resizes are not emulated")
-    values = x.values
+    values = x.values.to(torch.int64)
     weights = []
     for axis, out_size in ((-2, size[0]), (-1, size[1])):
         in_size = values.shape[axis]
@@ -278,17 +440,17 @@ def quantized_resize_bilinear_integer(x: QTensor, size: tuple[int, int], record:
     total = (top.index_select(-1, x0) * (one - fy) * (one - fx) + bottom.index_select(-1, x0) * fy * (one - fx)
              + top.index_select(-1, x1) * (one - fy) * fx + bottom.index_select(-1, x1) * fy * fx)  # fmt: skip
     rounded = torch.div(total + torch.where(total > 0, 1 << 19, -(1 << 19)), 1 << 20, rounding_mode="trunc")
-    return QTensor(rounded, x.scale, x.zero_point)
+    return QTensor(rounded.to(torch.float32), x.scale, x.zero_point)
 
 
 def quantized_mul(x: QTensor, constant: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
     """MUL of 8-bit tensors: the product of the offset values, requantized."""
     out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
     multiplier, shift = _multipliers([x.scale * constant.scale / out_scale])
-    product = (x.values - x.zero_point) * (constant.values - constant.zero_point)
+    product = _integers(x) * (constant.values - constant.zero_point)
     out = multiply_by_quantized_multiplier(product, multiplier, shift) + out_zero
     low, high = activation_range(record.get("activation"), out_scale, out_zero, dtype)
-    return QTensor(out.clamp(low, high), out_scale, out_zero)
+    return QTensor(out.clamp(low, high).to(torch.float32), out_scale, out_zero)
 
 
 def quantized_pool(x: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
@@ -297,13 +459,13 @@ def quantized_pool(x: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
         return quantized_average_pool(x, record, dtype)
     out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
     count = x.values.shape[-2] * x.values.shape[-1]
-    total = (x.values - x.zero_point).sum(dim=(-2, -1), keepdim=True)
+    total = _integers(x).sum(dim=(-2, -1), keepdim=True)
     # TFLite folds the division into the multiplier: (multiplier << k) / count, shift reduced by k.
     multiplier, shift = quantize_multiplier(x.scale / out_scale)
     headroom = min(count.bit_length() - 1, 32, 31 + shift)
     divided = torch.tensor([(multiplier << headroom) // count])
     mean = multiply_by_quantized_multiplier(total, divided, torch.tensor([shift - headroom]))
-    return QTensor((mean + out_zero).clamp(*DTYPE_RANGES[dtype]), out_scale, out_zero)
+    return QTensor((mean + out_zero).clamp(*DTYPE_RANGES[dtype]).to(torch.float32), out_scale, out_zero)
 
 
 def quantized_requantize(x: QTensor, record: dict[str, Any], dtype: str, activation: str | None = None) -> QTensor:
@@ -311,8 +473,9 @@ def quantized_requantize(x: QTensor, record: dict[str, Any], dtype: str, activat
     same rescaling, clamped to the activation's quantized range)."""
     out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
     multiplier, shift = _multipliers([x.scale / out_scale])
-    out = multiply_by_quantized_multiplier(x.values - x.zero_point, multiplier, shift) + out_zero
-    return QTensor(out.clamp(*activation_range(activation, out_scale, out_zero, dtype)), out_scale, out_zero)
+    out = multiply_by_quantized_multiplier(_integers(x), multiplier, shift) + out_zero
+    out = out.clamp(*activation_range(activation, out_scale, out_zero, dtype))
+    return QTensor(out.to(torch.float32), out_scale, out_zero)
 
 
 def quantized_concat(parts: list[QTensor], record: dict[str, Any], dtype: str) -> QTensor:
@@ -324,8 +487,8 @@ def quantized_concat(parts: list[QTensor], record: dict[str, Any], dtype: str) -
             rescaled.append(part.values)
             continue
         scale = torch.tensor(part.scale, dtype=torch.float32) / torch.tensor(out_scale, dtype=torch.float32)
-        real = part.values.to(torch.float32) * scale - part.zero_point * scale
-        rescaled.append((round_half_away(real).to(torch.int64) + out_zero).clamp(*DTYPE_RANGES[dtype]))
+        real = part.values * scale - part.zero_point * scale
+        rescaled.append((round_half_away(real) + out_zero).clamp(*DTYPE_RANGES[dtype]))
     return QTensor(torch.cat(rescaled, dim=1), out_scale, out_zero)
 
 
@@ -333,8 +496,13 @@ def quantized_softmax(logits: QTensor, record: dict[str, Any], dtype: str) -> QT
     beta = record.get("beta", 1.0)
     probabilities = torch.softmax(beta * logits.dequantize().to(torch.float64), dim=1)
     out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
-    values = round_half_away(probabilities / out_scale).to(torch.int64) + out_zero
-    return QTensor(values.clamp(*DTYPE_RANGES[dtype]), out_scale, out_zero)
+    values = round_half_away(probabilities / out_scale) + out_zero
+    return QTensor(values.clamp(*DTYPE_RANGES[dtype]).to(torch.float32), out_scale, out_zero)
+
+
+def _integers(x: QTensor) -> torch.Tensor:
+    """The offset values q - zero_point as int64, for TFLite's fixed-point arithmetic."""
+    return x.values.to(torch.int64) - x.zero_point
 
 
 def _check_same_params(x: QTensor, record: dict[str, Any], op: str) -> None:
@@ -407,12 +575,12 @@ class QuantizedMobileNetV2(nn.Module):
         """Real NCHW input -> the model's input quantization (round half away from zero, clamped)."""
         scale, zero_point = self.input_params["scale"], self.input_params["zero_point"]
         quotient = pixel_values.to(torch.float32) / torch.tensor(scale, dtype=torch.float32)
-        values = (round_half_away(quotient).to(torch.int64) + zero_point).clamp(*DTYPE_RANGES[self.dtype])
+        values = (round_half_away(quotient) + zero_point).clamp(*DTYPE_RANGES[self.dtype])
         return QTensor(values, scale, zero_point)
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor):
-        steps = self.run(pixel_values)
+        steps = self._run(pixel_values, _HeadOutputs(self._backbone_modules()))
         if self.kind == "deeplab":
             return QuantizedSegmenterOutput(steps["segmentation_head.classifier"].dequantize(), steps["labels"].values)
         logits = steps["classifier"].dequantize().flatten(1)
@@ -421,9 +589,16 @@ class QuantizedMobileNetV2(nn.Module):
 
     @torch.no_grad()
     def run(self, pixel_values: torch.Tensor) -> dict[str, QTensor]:
-        """The output of every step (NCHW), by step name, as `quantization.json` names them."""
-        x = self.quantize_input(pixel_values)
-        out: dict[str, QTensor] = {"input": x}
+        """The output of every step (NCHW, int64 values), by step name, as `quantization.json` names them."""
+        steps = self._run(pixel_values, {})
+        return {name: QTensor(q.values.to(torch.int64), q.scale, q.zero_point) for name, q in steps.items()}
+
+    def _backbone_modules(self) -> list[str]:
+        return ["input"] + [BACKBONE_PREFIX + step.module for step in backbone_steps(final_conv=self.kind != "deeplab")]
+
+    def _run(self, pixel_values: torch.Tensor, out: dict[str, QTensor]) -> dict[str, QTensor]:
+        """Every step into `out`; the values are integers held in float32, as the convolutions take them."""
+        x = out["input"] = self.quantize_input(pixel_values)
         for step in backbone_steps(final_conv=self.kind != "deeplab"):
             name = BACKBONE_PREFIX + step.module
             x = self._block(name, x, out) if step.block else self._conv(name, x, out)
@@ -489,6 +664,20 @@ class QuantizedMobileNetV2(nn.Module):
             size = tuple(image_size) if i == len(resizes) - 1 else tuple(records[name]["size"])
             x = out[name] = self._resize(x, size, records[name])
         out["labels"] = QTensor(x.values.argmax(dim=1), 1.0, 0)
+
+
+class _HeadOutputs(dict):
+    """Step outputs that keep only the heads' (what `forward` reads): a backbone step's output is let go as
+    soon as the next step has read it, so that its memory is reused."""
+
+    def __init__(self, backbone_modules: list[str]) -> None:
+        super().__init__()
+        self.backbone_modules = tuple(backbone_modules)
+        self.backbone_prefixes = tuple(module + "." for module in backbone_modules)
+
+    def __setitem__(self, name: str, value: QTensor) -> None:
+        if name not in self.backbone_modules and not name.startswith(self.backbone_prefixes):
+            super().__setitem__(name, value)
 
 
 def _resize_for(dtype: str):
