@@ -202,57 +202,69 @@ def fixed_point(multiplier: int, shift: int, single_rounding: bool) -> FixedPoin
 
 
 class FloatRequantization(NamedTuple):
-    """A requantization evaluated in float64, exact for the layer it was made for (see `float_requantization`):
-    the accumulator clamped to where the output is not saturated, then floor(a m + c) with c taking the rounding
-    offset of a's sign."""
+    """A conv's requantization in float64, exact for the layer and input it was made for (see
+    `float_requantization`): the sums clamped to where the output can change, then floor(s m + c), less one
+    step of the rounding shift where the accumulator is negative (`negative_bias`: minus the bias, where
+    any channel can be)."""
 
     low: torch.Tensor
     high: torch.Tensor
     multiplier: torch.Tensor
     offset: torch.Tensor
-    sign_offset: torch.Tensor
+    negative_bias: torch.Tensor | None
+    negative_step: torch.Tensor
 
-    def __call__(self, accumulator: torch.Tensor) -> torch.Tensor:
-        a = accumulator.clamp_(self.low, self.high)
-        out = torch.copysign(self.sign_offset, a).add_(self.offset).addcmul_(a, self.multiplier)
-        return out.floor_().to(torch.float32)
+    def __call__(self, sums: torch.Tensor) -> torch.Tensor:
+        a = sums.to(torch.float64).clamp_(self.low, self.high)
+        if self.negative_bias is not None:  # -1 where sums + bias < 0 (integers), else 0
+            below = a.clamp(self.negative_bias - 1, self.negative_bias).sub_(self.negative_bias)
+        a.mul_(self.multiplier).add_(self.offset)
+        if self.negative_bias is not None:
+            a.add_(below.mul_(self.negative_step))
+        return a.floor_().to(torch.float32)
 
 
 def float_requantization(
-    formulas: list[FixedPoint], reachable: list[tuple[int, int]], zero_point: int, low: int, high: int
+    formulas: list[FixedPoint], biases: list[int], sum_bounds: list[int], zero_point: int, low: int, high: int
 ) -> FloatRequantization | None:
-    """The float64 form of `formulas` (one per channel, each with the accumulator's reachable range) with the
-    output zero point and clamp, or None where float64 cannot hold it exactly.
+    """The float64 form of `formulas` applied to bias + sum, one per channel, with the output zero point
+    and clamp (`sum_bounds`: how far the sum reaches either side of 0), or None where float64 cannot hold
+    it exactly.
 
-    Clamping a to where the output is not saturated (from the first a reaching `low` to the first reaching
-    `high`) leaves the clamped output unchanged when no step of r exceeds 1, and bounds |a m|: every term
-    below is then an integer times a power of two with fewer than 53 significant bits, so exact. A channel
-    whose output cannot change (no weights, a zero multiplier, saturated over all it can reach) is a
-    constant."""
-    columns = []
-    for r, (reach_low, reach_high) in zip(formulas, reachable, strict=True):
+    Clamping the accumulator a to [the last a giving `low`, the first giving `high`] leaves the output
+    unchanged when no step of r exceeds 1, keeps a >= 0 in layers that clamp at their zero point (ReLU:
+    no sign term), and bounds |a m|: every term is then an integer times a power of two with fewer than
+    53 significant bits, so exact. A channel whose output cannot change (no weights, a zero multiplier,
+    saturated over all it can reach) is a constant."""
+    columns, signed = [], False
+    for r, bias, bound in zip(formulas, biases, sum_bounds, strict=True):
+        reach = (bias - bound, bias + bound)
         if r.multiplier:
-            first_low, first_high = r.first_reaching(low - zero_point), r.first_reaching(high - zero_point)
-            bounds = (max(first_low, reach_low), min(first_high, reach_high))
-        if not r.multiplier or reach_low == reach_high or bounds[0] >= bounds[1]:
-            constant = min(max(r(reach_low) + zero_point, low), high)
+            last_low, first_high = r.first_reaching(low - zero_point + 1) - 1, r.first_reaching(high - zero_point)
+            if (r(last_low) + zero_point, r(first_high) + zero_point) != (low, high):
+                return None  # a step of more than one: the clamp would not be the output's
+        if not r.multiplier or bound == 0 or reach[1] <= last_low or reach[0] >= first_high:
+            constant = min(max(r(bias) + zero_point, low), high)
             columns.append((0, 0, 0.0, float(constant), 0.0))
             continue
-        offsets = [r.at_or_above + (zero_point << r.shift), r.below + (zero_point << r.shift)]
-        exact = (
-            (bounds[0] != first_low or r(first_low) + zero_point == low)
-            and (bounds[1] != first_high or r(first_high) + zero_point == high)
-            and max(map(abs, bounds)) * r.multiplier + max(map(abs, offsets)) < FLOAT64_EXACT
+        bounds = (max(last_low, reach[0]), min(first_high, reach[1]))
+        offsets = [offset + (zero_point << r.shift) for offset in (r.at_or_above, r.below)]
+        exact = (  # s m, c (the bias folded in) and s m + c at either end of the clamp: all within 2^53
+            max(abs(b - bias) for b in bounds) * r.multiplier < FLOAT64_EXACT
+            and max(abs(bias * r.multiplier + offset) for offset in offsets) < FLOAT64_EXACT
+            and max(abs(b * r.multiplier + offset) for b in bounds for offset in offsets) < FLOAT64_EXACT
             # a < 0 takes `below`: r itself switches at `boundary`, which is 0 or -1 (where both agree)
             and all(r(a) == ((a * r.multiplier + r.below) >> r.shift) for a in range(r.boundary, 0))
         )
         if not exact:
             return None
+        signed |= bounds[0] < 0
         scale = 2.0**-r.shift
-        columns.append((*bounds, r.multiplier * scale, (offsets[0] + offsets[1]) / 2 * scale,
-                        (offsets[0] - offsets[1]) / 2 * scale))  # fmt: skip
-    values = torch.tensor(columns, dtype=torch.float64).T.reshape(5, 1, -1, 1, 1)
-    return FloatRequantization(*values)
+        columns.append((bounds[0] - bias, bounds[1] - bias, r.multiplier * scale,
+                        (bias * r.multiplier + offsets[0]) * scale, (offsets[1] - offsets[0]) * scale))  # fmt: skip
+    low_sum, high_sum, multiplier, offset, step = torch.tensor(columns, dtype=torch.float64).T.reshape(5, 1, -1, 1, 1)
+    negative_bias = -torch.tensor(biases, dtype=torch.float64).reshape(1, -1, 1, 1) if signed else None
+    return FloatRequantization(low_sum, high_sum, multiplier, offset, negative_bias, -step)
 
 
 class QuantizedConv(nn.Module):
@@ -296,7 +308,7 @@ class QuantizedConv(nn.Module):
         self.output = record["output"]
         self.range = activation_range(record.get("activation"), self.output["scale"], self.output["zero_point"], dtype)
         self._multipliers: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._float_requantizations: dict[float, FloatRequantization | None] = {}
+        self._float_requantizations: dict[tuple[float, int], FloatRequantization | None] = {}
 
     def multipliers(self, input_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Per output channel: input scale x weight scale / output scale. TFLite divides in double, but
@@ -311,41 +323,42 @@ class QuantizedConv(nn.Module):
             self._multipliers[input_scale] = (multiplier.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1))
         return self._multipliers[input_scale]
 
-    def float_requantization(self, input_scale: float) -> FloatRequantization | None:
-        if input_scale not in self._float_requantizations:
-            multiplier, shift = self.multipliers(input_scale)
+    def float_requantization(self, x: QTensor, bias: torch.Tensor) -> FloatRequantization | None:
+        """The exact float64 requantization for inputs quantized as `x`, with `bias` (see `accumulate`)."""
+        key = (x.scale, x.zero_point)
+        if key not in self._float_requantizations:
+            multiplier, shift = self.multipliers(x.scale)
             formulas = [fixed_point(m, s, self.single_rounding) for m, s in zip(multiplier.flatten().tolist(),
                         shift.flatten().tolist(), strict=True)]  # fmt: skip
             if len(formulas) == 1:
-                formulas *= self.bias.shape[1]
-            reachable = [(b - bound, b + bound) for b, bound in zip(self.bias.flatten().tolist(),
-                         self.sum_bounds.tolist(), strict=True)]  # fmt: skip
-            self._float_requantizations[input_scale] = float_requantization(
-                formulas, reachable, self.output["zero_point"], *self.range
+                formulas *= bias.shape[1]
+            self._float_requantizations[key] = float_requantization(
+                formulas, bias.flatten().tolist(), self.sum_bounds.tolist(), self.output["zero_point"], *self.range
             )
-        return self._float_requantizations[input_scale]
+        return self._float_requantizations[key]
 
-    def accumulate(self, x: QTensor) -> torch.Tensor:
-        """TFLite's int32 accumulator, bias + sum of (x - zx)(w - zw), exact, as float64."""
-        bias = self.bias
+    def accumulate(self, x: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TFLite's int32 accumulator, bias + sum of (x - zx)(w - zw), exactly, as (sums, bias): the sums in
+        float32 (float64 when split), the bias per channel as int64, taking a 1x1 conv's input zero point."""
         if self.folds_zero_point:
-            inputs, bias = x.values, bias - x.zero_point * self.weight_sums
+            inputs, bias = x.values, self.bias - x.zero_point * self.weight_sums
         else:
-            inputs = x.values - x.zero_point
-        total = bias.to(torch.float64)
+            inputs, bias = x.values - x.zero_point, self.bias
         if len(self.chunks) == 1:
-            return torch.add(self.chunks[0](inputs), total)
+            return self.chunks[0](inputs), bias
+        sums = torch.zeros((), dtype=torch.float64)
         for chunk in self.chunks:
-            total = total + chunk(inputs[:, chunk.input_channels])
-        return total
+            sums = sums + chunk(inputs[:, chunk.input_channels])
+        return sums, bias
 
     def forward(self, x: QTensor) -> QTensor:
-        accumulator = self.accumulate(x)
-        float_requantization = self.float_requantization(x.scale)
+        sums, bias = self.accumulate(x)
+        float_requantization = self.float_requantization(x, bias)
         if float_requantization is not None:
-            out = float_requantization(accumulator)
+            out = float_requantization(sums)
         else:  # a multiplier too small for float64 to bound exactly: TFLite's int64 arithmetic itself
-            out = self.requantize(accumulator.to(torch.int64), *self.multipliers(x.scale)) + self.output["zero_point"]
+            accumulator = sums.to(torch.int64) + bias
+            out = self.requantize(accumulator, *self.multipliers(x.scale)) + self.output["zero_point"]
             out = out.clamp(*self.range).to(torch.float32)
         return QTensor(out, self.output["scale"], self.output["zero_point"])
 
