@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -475,7 +476,7 @@ def quantized_mul(x: QTensor, constant: QTensor, record: dict[str, Any], dtype: 
     """MUL of 8-bit tensors: the product of the offset values, requantized."""
     out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
     multiplier, shift = _multipliers([x.scale * constant.scale / out_scale])
-    product = _integers(x) * (constant.values - constant.zero_point)
+    product = _integers(x) * _integers(constant)
     out = multiply_by_quantized_multiplier(product, multiplier, shift) + out_zero
     low, high = activation_range(record.get("activation"), out_scale, out_zero, dtype)
     return QTensor(out.clamp(low, high).to(torch.float32), out_scale, out_zero)
@@ -558,6 +559,7 @@ class QuantizedMobileNetV2(nn.Module):
         with torch.device("meta"):
             layout = self._float_class()(config)
         self.convs = nn.ModuleDict()
+        self._tables: dict[tuple, tuple[torch.Tensor, float, int]] = {}
         self.constants = {
             name: QTensor(integers[f"{name}.constant"].to(torch.int64).reshape(1, -1, 1, 1), **record["constant"])
             for name, record in self.records.items()
@@ -649,12 +651,28 @@ class QuantizedMobileNetV2(nn.Module):
     def _after_conv(self, name: str, x: QTensor) -> QTensor:
         record = self.records[name]
         if record["op"] == "MUL":
-            return quantized_mul(x, self.constants[name], record, self.dtype)
+            return self._tabulated(name, lambda a, b: quantized_mul(a, b, record, self.dtype), x, self.constants[name])
         if record["op"] == "ADD":
-            return quantized_add(x, self.constants[name], record, self.dtype)
+            return self._tabulated(name, lambda a, b: quantized_add(a, b, record, self.dtype), x, self.constants[name])
         if record["op"] in RELU6_OPS:
-            return quantized_requantize(x, record, self.dtype, "relu6")
+            return self._tabulated(name, lambda a: quantized_requantize(a, record, self.dtype, "relu6"), x)
         raise ModelFolderError(f"{QUANTIZATION_FILE}: step {name} ({record['op']}) after a conv is not emulated")
+
+    def _tabulated(self, name: str, function: Callable[..., QTensor], *inputs: QTensor) -> QTensor:
+        """Step `name`, an op on one or two 8-bit tensors value by value, as a lookup in the table of its
+        every result: made once per input quantization by `function` itself (TFLite's integer arithmetic),
+        it costs one gather per value where the arithmetic costs dozens of int64 passes."""
+        key = (name, *((q.scale, q.zero_point) for q in inputs))
+        if key not in self._tables:
+            low, high = DTYPE_RANGES[self.dtype]
+            levels = torch.arange(low, high + 1, dtype=torch.float32)
+            grids = [grid.reshape(1, 1, 1, -1) for grid in torch.meshgrid(*[levels] * len(inputs), indexing="ij")]
+            results = function(*(QTensor(grid, q.scale, q.zero_point) for grid, q in zip(grids, inputs, strict=True)))
+            table = torch.empty(len(levels) ** len(inputs))
+            table[_table_index(grids).flatten()] = results.values.flatten()
+            self._tables[key] = (table, results.scale, results.zero_point)
+        table, scale, zero_point = self._tables[key]
+        return QTensor(table[_table_index([q.values for q in inputs])], scale, zero_point)
 
     def _block(self, name: str, x: QTensor, out: dict[str, QTensor]) -> QTensor:
         block_input = x
@@ -663,7 +681,9 @@ class QuantizedMobileNetV2(nn.Module):
         x = self._conv(f"{name}.conv_3x3", x, out)
         x = self._conv(f"{name}.reduce_1x1", x, out)
         if f"{name}.add" in self.records:
-            x = out[f"{name}.add"] = quantized_add(block_input, x, self.records[f"{name}.add"], self.dtype)
+            record = self.records[f"{name}.add"]
+            add = self._tabulated(f"{name}.add", lambda a, b: quantized_add(a, b, record, self.dtype), block_input, x)
+            x = out[f"{name}.add"] = add
         return x
 
     def _classification_head(self, x: QTensor, out: dict[str, QTensor]) -> None:
@@ -706,6 +726,13 @@ class _HeadOutputs(dict):
     def __setitem__(self, name: str, value: QTensor) -> None:
         if name not in self.backbone_modules and not name.startswith(self.backbone_prefixes):
             super().__setitem__(name, value)
+
+
+def _table_index(values: list[torch.Tensor]) -> torch.Tensor:
+    """One or two 8-bit values -> their place in a table of 256 or 65536 (a negative index counts from its
+    end, so that int8 values need no offset)."""
+    index = values[0] if len(values) == 1 else torch.add(values[1], values[0], alpha=1 << 8)
+    return index.to(torch.int64)
 
 
 def _resize_for(dtype: str):
