@@ -162,7 +162,8 @@ def activation_range(activation: str | None, scale: float, zero_point: int, dtyp
 # within that bound is exact, in any order of summation.
 FLOAT32_EXACT = 1 << 24
 FLOAT64_EXACT = 1 << 53
-SLICE_ELEMENTS = 1 << 17  # the requantization's float64 temporaries: 1 MiB
+SLICE_ELEMENTS = 1 << 18  # the requantization's float64 temporaries: 2 MiB
+ROW_ELEMENTS = 1 << 12  # ... in rows this long
 
 
 class FixedPoint(NamedTuple):
@@ -203,41 +204,49 @@ def fixed_point(multiplier: int, shift: int, single_rounding: bool) -> FixedPoin
     return FixedPoint(scaled, 31 + right, at_or_above, at_or_above - (1 << 31), -(half // scaled) if scaled else 0)
 
 
-class FloatRequantization(NamedTuple):
+class FloatRequantization:
     """A conv's requantization in float64, exact for the layer and input it was made for (see
     `float_requantization`): the sums clamped to where the output can change, then floor(s m + c), less one
-    step of the rounding shift where the accumulator is negative (`negative_bias`: minus the bias, where
-    any channel can be)."""
+    step of the rounding shift where the accumulator is negative (`negative_bias`: minus the bias, given
+    where any channel can be). Each argument holds one value per channel."""
 
-    low: torch.Tensor
-    high: torch.Tensor
-    multiplier: torch.Tensor
-    offset: torch.Tensor
-    negative_bias: torch.Tensor | None
-    negative_step: torch.Tensor
+    def __init__(self, low, high, multiplier, offset, negative_bias: torch.Tensor | None, negative_step) -> None:
+        self.constants = (low, high, multiplier, offset) + (
+            (negative_bias, negative_step) if negative_bias is not None else ()
+        )
+        self._tiled: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def __call__(self, sums: torch.Tensor) -> torch.Tensor:
-        """The output values, written over `sums` (float32) a slice of rows at a time: float64 temporaries that
-        stay in cache cost a fraction of whole-tensor ones."""
+        """The output values, written over `sums` (float32). The values are taken as rows of channels
+        (channels_last), several pixels to a row, so that the per-channel constants broadcast along long
+        rows, and a slice of rows at a time: float64 temporaries that stay in cache cost a fraction of
+        whole-tensor ones."""
+        channels = sums.shape[1]
         out = sums if sums.dtype == torch.float32 else torch.empty_like(sums, dtype=torch.float32)
-        out = out.contiguous(memory_format=torch.channels_last)  # rows of channels: the constants broadcast
-        rows, out_rows = (
-            sums.permute(0, 2, 3, 1).reshape(-1, sums.shape[1]),
-            out.permute(0, 2, 3, 1).view(-1, sums.shape[1]),
-        )
+        out = out.contiguous(memory_format=torch.channels_last)
+        pixels = sums.numel() // channels
+        tile = 1
+        while 2 * tile * channels <= ROW_ELEMENTS and pixels % (2 * tile) == 0:
+            tile *= 2
+        if tile not in self._tiled:
+            self._tiled[tile] = tuple(constant.repeat(tile) for constant in self.constants)
+        constants = self._tiled[tile]
+        rows = sums.permute(0, 2, 3, 1).reshape(-1, tile * channels)
+        out_rows = out.permute(0, 2, 3, 1).view(-1, tile * channels)
         step = max(1, SLICE_ELEMENTS // rows.shape[1])
         for start in range(0, rows.shape[0], step):
-            out_rows[start : start + step] = self._requantize(rows[start : start + step])
+            out_rows[start : start + step] = _requantize_rows(rows[start : start + step], *constants)
         return out
 
-    def _requantize(self, sums: torch.Tensor) -> torch.Tensor:
-        a = sums.to(torch.float64).clamp_(self.low, self.high)
-        if self.negative_bias is not None:  # -1 where sums + bias < 0 (integers), else 0
-            below = a.clamp(self.negative_bias - 1, self.negative_bias).sub_(self.negative_bias)
-        a.mul_(self.multiplier).add_(self.offset)
-        if self.negative_bias is not None:
-            a.add_(below.mul_(self.negative_step))
-        return a.floor_()
+
+def _requantize_rows(sums, low, high, multiplier, offset, negative_bias=None, negative_step=None) -> torch.Tensor:
+    a = sums.to(torch.float64).clamp_(low, high)
+    if negative_bias is not None:  # -1 where sums + bias < 0 (integers), else 0
+        below = a.clamp(negative_bias - 1, negative_bias).sub_(negative_bias)
+    a.mul_(multiplier).add_(offset)
+    if negative_bias is not None:
+        a.add_(below.mul_(negative_step))
+    return a.floor_()
 
 
 def float_requantization(
