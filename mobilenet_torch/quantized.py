@@ -214,7 +214,7 @@ class FloatRequantization:
         self.constants = (low, high, multiplier, offset) + (
             (negative_bias, negative_step) if negative_bias is not None else ()
         )
-        self._tiled: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._tiled: dict[tuple[int, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     def __call__(self, sums: torch.Tensor) -> torch.Tensor:
         """The output values, written over `sums` (float32). The values are taken as rows of channels
@@ -228,10 +228,12 @@ class FloatRequantization:
         tile = 1
         while 2 * tile * channels <= ROW_ELEMENTS and pixels % (2 * tile) == 0:
             tile *= 2
-        if tile not in self._tiled:
-            self._tiled[tile] = tuple(constant.repeat(tile) for constant in self.constants)
-        constants = self._tiled[tile]
+        if (tile, sums.dtype) not in self._tiled:
+            tiled = [constant.repeat(tile) for constant in self.constants]
+            self._tiled[tile, sums.dtype] = (*(bound.to(sums.dtype) for bound in tiled[:2]), *tiled[2:])
+        low, high, *constants = self._tiled[tile, sums.dtype]
         rows = sums.permute(0, 2, 3, 1).reshape(-1, tile * channels)
+        rows.clamp_(low, high)  # in the sums' own type: the bounds lie within the sums' reach, so are exact
         out_rows = out.permute(0, 2, 3, 1).view(-1, tile * channels)
         step = max(1, SLICE_ELEMENTS // rows.shape[1])
         for start in range(0, rows.shape[0], step):
@@ -239,8 +241,8 @@ class FloatRequantization:
         return out
 
 
-def _requantize_rows(sums, low, high, multiplier, offset, negative_bias=None, negative_step=None) -> torch.Tensor:
-    a = sums.to(torch.float64).clamp_(low, high)
+def _requantize_rows(sums, multiplier, offset, negative_bias=None, negative_step=None) -> torch.Tensor:
+    a = sums.to(torch.float64)
     if negative_bias is not None:  # -1 where sums + bias < 0 (integers), else 0
         below = a.clamp(negative_bias - 1, negative_bias).sub_(negative_bias)
     a.mul_(multiplier).add_(offset)
