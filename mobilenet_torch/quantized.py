@@ -16,11 +16,11 @@ A folder converted from a quantized ``.tflite`` holds, besides the float (dequan
 against them:
 
 - the input quantized with round-half-away-from-zero;
-- every conv accumulated exactly (in float64, exact for these integer sums) and requantized with
-  TFLite's fixed-point multipliers (``QuantizeMultiplier``; a rounding doubling high multiply, then a
-  rounding right shift). uint8 per-tensor layers form the input x weight scale product in float32
-  before dividing in double, int8 per-channel ones in double; FULLY_CONNECTED rounds the product
-  once where convs round twice (both as measured against the interpreter);
+- every conv accumulated exactly and requantized with TFLite's fixed-point multipliers
+  (``QuantizeMultiplier``; a rounding doubling high multiply, then a rounding right shift). uint8
+  per-tensor layers form the input x weight scale product in float32 before dividing in double, int8
+  per-channel ones in double; FULLY_CONNECTED rounds the product once where convs round twice (both as
+  measured against the interpreter);
 - fused ReLU / ReLU6 as clamps of the quantized range;
 - residual ADDs rescaled through TFLite's 20-bit left shift, and the per-channel MUL and / or ADD of a
   BatchNorm the converter left unfolded (after a space-to-batch dilated conv), each its own
@@ -33,6 +33,18 @@ against them:
   to its output scale (TFLite's own table-based softmax lands within one step of it). A folder converted
   with --drop-background has none: its classifier keeps TFLite's logits of the 1000 classes, but the
   graph's softmax normalises over all 1001 (``probabilities`` is then None).
+
+Exact at float speed (see ``docs/quantized.md``):
+
+- a conv's sums run as float32 convolutions, exact while every partial sum stays within 2^24 (the bound
+  is taken from the weights: sum of |w - zw| x 255 per output channel); a conv past it is split along its
+  input channels into convolutions that keep it, summed in float64;
+- the fixed-point requantization is one floor division, (a m + offset) >> shift, evaluated in float64
+  on the accumulator clamped to where the output can change, which keeps every term exact (checked per
+  layer; TFLite's int64 arithmetic runs where it cannot be);
+- the element-wise steps (ADD, MUL, a separate ReLU6) look up a table of their every result;
+- the activations travel as float32 holding the 8-bit values; :meth:`QuantizedMobileNetV2.run` returns
+  them as int64.
 
 >>> model = QuantizedMobileNetV2.from_pretrained("out/mobilenet_v2_1.0_224_quant")
 >>> probabilities = model(pixel_values).probabilities   # NCHW in [-1, 1], as the float model takes
@@ -64,7 +76,7 @@ ADD_LEFT_SHIFT = 20  # TFLite's headroom for 8-bit ADD inputs before rescaling
 
 
 class QTensor(NamedTuple):
-    """Quantized values (int64, NCHW) with real = scale * (values - zero_point)."""
+    """Quantized values (NCHW; int64 from `run`, float32 between steps) with real = scale * (values - zero_point)."""
 
     values: torch.Tensor
     scale: float
