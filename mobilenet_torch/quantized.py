@@ -461,7 +461,7 @@ def quantized_resize_bilinear(x: QTensor, size: tuple[int, int], record: dict[st
         shape = [1] * values.ndim
         shape[axis] = out_size
         fraction = fraction.reshape(shape)
-        values = values.index_select(axis, low) * (1 - fraction) + values.index_select(axis, high) * fraction
+        values = _take(values, axis, low) * (1 - fraction) + _take(values, axis, high) * fraction
     return QTensor(torch.floor(values + 0.5), x.scale, x.zero_point)
 
 
@@ -487,12 +487,17 @@ def quantized_resize_bilinear_integer(x: QTensor, size: tuple[int, int], record:
         weights.append((low, high, fraction.reshape(shape)))
     (y0, y1, fy), (x0, x1, fx) = weights
     one = 1 << 10
-    top = values.index_select(-2, y0)
-    bottom = values.index_select(-2, y1)
-    total = (top.index_select(-1, x0) * (one - fy) * (one - fx) + bottom.index_select(-1, x0) * fy * (one - fx)
-             + top.index_select(-1, x1) * (one - fy) * fx + bottom.index_select(-1, x1) * fy * fx)  # fmt: skip
+    top, bottom = _take(values, -2, y0), _take(values, -2, y1)
+    total = (_take(top, -1, x0) * (one - fy) * (one - fx) + _take(bottom, -1, x0) * fy * (one - fx)
+             + _take(top, -1, x1) * (one - fy) * fx + _take(bottom, -1, x1) * fy * fx)  # fmt: skip
     rounded = torch.div(total + torch.where(total > 0, 1 << 19, -(1 << 19)), 1 << 20, rounding_mode="trunc")
     return QTensor(rounded.to(torch.float32), x.scale, x.zero_point)
+
+
+def _take(values: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+    """`values.index_select(axis, index)`, with the axis moved first: whole rows are copied at once, where
+    selecting along an inner axis goes value by value (tens of times slower on a large map)."""
+    return values.movedim(axis, 0).contiguous().index_select(0, index).movedim(0, axis)
 
 
 def quantized_mul(x: QTensor, constant: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
