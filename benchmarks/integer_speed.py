@@ -1,6 +1,6 @@
 """Speed of the exact integer model (`QuantizedMobileNetV2`) against its float twin, in the same run.
 
-    python benchmarks/integer_speed.py [--rounds N] [--profile]
+    python benchmarks/integer_speed.py [--rounds N] [--profile] [--only DeepLab]
 
 The cases: Google's uint8 MobileNetV2 1.0/224 at batch 1 and 32, its uint8 DeepLab (PASCAL) at 513 and
 batch 1 (../shared/realdata/models), and the int8 per-channel models the fixtures hold
@@ -71,12 +71,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (batch 32: a third)")
     parser.add_argument("--profile", action="store_true", help="print each integer model's costliest ops")
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     print(f"{'case':44s} {'integer ms':>11s} {'twin ms':>9s} {'ratio':>6s}  target")
     failed = False
     with tempfile.TemporaryDirectory() as folder:
         for name, tflite, batch, size, limit in (*REAL_CASES, *fixture_cases()):
+            if args.only not in name:
+                continue
             if not tflite.is_file():
                 print(f"{name:44s} skipped: {tflite} is absent")
                 continue

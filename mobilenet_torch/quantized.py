@@ -174,7 +174,7 @@ def activation_range(activation: str | None, scale: float, zero_point: int, dtyp
 # within that bound is exact, in any order of summation.
 FLOAT32_EXACT = 1 << 24
 FLOAT64_EXACT = 1 << 53
-SLICE_ELEMENTS = 1 << 18  # the requantization's float64 temporaries: 2 MiB
+SLICE_ELEMENTS = 1 << 20  # the requantization's float64 temporaries: 8 MiB (the heap reuses them)
 ROW_ELEMENTS = 1 << 12  # ... in rows this long
 
 
