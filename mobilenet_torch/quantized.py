@@ -739,7 +739,7 @@ class QuantizedMobileNetV2(nn.Module):
             # The last resize goes to the input size; earlier ones to the size the graph recorded.
             size = tuple(image_size) if i == len(resizes) - 1 else tuple(records[name]["size"])
             x = out[name] = self._resize(x, size, records[name])
-        out["labels"] = QTensor(x.values.argmax(dim=1), 1.0, 0)
+        out["labels"] = QTensor(channel_argmax(x.values), 1.0, 0)
 
 
 class _HeadOutputs(dict):
@@ -754,6 +754,16 @@ class _HeadOutputs(dict):
     def __setitem__(self, name: str, value: QTensor) -> None:
         if name not in self.backbone_modules and not name.startswith(self.backbone_prefixes):
             super().__setitem__(name, value)
+
+
+def channel_argmax(values: torch.Tensor) -> torch.Tensor:
+    """ARG_MAX over the channels of NCHW `values`, ties to the first, as a running maximum: one pass per
+    channel over a map, several times faster than `argmax(dim=1)` reducing along a strided axis."""
+    best, labels = values[:, 0], torch.zeros(values[:, 0].shape, dtype=torch.int64)
+    for channel in range(1, values.shape[1]):
+        labels.masked_fill_(values[:, channel] > best, channel)
+        best = torch.maximum(best, values[:, channel])
+    return labels
 
 
 def _table_index(values: list[torch.Tensor]) -> torch.Tensor:
