@@ -231,8 +231,8 @@ class FloatRequantization:
     def __call__(self, sums: torch.Tensor) -> torch.Tensor:
         """The output values, written over `sums` (float32). The values are taken as rows of channels
         (channels_last), several pixels to a row, so that the per-channel constants broadcast along long
-        rows, and a slice of rows at a time: float64 temporaries that stay in cache cost a fraction of
-        whole-tensor ones."""
+        rows, and a slice of rows at a time: float64 temporaries of a bounded size, which the allocator
+        reuses, where whole-tensor ones of a large batch would be fresh memory every time."""
         channels = sums.shape[1]
         out = sums if sums.dtype == torch.float32 else torch.empty_like(sums, dtype=torch.float32)
         out = out.contiguous(memory_format=torch.channels_last)
@@ -264,11 +264,11 @@ def _requantize_rows(sums, multiplier, offset, negative_bias=None, negative_step
 
 
 def float_requantization(
-    formulas: list[FixedPoint], biases: list[int], sum_bounds: list[int], zero_point: int, low: int, high: int
+    formulas: list[FixedPoint], biases: list[int], reach: list[tuple[int, int]], zero_point: int, low: int, high: int
 ) -> FloatRequantization | None:
-    """The float64 form of `formulas` applied to bias + sum, one per channel, with the output zero point
-    and clamp (`sum_bounds`: how far the sum reaches either side of 0), or None where float64 cannot hold
-    it exactly.
+    """The float64 form of `formulas` applied to the accumulator a = bias + sum, one per channel, with the
+    output zero point and clamp (`reach`: the range a can take), or None where float64 cannot hold it
+    exactly.
 
     Clamping the accumulator a to [the last a giving `low`, the first giving `high`] leaves the output
     unchanged when no step of r exceeds 1, keeps a >= 0 in layers that clamp at their zero point (ReLU:
@@ -276,17 +276,16 @@ def float_requantization(
     53 significant bits, so exact. A channel whose output cannot change (no weights, a zero multiplier,
     saturated over all it can reach) is a constant."""
     columns, signed = [], False
-    for r, bias, bound in zip(formulas, biases, sum_bounds, strict=True):
-        reach = (bias - bound, bias + bound)
+    for r, bias, (reach_low, reach_high) in zip(formulas, biases, reach, strict=True):
         if r.multiplier:
             last_low, first_high = r.first_reaching(low - zero_point + 1) - 1, r.first_reaching(high - zero_point)
             if (r(last_low) + zero_point, r(first_high) + zero_point) != (low, high):
                 return None  # a step of more than one: the clamp would not be the output's
-        if not r.multiplier or bound == 0 or reach[1] <= last_low or reach[0] >= first_high:
-            constant = min(max(r(bias) + zero_point, low), high)
+        if not r.multiplier or reach_low == reach_high or reach_high <= last_low or reach_low >= first_high:
+            constant = min(max(r(reach_low) + zero_point, low), high)
             columns.append((0, 0, 0.0, float(constant), 0.0))
             continue
-        bounds = (max(last_low, reach[0]), min(first_high, reach[1]))
+        bounds = (max(last_low, reach_low), min(first_high, reach_high))
         offsets = [offset + (zero_point << r.shift) for offset in (r.at_or_above, r.below)]
         exact = (  # s m, c (the bias folded in) and s m + c at either end of the clamp: all within 2^53
             max(abs(b - bias) for b in bounds) * r.multiplier < FLOAT64_EXACT
@@ -326,7 +325,7 @@ class QuantizedConv(nn.Module):
         offset_weight = weight.to(torch.int64) - zero_points
         self.folds_zero_point = kernel == 1
         self.weight_sums = offset_weight.sum(dim=(1, 2, 3)).reshape(1, -1, 1, 1)
-        # How far the sum can move the accumulator from the bias, for 8-bit offset inputs (|x - zx| <= 255).
+        # How far the sum can move the accumulator from the (file's) bias, for 8-bit inputs (|x - zx| <= 255).
         self.sum_bounds = offset_weight.abs().sum(dim=(1, 2, 3)) * 255
         self.chunks = nn.ModuleList()
         for start, stop in _exact_chunks(offset_weight, groups):
@@ -371,8 +370,9 @@ class QuantizedConv(nn.Module):
                         shift.flatten().tolist(), strict=True)]  # fmt: skip
             if len(formulas) == 1:
                 formulas *= bias.shape[1]
+            reach = torch.stack([self.bias.flatten() - self.sum_bounds, self.bias.flatten() + self.sum_bounds], 1)
             self._float_requantizations[key] = float_requantization(
-                formulas, bias.flatten().tolist(), self.sum_bounds.tolist(), self.output["zero_point"], *self.range
+                formulas, bias.flatten().tolist(), reach.tolist(), self.output["zero_point"], *self.range
             )
         return self._float_requantizations[key]
 
@@ -395,7 +395,7 @@ class QuantizedConv(nn.Module):
         float_requantization = self.float_requantization(x, bias)
         if float_requantization is not None:
             out = float_requantization(sums)
-        else:  # a multiplier too small for float64 to bound exactly: TFLite's int64 arithmetic itself
+        else:  # where float64 cannot hold it (see `float_requantization`): TFLite's int64 arithmetic itself
             accumulator = sums.to(torch.int64) + bias
             out = self.requantize(accumulator, *self.multipliers(x.scale)) + self.output["zero_point"]
             out = out.clamp(*self.range).to(torch.float32)
