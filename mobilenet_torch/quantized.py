@@ -461,8 +461,8 @@ def quantized_resize_bilinear(x: QTensor, size: tuple[int, int], record: dict[st
         shape = [1] * values.ndim
         shape[axis] = out_size
         fraction = fraction.reshape(shape)
-        values = _take(values, axis, low) * (1 - fraction) + _take(values, axis, high) * fraction
-    return QTensor(torch.floor(values + 0.5), x.scale, x.zero_point)
+        values = _take(values, axis, low).mul_(1 - fraction).add_(_take(values, axis, high).mul_(fraction))
+    return QTensor(values.add_(0.5).floor_(), x.scale, x.zero_point)
 
 
 def quantized_resize_bilinear_integer(x: QTensor, size: tuple[int, int], record: dict[str, Any]) -> QTensor:
