@@ -68,7 +68,7 @@ def gemmlowp_requantize(accumulator: np.ndarray, multipliers: list[tuple[int, in
 
 
 def conv_case(seed: int, in_channels: int, out_channels: int, kernel: int, stride: int, size: int):
-    """A conv at the int8 extremes: weights +-127 / -128 (a few channels all one sign, so that sums reach
+    """A conv at the int8 extremes: weights -128 or 127 (a quarter of the channels all 127, so that sums reach
     past 2^24), inputs at the ends of their range, and what it needs to run."""
     rng = np.random.default_rng(seed)
     weight = rng.choice(np.array([-128, 127], dtype=np.int8), size=(out_channels, in_channels, kernel, kernel))
