@@ -174,7 +174,7 @@ def activation_range(activation: str | None, scale: float, zero_point: int, dtyp
 # within that bound is exact, in any order of summation.
 FLOAT32_EXACT = 1 << 24
 FLOAT64_EXACT = 1 << 53
-SLICE_ELEMENTS = 1 << 20  # the requantization's float64 temporaries: 8 MiB (the heap reuses them)
+SLICE_ELEMENTS = 1 << 18  # the requantization's float64 temporaries: 2 MiB
 ROW_ELEMENTS = 1 << 12  # ... in rows this long
 
 
@@ -311,7 +311,8 @@ class QuantizedConv(nn.Module):
     The accumulation runs as float32 convolutions: a product of two offset 8-bit values is at most 255^2,
     so a sum is exact while the sum of |w - zw| x 255 over its terms stays within 2^24. A dense conv whose
     bound exceeds that is split along its input channels into chunks that keep it, each chunk a float32
-    conv, summed in float64. A 1x1 conv (no padding) takes the input zero point through its bias."""
+    conv, summed in float64. The convolutions take the 8-bit values themselves (|x| <= 255 as well): a 1x1
+    conv (no padding) takes the input zero point through its bias, others subtract its sums per position."""
 
     def __init__(self, layout: nn.Module, record: dict[str, Any], weight: torch.Tensor, bias: torch.Tensor, dtype: str):
         super().__init__()
@@ -347,6 +348,7 @@ class QuantizedConv(nn.Module):
         self.range = activation_range(record.get("activation"), self.output["scale"], self.output["zero_point"], dtype)
         self._multipliers: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self._float_requantizations: dict[tuple[float, int], FloatRequantization | None] = {}
+        self._zero_point_maps: dict[tuple[int, ...], torch.Tensor] = {}
 
     def multipliers(self, input_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Per output channel: input scale x weight scale / output scale. TFLite divides in double, but
@@ -379,16 +381,27 @@ class QuantizedConv(nn.Module):
     def accumulate(self, x: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TFLite's int32 accumulator, bias + sum of (x - zx)(w - zw), exactly, as (sums, bias): the sums in
         float32 (float64 when split), the bias per channel as int64, taking a 1x1 conv's input zero point."""
+        sums = self._convolve(x.values)
         if self.folds_zero_point:
-            inputs, bias = x.values, self.bias - x.zero_point * self.weight_sums
-        else:
-            inputs, bias = x.values - x.zero_point, self.bias
+            return sums, self.bias - x.zero_point * self.weight_sums
+        return sums.sub_(self._zero_point_sums(x)), self.bias
+
+    def _convolve(self, values: torch.Tensor) -> torch.Tensor:
         if len(self.chunks) == 1:
-            return self.chunks[0](inputs), bias
-        sums = self.chunks[0](inputs[:, self.chunks[0].input_channels]).to(torch.float64)
+            return self.chunks[0](values)
+        sums = self.chunks[0](values[:, self.chunks[0].input_channels]).to(torch.float64)
         for chunk in self.chunks[1:]:
-            sums += chunk(inputs[:, chunk.input_channels])
-        return sums, bias
+            sums += chunk(values[:, chunk.input_channels])
+        return sums
+
+    def _zero_point_sums(self, x: QTensor) -> torch.Tensor:
+        """What the input zero point adds to each sum: zx x the weights over the image (padding adds none),
+        per position of one image. Subtracted in place, it spares a copy of the input less zx."""
+        key = (*x.values.shape[1:], x.zero_point)
+        if key not in self._zero_point_maps:
+            ones = torch.ones((1, *x.values.shape[1:])).contiguous(memory_format=torch.channels_last)
+            self._zero_point_maps[key] = self._convolve(ones).mul_(x.zero_point)
+        return self._zero_point_maps[key]
 
     def forward(self, x: QTensor) -> QTensor:
         sums, bias = self.accumulate(x)
