@@ -479,11 +479,12 @@ def quantized_resize_bilinear(x: QTensor, size: tuple[int, int], record: dict[st
 
 
 def quantized_resize_bilinear_integer(x: QTensor, size: tuple[int, int], record: dict[str, Any]) -> QTensor:
-    """RESIZE_BILINEAR on int8 values: TFLite's fixed-point version, positions in 1/1024 steps."""
+    """RESIZE_BILINEAR on int8 values: TFLite's fixed-point version, positions in 1/1024 steps. Its integers
+    (at most 128 x 2^20) are exact in float64."""
     _check_same_params(x, record, "RESIZE_BILINEAR")
     if record.get("half_pixel_centers"):
         raise ModelFolderError(f"{QUANTIZATION_FILE}: half-pixel-centre resizes are not emulated")
-    values = x.values.to(torch.int64)
+    values = x.values.to(torch.float64)
     weights = []
     for axis, out_size in ((-2, size[0]), (-1, size[1])):
         in_size = values.shape[axis]
@@ -497,13 +498,14 @@ def quantized_resize_bilinear_integer(x: QTensor, size: tuple[int, int], record:
         fraction = position - (1 << 10) * low
         shape = [1] * values.ndim
         shape[axis] = out_size
-        weights.append((low, high, fraction.reshape(shape)))
+        weights.append((low, high, fraction.reshape(shape).to(torch.float64)))
     (y0, y1, fy), (x0, x1, fx) = weights
     one = 1 << 10
-    top, bottom = _take(values, -2, y0), _take(values, -2, y1)
-    total = (_take(top, -1, x0) * (one - fy) * (one - fx) + _take(bottom, -1, x0) * fy * (one - fx)
-             + _take(top, -1, x1) * (one - fy) * fx + _take(bottom, -1, x1) * fy * fx)  # fmt: skip
-    rounded = torch.div(total + torch.where(total > 0, 1 << 19, -(1 << 19)), 1 << 20, rounding_mode="trunc")
+    # The sum of the four weighted corners, grouped by column: every partial sum is an exact integer.
+    columns = _take(values, -2, y0).mul_(one - fy).add_(_take(values, -2, y1).mul_(fy))
+    total = _take(columns, -1, x0).mul_(one - fx).add_(_take(columns, -1, x1).mul_(fx))
+    # (total +- 2^19) / 2^20 truncated; at 0 either sign gives 0
+    rounded = total.add_(torch.copysign(torch.tensor(2.0**19, dtype=torch.float64), total)).mul_(2.0**-20).trunc_()
     return QTensor(rounded.to(torch.float32), x.scale, x.zero_point)
 
 
