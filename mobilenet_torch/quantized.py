@@ -16,11 +16,11 @@ A folder converted from a quantized ``.tflite`` holds, besides the float (dequan
 against them:
 
 - the input quantized with round-half-away-from-zero;
-- every conv accumulated exactly (in float64, exact for these integer sums) and requantized with
-  TFLite's fixed-point multipliers (``QuantizeMultiplier``; a rounding doubling high multiply, then a
-  rounding right shift). uint8 per-tensor layers form the input x weight scale product in float32
-  before dividing in double, int8 per-channel ones in double; FULLY_CONNECTED rounds the product
-  once where convs round twice (both as measured against the interpreter);
+- every conv accumulated exactly and requantized with TFLite's fixed-point multipliers
+  (``QuantizeMultiplier``; a rounding doubling high multiply, then a rounding right shift). uint8
+  per-tensor layers form the input x weight scale product in float32 before dividing in double, int8
+  per-channel ones in double; FULLY_CONNECTED rounds the product once where convs round twice (both as
+  measured against the interpreter);
 - fused ReLU / ReLU6 as clamps of the quantized range;
 - residual ADDs rescaled through TFLite's 20-bit left shift, and the per-channel MUL and / or ADD of a
   BatchNorm the converter left unfolded (after a space-to-batch dilated conv), each its own
@@ -36,6 +36,18 @@ against them:
   with --drop-background has none: its classifier keeps TFLite's logits of the 1000 classes, but the
   graph's softmax normalises over all 1001 (``probabilities`` is then None).
 
+Exact at float speed (see ``docs/quantized.md``):
+
+- a conv's sums run as float32 convolutions, exact while every partial sum stays within 2^24 (the bound
+  is taken from the weights: sum of |w - zw| x 255 per output channel); a conv past it is split along its
+  input channels into convolutions that keep it, summed in float64;
+- the fixed-point requantization is one floor division, (a m + offset) >> shift, evaluated in float64
+  on the accumulator clamped to where the output can change, which keeps every term exact (checked per
+  layer; TFLite's int64 arithmetic runs where it cannot be);
+- the element-wise steps (ADD, MUL, a separate ReLU6) look up a table of their every result;
+- the activations travel as float32 holding the 8-bit values; :meth:`QuantizedMobileNetV2.run` returns
+  them as int64.
+
 >>> model = QuantizedMobileNetV2.from_pretrained("out/mobilenet_v2_1.0_224_quant")
 >>> probabilities = model(pixel_values).probabilities   # NCHW in [-1, 1], as the float model takes
 >>> twin = model.float_twin()                           # the dequantized float model of the same folder
@@ -46,6 +58,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -65,7 +78,7 @@ ADD_LEFT_SHIFT = 20  # TFLite's headroom for 8-bit ADD inputs before rescaling
 
 
 class QTensor(NamedTuple):
-    """Quantized values (int64, NCHW) with real = scale * (values - zero_point)."""
+    """Quantized values (NCHW; int64 from `run`, float32 between steps) with real = scale * (values - zero_point)."""
 
     values: torch.Tensor
     scale: float
@@ -159,9 +172,149 @@ def activation_range(activation: str | None, scale: float, zero_point: int, dtyp
 
 # --- ops -----------------------------------------------------------------------------------------
 
+# Integers up to 2^24 (2^53) are float32 (float64) values: a sum of integer products whose partial sums stay
+# within that bound is exact, in any order of summation.
+FLOAT32_EXACT = 1 << 24
+FLOAT64_EXACT = 1 << 53
+SLICE_ELEMENTS = 1 << 18  # the requantization's float64 temporaries: 2 MiB
+ROW_ELEMENTS = 1 << 12  # ... in rows this long
+
+
+class FixedPoint(NamedTuple):
+    """A requantization per output channel as one integer formula: r(a) = (a * multiplier + offset) >> shift,
+    the offset being `below` for a < `boundary` (where TFLite's rounding goes away from zero) and `at_or_above`
+    otherwise. Both of TFLite's roundings reduce to it (see `fixed_point`)."""
+
+    multiplier: int
+    shift: int
+    at_or_above: int
+    below: int
+    boundary: int
+
+    def __call__(self, a: int) -> int:
+        return (a * self.multiplier + (self.below if a < self.boundary else self.at_or_above)) >> self.shift
+
+    def first_reaching(self, target: int) -> int:
+        """The smallest a with r(a) >= target (r is non-decreasing; multiplier > 0)."""
+        below = -((self.below - (target << self.shift)) // self.multiplier)  # ceil((target 2^s - offset) / m)
+        if below < self.boundary:
+            return below
+        return max(-((self.at_or_above - (target << self.shift)) // self.multiplier), self.boundary)
+
+
+def fixed_point(multiplier: int, shift: int, single_rounding: bool) -> FixedPoint:
+    """MultiplyByQuantizedMultiplier as one floor division. Its rounding doubling high multiply is
+    floor((x m + 2^30) / 2^31) (half up), its rounding right shift by e rounds half away from zero:
+    floor((t + 2^(e-1) - [t < 0]) / 2^e); nested floors of power-of-two divisions merge into one, and
+    t < 0 exactly where a < -(2^30 // m). The single rounding is floor((x m + 2^(s-1)) / 2^s)."""
+    if single_rounding:
+        total = 31 - shift
+        return FixedPoint(multiplier, total, 1 << (total - 1), 1 << (total - 1), 0)
+    left, right = max(shift, 0), max(-shift, 0)
+    scaled, half = multiplier << left, 1 << 30
+    if right == 0:
+        return FixedPoint(scaled, 31, half, half, 0)
+    at_or_above = half + (1 << (30 + right))
+    return FixedPoint(scaled, 31 + right, at_or_above, at_or_above - (1 << 31), -(half // scaled) if scaled else 0)
+
+
+class FloatRequantization:
+    """A conv's requantization in float64, exact for the layer and input it was made for (see
+    `float_requantization`): the sums clamped to where the output can change, then floor(s m + c), less one
+    step of the rounding shift where the accumulator is negative (`negative_bias`: minus the bias, given
+    where any channel can be). Each argument holds one value per channel."""
+
+    def __init__(self, low, high, multiplier, offset, negative_bias: torch.Tensor | None, negative_step) -> None:
+        self.constants = (low, high, multiplier, offset) + (
+            (negative_bias, negative_step) if negative_bias is not None else ()
+        )
+        self._tiled: dict[tuple[int, torch.dtype], tuple[torch.Tensor, ...]] = {}
+
+    def __call__(self, sums: torch.Tensor) -> torch.Tensor:
+        """The output values, written over `sums` (float32). The values are taken as rows of channels
+        (channels_last), several pixels to a row, so that the per-channel constants broadcast along long
+        rows, and a slice of rows at a time: float64 temporaries of a bounded size, which the allocator
+        reuses, where whole-tensor ones of a large batch would be fresh memory every time."""
+        channels = sums.shape[1]
+        out = sums if sums.dtype == torch.float32 else torch.empty_like(sums, dtype=torch.float32)
+        out = out.contiguous(memory_format=torch.channels_last)
+        pixels = sums.numel() // channels
+        tile = 1
+        while 2 * tile * channels <= ROW_ELEMENTS and pixels % (2 * tile) == 0:
+            tile *= 2
+        if (tile, sums.dtype) not in self._tiled:
+            tiled = [constant.repeat(tile) for constant in self.constants]
+            self._tiled[tile, sums.dtype] = (*(bound.to(sums.dtype) for bound in tiled[:2]), *tiled[2:])
+        low, high, *constants = self._tiled[tile, sums.dtype]
+        rows = sums.permute(0, 2, 3, 1).reshape(-1, tile * channels)
+        rows.clamp_(low, high)  # in the sums' own type: the bounds lie within the sums' reach, so are exact
+        out_rows = out.permute(0, 2, 3, 1).view(-1, tile * channels)
+        step = max(1, SLICE_ELEMENTS // rows.shape[1])
+        for start in range(0, rows.shape[0], step):
+            out_rows[start : start + step] = _requantize_rows(rows[start : start + step], *constants)
+        return out
+
+
+def _requantize_rows(sums, multiplier, offset, negative_bias=None, negative_step=None) -> torch.Tensor:
+    a = sums.to(torch.float64)
+    if negative_bias is not None:  # -1 where sums + bias < 0 (integers), else 0
+        below = a.clamp(negative_bias - 1, negative_bias).sub_(negative_bias)
+    a.mul_(multiplier).add_(offset)
+    if negative_bias is not None:
+        a.add_(below.mul_(negative_step))
+    return a.floor_()
+
+
+def float_requantization(
+    formulas: list[FixedPoint], biases: list[int], reach: list[tuple[int, int]], zero_point: int, low: int, high: int
+) -> FloatRequantization | None:
+    """The float64 form of `formulas` applied to the accumulator a = bias + sum, one per channel, with the
+    output zero point and clamp (`reach`: the range a can take), or None where float64 cannot hold it
+    exactly.
+
+    Clamping the accumulator a to [the last a giving `low`, the first giving `high`] leaves the output
+    unchanged when no step of r exceeds 1, keeps a >= 0 in layers that clamp at their zero point (ReLU:
+    no sign term), and bounds |a m|: every term is then an integer times a power of two with fewer than
+    53 significant bits, so exact. A channel whose output cannot change (no weights, a zero multiplier,
+    saturated over all it can reach) is a constant."""
+    columns, signed = [], False
+    for r, bias, (reach_low, reach_high) in zip(formulas, biases, reach, strict=True):
+        if r.multiplier:
+            last_low, first_high = r.first_reaching(low - zero_point + 1) - 1, r.first_reaching(high - zero_point)
+            if (r(last_low) + zero_point, r(first_high) + zero_point) != (low, high):
+                return None  # a step of more than one: the clamp would not be the output's
+        if not r.multiplier or reach_low == reach_high or reach_high <= last_low or reach_low >= first_high:
+            constant = min(max(r(reach_low) + zero_point, low), high)
+            columns.append((0, 0, 0.0, float(constant), 0.0))
+            continue
+        bounds = (max(last_low, reach_low), min(first_high, reach_high))
+        offsets = [offset + (zero_point << r.shift) for offset in (r.at_or_above, r.below)]
+        exact = (  # s m, c (the bias folded in) and s m + c at either end of the clamp: all within 2^53
+            max(abs(b - bias) for b in bounds) * r.multiplier < FLOAT64_EXACT
+            and max(abs(bias * r.multiplier + offset) for offset in offsets) < FLOAT64_EXACT
+            and max(abs(b * r.multiplier + offset) for b in bounds for offset in offsets) < FLOAT64_EXACT
+            # a < 0 takes `below`: r itself switches at `boundary`, which is 0 or -1 (where both agree)
+            and all(r(a) == ((a * r.multiplier + r.below) >> r.shift) for a in range(r.boundary, 0))
+        )
+        if not exact:
+            return None
+        signed |= bounds[0] < 0
+        scale = 2.0**-r.shift
+        columns.append((bounds[0] - bias, bounds[1] - bias, r.multiplier * scale,
+                        (bias * r.multiplier + offsets[0]) * scale, (offsets[1] - offsets[0]) * scale))  # fmt: skip
+    low_sum, high_sum, multiplier, offset, step = torch.tensor(columns, dtype=torch.float64).T
+    negative_bias = -torch.tensor(biases, dtype=torch.float64) if signed else None
+    return FloatRequantization(low_sum, high_sum, multiplier, offset, negative_bias, -step)
+
 
 class QuantizedConv(nn.Module):
-    """CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED: exact integer accumulation, then requantization."""
+    """CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED: exact integer accumulation, then requantization.
+
+    The accumulation runs as float32 convolutions: a product of two offset 8-bit values is at most 255^2,
+    so a sum is exact while the sum of |w - zw| x 255 over its terms stays within 2^24. A dense conv whose
+    bound exceeds that is split along its input channels into chunks that keep it, each chunk a float32
+    conv, summed in float64. The convolutions take the 8-bit values themselves (|x| <= 255 as well): a 1x1
+    conv (no padding) takes the input zero point through its bias, others subtract its sums per position."""
 
     def __init__(self, layout: nn.Module, record: dict[str, Any], weight: torch.Tensor, bias: torch.Tensor, dtype: str):
         super().__init__()
@@ -171,19 +324,33 @@ class QuantizedConv(nn.Module):
         else:  # the classifier (Linear): a 1x1 conv on the pooled map
             stride, dilation, groups = 1, 1, 1
         out_channels, in_per_group, kernel, _ = weight.shape
-        self.conv = ConvLayer(in_per_group * groups, out_channels, kernel, stride, groups, dilation,
-                              norm_eps=None, activation=None)  # fmt: skip
         zero_points = torch.tensor(record["weight_zero_point"], dtype=torch.int64).reshape(-1, 1, 1, 1)
-        offset_weight = (weight.to(torch.int64) - zero_points).to(torch.float64)
-        self.conv.convolution.weight = nn.Parameter(offset_weight, requires_grad=False)
+        offset_weight = weight.to(torch.int64) - zero_points
+        self.folds_zero_point = kernel == 1
+        self.weight_sums = offset_weight.sum(dim=(1, 2, 3)).reshape(1, -1, 1, 1)
+        # How far the sum can move the accumulator from the (file's) bias, for 8-bit inputs (|x - zx| <= 255).
+        self.sum_bounds = offset_weight.abs().sum(dim=(1, 2, 3)) * 255
+        self.chunks = nn.ModuleList()
+        for start, stop in _exact_chunks(offset_weight, groups):
+            chunk = ConvLayer((stop - start) * groups, out_channels, kernel, stride, groups, dilation, norm_eps=None,
+                              activation=None)  # fmt: skip
+            chunk.convolution.weight = nn.Parameter(
+                offset_weight[:, start:stop].to(torch.float32).contiguous(memory_format=torch.channels_last),
+                requires_grad=False,
+            )
+            chunk.input_channels = slice(start, stop)
+            self.chunks.append(chunk)
         self.register_buffer("bias", bias.to(torch.int64).reshape(1, -1, 1, 1))
         self.weight_scale = [float(s) for s in record["weight_scale"]]
         self.per_tensor_float_product = dtype == "uint8" and len(self.weight_scale) == 1
-        self.requantize = (multiply_by_quantized_multiplier_single_rounding if record["op"] == "FULLY_CONNECTED"
+        self.single_rounding = record["op"] == "FULLY_CONNECTED"
+        self.requantize = (multiply_by_quantized_multiplier_single_rounding if self.single_rounding
                            else multiply_by_quantized_multiplier)  # fmt: skip
         self.output = record["output"]
         self.range = activation_range(record.get("activation"), self.output["scale"], self.output["zero_point"], dtype)
         self._multipliers: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._float_requantizations: dict[tuple[float, int], FloatRequantization | None] = {}
+        self._zero_point_maps: dict[tuple[int, ...], torch.Tensor] = {}
 
     def multipliers(self, input_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Per output channel: input scale x weight scale / output scale. TFLite divides in double, but
@@ -198,10 +365,72 @@ class QuantizedConv(nn.Module):
             self._multipliers[input_scale] = (multiplier.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1))
         return self._multipliers[input_scale]
 
+    def float_requantization(self, x: QTensor, bias: torch.Tensor) -> FloatRequantization | None:
+        """The exact float64 requantization for inputs quantized as `x`, with `bias` (see `accumulate`)."""
+        key = (x.scale, x.zero_point)
+        if key not in self._float_requantizations:
+            multiplier, shift = self.multipliers(x.scale)
+            formulas = [fixed_point(m, s, self.single_rounding) for m, s in zip(multiplier.flatten().tolist(),
+                        shift.flatten().tolist(), strict=True)]  # fmt: skip
+            if len(formulas) == 1:
+                formulas *= bias.shape[1]
+            reach = torch.stack([self.bias.flatten() - self.sum_bounds, self.bias.flatten() + self.sum_bounds], 1)
+            self._float_requantizations[key] = float_requantization(
+                formulas, bias.flatten().tolist(), reach.tolist(), self.output["zero_point"], *self.range
+            )
+        return self._float_requantizations[key]
+
+    def accumulate(self, x: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TFLite's int32 accumulator, bias + sum of (x - zx)(w - zw), exactly, as (sums, bias): the sums in
+        float32 (float64 when split), the bias per channel as int64, taking a 1x1 conv's input zero point."""
+        sums = self._convolve(x.values)
+        if self.folds_zero_point:
+            return sums, self.bias - x.zero_point * self.weight_sums
+        return sums.sub_(self._zero_point_sums(x)), self.bias
+
+    def _convolve(self, values: torch.Tensor) -> torch.Tensor:
+        if len(self.chunks) == 1:
+            return self.chunks[0](values)
+        sums = self.chunks[0](values[:, self.chunks[0].input_channels]).to(torch.float64)
+        for chunk in self.chunks[1:]:
+            sums += chunk(values[:, chunk.input_channels])
+        return sums
+
+    def _zero_point_sums(self, x: QTensor) -> torch.Tensor:
+        """What the input zero point adds to each sum: zx x the weights over the image (padding adds none),
+        per position of one image. Subtracted in place, it spares a copy of the input less zx."""
+        key = (*x.values.shape[1:], x.zero_point)
+        if key not in self._zero_point_maps:
+            ones = torch.ones((1, *x.values.shape[1:])).contiguous(memory_format=torch.channels_last)
+            self._zero_point_maps[key] = self._convolve(ones).mul_(x.zero_point)
+        return self._zero_point_maps[key]
+
     def forward(self, x: QTensor) -> QTensor:
-        accumulator = self.conv((x.values - x.zero_point).to(torch.float64)).round().to(torch.int64) + self.bias
-        out = self.requantize(accumulator, *self.multipliers(x.scale)) + self.output["zero_point"]
-        return QTensor(out.clamp(*self.range), self.output["scale"], self.output["zero_point"])
+        sums, bias = self.accumulate(x)
+        float_requantization = self.float_requantization(x, bias)
+        if float_requantization is not None:
+            out = float_requantization(sums)
+        else:  # where float64 cannot hold it (see `float_requantization`): TFLite's int64 arithmetic itself
+            accumulator = sums.to(torch.int64) + bias
+            out = self.requantize(accumulator, *self.multipliers(x.scale)) + self.output["zero_point"]
+            out = out.clamp(*self.range).to(torch.float32)
+        return QTensor(out, self.output["scale"], self.output["zero_point"])
+
+
+def _exact_chunks(offset_weight: torch.Tensor, groups: int) -> list[tuple[int, int]]:
+    """Input channel ranges whose sums stay exact in float32 for 8-bit inputs (see `QuantizedConv`)."""
+    bounds = offset_weight.abs().sum(dim=(2, 3)) * 255  # [out, in per group]: each input channel's share
+    if int(bounds.sum(dim=1).max()) <= FLOAT32_EXACT:
+        return [(0, offset_weight.shape[1])]
+    if groups > 1 or int(bounds.max()) > FLOAT32_EXACT:
+        raise ModelFolderError(f"{QUANTIZATION_FILE}: a conv whose sums no split keeps exact is not emulated")
+    chunks, start, running = [], 0, torch.zeros_like(bounds[:, 0])
+    for channel in range(bounds.shape[1]):
+        running = running + bounds[:, channel]
+        if int(running.max()) > FLOAT32_EXACT:
+            chunks.append((start, channel))
+            start, running = channel, bounds[:, channel].clone()
+    return [*chunks, (start, bounds.shape[1])]
 
 
 def quantized_add(a: QTensor, b: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
@@ -212,23 +441,21 @@ def quantized_add(a: QTensor, b: QTensor, record: dict[str, Any], dtype: str) ->
     scaled = []
     for q in (a, b):
         multiplier, shift = _multipliers([q.scale / twice_max])
-        scaled.append(
-            multiply_by_quantized_multiplier((q.values - q.zero_point) * (1 << ADD_LEFT_SHIFT), multiplier, shift)
-        )
+        scaled.append(multiply_by_quantized_multiplier(_integers(q) * (1 << ADD_LEFT_SHIFT), multiplier, shift))
     multiplier, shift = _multipliers([twice_max / ((1 << ADD_LEFT_SHIFT) * out_scale)])
     out = multiply_by_quantized_multiplier(scaled[0] + scaled[1], multiplier, shift) + out_zero
     low, high = activation_range(record.get("activation"), out_scale, out_zero, dtype)
-    return QTensor(out.clamp(low, high), out_scale, out_zero)
+    return QTensor(out.clamp(low, high).to(torch.float32), out_scale, out_zero)
 
 
 def quantized_average_pool(x: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
     """A global AVERAGE_POOL_2D: the integer sum divided by the count, rounded half away from zero."""
     _check_same_params(x, record, "AVERAGE_POOL_2D")
     count = x.values.shape[-2] * x.values.shape[-1]
-    total = x.values.sum(dim=(-2, -1), keepdim=True)
+    total = x.values.to(torch.int64).sum(dim=(-2, -1), keepdim=True)
     mean = torch.div(total + torch.where(total >= 0, count // 2, -(count // 2)), count, rounding_mode="trunc")
     low, high = activation_range(record.get("activation"), x.scale, x.zero_point, dtype)
-    return QTensor(mean.clamp(low, high), x.scale, x.zero_point)
+    return QTensor(mean.clamp(low, high).to(torch.float32), x.scale, x.zero_point)
 
 
 def quantized_resize_bilinear(x: QTensor, size: tuple[int, int], record: dict[str, Any]) -> QTensor:
@@ -236,7 +463,7 @@ def quantized_resize_bilinear(x: QTensor, size: tuple[int, int], record: dict[st
     _check_same_params(x, record, "RESIZE_BILINEAR")
     if record.get("half_pixel_centers"):
         raise ModelFolderError(f"{QUANTIZATION_FILE}: half-pixel-centre resizes are not emulated")
-    values = x.values.to(torch.float32)
+    values = x.values
     for axis, out_size in ((-2, size[0]), (-1, size[1])):
         in_size = values.shape[axis]
         scale = in_size / out_size
@@ -249,16 +476,17 @@ def quantized_resize_bilinear(x: QTensor, size: tuple[int, int], record: dict[st
         shape = [1] * values.ndim
         shape[axis] = out_size
         fraction = fraction.reshape(shape)
-        values = values.index_select(axis, low) * (1 - fraction) + values.index_select(axis, high) * fraction
-    return QTensor(torch.floor(values + 0.5).to(torch.int64), x.scale, x.zero_point)
+        values = _take(values, axis, low).mul_(1 - fraction).add_(_take(values, axis, high).mul_(fraction))
+    return QTensor(values.add_(0.5).floor_(), x.scale, x.zero_point)
 
 
 def quantized_resize_bilinear_integer(x: QTensor, size: tuple[int, int], record: dict[str, Any]) -> QTensor:
-    """RESIZE_BILINEAR on int8 values: TFLite's fixed-point version, positions in 1/1024 steps."""
+    """RESIZE_BILINEAR on int8 values: TFLite's fixed-point version, positions in 1/1024 steps. Its integers
+    (at most 128 x 2^20) are exact in float64."""
     _check_same_params(x, record, "RESIZE_BILINEAR")
     if record.get("half_pixel_centers"):
         raise ModelFolderError(f"{QUANTIZATION_FILE}: half-pixel-centre resizes are not emulated")
-    values = x.values
+    values = x.values.to(torch.float64)
     weights = []
     for axis, out_size in ((-2, size[0]), (-1, size[1])):
         in_size = values.shape[axis]
@@ -272,25 +500,31 @@ def quantized_resize_bilinear_integer(x: QTensor, size: tuple[int, int], record:
         fraction = position - (1 << 10) * low
         shape = [1] * values.ndim
         shape[axis] = out_size
-        weights.append((low, high, fraction.reshape(shape)))
+        weights.append((low, high, fraction.reshape(shape).to(torch.float64)))
     (y0, y1, fy), (x0, x1, fx) = weights
     one = 1 << 10
-    top = values.index_select(-2, y0)
-    bottom = values.index_select(-2, y1)
-    total = (top.index_select(-1, x0) * (one - fy) * (one - fx) + bottom.index_select(-1, x0) * fy * (one - fx)
-             + top.index_select(-1, x1) * (one - fy) * fx + bottom.index_select(-1, x1) * fy * fx)  # fmt: skip
-    rounded = torch.div(total + torch.where(total > 0, 1 << 19, -(1 << 19)), 1 << 20, rounding_mode="trunc")
-    return QTensor(rounded, x.scale, x.zero_point)
+    # The sum of the four weighted corners, grouped by column: every partial sum is an exact integer.
+    columns = _take(values, -2, y0).mul_(one - fy).add_(_take(values, -2, y1).mul_(fy))
+    total = _take(columns, -1, x0).mul_(one - fx).add_(_take(columns, -1, x1).mul_(fx))
+    # (total +- 2^19) / 2^20 truncated; at 0 either sign gives 0
+    rounded = total.add_(torch.copysign(torch.tensor(2.0**19, dtype=torch.float64), total)).mul_(2.0**-20).trunc_()
+    return QTensor(rounded.to(torch.float32), x.scale, x.zero_point)
+
+
+def _take(values: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+    """`values.index_select(axis, index)`, with the axis moved first: whole rows are copied at once, where
+    selecting along an inner axis goes value by value (tens of times slower on a large map)."""
+    return values.movedim(axis, 0).contiguous().index_select(0, index).movedim(0, axis)
 
 
 def quantized_mul(x: QTensor, constant: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
     """MUL of 8-bit tensors: the product of the offset values, requantized."""
     out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
     multiplier, shift = _multipliers([x.scale * constant.scale / out_scale])
-    product = (x.values - x.zero_point) * (constant.values - constant.zero_point)
+    product = _integers(x) * _integers(constant)
     out = multiply_by_quantized_multiplier(product, multiplier, shift) + out_zero
     low, high = activation_range(record.get("activation"), out_scale, out_zero, dtype)
-    return QTensor(out.clamp(low, high), out_scale, out_zero)
+    return QTensor(out.clamp(low, high).to(torch.float32), out_scale, out_zero)
 
 
 def quantized_pool(x: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
@@ -299,13 +533,13 @@ def quantized_pool(x: QTensor, record: dict[str, Any], dtype: str) -> QTensor:
         return quantized_average_pool(x, record, dtype)
     out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
     count = x.values.shape[-2] * x.values.shape[-1]
-    total = (x.values - x.zero_point).sum(dim=(-2, -1), keepdim=True)
+    total = _integers(x).sum(dim=(-2, -1), keepdim=True)
     # TFLite folds the division into the multiplier: (multiplier << k) / count, shift reduced by k.
     multiplier, shift = quantize_multiplier(x.scale / out_scale)
     headroom = min(count.bit_length() - 1, 32, 31 + shift)
     divided = torch.tensor([(multiplier << headroom) // count])
     mean = multiply_by_quantized_multiplier(total, divided, torch.tensor([shift - headroom]))
-    return QTensor((mean + out_zero).clamp(*DTYPE_RANGES[dtype]), out_scale, out_zero)
+    return QTensor((mean + out_zero).clamp(*DTYPE_RANGES[dtype]).to(torch.float32), out_scale, out_zero)
 
 
 def quantized_requantize(x: QTensor, record: dict[str, Any], dtype: str, activation: str | None = None) -> QTensor:
@@ -313,8 +547,9 @@ def quantized_requantize(x: QTensor, record: dict[str, Any], dtype: str, activat
     same rescaling, clamped to the activation's quantized range)."""
     out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
     multiplier, shift = _multipliers([x.scale / out_scale])
-    out = multiply_by_quantized_multiplier(x.values - x.zero_point, multiplier, shift) + out_zero
-    return QTensor(out.clamp(*activation_range(activation, out_scale, out_zero, dtype)), out_scale, out_zero)
+    out = multiply_by_quantized_multiplier(_integers(x), multiplier, shift) + out_zero
+    out = out.clamp(*activation_range(activation, out_scale, out_zero, dtype))
+    return QTensor(out.to(torch.float32), out_scale, out_zero)
 
 
 def quantized_concat(parts: list[QTensor], record: dict[str, Any], dtype: str) -> QTensor:
@@ -326,8 +561,8 @@ def quantized_concat(parts: list[QTensor], record: dict[str, Any], dtype: str) -
             rescaled.append(part.values)
             continue
         scale = torch.tensor(part.scale, dtype=torch.float32) / torch.tensor(out_scale, dtype=torch.float32)
-        real = part.values.to(torch.float32) * scale - part.zero_point * scale
-        rescaled.append((round_half_away(real).to(torch.int64) + out_zero).clamp(*DTYPE_RANGES[dtype]))
+        real = part.values * scale - part.zero_point * scale
+        rescaled.append((round_half_away(real) + out_zero).clamp(*DTYPE_RANGES[dtype]))
     return QTensor(torch.cat(rescaled, dim=1), out_scale, out_zero)
 
 
@@ -335,8 +570,13 @@ def quantized_softmax(logits: QTensor, record: dict[str, Any], dtype: str) -> QT
     beta = record.get("beta", 1.0)
     probabilities = torch.softmax(beta * logits.dequantize().to(torch.float64), dim=1)
     out_scale, out_zero = record["output"]["scale"], record["output"]["zero_point"]
-    values = round_half_away(probabilities / out_scale).to(torch.int64) + out_zero
-    return QTensor(values.clamp(*DTYPE_RANGES[dtype]), out_scale, out_zero)
+    values = round_half_away(probabilities / out_scale) + out_zero
+    return QTensor(values.clamp(*DTYPE_RANGES[dtype]).to(torch.float32), out_scale, out_zero)
+
+
+def _integers(x: QTensor) -> torch.Tensor:
+    """The offset values q - zero_point as int64, for TFLite's fixed-point arithmetic."""
+    return x.values.to(torch.int64) - x.zero_point
 
 
 def _check_same_params(x: QTensor, record: dict[str, Any], op: str) -> None:
@@ -364,6 +604,7 @@ class QuantizedMobileNetV2(nn.Module):
         with torch.device("meta"):
             layout = self._float_class()(config)
         self.convs = nn.ModuleDict()
+        self._tables: dict[tuple, tuple[torch.Tensor, float, int]] = {}
         self.constants = {
             name: QTensor(integers[f"{name}.constant"].to(torch.int64).reshape(1, -1, 1, 1), **record["constant"])
             for name, record in self.records.items()
@@ -409,12 +650,12 @@ class QuantizedMobileNetV2(nn.Module):
         """Real NCHW input -> the model's input quantization (round half away from zero, clamped)."""
         scale, zero_point = self.input_params["scale"], self.input_params["zero_point"]
         quotient = pixel_values.to(torch.float32) / torch.tensor(scale, dtype=torch.float32)
-        values = (round_half_away(quotient).to(torch.int64) + zero_point).clamp(*DTYPE_RANGES[self.dtype])
+        values = (round_half_away(quotient) + zero_point).clamp(*DTYPE_RANGES[self.dtype])
         return QTensor(values, scale, zero_point)
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor):
-        steps = self.run(pixel_values)
+        steps = self._run(pixel_values, _HeadOutputs(self._backbone_modules()))
         if self.kind == "deeplab":
             return QuantizedSegmenterOutput(steps["segmentation_head.classifier"].dequantize(), steps["labels"].values)
         logits = steps["classifier"].dequantize().flatten(1)
@@ -423,9 +664,16 @@ class QuantizedMobileNetV2(nn.Module):
 
     @torch.no_grad()
     def run(self, pixel_values: torch.Tensor) -> dict[str, QTensor]:
-        """The output of every step (NCHW), by step name, as `quantization.json` names them."""
-        x = self.quantize_input(pixel_values)
-        out: dict[str, QTensor] = {"input": x}
+        """The output of every step (NCHW, int64 values), by step name, as `quantization.json` names them."""
+        steps = self._run(pixel_values, {})
+        return {name: QTensor(q.values.to(torch.int64), q.scale, q.zero_point) for name, q in steps.items()}
+
+    def _backbone_modules(self) -> list[str]:
+        return ["input"] + [BACKBONE_PREFIX + step.module for step in backbone_steps(final_conv=self.kind != "deeplab")]
+
+    def _run(self, pixel_values: torch.Tensor, out: dict[str, QTensor]) -> dict[str, QTensor]:
+        """Every step into `out`; the values are integers held in float32, as the convolutions take them."""
+        x = out["input"] = self.quantize_input(pixel_values)
         for step in backbone_steps(final_conv=self.kind != "deeplab"):
             name = BACKBONE_PREFIX + step.module
             x = self._block(name, x, out) if step.block else self._conv(name, x, out)
@@ -448,12 +696,28 @@ class QuantizedMobileNetV2(nn.Module):
     def _after_conv(self, name: str, x: QTensor) -> QTensor:
         record = self.records[name]
         if record["op"] == "MUL":
-            return quantized_mul(x, self.constants[name], record, self.dtype)
+            return self._tabulated(name, lambda a, b: quantized_mul(a, b, record, self.dtype), x, self.constants[name])
         if record["op"] == "ADD":
-            return quantized_add(x, self.constants[name], record, self.dtype)
+            return self._tabulated(name, lambda a, b: quantized_add(a, b, record, self.dtype), x, self.constants[name])
         if record["op"] in RELU6_OPS:
-            return quantized_requantize(x, record, self.dtype, "relu6")
+            return self._tabulated(name, lambda a: quantized_requantize(a, record, self.dtype, "relu6"), x)
         raise ModelFolderError(f"{QUANTIZATION_FILE}: step {name} ({record['op']}) after a conv is not emulated")
+
+    def _tabulated(self, name: str, function: Callable[..., QTensor], *inputs: QTensor) -> QTensor:
+        """Step `name`, an op on one or two 8-bit tensors value by value, as a lookup in the table of its
+        every result: made once per input quantization by `function` itself (TFLite's integer arithmetic),
+        it costs one gather per value where the arithmetic costs dozens of int64 passes."""
+        key = (name, *((q.scale, q.zero_point) for q in inputs))
+        if key not in self._tables:
+            low, high = DTYPE_RANGES[self.dtype]
+            levels = torch.arange(low, high + 1, dtype=torch.float32)
+            grids = [grid.reshape(1, 1, 1, -1) for grid in torch.meshgrid(*[levels] * len(inputs), indexing="ij")]
+            results = function(*(QTensor(grid, q.scale, q.zero_point) for grid, q in zip(grids, inputs, strict=True)))
+            table = torch.empty(len(levels) ** len(inputs))
+            table[_table_index(grids).flatten()] = results.values.flatten()
+            self._tables[key] = (table, results.scale, results.zero_point)
+        table, scale, zero_point = self._tables[key]
+        return QTensor(table[_table_index([q.values for q in inputs])], scale, zero_point)
 
     def _block(self, name: str, x: QTensor, out: dict[str, QTensor]) -> QTensor:
         block_input = x
@@ -462,7 +726,9 @@ class QuantizedMobileNetV2(nn.Module):
         x = self._conv(f"{name}.conv_3x3", x, out)
         x = self._conv(f"{name}.reduce_1x1", x, out)
         if f"{name}.add" in self.records:
-            x = out[f"{name}.add"] = quantized_add(block_input, x, self.records[f"{name}.add"], self.dtype)
+            record = self.records[f"{name}.add"]
+            add = self._tabulated(f"{name}.add", lambda a, b: quantized_add(a, b, record, self.dtype), block_input, x)
+            x = out[f"{name}.add"] = add
         return x
 
     def _classification_head(self, x: QTensor, out: dict[str, QTensor]) -> None:
@@ -493,7 +759,38 @@ class QuantizedMobileNetV2(nn.Module):
             # The last resize goes to the input size; earlier ones to the size the graph recorded.
             size = tuple(image_size) if i == len(resizes) - 1 else tuple(records[name]["size"])
             x = out[name] = self._resize(x, size, records[name])
-        out["labels"] = QTensor(x.values.argmax(dim=1), 1.0, 0)
+        out["labels"] = QTensor(channel_argmax(x.values), 1.0, 0)
+
+
+class _HeadOutputs(dict):
+    """Step outputs that keep only the heads' (what `forward` reads): a backbone step's output is let go as
+    soon as the next step has read it, so that its memory is reused."""
+
+    def __init__(self, backbone_modules: list[str]) -> None:
+        super().__init__()
+        self.backbone_modules = tuple(backbone_modules)
+        self.backbone_prefixes = tuple(module + "." for module in backbone_modules)
+
+    def __setitem__(self, name: str, value: QTensor) -> None:
+        if name not in self.backbone_modules and not name.startswith(self.backbone_prefixes):
+            super().__setitem__(name, value)
+
+
+def channel_argmax(values: torch.Tensor) -> torch.Tensor:
+    """ARG_MAX over the channels of NCHW `values`, ties to the first, as a running maximum: one pass per
+    channel over a map, several times faster than `argmax(dim=1)` reducing along a strided axis."""
+    best, labels = values[:, 0], torch.zeros(values[:, 0].shape, dtype=torch.int64)
+    for channel in range(1, values.shape[1]):
+        labels.masked_fill_(values[:, channel] > best, channel)
+        best = torch.maximum(best, values[:, channel])
+    return labels
+
+
+def _table_index(values: list[torch.Tensor]) -> torch.Tensor:
+    """One or two 8-bit values -> their place in a table of 256 or 65536 (a negative index counts from its
+    end, so that int8 values need no offset)."""
+    index = values[0] if len(values) == 1 else torch.add(values[1], values[0], alpha=1 << 8)
+    return index.to(torch.int64)
 
 
 def _resize_for(dtype: str):
