@@ -82,6 +82,12 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
     return total // 2, total - total // 2
 
 
+def bottom_right_padding(kernel: int) -> tuple[int, int]:
+    """Keras' fixed padding (before, after) of a strided conv, one more after than before at every size
+    (`BOTTOM_RIGHT_PADDING`): (0, 1) for a 3x3 kernel."""
+    return kernel // 2 - 1, kernel // 2
+
+
 def block_schedule(config: MobileNetV2Config) -> list[tuple[int, int]]:
     """(stride, dilation) of each block: stride is traded for dilation past `output_stride`, as slim does."""
     current_stride, rate, schedule = 2, 1, []

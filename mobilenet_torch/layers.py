@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import same_padding
+from .architecture import bottom_right_padding, same_padding
 from .configuration import ACTIVATIONS, SAME_PADDING
 
 DEFAULT_MEMORY_FORMAT = torch.channels_last
@@ -113,7 +113,7 @@ class ConvLayer(nn.Module):
         if self.strided_padding == SAME_PADDING:
             (top, bottom), (left, right) = (same_padding(n, kernel, stride) for n in x.shape[-2:])
         else:  # BOTTOM_RIGHT_PADDING
-            top, bottom = left, right = kernel // 2 - 1, kernel // 2
+            top, bottom = left, right = bottom_right_padding(kernel)
         weight, padding = conv.weight, (top, left)
         if (top, left) != (bottom, right):  # one more row (column) after than before
             if conv.groups == 1:

@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from .architecture import BACKBONE_PREFIX, HIDDEN_CLASSIFIER, backbone_steps
-from .configuration import MobileNetV2Config
+from .configuration import SAME_PADDING, MobileNetV2Config
 from .errors import ModelFolderError
 from .layers import ConvLayer
 from .quantized_files import INTEGER_WEIGHTS_FILE, QUANTIZATION_FILE, QUANTIZATION_FORMAT
@@ -321,8 +321,11 @@ class QuantizedConv(nn.Module):
         if isinstance(layout, ConvLayer):
             conv = layout.convolution
             stride, dilation, groups = layout.stride, conv.dilation[0], conv.groups
+            # The float layer's rule for a strided conv; padded positions then add nothing to the sums, as
+            # TFLite's padding by the input zero point adds nothing to sum (x - zx)(w - zw).
+            padding = layout.strided_padding or SAME_PADDING
         else:  # the classifier (Linear): a 1x1 conv on the pooled map
-            stride, dilation, groups = 1, 1, 1
+            stride, dilation, groups, padding = 1, 1, 1, SAME_PADDING
         out_channels, in_per_group, kernel, _ = weight.shape
         zero_points = torch.tensor(record["weight_zero_point"], dtype=torch.int64).reshape(-1, 1, 1, 1)
         offset_weight = weight.to(torch.int64) - zero_points
@@ -333,7 +336,7 @@ class QuantizedConv(nn.Module):
         self.chunks = nn.ModuleList()
         for start, stop in _exact_chunks(offset_weight, groups):
             chunk = ConvLayer((stop - start) * groups, out_channels, kernel, stride, groups, dilation, norm_eps=None,
-                              activation=None)  # fmt: skip
+                              activation=None, strided_padding=padding)  # fmt: skip
             chunk.convolution.weight = nn.Parameter(
                 offset_weight[:, start:stop].to(torch.float32).contiguous(memory_format=torch.channels_last),
                 requires_grad=False,

@@ -40,6 +40,7 @@ from converter.formats.tflite_walk import Step, Walk, has_bias
 from converter.slim import HEADS, detect_variant
 from converter.vocabulary import DEEPLAB
 from mobilenet_torch.architecture import block_channels, block_schedule
+from mobilenet_torch.configuration import BOTTOM_RIGHT_PADDING
 from mobilenet_torch.quantized_files import INTEGER_WEIGHTS_FILE, QUANTIZATION_FILE, QUANTIZATION_FORMAT
 
 BACKBONE_EPS = 1e-3
@@ -151,6 +152,7 @@ class TFLiteReader(Reader):
             convention="raw",
             preprocessing=preprocessing,
             hidden_activations=self.hidden_activations,
+            strided_padding=self._strided_padding(),
             notes=(*notes, *label_notes),
         )
 
@@ -200,6 +202,12 @@ class TFLiteReader(Reader):
 
     def _conv_steps(self) -> list[Step]:
         return [step for step in self.steps if step.scope is not None]
+
+    def _strided_padding(self) -> tuple[str, ...] | None:
+        """How each stride-2 conv pads, in network order, where one pads as Keras' open-size MobileNetV2 does
+        (a PAD of (0, 1) where TF's SAME pads otherwise); None where every one pads as TF's SAME."""
+        paddings = tuple(step.padding for step in self._conv_steps() if step.op.options.get("stride_h", 1) > 1)
+        return paddings if BOTTOM_RIGHT_PADDING in paddings else None
 
     def _weight_types(self) -> set[str]:
         """The stored types of the conv weights (those behind a DEQUANTIZE op included)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 from converter.errors import MappingError
 from converter.formats.tflite_schema import Model, Operator, Tensor
-from mobilenet_torch.architecture import same_padding
+from mobilenet_torch.architecture import bottom_right_padding, same_padding
 
 # The per-channel ops of a BatchNorm a converter leaves after a conv, in the order it writes them, by the
 # step-name suffix the integer model knows them by.
@@ -26,6 +26,8 @@ RELU6_SUFFIX = "relu6"
 # A ReLU6 written as a clamp: each op -> the other op of the pair, and the bound each op applies.
 CLAMP_PAIR = {"MINIMUM": "MAXIMUM", "MAXIMUM": "MINIMUM"}
 CLAMP_BOUND = {"MINIMUM": 6.0, "MAXIMUM": 0.0}
+# The canonical padding of a stride-2 conv that pads as Keras' open-size MobileNetV2 does (`bottom_right_padding`).
+BOTTOM_RIGHT = "BOTTOM_RIGHT"
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,9 @@ def dilated_depthwise(graph: Graph, to_batch: Operator) -> Rewrite | None:
 @rule("PAD")
 def explicit_padding(graph: Graph, pad: Operator) -> Rewrite | None:
     """Keras' ZeroPadding2D ahead of a VALID conv (written where the converter could not fold it into the
-    conv): the conv padded by the PAD's amounts, SAME where they are TF's SAME padding at this input size."""
+    conv): the conv padded by the PAD's amounts, SAME where they are TF's SAME padding at this input size,
+    BOTTOM_RIGHT where a stride-2 conv pads as Keras' open-size MobileNetV2 pads at every size (the model's
+    `strided_padding` "bottom_right"), else EXPLICIT (which the walk refuses)."""
     conv = graph.only_consumer(pad.outputs[0], "DEPTHWISE_CONV_2D") or graph.only_consumer(pad.outputs[0], "CONV_2D")
     amounts = graph.model.data(graph.model.tensors[pad.inputs[1]])
     if conv is None or conv.options["padding"] != "VALID" or amounts is None or amounts.shape != (4, 2):
@@ -163,7 +167,20 @@ def explicit_padding(graph: Graph, pad: Operator) -> Rewrite | None:
         same_padding(size[axis], kernel[axis], conv.options[f"stride_{hw}"], conv.options[f"dilation_{hw}"])
         for axis, hw in enumerate("hw")
     )
-    options = {**conv.options, "padding": "SAME" if padding == same else "EXPLICIT", "explicit_padding": padding}
+    strides = (
+        conv.options["stride_h"],
+        conv.options["stride_w"],
+        conv.options["dilation_h"],
+        conv.options["dilation_w"],
+    )
+    bottom_right = tuple(bottom_right_padding(kernel[axis]) for axis in (0, 1))
+    if padding == same:
+        kind = "SAME"
+    elif padding == bottom_right and strides == (2, 2, 1, 1):
+        kind = BOTTOM_RIGHT
+    else:
+        kind = "EXPLICIT"
+    options = {**conv.options, "padding": kind, "explicit_padding": padding}
     canonical = replace(conv, inputs=(pad.inputs[0], *conv.inputs[1:]), options=options)
     return Rewrite(canonical, graph.parts(conv), (pad, conv))
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from converter.errors import MappingError, TFLiteFormatError
-from converter.formats.tflite_graph import Graph
+from converter.formats.tflite_graph import BOTTOM_RIGHT, Graph
 from converter.formats.tflite_schema import Model, Operator
 from converter.slim import HEADS, HIDDEN_HEAD_WEIGHTS, HIDDEN_HEADS, MAX_HEAD_LAYERS, NUM_BLOCKS, conv_layers
 from converter.vocabulary import CLASSIFICATION, DEEPLAB
+from mobilenet_torch.configuration import BOTTOM_RIGHT_PADDING, SAME_PADDING
 
 POOL_OPS = ("AVERAGE_POOL_2D", "MEAN")
 KINDS = (CLASSIFICATION, DEEPLAB)
@@ -49,6 +50,7 @@ class Step:
     output: int | None = None  # the step's output tensor, where it is not the op's (a space-to-batch conv)
     dilation: int | None = None  # a dilation the op does not carry itself (a space-to-batch conv)
     constant: int | None = None  # the constant operand of a per-channel MUL / ADD (an unfolded BatchNorm)
+    padding: str = SAME_PADDING  # a conv's padding rule, as the model's config names it (`strided_padding`)
 
     @property
     def output_tensor(self) -> int:
@@ -211,12 +213,12 @@ class Walk:
             raise MappingError(f"{scope}: op {op.index} ({op.op}) has no bias; TFLite folds BatchNorm into one")
         padding = op.options.get("padding", "SAME")
         if padding == "EXPLICIT":
-            size = self.model.tensors[op.inputs[0]].shape[1]
+            size = self.model.tensors[op.inputs[0]].shape[1:3]
             raise MappingError(
-                f"{scope}: op {op.index} pads {op.options['explicit_padding'][0]} at size {size}, which is not TF's "
-                "SAME padding there; convert a file made at a size where Keras pads as TF does (any fixed size)"
+                f"{scope}: op {op.index} pads {op.options['explicit_padding']} (h, w: before, after) at size "
+                f"{tuple(size)}, which is neither TF's SAME padding there nor Keras' (0, 1) of a stride-2 conv"
             )
-        if padding != "SAME":
+        if padding not in ("SAME", BOTTOM_RIGHT):
             raise MappingError(f"{scope}: op {op.index} uses {padding} padding; MobileNetV2 uses SAME")
         allowed = activation if isinstance(activation, tuple) else (activation,)
         if op.options.get("activation") not in allowed:
@@ -237,7 +239,8 @@ class Walk:
             raise MappingError(f"{scope} has no place in the model table")
         conv, *after = self.graph.parts(op)
         output = None if conv.output == conv.op.outputs[0] else conv.output  # Step.output: only where it differs
-        self.steps.append(Step(module, conv.op, scope, output=output, dilation=conv.dilation))
+        rule = BOTTOM_RIGHT_PADDING if padding == BOTTOM_RIGHT else SAME_PADDING
+        self.steps.append(Step(module, conv.op, scope, output=output, dilation=conv.dilation, padding=rule))
         self.steps += [Step(f"{module}.{part.suffix}", part.op, constant=part.constant) for part in after]
         return op.outputs[0]
 
