@@ -20,6 +20,7 @@ Run with ``-rA -s`` to see the measured differences (``docs/producers.md`` holds
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -36,7 +37,8 @@ pytest.importorskip("PIL", reason="pillow is needed to read the real images")
 if not IMAGES.is_dir():
     pytest.skip(f"{IMAGES} is absent: the producers' files are checked on real images", allow_module_level=True)
 
-from fixtures.keras_tflite_builder import build_keras_tflite, keras_model  # noqa: E402 (after the skips)
+from fixtures.keras_open_size import open_size_tflite  # noqa: E402 (after the skips)
+from fixtures.keras_tflite_builder import build_keras_tflite, keras_model  # noqa: E402
 from fixtures.tflite_builder import build_tflite  # noqa: E402
 from tests.tflite_editing import TFLiteEditor, explicit_pad, unfuse_relu6  # noqa: E402
 
@@ -73,11 +75,13 @@ def real(quantized: np.ndarray) -> np.ndarray:
     return pixel_values(quantized).numpy().transpose(0, 2, 3, 1).copy()
 
 
-def run_file(path, quantized: np.ndarray, tensors: tuple[int, ...] = ()) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+def run_file(
+    path, quantized: np.ndarray, tensors: tuple[int, ...] = (), reference_kernels: bool = False
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """The file's output on the images, and the value of each of `tensors`, its input quantized as TFLite's
-    QUANTIZE does. TFLite's built-in kernels: its reference kernels abort on the int8 graphs that the
-    converter makes from Keras."""
-    interp = interpreter(path, preserve_all_tensors=bool(tensors))
+    QUANTIZE does. TFLite's built-in kernels unless `reference_kernels`: those abort on some of the int8
+    graphs that the converter makes from Keras (a fused-activation MEAN)."""
+    interp = interpreter(path, preserve_all_tensors=bool(tensors), reference_kernels=reference_kernels)
     detail = interp.get_input_details()[0]
     outputs, values_of = [], {tensor: [] for tensor in tensors}
     for image in real(quantized):
@@ -220,11 +224,76 @@ def test_every_producer_form_of_a_layer_converts(tmp_path, form):
     assert difference <= FLOAT_BAR
 
 
-def test_padding_other_than_same_is_refused(tmp_path):
-    """Keras' open-size padding (0, 1) at an odd size is not TF's SAME (1, 1) there: refused, with the reason."""
-    path = edited(tmp_path, lambda editor: explicit_pad(editor, strided(editor)[1], ((0, 1), (0, 1))))
-    with pytest.raises(MappingError, match=r"pads \(0, 1\) at size 49, which is not TF's SAME padding"):
+# A conv to pad, by the scope the refusal names: a stride-2 depthwise conv (input 49 at 97) and a stride-1 one.
+PADDED_CONVS = {
+    "MobilenetV2/expanded_conv_1/depthwise": lambda editor: strided(editor)[1],
+    "MobilenetV2/expanded_conv/depthwise": lambda editor: next(
+        op for op in editor.convs("DEPTHWISE_CONV_2D") if op.builtinOptions.strideH == 1
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "scope, amounts",
+    [
+        ("MobilenetV2/expanded_conv_1/depthwise", ((1, 0), (1, 0))),
+        ("MobilenetV2/expanded_conv_1/depthwise", ((0, 1), (1, 1))),
+        ("MobilenetV2/expanded_conv/depthwise", ((0, 1), (0, 1))),
+    ],
+)
+def test_padding_other_than_same_or_keras_bottom_right_is_refused(tmp_path, scope, amounts):
+    """A PAD that is neither TF's SAME at its size nor Keras' (0, 1) of a stride-2 conv: refused, naming the conv,
+    the op and the amounts (a stride-1 conv padded (0, 1) is no padding Keras writes)."""
+    path = edited(tmp_path, lambda editor: explicit_pad(editor, PADDED_CONVS[scope](editor), amounts))
+    shown = re.escape(f"pads {amounts} (h, w: before, after) at size")
+    with pytest.raises(MappingError, match=rf"^{scope}: op \d+ {shown} \(\d+, \d+\), which is neither"):
         convert_checkpoint(path, tmp_path / "out")
+
+
+# Files that TF's converter makes from Keras' MobileNetV2 built for any input size (`input_shape=(None, None,
+# 3)`), its input then fixed: Keras pads each strided depthwise conv (0, 1), written as a PAD ahead of a VALID
+# conv where that is not TF's SAME (an odd input: 49 at 97), folded into a SAME conv where it is.
+OPEN_SIZE_FLOAT_CASES = [("keras3", 97, ["same", "bottom_right", "same", "same", "same"]), ("tf_keras", 96, None)]
+OPEN_SIZE_INTEGER_CASES = [("tf_keras", 97, "int8"), ("keras3", 97, "uint8")]
+
+
+@pytest.mark.parametrize("producer, size, paddings", OPEN_SIZE_FLOAT_CASES)
+def test_an_open_size_keras_model_s_float_file_matches_the_interpreter(tmp_path, producer, size, paddings):
+    path = open_size_tflite(producer, size)
+    convert_checkpoint(path, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["strided_padding"] == paddings
+    pixels = images(size)
+    theirs, _ = run_file(path, pixels)
+    model = MobileNetV2ForImageClassification.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        ours = model(pixel_values(pixels)).logits.numpy()
+    difference = relative(ours, theirs)
+    print(f"\nopen-size {producer} float32 0.35 {size}: {difference:.2e} of the file's logits")
+    assert difference <= FLOAT_BAR
+    assert np.abs(theirs[0] - theirs[1]).max() > 1e-2 * np.abs(theirs).max()  # the logits depend on the image
+
+
+@pytest.mark.parametrize("producer, size, mode", OPEN_SIZE_INTEGER_CASES)
+def test_an_open_size_keras_model_s_integer_file_matches_the_reference_kernels(tmp_path, producer, size, mode):
+    path = open_size_tflite(producer, size, mode)
+    convert_checkpoint(path, tmp_path / "out")
+    model = QuantizedMobileNetV2.from_pretrained(tmp_path / "out")
+    assert "bottom_right" in model.config.strided_padding
+    shares, top1_equal = every_step_within_one(model, path, images(size), reference_kernels=True)
+    print(f"\nopen-size {producer} {mode} 0.35 {size}: every step within one step on >= {min(shares.values()):.4%}")
+    assert min(shares.values()) >= INTEGER_WITHIN_ONE
+    assert top1_equal
+
+
+def test_verify_passes_on_an_open_size_keras_model_s_float_file(tmp_path):
+    from click.testing import CliRunner
+
+    from converter.app.cli import verify_main
+
+    path = open_size_tflite("keras3", 97)
+    convert_checkpoint(path, tmp_path / "out")
+    result = CliRunner().invoke(verify_main, ["--checkpoint", str(path), "--model", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
 
 
 def test_integer_model_runs_a_separate_relu6_after_any_conv(tmp_path):
@@ -240,19 +309,27 @@ def test_integer_model_runs_a_separate_relu6_after_any_conv(tmp_path):
     convert_checkpoint(path, tmp_path / "out")
     model = QuantizedMobileNetV2.from_pretrained(tmp_path / "out")
     assert model.after_conv["mobilenet_v2.conv_stem.first_conv"] == ["mobilenet_v2.conv_stem.first_conv.relu6"]
-    pixels = images(96)
+    shares, top1_equal = every_step_within_one(model, path, images(96))
+    print(f"\nint8 with separate RELU6 ops: every step within one step on >= {min(shares.values()):.4%} of its values")
+    assert min(shares.values()) >= INTEGER_WITHIN_ONE
+    assert top1_equal
+
+
+def every_step_within_one(
+    model: QuantizedMobileNetV2, path, pixels: np.ndarray, reference_kernels: bool = False
+) -> tuple[dict[str, float], bool]:
+    """({step: the share of its values within one step of the interpreter's}, whether the top-1 of the last
+    step is the file output's on every image)."""
     steps = model.run(pixel_values(pixels))
     compared = {name: record["tensor"] for name, record in model.records.items() if name in steps}
-    outputs, theirs = run_file(path, pixels, tuple(compared.values()))
+    outputs, theirs = run_file(path, pixels, tuple(compared.values()), reference_kernels)
     shares = {}
     for name, tensor in compared.items():
         ours = steps[name].values.numpy()
         ours = (ours.transpose(0, 2, 3, 1) if ours.ndim == 4 else ours).reshape(theirs[tensor].shape)
         shares[name] = float((np.abs(ours - theirs[tensor].astype(np.int64)) <= 1).mean())
-    print(f"\nint8 with separate RELU6 ops: every step within one step on >= {min(shares.values()):.4%} of its values")
-    assert min(shares.values()) >= INTEGER_WITHIN_ONE
-    ours = steps["softmax"].values.numpy().reshape(len(pixels), -1)
-    assert (ours.argmax(-1) == outputs.reshape(len(pixels), -1).argmax(-1)).all()
+    last = steps[list(steps)[-1]].values.numpy().reshape(len(pixels), -1)
+    return shares, bool((last.argmax(-1) == outputs.reshape(len(pixels), -1).argmax(-1)).all())
 
 
 @pytest.mark.parametrize("size", [257, pytest.param(513, marks=pytest.mark.slow)])
