@@ -279,8 +279,9 @@ def test_an_open_size_keras_model_s_integer_file_matches_the_reference_kernels(t
     convert_checkpoint(path, tmp_path / "out")
     model = QuantizedMobileNetV2.from_pretrained(tmp_path / "out")
     assert "bottom_right" in model.config.strided_padding
-    shares, top1_equal = every_step_within_one(model, path, images(size), reference_kernels=True)
-    print(f"\nopen-size {producer} {mode} 0.35 {size}: every step within one step on >= {min(shares.values()):.4%}")
+    shares, worst, top1_equal = every_step_within_one(model, path, images(size), reference_kernels=True)
+    share = min(shares.values())
+    print(f"\nopen-size {producer} {mode} 0.35 {size}: every step within one step on >= {share:.4%} (worst {worst})")
     assert min(shares.values()) >= INTEGER_WITHIN_ONE
     assert top1_equal
 
@@ -309,7 +310,7 @@ def test_integer_model_runs_a_separate_relu6_after_any_conv(tmp_path):
     convert_checkpoint(path, tmp_path / "out")
     model = QuantizedMobileNetV2.from_pretrained(tmp_path / "out")
     assert model.after_conv["mobilenet_v2.conv_stem.first_conv"] == ["mobilenet_v2.conv_stem.first_conv.relu6"]
-    shares, top1_equal = every_step_within_one(model, path, images(96))
+    shares, _, top1_equal = every_step_within_one(model, path, images(96))
     print(f"\nint8 with separate RELU6 ops: every step within one step on >= {min(shares.values()):.4%} of its values")
     assert min(shares.values()) >= INTEGER_WITHIN_ONE
     assert top1_equal
@@ -317,19 +318,20 @@ def test_integer_model_runs_a_separate_relu6_after_any_conv(tmp_path):
 
 def every_step_within_one(
     model: QuantizedMobileNetV2, path, pixels: np.ndarray, reference_kernels: bool = False
-) -> tuple[dict[str, float], bool]:
-    """({step: the share of its values within one step of the interpreter's}, whether the top-1 of the last
-    step is the file output's on every image)."""
+) -> tuple[dict[str, float], int, bool]:
+    """({step: the share of its values within one step of the interpreter's}, the largest difference in steps,
+    whether the top-1 of the last step is the file output's on every image)."""
     steps = model.run(pixel_values(pixels))
     compared = {name: record["tensor"] for name, record in model.records.items() if name in steps}
     outputs, theirs = run_file(path, pixels, tuple(compared.values()), reference_kernels)
-    shares = {}
+    shares, worst = {}, 0
     for name, tensor in compared.items():
         ours = steps[name].values.numpy()
         ours = (ours.transpose(0, 2, 3, 1) if ours.ndim == 4 else ours).reshape(theirs[tensor].shape)
-        shares[name] = float((np.abs(ours - theirs[tensor].astype(np.int64)) <= 1).mean())
+        difference = np.abs(ours - theirs[tensor].astype(np.int64))
+        shares[name], worst = float((difference <= 1).mean()), max(worst, int(difference.max()))
     last = steps[list(steps)[-1]].values.numpy().reshape(len(pixels), -1)
-    return shares, bool((last.argmax(-1) == outputs.reshape(len(pixels), -1).argmax(-1)).all())
+    return shares, worst, bool((last.argmax(-1) == outputs.reshape(len(pixels), -1).argmax(-1)).all())
 
 
 @pytest.mark.parametrize("size", [257, pytest.param(513, marks=pytest.mark.slow)])
