@@ -167,16 +167,11 @@ def explicit_padding(graph: Graph, pad: Operator) -> Rewrite | None:
         same_padding(size[axis], kernel[axis], conv.options[f"stride_{hw}"], conv.options[f"dilation_{hw}"])
         for axis, hw in enumerate("hw")
     )
-    strides = (
-        conv.options["stride_h"],
-        conv.options["stride_w"],
-        conv.options["dilation_h"],
-        conv.options["dilation_w"],
-    )
+    strided = all(conv.options[f"stride_{hw}"] == 2 and conv.options[f"dilation_{hw}"] == 1 for hw in "hw")
     bottom_right = tuple(bottom_right_padding(kernel[axis]) for axis in (0, 1))
     if padding == same:
         kind = "SAME"
-    elif padding == bottom_right and strides == (2, 2, 1, 1):
+    elif padding == bottom_right and strided:
         kind = BOTTOM_RIGHT
     else:
         kind = "EXPLICIT"
