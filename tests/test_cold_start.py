@@ -16,8 +16,19 @@ from tests.helpers import REPO
 NEVER = {"tensorflow", "transformers", "onnx", "onnxruntime", "onnxscript"}
 REPORT = "import json, sys; print(json.dumps(sorted(sys.modules)))"
 # What a conversion has no use for: each costs start-up time (logging and subprocess came with the loader
-# and ctypes.util; metadata scans, email and PIL with packaging and image helpers).
-NOT_FOR_A_CONVERSION = {"logging", "subprocess", "ctypes.util", "importlib.metadata", "email", "PIL", "h5py"}
+# and ctypes.util; metadata scans, email and PIL with packaging and image helpers; importlib.resources and
+# zipfile with reading the toolkit's data files).
+NOT_FOR_A_CONVERSION = {
+    "logging",
+    "subprocess",
+    "ctypes.util",
+    "importlib.metadata",
+    "importlib.resources",
+    "email",
+    "PIL",
+    "h5py",
+    "zipfile",
+}
 # The readers of the other formats: the registry sniffs every format but imports only the chosen one's reader.
 NOT_FOR_A_CHECKPOINT = {
     "converter.formats.keras",
