@@ -12,10 +12,10 @@ import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 
 import numpy as np
 
+from converter import data
 from converter.errors import VariantError
 from converter.vocabulary import ARCHITECTURE_OF_KIND, BACKBONE, CLASSIFICATION, DEEPLAB, folder_name
 from mobilenet_torch.architecture import ARCHITECTURES as MODEL_LAYOUTS
@@ -199,13 +199,13 @@ LABEL_FILES = {IMAGENET: "imagenet_labels.txt", PASCAL_VOC: "pascal_voc_labels.t
 
 def dataset_names(dataset: str) -> list[str]:
     """The class names of `dataset` (ImageNet's 1001, background first; PASCAL VOC's 21)."""
-    return resources.files("converter").joinpath("data", LABEL_FILES[dataset]).read_text().splitlines()
+    return data.read_text(LABEL_FILES[dataset]).splitlines()
 
 
 def imagenet_wnids() -> list[str]:
     """ImageNet's 1000 WordNet ids (`n01440764`), in class order: the i-th is class i of a 1000-class model,
     i + 1 of a 1001-class one (ILSVRC's synset list, which slim's and Keras' class numbers follow)."""
-    return resources.files("converter").joinpath("data", "imagenet_wnids.txt").read_text().split()
+    return data.read_text("imagenet_wnids.txt").split()
 
 
 def class_names(kind: str, count: int) -> list[str]:

@@ -8,9 +8,9 @@ import functools
 import json
 import os
 from dataclasses import dataclass
-from importlib import resources
 from urllib.parse import urlsplit
 
+from converter import data
 from converter.vocabulary import CLASSIFICATION, DEEPLAB, folder_name
 
 MODELS = ("mobilenet_v2", "deeplabv3")
@@ -118,16 +118,16 @@ def _based(source: str, base: str, path: str) -> str:
 
 @functools.cache
 def _data() -> dict:
-    return json.loads(resources.files("converter").joinpath("data", "zoo.json").read_text())
+    return json.loads(data.read_text("zoo.json"))
 
 
 @functools.cache
 def entries() -> tuple[ZooEntry, ...]:
     """Every zoo entry, classification first, in the order of the published tables."""
-    data = _data()
+    catalog = _data()
     found: list[ZooEntry] = []
     for model in MODELS:
-        for row in data[model]:
+        for row in catalog[model]:
             found.append(ZooEntry(model=model, **row))
     return tuple(found)
 

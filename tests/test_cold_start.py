@@ -16,8 +16,27 @@ from tests.helpers import REPO
 NEVER = {"tensorflow", "transformers", "onnx", "onnxruntime", "onnxscript"}
 REPORT = "import json, sys; print(json.dumps(sorted(sys.modules)))"
 # What a conversion has no use for: each costs start-up time (logging and subprocess came with the loader
-# and ctypes.util; metadata scans, email and PIL with packaging and image helpers).
-NOT_FOR_A_CONVERSION = {"logging", "subprocess", "ctypes.util", "importlib.metadata", "email", "PIL", "h5py"}
+# and ctypes.util; metadata scans, email and PIL with packaging and image helpers; importlib.resources and
+# zipfile with reading the toolkit's data files).
+NOT_FOR_A_CONVERSION = {
+    "logging",
+    "subprocess",
+    "ctypes.util",
+    "importlib.metadata",
+    "importlib.resources",
+    "email",
+    "PIL",
+    "h5py",
+    "zipfile",
+}
+# The readers of the other formats: the registry sniffs every format but imports only the chosen one's reader.
+NOT_FOR_A_CHECKPOINT = {
+    "converter.formats.keras",
+    "converter.formats.keras_hdf5",
+    "converter.formats.savedmodel",
+    "converter.formats.tflite",
+    "converter.formats.tflite_schema",
+}
 
 
 def modules_after(code: str) -> set[str]:
@@ -65,4 +84,5 @@ def test_a_conversion_imports_neither_torch_nor_what_it_has_no_use_for(name, tmp
     modules = modules_after(code)
     assert not {module.split(".")[0] for module in modules} & (NEVER | {"torch"})
     assert not modules & NOT_FOR_A_CONVERSION
+    assert not modules & NOT_FOR_A_CHECKPOINT
     assert (tmp_path / "out" / "model.safetensors").is_file()

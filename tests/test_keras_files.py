@@ -16,6 +16,7 @@ import pytest
 
 from converter.errors import ConverterError, KerasFileError, KerasHeadError
 from converter.formats.keras import KerasReader
+from converter.formats.sniffing import is_keras_file
 from converter.output.records import ConversionRecord
 from fixtures.keras_builder import FINE_TUNED_ALPHA, FINE_TUNED_CLASSES, ensure_keras_fixture
 
@@ -65,15 +66,15 @@ def refused(path, match, error=KerasFileError, **options):
 
 def test_sniffs_every_keras_container_and_nothing_else(small, tmp_path):
     for kind in ("tf_keras_weights", "keras3_legacy", "keras3_weights", "keras3_archive", "keras3_sharded"):
-        assert KerasReader.sniff(small.file(kind)), kind
+        assert is_keras_file(small.file(kind)), kind
     fake = tmp_path / "model.h5"
     fake.write_bytes(b"not hdf5 at all")
     archive = tmp_path / "other.keras"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("config.json", "{}")
-    assert not KerasReader.sniff(fake) and not KerasReader.sniff(archive) and not KerasReader.sniff(tmp_path)
+    assert not is_keras_file(fake) and not is_keras_file(archive) and not is_keras_file(tmp_path)
     ckpt = ensure_keras_fixture(0.35).root / "references.npz"
-    assert not KerasReader.sniff(ckpt)
+    assert not is_keras_file(ckpt)
 
 
 @pytest.mark.parametrize("kind", [LEGACY, KERAS3, "keras3_archive"])

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from converter import convert_checkpoint
 from converter.errors import ConverterError, TFLiteFormatError
+from converter.formats.sniffing import is_tflite_file
 from converter.formats.tflite import TFLiteReader
 from converter.formats.tflite_schema import BUILTIN_OPERATORS, parse_model
 from mobilenet_torch import MobileNetV2ForImageClassification, MobileNetV2ForSemanticSegmentation
@@ -166,7 +167,7 @@ def test_damaged_files_are_refused(tmp_path):
     data = (MODELS / f"{IMAGENET}.tflite").read_bytes()
     truncated = tmp_path / "truncated.tflite"
     truncated.write_bytes(data[: len(data) // 3])
-    assert TFLiteReader.sniff(truncated)
+    assert is_tflite_file(truncated)
     with pytest.raises(TFLiteFormatError):
         TFLiteReader(truncated)
     # Seeded corruption of the flatbuffer's tables and of its end: refused as a converter error or read,
@@ -186,7 +187,7 @@ def test_damaged_files_are_refused(tmp_path):
             pass
     other = tmp_path / "not_a_model.tflite"
     other.write_bytes(b"\x00" * 64)
-    assert not TFLiteReader.sniff(other)
+    assert not is_tflite_file(other)
 
 
 def test_ops_are_named_by_topology_not_by_tensor_names(tmp_path):

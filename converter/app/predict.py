@@ -85,11 +85,11 @@ def load_model(folder: str | Path, use_float: bool = False) -> LoadedModel:
 def check_converted(model: str | Path) -> None:
     """Refuse a source (a model file, an archive, a SavedModel or checkpoint folder) given where a converted
     folder belongs, with the command that converts it."""
-    from converter.formats import READERS
+    from converter.formats import FORMATS
     from converter.output import layout
 
     path = Path(model)
-    if (path / layout.CONFIG).is_file() or not (path.is_file() or any(reader.sniff(path) for reader in READERS)):
+    if (path / layout.CONFIG).is_file() or not (path.is_file() or any(entry.sniff(path) for entry in FORMATS)):
         return
     output = path.stem.removesuffix(".tar") if path.is_file() else f"{path.name}_converted"
     raise UsageError(

@@ -5,7 +5,7 @@ into tensors under their canonical slim names (``MobilenetV2/expanded_conv_3/exp
 slim layouts: conv ``[h, w, in, out]``, depthwise ``[h, w, in, 1]``). Everything downstream (weights
 conventions, variant detection, the mapping table, the output folder) sees only this interface, so it
 never branches on the format. A new format is one subclass of :class:`Reader`, registered in
-:mod:`converter.formats`.
+:mod:`converter.formats` with its name, description and sniff (which import no reader).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -70,13 +70,8 @@ class Reader(ABC):
 
     Readers are opened by :func:`converter.formats.open_reader`, which sniffs the format, unpacks
     archives safely, hashes the source files for provenance and closes the reader afterwards. A reader
-    is constructed with the file or folder its :meth:`sniff` accepted (and the archive it came from).
+    is constructed with the file or folder its format's sniff accepted (and the archive it came from).
     """
-
-    #: Registry name, used by ``--format`` and recorded in conversion.json.
-    format: ClassVar[str]
-    #: One line for the list of known formats.
-    description: ClassVar[str]
 
     def __init__(self, path: Path, archive: Path | None = None, *, backbone_only: bool = False) -> None:
         self.path = path  # the file or folder to read (inside a temporary folder when unpacked)
@@ -88,10 +83,12 @@ class Reader(ABC):
         # The sha256 of `archive`, computed by the registry while it unpacked it (None: not yet known).
         self.archive_sha256: str | None = None
 
-    @classmethod
-    @abstractmethod
-    def sniff(cls, path: Path) -> bool:
-        """True when `path` (a file or an unpacked folder) is in this format; cheap, by magic or layout."""
+    @property
+    def format(self) -> str:
+        """Its registry name, used by ``--format`` and recorded in conversion.json."""
+        from converter.formats import format_of  # the registry imports this module
+
+        return format_of(type(self)).name
 
     @abstractmethod
     def names(self) -> list[str]:

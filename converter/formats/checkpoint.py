@@ -8,24 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from converter.formats.base import Reader, References
-from converter.formats.files import DATA_SHARD, SEARCH_LEVELS, find_index_files, locate_checkpoint
+from converter.formats.files import locate_checkpoint
 from converter.formats.tf_bundle import TensorBundle
 
 
 class CheckpointReader(Reader):
-    format = "tf-checkpoint"
-    description = "TensorFlow checkpoint: a prefix, its .index file, or a folder or .tgz holding one (the zoo's)"
-
-    @classmethod
-    def sniff(cls, path: Path) -> bool:
-        if path.is_dir():
-            return bool(find_index_files(path, SEARCH_LEVELS))
-        return (
-            path.name.endswith(".index")
-            or bool(DATA_SHARD.search(path.name))
-            or path.with_name(f"{path.name}.index").is_file()
-        )
-
     def __init__(self, path: Path, archive: Path | None = None, *, backbone_only: bool = False) -> None:
         super().__init__(path, archive, backbone_only=backbone_only)
         self.location = locate_checkpoint(path, archive)

@@ -69,12 +69,10 @@ from converter.formats.keras_hdf5 import (
     text_attribute,
 )
 from converter.formats.labels_file import teachable_machine_labels
+from converter.formats.sniffing import KERAS_ARCHIVE_MEMBERS, SHARD_INDEX_SUFFIX
 from converter.slim import HEADS, HIDDEN_HEADS, LAYER_PARAMS, MAX_HEAD_LAYERS, NUM_BLOCKS
 from converter.vocabulary import CLASSIFICATION
 
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-KERAS_ARCHIVE_MEMBERS = ("config.json", "model.weights.h5")
-SHARD_INDEX_SUFFIX = ".weights.json"
 # What h5py raises for damaged files (HDF5's errors, mapped onto Python's by kind).
 HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 
@@ -144,9 +142,6 @@ class Layer:
 class KerasReader(Reader):
     """Keras MobileNetV2 weights (.h5, .weights.h5, .keras, sharded .weights.json), raw values."""
 
-    format = "keras"
-    description = "Keras MobileNetV2 (.h5 / .weights.h5 / .keras / sharded .weights.json), h5py only"
-
     def __init__(self, path: Path, archive: Path | None = None, *, backbone_only: bool = False) -> None:
         """`backbone_only` drops whatever head the file has (several layers included) and keeps the
         104 backbone layers."""
@@ -173,25 +168,6 @@ class KerasReader(Reader):
             raise
 
     # --- Reader interface -------------------------------------------------------------------------
-
-    @classmethod
-    def sniff(cls, path: Path) -> bool:
-        path = Path(path)
-        if not path.is_file():
-            return False
-        name = path.name.lower()
-        if name.endswith(SHARD_INDEX_SUFFIX):
-            return True
-        if name.endswith(".keras"):
-            try:
-                with zipfile.ZipFile(path) as archive:
-                    return set(KERAS_ARCHIVE_MEMBERS) <= set(archive.namelist())
-            except (OSError, zipfile.BadZipFile):
-                return False
-        if name.endswith((".h5", ".hdf5")):
-            with open(path, "rb") as fh:
-                return fh.read(len(HDF5_MAGIC)) == HDF5_MAGIC
-        return False
 
     def names(self) -> list[str]:
         return list(self._tensors)

@@ -29,10 +29,9 @@ from converter.errors import CheckpointFormatError, KerasFileError, SourceError
 from converter.formats import keras, protobuf
 from converter.formats.base import Hints, Reader, References
 from converter.formats.labels_file import teachable_machine_labels
+from converter.formats.sniffing import HUB_MODULE_PB, SAVED_MODEL_PB
 from converter.formats.tf_bundle import TensorBundle
 
-SAVED_MODEL_PB = "saved_model.pb"
-HUB_MODULE_PB = "tfhub_module.pb"
 VARIABLES_PREFIX = Path("variables") / "variables"
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 VARIABLE_VALUE = "VARIABLE_VALUE"
@@ -146,13 +145,7 @@ def _submessages(serialized: bytes, number: int, what: str) -> Iterator[bytes]:
 
 
 class SavedModelReader(Reader):
-    format = "saved-model"
-    description = "SavedModel folder or .tar.gz (saved_model.pb + variables/; TF Hub / Kaggle, TF1 or TF2, Keras)"
-    marker = SAVED_MODEL_PB
-
-    @classmethod
-    def sniff(cls, path: Path) -> bool:
-        return path.is_dir() and (path / cls.marker).is_file()
+    marker = SAVED_MODEL_PB  # the file that makes the folder one
 
     def __init__(self, path: Path, archive: Path | None = None, *, backbone_only: bool = False) -> None:
         super().__init__(path, archive, backbone_only=backbone_only)
@@ -357,8 +350,6 @@ def keras_layers(variables: list[GraphVariable], bundle: TensorBundle) -> list[k
 
 
 class HubModuleReader(SavedModelReader):
-    format = "tf-hub-module"
-    description = "TF1 Hub module folder or .tar.gz (tfhub_module.pb + saved_model.pb + variables/)"
     marker = HUB_MODULE_PB
 
     def source_files(self) -> list[Path]:

@@ -35,7 +35,7 @@ from converter.errors import MappingError, TFLiteFormatError, UsageError
 from converter.formats.base import Hints, Reader, References
 from converter.formats.labels_file import teachable_machine_labels
 from converter.formats.tflite_labels import packed_labels
-from converter.formats.tflite_schema import Model, Tensor, has_identifier, parse_model
+from converter.formats.tflite_schema import Model, Tensor, parse_model
 from converter.formats.tflite_walk import Step, Walk, has_bias
 from converter.slim import HEADS, detect_variant
 from converter.vocabulary import DEEPLAB
@@ -54,12 +54,6 @@ WIDENED = {"float16": "float16 widened exactly", "int8": "int8 as scale * (q - z
 class TFLiteReader(Reader):
     """A MobileNetV2 classifier or DeepLab v3 model from a ``.tflite`` flatbuffer."""
 
-    format = "tflite"
-    description = (
-        "TensorFlow Lite flatbuffer (.tflite): float32, float16, dynamic-range, uint8 per-tensor or int8 "
-        "per-channel quantized"
-    )
-
     def __init__(self, path: Path, archive: Path | None = None, *, backbone_only: bool = False) -> None:
         super().__init__(path, archive, backbone_only=backbone_only)
         self._bytes = path.read_bytes()
@@ -75,13 +69,6 @@ class TFLiteReader(Reader):
         self._check_types()
         self._tensors = self._slim_tensors()
         self._check_architecture()
-
-    @classmethod
-    def sniff(cls, path: Path) -> bool:
-        if not path.is_file():
-            return False
-        with path.open("rb") as handle:
-            return has_identifier(handle.read(8))
 
     def names(self) -> list[str]:
         return list(self._tensors)

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from converter.errors import TFLiteFormatError
+from converter.formats.sniffing import has_tflite_identifier
 
-FILE_IDENTIFIER = b"TFL3"
 METADATA_IDENTIFIER = b"M001"  # of the ModelMetadata flatbuffer in the TFLITE_METADATA buffer
 AXIS_LABELS = 2  # AssociatedFileType.TENSOR_AXIS_LABELS: one class name a line
 
@@ -219,14 +219,9 @@ class _Table:
         return [_Table(self.buf, self.buf.indirect(start + 4 * i)) for i in range(length)]
 
 
-def has_identifier(head: bytes) -> bool:
-    """The flatbuffer file identifier of TFLite models sits at bytes 4..8."""
-    return len(head) >= 8 and head[4:8] == FILE_IDENTIFIER
-
-
 def parse_model(data: bytes) -> Model:
     """Decode the first subgraph of a .tflite file."""
-    if not has_identifier(data):
+    if not has_tflite_identifier(data):
         raise TFLiteFormatError("not a TFLite model: the file identifier 'TFL3' is missing at bytes 4..8")
     return _parse(_Buffer(data))
 
