@@ -154,18 +154,9 @@ def converted(tmp_path_factory):
         pytest.skip(f"{REALDATA} is absent: no real quantized models to check against")
     pytest.importorskip("tensorflow", reason="TensorFlow (tf.lite) runs the reference kernels")
     pytest.importorskip("PIL", reason="pillow is needed to read the real images")
-    from converter import convert_checkpoint
-    from tests.test_tflite import tflite_path
+    from tests.test_tflite import converted_once
 
-    folders = {}
-
-    def convert(name: str):
-        if name not in folders:
-            folders[name] = tmp_path_factory.mktemp(name) / "out"
-            convert_checkpoint(tflite_path(name), folders[name])
-        return folders[name]
-
-    return convert
+    return converted_once(tmp_path_factory)
 
 
 @pytest.mark.parametrize(

@@ -79,8 +79,7 @@ def tflite_path(name: str):
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted_once(tmp_path_factory):
     """model name -> its converted folder, each converted once."""
     folders = {}
 
@@ -91,6 +90,11 @@ def converted(tmp_path_factory):
         return folders[name]
 
     return convert
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    return converted_once(tmp_path_factory)
 
 
 def float_truth(folder, path, float_path, quantized: np.ndarray) -> tuple[float, float, float]:
