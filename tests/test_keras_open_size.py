@@ -19,10 +19,12 @@ from mobilenet_torch.architecture import pads_as_same
 pytest.importorskip("keras")  # Keras builds the models and computes the outputs compared against
 pytest.importorskip("tf_keras")
 
+from fixtures.keras_builder import _images  # noqa: E402
 from fixtures.keras_open_size import (  # noqa: E402 (Keras is needed to build the fixtures)
     OPEN_SIZE_INPUTS,
     OPEN_SIZE_MODELS,
     OPEN_SIZE_PRODUCERS,
+    open_size_model,
     write_open_size_model,
 )
 
@@ -115,3 +117,17 @@ def test_verify_runs_the_open_size_keras_model_at_odd_sizes_too_and_passes(conve
     assert any(size % 2 for entry in report["inputs"] for size in entry["shape"][2:])  # an odd side
     compared = {entry["endpoint"] for entry in report["endpoints"] if entry.get("compared")}
     assert {"layer_1", "layer_4", "layer_19"} <= compared  # past the stem and every strided block
+
+
+def test_a_tf_keras_saved_model_of_an_open_size_model_pads_as_keras(tmp_path):
+    """tf_keras writes the model config into the SavedModel (keras_metadata.pb): the padding is read there."""
+    built = open_size_model("tf_keras", "transfer")
+    built.save(tmp_path / "saved_model")  # no suffix: tf_keras writes a SavedModel
+    folder = tmp_path / "converted"
+    convert_checkpoint(tmp_path / "saved_model", folder)
+    assert json.loads((folder / "config.json").read_text())["strided_padding"] == KERAS_OPEN_PADDING
+    model = load_pretrained(folder)
+    for shape in OPEN_SIZE_INPUTS:
+        images = _images(shape, 2, seed=sum(shape))
+        reference = np.asarray(built(images, training=False))
+        assert relative_difference(outputs(model, images), reference) <= RELATIVE_TOLERANCE, shape

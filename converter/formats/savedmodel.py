@@ -287,6 +287,7 @@ class SavedModelReader(Reader):
                 labels=labels,
                 preprocessing=preprocessing,
                 hidden_activations=self.hidden_activations,
+                strided_padding=self.keras_config.strided_padding,
                 notes=tuple(notes + self.keras_notes),
             )
         notes = [
