@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,20 +145,25 @@ def _normal(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).casefold()
 
 
-def _read_class_map(path: str | Path) -> dict[str, str]:
+def _two_field_lines(path: Path, what: str, form: str, from_right: bool = False) -> Iterator[tuple[str, str]]:
+    """The (first, second) fields of each line of a `what` file (blank lines and `#` comments skipped), split
+    at the first whitespace (at the last with `from_right`: paths may hold spaces); a DataSetError naming
+    the line that is not `form`."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise DataSetError(f"cannot read the class map {path} ({error})") from None
-    mapping = {}
+        raise DataSetError(f"cannot read the {what} {path} ({error})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             continue
-        parts = line.split(None, 1)
+        parts = line.rsplit(None, 1) if from_right else line.split(None, 1)
         if len(parts) != 2:
-            raise DataSetError(f"{path}:{number}: a class map line is `name label` (e.g. `n01440764 tench`)")
-        mapping[parts[0]] = parts[1].strip()
-    return mapping
+            raise DataSetError(f"{path}:{number}: a {what} line is {form}")
+        yield parts[0], parts[1].strip()
+
+
+def _read_class_map(path: str | Path) -> dict[str, str]:
+    return dict(_two_field_lines(Path(path), "class map", "`name label` (e.g. `n01440764 tench`)"))
 
 
 def _class_folders(root: Path, names: ClassNames) -> DataSet:
@@ -196,23 +201,14 @@ def _class_folders(root: Path, names: ClassNames) -> DataSet:
 
 
 def _list_file(path: Path, names: ClassNames) -> DataSet:
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataSetError(f"cannot read the list {path} ({error})") from None
     samples, class_names, unknown = [], {}, set()
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        parts = line.rsplit(None, 1)
-        if len(parts) != 2:
-            raise DataSetError(f"{path}:{number}: a list line is `image-path label`")
-        index = names.find(parts[1])
+    for image, label in _two_field_lines(path, "list", "`image-path label`", from_right=True):
+        index = names.find(label)
         if index is None:
-            unknown.add(parts[1])
+            unknown.add(label)
             continue
-        samples.append(Sample(path.parent / parts[0], index))
-        class_names.setdefault(index, parts[1])
+        samples.append(Sample(path.parent / image, index))
+        class_names.setdefault(index, label)
     if unknown:
         shown = ", ".join(sorted(unknown)[:4])
         raise DataSetError(
