@@ -370,12 +370,14 @@ def evaluate(
 
 
 def _score_batch(runners, tallies, batch, good: list[int], segmentation: bool) -> None:
-    pixels = batch["pixels"][good]
-    targets = batch["target"][good].numpy()
+    # A batch every image of which was read (the usual case) is taken as it is, not copied by the indexing.
+    rows = slice(None) if len(good) == len(batch["pixels"]) else good
+    pixels = batch["pixels"][rows]
+    targets = batch["target"][rows].numpy()
     outputs = {runner.name: runner.predict(pixels) for runner in runners}
     reference = outputs.get(REFERENCE)
     if segmentation:
-        regions = batch["region"][good].numpy()
+        regions = batch["region"][rows].numpy()
         reference_labels = reference.numpy() if reference is not None else None
         for runner in runners:
             tallies[runner.name].add(outputs[runner.name], targets, regions, reference_labels)
